@@ -1,0 +1,136 @@
+// Row math of the margin softmax cross-entropy, shared by the CPU and CUDA kernels.
+//
+// A row holds cosines c_j, j in [0, C), and a target class y. Logits:
+//
+//   z_j = s * c_j                          for j != y
+//   z_y = s * (psi(phi) - m3),   phi = m1 * theta + m2,   theta = arccos(clamp(c_y, -1, 1))
+//
+// psi continues cos past pi the way SphereFace does, so that the target logit is
+// continuous and monotonically decreasing in theta for every m1 >= 1 and every m2:
+//
+//   psi(phi) = (-1)^k cos(phi) - 2k,   k = floor(phi / pi)
+//
+// For phi in [0, pi] this is cos(phi); on [pi, 2 pi] it is -2 - cos(phi), the point
+// reflection of cos about (pi, -1); and so on. Each piece is decreasing, and pieces k-1
+// and k both equal 1 - 2k at phi = k pi with zero slope there: psi is C^1 and monotone.
+//
+// When m1 = 1 and m2 = 0 (CosFace, or no margin) z_y = s * (c_y - m3) directly: no
+// arccos, no clamp.
+//
+// Derivative of the target logit with respect to c_y ("exact" margin gradient):
+//
+//   dz_y/dc_y = s * psi'(phi) * m1 * dtheta/dc_y
+//             = s * (-1)^(k+1) sin(phi) * m1 * (-1 / sin(theta))
+//             = s * m1 * (-1)^k sin(phi) / sin(theta)          (>= 0 everywhere)
+//
+// It diverges as theta -> 0 or pi, so it is evaluated at theta clamped to
+// [kThetaEps, pi - kThetaEps]; the loss value always uses the unclamped theta. With
+// kThetaEps = 0.01 rad the factor is at most m1 / sin(0.01) ~ 100 m1, far from fp16
+// overflow even at s = 64. With the "detached" margin gradient the margin is a constant
+// shift of the target logit and dz_y/dc_y = s.
+//
+// Cross-entropy with label smoothing eps (as torch.nn.functional.cross_entropy):
+//
+//   lse  = log sum_j exp(z_j)
+//   loss = lse - (1 - eps) z_y - (eps / C) sum_j z_j
+//   dloss/dz_j = softmax_j - eps / C - (1 - eps) [j = y]
+//   dloss/dc_j = s * dloss/dz_j (j != y),   dloss/dc_y = dz_y/dc_y * dloss/dz_y
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FL_HOST_DEVICE inline
+#endif
+
+namespace fusedloss {
+namespace margin {
+
+// Half-width of the theta range excluded when evaluating the margin derivative.
+constexpr double kThetaEps = 0.01;
+constexpr double kPi = 3.14159265358979323846;
+
+// The margin hyperparameters of one row.
+template <typename acc_t>
+struct Params {
+  acc_t scale;
+  acc_t m1;
+  acc_t m2;
+  acc_t m3;
+  bool use_angle;      // false for m1 = 1, m2 = 0: z_y = s (c_y - m3), no arccos
+  bool detach_margin;  // true: dz_y/dc_y = s
+};
+
+template <typename acc_t>
+struct TargetLogit {
+  acc_t value;  // z_y
+  acc_t slope;  // dz_y / dc_y
+};
+
+// Clamp that lets NaN through (std::min/max and fmin/fmax may drop it).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t clamp_keep_nan(acc_t x, acc_t lo, acc_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// (-1)^k for k = floor(phi / pi), and the offset 2k, of the SphereFace continuation.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t continuation_piece(acc_t phi, acc_t* sign) {
+  const acc_t k = floor(phi / acc_t(kPi));
+  const acc_t half = k * acc_t(0.5);
+  *sign = (half == floor(half)) ? acc_t(1) : acc_t(-1);
+  return acc_t(2) * k;
+}
+
+template <typename acc_t>
+FL_HOST_DEVICE TargetLogit<acc_t> target_logit(acc_t c, const Params<acc_t>& p) {
+  TargetLogit<acc_t> out;
+  if (!p.use_angle) {
+    out.value = p.scale * (c - p.m3);
+    out.slope = p.scale;
+    return out;
+  }
+  const acc_t theta = acos(clamp_keep_nan(c, acc_t(-1), acc_t(1)));
+  const acc_t phi = p.m1 * theta + p.m2;
+  acc_t sign;
+  const acc_t offset = continuation_piece(phi, &sign);
+  out.value = p.scale * (sign * cos(phi) - offset - p.m3);
+  if (p.detach_margin) {
+    out.slope = p.scale;
+    return out;
+  }
+  const acc_t theta_c = clamp_keep_nan(theta, acc_t(kThetaEps), acc_t(kPi - kThetaEps));
+  const acc_t phi_c = p.m1 * theta_c + p.m2;
+  acc_t sign_c;
+  continuation_piece(phi_c, &sign_c);
+  out.slope = p.scale * p.m1 * sign_c * sin(phi_c) / sin(theta_c);
+  return out;
+}
+
+// loss = lse - (1 - eps) z_y - (eps / C) sum_j z_j
+template <typename acc_t>
+FL_HOST_DEVICE acc_t row_loss(acc_t lse, acc_t z_target, acc_t sum_z, acc_t smoothing,
+                              int64_t num_classes) {
+  acc_t loss = lse - (acc_t(1) - smoothing) * z_target;
+  if (smoothing != acc_t(0)) loss -= smoothing / acc_t(num_classes) * sum_z;
+  return loss;
+}
+
+// dloss/dc_j for j != y: s * (exp(z_j - lse) - eps / C). `uniform` is eps / C.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t grad_other(acc_t z, acc_t lse, acc_t scale, acc_t uniform) {
+  return scale * (exp(z - lse) - uniform);
+}
+
+// dloss/dc_y = dz_y/dc_y * (exp(z_y - lse) - eps / C - (1 - eps)).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, acc_t lse, acc_t smoothing,
+                                 acc_t uniform) {
+  return t.slope * (exp(t.value - lse) - uniform - (acc_t(1) - smoothing));
+}
+
+}  // namespace margin
+}  // namespace fusedloss

@@ -1,0 +1,61 @@
+"""The margin softmax cross-entropy in plain PyTorch: the oracle every backend is tested against.
+
+The math (logits, the SphereFace continuation past pi, the clamped margin derivative,
+label smoothing) is derived in csrc/include/fusedloss/margin.h. This file writes it with
+ordinary autograd so that nothing here depends on the kernels' derivation of the gradient.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+THETA_EPS = 0.01  # rad; the margin derivative is evaluated at theta in [eps, pi - eps]
+
+
+def _continued_cos(phi):
+    """psi(phi) = (-1)^k cos(phi) - 2k with k = floor(phi / pi): decreasing on all of R."""
+    k = torch.floor(phi / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * torch.cos(phi) - 2.0 * k
+
+
+def _straight_through_clamp(x, lo, hi):
+    """clamp(x, lo, hi) in value, identity in gradient."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def target_logit(cos_y, *, scale, m1, m2, m3, margin_grad):
+    """z_y = s * (psi(m1 * theta + m2) - m3), with its derivative taken at the clamped theta.
+
+    m2 and m3 may be floats or per-row tensors. CosFace (m1 = 1, m2 = 0 as floats) never
+    calls arccos.
+    """
+    if margin_grad == "detached":
+        shifted = target_logit(cos_y.detach(), scale=scale, m1=m1, m2=m2, m3=m3, margin_grad="exact")
+        return scale * cos_y + (shifted - scale * cos_y).detach()
+    if not torch.is_tensor(m2) and m1 == 1.0 and m2 == 0.0:
+        return scale * (cos_y - m3)
+    theta = torch.acos(cos_y.clamp(-1.0, 1.0))
+    value = scale * (_continued_cos(m1 * theta + m2) - m3)
+    # Gradient path: the same function at theta kept inside [eps, pi - eps].
+    lo, hi = math.cos(math.pi - THETA_EPS), math.cos(THETA_EPS)
+    theta_c = torch.acos(_straight_through_clamp(cos_y, lo, hi))
+    grad_path = scale * (_continued_cos(m1 * theta_c + m2) - m3)
+    return value.detach() + grad_path - grad_path.detach()
+
+
+def margin_cross_entropy(cos, target, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, margin_grad="exact",
+                         label_smoothing=0.0, ignore_index=-100, reduction="mean"):
+    """Margin softmax cross-entropy, computed in the precision of `cos` (pass fp64 for an oracle).
+
+    m2 and m3 are floats or per-row tensors of shape [N] (ElasticFace draws, already
+    made by the caller). Every argument has the meaning of fusedloss.margin_cross_entropy.
+    """
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    cos_y = cos.gather(1, safe_target[:, None]).squeeze(1)
+    z_y = target_logit(cos_y, scale=scale, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
+    target_mask = F.one_hot(safe_target, cos.shape[1]).bool()
+    logits = torch.where(target_mask, z_y[:, None], scale * cos)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
