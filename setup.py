@@ -32,7 +32,7 @@ def _cuda_decision():
 def _extension():
     include = [os.path.join(HERE, "csrc", "include")]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fopenmp-simd", "-fvisibility=hidden"]
     if os.environ.get("FUSEDLOSS_SANITIZE") == "1":
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
     build_cuda, reason = _cuda_decision()
@@ -47,7 +47,7 @@ def _extension():
     return CUDAExtension(
         "fusedloss._C", sources, include_dirs=include,
         extra_compile_args={"cxx": cxx + macros,
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                            "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=_sanitizer_link_args())
 
 

@@ -6,7 +6,7 @@
 
 // `import fusedloss._C` loads the library, which runs the registrations below. The
 // module itself only says how it was built.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* mod = PyModule_Create(&module);
   if (mod == nullptr) return nullptr;

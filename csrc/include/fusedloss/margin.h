@@ -35,6 +35,17 @@
 //   loss = lse - (1 - eps) z_y - (eps / C) sum_j z_j
 //   dloss/dz_j = softmax_j - eps / C - (1 - eps) [j = y]
 //   dloss/dc_j = s * dloss/dz_j (j != y),   dloss/dc_y = dz_y/dc_y * dloss/dz_y
+//
+// Kernels keep a row as M = max_j z_j, S_o = sum_{j != y} exp(z_j - M) and
+// S = S_o + exp(z_y - M), and never round lse = M + log S itself: in fp32 at |z| ~ 64 that
+// rounding alone is ~4e-6, which the margin slope (up to ~100 s) turns into a visible
+// gradient error. So
+//
+//   loss       = (M - z_y) + log S + eps (z_y - sum_j z_j / C)
+//   dloss/dc_j = s (exp(z_j - M) / S - eps / C)                        (j != y)
+//   dloss/dc_y = dz_y/dc_y (eps - eps / C - S_o / S)
+//
+// the last because softmax_y - 1 = -S_o / S, which keeps 1 - p_y accurate when p_y ~ 1.
 #pragma once
 
 #include <cmath>
@@ -93,7 +104,8 @@ FL_HOST_DEVICE TargetLogit<acc_t> target_logit(acc_t c, const Params<acc_t>& p) 
     out.slope = p.scale;
     return out;
   }
-  const acc_t theta = acos(clamp_keep_nan(c, acc_t(-1), acc_t(1)));
+  const acc_t cc = clamp_keep_nan(c, acc_t(-1), acc_t(1));
+  const acc_t theta = acos(cc);
   const acc_t phi = p.m1 * theta + p.m2;
   acc_t sign;
   const acc_t offset = continuation_piece(phi, &sign);
@@ -102,34 +114,51 @@ FL_HOST_DEVICE TargetLogit<acc_t> target_logit(acc_t c, const Params<acc_t>& p) 
     out.slope = p.scale;
     return out;
   }
-  const acc_t theta_c = clamp_keep_nan(theta, acc_t(kThetaEps), acc_t(kPi - kThetaEps));
+  // sin(theta_c) from the cosine, not from theta: in fp32, theta near pi carries an
+  // absolute error of ~1e-7, which is a relative error of 1e-5 in sin(0.01).
+  const acc_t eps = acc_t(kThetaEps);
+  const acc_t theta_c = clamp_keep_nan(theta, eps, acc_t(kPi) - eps);
+  const acc_t sin_theta_c = theta_c == theta ? sqrt((acc_t(1) - cc) * (acc_t(1) + cc)) : sin(eps);
   const acc_t phi_c = p.m1 * theta_c + p.m2;
   acc_t sign_c;
   continuation_piece(phi_c, &sign_c);
-  out.slope = p.scale * p.m1 * sign_c * sin(phi_c) / sin(theta_c);
+  out.slope = p.scale * p.m1 * sign_c * sin(phi_c) / sin_theta_c;
   return out;
 }
 
-// loss = lse - (1 - eps) z_y - (eps / C) sum_j z_j
+// The per-row statistics of the softmax, in the form described above.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t row_loss(acc_t lse, acc_t z_target, acc_t sum_z, acc_t smoothing,
-                              int64_t num_classes) {
-  acc_t loss = lse - (acc_t(1) - smoothing) * z_target;
-  if (smoothing != acc_t(0)) loss -= smoothing / acc_t(num_classes) * sum_z;
+struct RowSums {
+  acc_t max;        // M
+  acc_t sum_other;  // S_o = sum_{j != y} exp(z_j - M)
+  acc_t sum;        // S = S_o + exp(z_y - M)
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE RowSums<acc_t> row_sums(acc_t max, acc_t sum_other, acc_t z_target) {
+  return {max, sum_other, sum_other + exp(z_target - max)};
+}
+
+// loss = (M - z_y) + log S + eps (z_y - sum_z / C)
+template <typename acc_t>
+FL_HOST_DEVICE acc_t row_loss(const RowSums<acc_t>& r, acc_t z_target, acc_t sum_z,
+                              acc_t smoothing, int64_t num_classes) {
+  acc_t loss = (r.max - z_target) + log(r.sum);
+  if (smoothing != acc_t(0)) loss += smoothing * (z_target - sum_z / acc_t(num_classes));
   return loss;
 }
 
-// dloss/dc_j for j != y: s * (exp(z_j - lse) - eps / C). `uniform` is eps / C.
+// dloss/dc_j for j != y, given e = exp(z_j - M): s (e / S - eps / C). `uniform` is eps / C.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t grad_other(acc_t z, acc_t lse, acc_t scale, acc_t uniform) {
-  return scale * (exp(z - lse) - uniform);
+FL_HOST_DEVICE acc_t grad_other(acc_t e, acc_t inv_sum, acc_t scale, acc_t uniform) {
+  return scale * (e * inv_sum - uniform);
 }
 
-// dloss/dc_y = dz_y/dc_y * (exp(z_y - lse) - eps / C - (1 - eps)).
+// dloss/dc_y = dz_y/dc_y (eps - eps / C - S_o / S).
 template <typename acc_t>
-FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, acc_t lse, acc_t smoothing,
-                                 acc_t uniform) {
-  return t.slope * (exp(t.value - lse) - uniform - (acc_t(1) - smoothing));
+FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, const RowSums<acc_t>& r,
+                                 acc_t smoothing, acc_t uniform) {
+  return t.slope * (smoothing - uniform - r.sum_other / r.sum);
 }
 
 }  // namespace margin

@@ -1,0 +1,85 @@
+"""Argument checks shared by every public function: each raises before any kernel runs."""
+import math
+
+import torch
+
+from ._ops import compiling
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def floating_tensor(fn: str, name: str, x, ndim: int) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def target_tensor(fn: str, target, n: int) -> None:
+    if not torch.is_tensor(target):
+        raise TypeError(f"{fn}: target must be a tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must hold integer class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(f"{fn}: target must have shape [{n}] (one class per row), "
+                         f"got {tuple(target.shape)}")
+
+
+def same_device(fn: str, **tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise RuntimeError(f"{fn}: all tensors must be on one device, got {listing}")
+
+
+def target_values(fn: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target is in [0, C) or is ignore_index. Reads the values (a sync on CUDA), so it
+    runs in eager mode only; under torch.compile the kernels guard themselves."""
+    if compiling() or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{fn}: target[{row}] = {int(target[row])} is outside [0, {num_classes}) "
+                         f"and is not ignore_index ({ignore_index})")
+
+
+def finite(fn: str, **values) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{fn}: {name} must be a finite number, got {v!r}")
+
+
+def positive(fn: str, **values) -> None:
+    finite(fn, **values)
+    for name, v in values.items():
+        if v <= 0:
+            raise ValueError(f"{fn}: {name} must be > 0, got {v}")
+
+
+def at_least(fn: str, lower: float, **values) -> None:
+    finite(fn, **values)
+    for name, v in values.items():
+        if v < lower:
+            raise ValueError(f"{fn}: {name} must be >= {lower}, got {v}")
+
+
+def in_range(fn: str, lo: float, hi: float, **values) -> None:
+    finite(fn, **values)
+    for name, v in values.items():
+        if not lo <= v <= hi:
+            raise ValueError(f"{fn}: {name} must lie in [{lo}, {hi}], got {v}")
+
+
+def choice(fn: str, name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{fn}: unknown {name} {value!r}; expected one of {tuple(options)}")
+
+
+def integer(fn: str, **values) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")

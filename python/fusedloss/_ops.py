@@ -1,0 +1,162 @@
+"""The op machinery: loading fusedloss._C, choosing a backend, registering each op once.
+
+Adding an op takes one schema line in csrc/ops.cpp, one kernel per backend, and one
+`Op(...)` made in its family module, which gives it fake (meta) kernels for
+torch.compile, autograd for every backend, and a Triton twin on first use.
+"""
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the C++ ops)
+
+    _C_ERROR = None
+except ImportError as exc:  # the package is importable for its reference backend alone
+    _C = None
+    _C_ERROR = str(exc)
+
+try:
+    from . import _build_info
+except ImportError:
+    _build_info = None
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+def _cpp_status() -> BackendStatus:
+    if _C is None:
+        return BackendStatus(False, f"fusedloss._C failed to load ({_C_ERROR}); reinstall with "
+                                    "`pip install --no-build-isolation .` against this torch")
+    return BackendStatus(True, "C++ kernels built")
+
+
+def _cuda_status() -> BackendStatus:
+    cpp = _cpp_status()
+    if not cpp.available:
+        return cpp
+    if not _C.with_cuda:
+        why = _build_info.CUDA_REASON if _build_info else "unknown"
+        return BackendStatus(False, f"fusedloss was built without CUDA kernels ({why}); rebuild with "
+                                    "FUSEDLOSS_CUDA=1 and a CUDA-enabled torch")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "CUDA kernels built, but no CUDA device is visible")
+    return BackendStatus(True, "CUDA kernels built and a device is visible")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status() -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "Triton is not installed; `pip install triton`")
+    if triton_interpreted():
+        return BackendStatus(True, "Triton installed; TRITON_INTERPRET=1 runs it on CPU tensors")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "Triton is installed, but there is no CUDA device "
+                                    "(set TRITON_INTERPRET=1 to run it on CPU tensors, slowly)")
+    return BackendStatus(True, "Triton installed and a CUDA device is visible")
+
+
+def backends() -> dict:
+    """Which backends can run here, and why not: {name: BackendStatus(available, reason)}."""
+    return {
+        "reference": BackendStatus(True, "plain PyTorch, always available"),
+        "cpu": _cpp_status(),
+        "cuda": _cuda_status(),
+        "triton": _triton_status(),
+    }
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The backend that runs an op on `device`: `requested`, checked, or the auto choice."""
+    if requested not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {requested!r}; expected one of {('auto',) + BACKENDS}")
+    if requested == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        status = backends()
+        return next((name for name in order if status[name].available), "reference")
+    if requested == "reference":
+        return requested
+    status = backends()[requested]
+    if not status.available:
+        raise RuntimeError(f"backend {requested!r} is not available: {status.reason}")
+    wanted = {"cpu": ("cpu",), "cuda": ("cuda",),
+              "triton": ("cuda", "cpu") if triton_interpreted() else ("cuda",)}[requested]
+    if device.type not in wanted:
+        raise ValueError(f"backend {requested!r} runs on {' or '.join(wanted)} tensors, "
+                         f"got tensors on {device}")
+    return requested
+
+
+class Op:
+    """One fusedloss op: the C++ op (CPU and CUDA dispatch keys) and its lazily made Triton twin."""
+
+    def __init__(self, family: str, name: str, *, fake: Callable, setup_context: Callable,
+                 backward: Callable):
+        self.family = family
+        self.name = name
+        self._backward = backward
+        self._setup_context = setup_context
+        torch.library.register_fake(f"fusedloss::{name}")(fake)
+        self._register_autograd(f"fusedloss::{name}")
+
+    def _register_autograd(self, qualname: str) -> None:
+        torch.library.register_autograd(qualname, self._backward, setup_context=self._setup_context)
+
+    @property
+    def cpp(self):
+        return getattr(torch.ops.fusedloss, self.name).default
+
+    @functools.cached_property
+    def triton(self):
+        """fusedloss::<name>_triton: the launcher in fusedloss.triton_kernels.<family> as a triton_op.
+
+        Defined on first use so that importing fusedloss imports neither Triton nor dynamo.
+        It takes the schema of the C++ op, so both backends share one signature.
+        """
+        module = importlib.import_module(f"fusedloss.triton_kernels.{self.family}")
+        launcher = getattr(module, self.name)
+        schema = str(self.cpp._schema)
+        schema = schema[schema.index("("):]
+        op = torch.library.triton_op(f"fusedloss::{self.name}_triton", launcher,
+                                     mutates_args=(), schema=schema)
+        self._register_autograd(f"fusedloss::{self.name}_triton")
+        return op
+
+    def for_backend(self, backend: str):
+        return self.triton if backend == "triton" else self.cpp
+
+
+def compiling() -> bool:
+    """True while torch.compile traces: checks that read tensor values are skipped then."""
+    return torch.compiler.is_compiling()
+
+
+def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Per-row losses to the result of `reduction`, as F.cross_entropy: "mean" divides by the
+    number of rows that are not ignored (NaN when there is none), "sum" adds, "none" keeps."""
+    if reduction == "none":
+        return loss_rows.to(dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":
+        total = total / valid.sum()
+    return total.to(dtype)
+
+
+def result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The loss dtype: the input's, or fp32 under autocast, as F.cross_entropy."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    return x.dtype

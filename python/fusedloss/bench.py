@@ -1,0 +1,908 @@
+"""The benchmark engine behind ``python -m fusedloss.bench``.
+
+Usage::
+
+    python -m fusedloss.bench [--device cpu|cuda] [--large] [--family margin] [--out DIR]
+                              [--repeats 5] [--dtype float32|bfloat16|float16] [--no-memory]
+
+Writes ``bench_<device>.md``, ``bench_<device>.json`` and ``bench_<device>.png`` to ``--out``
+(default ``bench/results``, relative to the working directory) and prints the markdown table.
+
+The engine knows nothing about any loss. A *family* is one function, registered with
+``@family("name")``, that returns a :class:`Family`: its cases (plain dicts of shape
+parameters), a function building the inputs of a case, and its contenders (name ->
+function ``(case, inputs) -> step``; ``step()`` runs forward and backward and returns the
+loss). Adding a loss family is one new function; the timing, the memory measurement, the
+ratios, the tables, the json and the plot come from the engine.
+
+Timing: every contender of a case gets the same inputs, is warmed up (a compiled contender
+compiles during its first warm-up call, which is not timed), and then the contenders run
+interleaved, round after round (the order rotated each round), so that a slow phase of a
+noisy machine hits all of them alike; each reports the median of at least ``--repeats``
+runs of forward + backward, with the gradients of the inputs set to None before each run.
+
+Memory: see :func:`_measure_memory_cpu` (CPU: a fresh subprocess per case and contender,
+``ru_maxrss``) and :func:`_measure_memory_cuda` (``torch.cuda.max_memory_allocated``).
+
+This module imports neither matplotlib nor triton at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+MiB = 1 << 20
+_MEM_MARK = "FUSEDLOSS_BENCH_MEMORY "
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class Unavailable(Exception):
+    """A contender that cannot run here (backend not built, library not installed)."""
+
+
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
+
+Step = Callable[[], torch.Tensor]
+Contender = Callable[[dict, dict], Step]  # (case, inputs) -> step; raises Unavailable
+
+
+@dataclasses.dataclass
+class Family:
+    """What a loss family gives the engine.
+
+    cases: dicts with at least ``N``, ``C``, ``dtype`` (a key of DTYPES) and ``label``
+        (a short human name of the case); the plot draws one line per contender against
+        ``C`` for the cases that agree in everything but ``C``.
+    make_inputs(case, device) -> dict: built once per case and shared by its contenders;
+        ``inputs["leaves"]`` lists the tensors whose ``.grad`` the engine resets to None.
+    contenders: name -> (case, inputs) -> step. ``step()`` runs forward and backward and
+        returns the loss. Names in ``fused`` get a bandwidth figure, ``baselines`` =
+        (eager name, compiled name) are the references of the ratio columns.
+    bytes_moved(case) -> int or None: the bytes the fused kernels read and write, for GB/s.
+    mem_factor: rough peak bytes of the hungriest contender in units of N*C*itemsize,
+        inputs included; a case that would not fit in the free memory is skipped.
+    """
+
+    name: str
+    cases: List[dict]
+    make_inputs: Callable[[dict, str], dict]
+    contenders: Dict[str, Contender]
+    baselines: tuple = ("baseline-eager", "baseline-compile")
+    fused: tuple = ()
+    bytes_moved: Callable[[dict], Optional[int]] = lambda case: None
+    notes: List[str] = dataclasses.field(default_factory=list)
+    mem_factor: float = 8.0
+
+
+FAMILIES: Dict[str, Callable[..., Family]] = {}
+# A family in DEFAULT_FAMILIES runs when --family is not given; others run when asked.
+DEFAULT_FAMILIES: List[str] = []
+
+
+def family(name: str, default: bool = True):
+    """Register ``fn(device, large, dtypes) -> Family`` under ``name``."""
+
+    def register(fn):
+        FAMILIES[name] = fn
+        if default:
+            DEFAULT_FAMILIES.append(name)
+        return fn
+
+    return register
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile for a baseline: static shapes, so each case gets its own graph, as a
+    training run with fixed shapes would. The engine resets dynamo between cases."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _fusedloss():
+    import fusedloss
+
+    return fusedloss
+
+
+def _backend_contender(backend: str, **fixed) -> Contender:
+    """fusedloss.margin_cross_entropy with one backend; Unavailable if it is not here."""
+
+    def build(case, inputs):
+        fl = _fusedloss()
+        if backend != "auto":
+            status = fl.backends().get(backend)
+            if status is None or not status[0]:
+                raise Unavailable(status[1] if status is not None else f"no backend {backend!r}")
+        kwargs = {**fixed, **{k: case[k] for k in ("scale", "m2") if k in case}}
+        cos, t = inputs["cos"], inputs["target"]
+
+        def step():
+            loss = fl.margin_cross_entropy(cos, t, backend=backend, **kwargs)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+def _loss_contender(fn: Callable, compile_it: bool) -> Contender:
+    """A plain-PyTorch loss ``fn(cos, target, **case params)`` in eager mode or compiled."""
+
+    def build(case, inputs):
+        f = compiled(fn) if compile_it else fn
+        cos, t = inputs["cos"], inputs["target"]
+        kwargs = {k: case[k] for k in ("scale", "m2") if k in case}
+
+        def step():
+            loss = f(cos, t, **kwargs)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+def _cos_inputs(case: dict, device: str) -> dict:
+    """cos [N, C] uniform in (-0.8, 0.8) (so that theta + 0.5 < pi for every target, where
+    plain cos(theta + m) and fusedloss's continued cosine agree), targets uniform; seeded."""
+    g = torch.Generator(device=device)
+    g.manual_seed(1234 + case["C"] + case["N"])
+    cos = torch.empty(case["N"], case["C"], dtype=DTYPES[case["dtype"]], device=device)
+    cos.uniform_(-0.8, 0.8, generator=g)  # in place: no temporary to inflate the RSS peak
+    target = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
+    cos.requires_grad_(True)
+    return {"cos": cos, "target": target, "leaves": [cos]}
+
+
+def _bytes_row_op(case: dict) -> int:
+    """Forward reads cos and writes the gradient (N*C each); backward reads and writes the
+    gradient once more to scale it: 4 * N * C * itemsize."""
+    return 4 * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
+
+
+# --------------------------------------------------------------------------------------
+# Family: margin softmax cross-entropy (ArcFace)
+# --------------------------------------------------------------------------------------
+
+def arcface_baseline(cos, t, scale=64.0, m2=0.5):
+    """ArcFace as users write it today."""
+    cy = cos.gather(1, t[:, None])
+    theta = torch.acos(cy.clamp(-1 + 1e-7, 1 - 1e-7))
+    return F.cross_entropy(cos.scatter(1, t[:, None], torch.cos(theta + m2)) * scale, t)
+
+
+def _grid(Ns, Cs, dtypes, **params):
+    return [dict(N=n, C=c, dtype=d, **params) for d in dtypes for n in Ns for c in Cs]
+
+
+@family("margin")
+def margin_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    if device == "cuda":
+        dtypes = dtypes or ["bfloat16", "float32"]
+        Cs = [10_000, 100_000, 300_000] + ([1_000_000] if large else [])
+        cases = _grid([8192], Cs, dtypes)
+    else:
+        dtypes = dtypes or ["float32"]
+        Cs = [10_000, 30_000, 100_000] + ([300_000] if large else [])
+        cases = _grid([1024] + ([2048] if large else []), Cs, dtypes)
+    for c in cases:
+        c.update(variant="arcface", scale=64.0, m2=0.5,
+                 label=f"arcface {_SHORT[c['dtype']]} N={c['N']} C={c['C']:,}")
+    contenders = {
+        "fusedloss": _backend_contender("auto"),
+        "baseline-eager": _loss_contender(arcface_baseline, compile_it=False),
+        "baseline-compile": _loss_contender(arcface_baseline, compile_it=True),
+    }
+    fused = ("fusedloss",)
+    if device == "cuda":
+        contenders["fusedloss-cuda"] = _backend_contender("cuda")
+        contenders["fusedloss-triton"] = _backend_contender("triton")
+        fused += ("fusedloss-cuda", "fusedloss-triton")
+    return Family(
+        name="margin", cases=cases, make_inputs=_cos_inputs, contenders=contenders,
+        fused=fused, bytes_moved=_bytes_row_op, mem_factor=8.0,
+        notes=["margin: ArcFace, scale 64, m2 0.5; baseline = `arcface_baseline` "
+               "(gather, acos, scatter of cos(theta + m), F.cross_entropy), "
+               "eager and under torch.compile(dynamic=False)."])
+
+
+# --------------------------------------------------------------------------------------
+# Family: plain cross-entropy, where the peer libraries (Liger-Kernel, Cut Cross-Entropy)
+# can be compared. On CUDA it joins the default run when a peer library is installed.
+# --------------------------------------------------------------------------------------
+
+def plain_ce_baseline(cos, t):
+    return F.cross_entropy(cos, t)
+
+
+def linear_ce_baseline(e, w, t):
+    return F.cross_entropy(e @ w.T, t)
+
+
+def _peers() -> Dict[str, str]:
+    """Installed peer libraries: name -> version (import-guarded, nothing imported)."""
+    found = {}
+    for dist, mod in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
+        if importlib.util.find_spec(mod) is not None:
+            try:
+                found[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                found[dist] = "?"
+    return found
+
+
+def _liger_contender(case, inputs):
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except Exception as e:  # noqa: BLE001 - any import failure means "not here"
+        raise Unavailable(f"liger-kernel not importable: {e}")
+    if inputs["cos"].device.type != "cuda":
+        raise Unavailable("Liger-Kernel needs CUDA")
+    loss_fn = LigerCrossEntropyLoss()
+    cos, t = inputs["cos"], inputs["target"]
+
+    def step():
+        loss = loss_fn(cos, t)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def _linear_inputs(case: dict, device: str) -> dict:
+    g = torch.Generator(device=device)
+    g.manual_seed(4321 + case["C"])
+    dt = DTYPES[case["dtype"]]
+    e = torch.empty(case["N"], case["D"], dtype=dt, device=device).normal_(generator=g)
+    w = torch.empty(case["C"], case["D"], dtype=dt, device=device).normal_(generator=g)
+    e.mul_(case["D"] ** -0.5)
+    w.mul_(case["D"] ** -0.5)
+    t = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
+    e.requires_grad_(True)
+    w.requires_grad_(True)
+    return {"e": e, "w": w, "target": t, "leaves": [e, w]}
+
+
+def _linear_contender(kind: str) -> Contender:
+    def build(case, inputs):
+        e, w, t = inputs["e"], inputs["w"], inputs["target"]
+        if kind == "cce":
+            try:
+                from cut_cross_entropy import linear_cross_entropy
+            except Exception as ex:  # noqa: BLE001
+                raise Unavailable(f"cut-cross-entropy not importable: {ex}")
+            f = linear_cross_entropy
+        elif kind == "fusedloss":
+            fl = _fusedloss()
+
+            def f(e, w, t):
+                return fl.margin_cross_entropy(e @ w.T, t, scale=1.0, backend="auto")
+        else:
+            f = compiled(linear_ce_baseline) if kind == "compile" else linear_ce_baseline
+
+        def step():
+            loss = f(e, w, t)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+@family("ce", default=False)
+def ce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    peers = _peers() if device == "cuda" else {}
+    if device == "cuda":
+        dtypes = dtypes or ["bfloat16"]
+        Cs = [32_000, 128_000, 256_000] + ([1_000_000] if large else [])
+        N = 8192
+    else:
+        dtypes = dtypes or ["float32"]
+        Cs = [10_000, 30_000, 100_000] + ([300_000] if large else [])
+        N = 1024
+    cases = _grid([N], Cs, dtypes, variant="plain-ce")
+    for c in cases:
+        c["label"] = f"plain CE {_SHORT[c['dtype']]} N={c['N']} C={c['C']:,}"
+    contenders = {
+        "fusedloss": _backend_contender("auto", scale=1.0),
+        "baseline-eager": _loss_contender(plain_ce_baseline, compile_it=False),
+        "baseline-compile": _loss_contender(plain_ce_baseline, compile_it=True),
+    }
+    fused = ("fusedloss",)
+    if device == "cuda":
+        contenders["fusedloss-cuda"] = _backend_contender("cuda", scale=1.0)
+        contenders["fusedloss-triton"] = _backend_contender("triton", scale=1.0)
+        fused += ("fusedloss-cuda", "fusedloss-triton")
+        if "liger-kernel" in peers:
+            contenders["liger (plain CE)"] = _liger_contender
+    notes = ["ce: plain cross-entropy on logits; fusedloss runs `margin_cross_entropy(x, t, "
+             "scale=1.0)` (m2 = 0), baseline = `F.cross_entropy(x, t)`, eager and compiled. "
+             "Peer libraries compute plain cross-entropy only, so they appear in this family."]
+    fam = Family(name="ce", cases=cases, make_inputs=_cos_inputs, contenders=contenders,
+                 fused=fused, bytes_moved=_bytes_row_op, notes=notes, mem_factor=6.0)
+    if "cut-cross-entropy" in peers:
+        # Cut Cross-Entropy takes embeddings and classifier, not logits: its own case,
+        # linear layer + cross-entropy, all contenders doing the matmul.
+        D = 2048
+        lin = _grid([N], Cs, dtypes, variant="linear-ce", D=D)
+        for c in lin:
+            c["label"] = f"linear+plain CE {_SHORT[c['dtype']]} N={c['N']} C={c['C']:,} D={D}"
+        fam.cases += lin
+        fam.notes.append(f"ce, linear+plain CE cases: inputs e [N, {D}], w [C, {D}]; every "
+                         "contender computes e @ w.T (fusedloss and the baselines "
+                         "materialise it, Cut Cross-Entropy does not); no GB/s figure.")
+    return fam
+
+
+def _case_family_view(fam: Family, case: dict) -> Family:
+    """The linear-CE cases of the ce family use other inputs and contenders."""
+    if case.get("variant") != "linear-ce":
+        return fam
+    contenders = {"fusedloss": _linear_contender("fusedloss"),
+                  "baseline-eager": _linear_contender("eager"),
+                  "baseline-compile": _linear_contender("compile"),
+                  "cce (plain CE)": _linear_contender("cce")}
+    return dataclasses.replace(fam, make_inputs=_linear_inputs, contenders=contenders,
+                               fused=(), bytes_moved=lambda case: None)
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _clear(inputs):
+    for leaf in inputs["leaves"]:
+        leaf.grad = None
+
+
+def _timed(step, inputs, device) -> float:
+    """Seconds of one forward + backward."""
+    _clear(inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or "out of memory" in str(e).lower()
+
+
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_case(fam: Family, case: dict, device: str, repeats: int, log) -> Dict[str, dict]:
+    """Time every contender of one case, interleaved. Returns name -> record."""
+    fam = _case_family_view(fam, case)
+    records: Dict[str, dict] = {name: {"status": "ok"} for name in fam.contenders}
+    torch._dynamo.reset()  # each case compiles its own static graph
+    _free(device)
+    try:
+        inputs = fam.make_inputs(case, device)
+    except Exception as e:  # noqa: BLE001
+        why = "OOM building inputs" if _is_oom(e) else f"error building inputs: {e!r}"
+        return {name: {"status": why} for name in fam.contenders}
+
+    steps: Dict[str, Step] = {}
+    warm = 3 if device == "cuda" else 1
+    for name, build in fam.contenders.items():
+        rec = records[name]
+        try:
+            step = build(case, inputs)
+            _clear(inputs)
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = step()  # compiles, for a compiled contender: not timed
+            _sync(device)
+            rec["first_call_s"] = time.perf_counter() - t0
+            rec["loss"] = float(loss.float())
+            est = rec["first_call_s"]
+            extra = warm - 1 + (1 if name == fam.baselines[1] else 0)
+            for _ in range(extra):
+                est = _timed(step, inputs, device)
+            rec["warm_s"] = est
+            steps[name] = step
+        except Unavailable as e:
+            rec["status"] = f"skipped: {e}"
+        except Exception as e:  # noqa: BLE001
+            rec["status"] = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
+            _free(device)
+        log(f"  {name:<18} warm-up {rec.get('first_call_s', float('nan')):7.2f} s  {rec['status']}")
+
+    # Rounds: at least `repeats`; more when a round is quick (up to ~1 s per contender).
+    slowest = max([records[n]["warm_s"] for n in steps] or [1.0])
+    rounds = max(repeats, min(100, int(1.0 / max(slowest, 1e-6))))
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(rounds):
+        gc.collect()
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            if records[name]["status"] != "ok":
+                continue
+            try:
+                times[name].append(_timed(steps[name], inputs, device))
+            except Exception as e:  # noqa: BLE001
+                records[name]["status"] = "OOM" if _is_oom(e) else f"error: {e!r}"
+                _free(device)
+    for name, ts in times.items():
+        if ts and records[name]["status"] == "ok":
+            records[name]["times_ms"] = [t * 1e3 for t in ts]
+            records[name]["median_ms"] = statistics.median(ts) * 1e3
+
+    if device == "cuda":
+        for name, step in steps.items():
+            if records[name]["status"] == "ok":
+                records[name]["memory"] = _measure_memory_cuda(step, inputs)
+    del steps, inputs
+    _free(device)
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------
+
+def _measure_memory_cuda(step, inputs) -> dict:
+    """Peak extra device memory of one forward + backward after warm-up:
+    ``max_memory_allocated`` during the step, after ``reset_peak_memory_stats``, minus
+    ``memory_allocated`` just before it (the inputs, with their gradients set to None).
+    The gradient the step leaves behind is part of the figure."""
+    try:
+        _clear(inputs)
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        _clear(inputs)
+        return {"method": "cuda max_memory_allocated - memory_allocated before the step",
+                "base_bytes": base, "peak_bytes": peak, "extra_bytes": peak - base}
+    except Exception as e:  # noqa: BLE001
+        _free("cuda")
+        return {"error": "OOM" if _is_oom(e) else repr(e)}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (and so ``ru_maxrss``) to the current RSS by
+    writing 5 to /proc/self/clear_refs (Linux >= 4.0). False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vmhwm_bytes() -> Optional[int]:
+    """The same high-water mark as /proc/self/status reports it (per address space)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _measure_memory_child(spec: dict) -> dict:
+    """Runs in a fresh ``python -m fusedloss.bench --measure-memory SPEC`` process.
+
+    1. imports (torch, fusedloss, the family) and builds the case's inputs, in place, with
+       no temporaries; a compiled contender then runs one full warm-up step (compilation)
+       and drops its gradient, since compiling is not what is measured;
+    2. base = the peak RSS so far, after resetting the high-water mark to the current RSS
+       where /proc/self/clear_refs allows it (then base = RSS just before the step);
+    3. runs ONE forward + backward (the first one, for the eager contenders);
+    4. extra = ``ru_maxrss`` after the step - base. The gradient the step leaves behind is
+       part of the figure.
+    """
+    import fusedloss  # noqa: F401 - count the package in the base
+
+    device = "cpu"
+    fam = FAMILIES[spec["family"]](device, spec["large"], [spec["case"]["dtype"]])
+    fam = _case_family_view(fam, spec["case"])
+    case, name = spec["case"], spec["contender"]
+    inputs = fam.make_inputs(case, device)
+    step = fam.contenders[name](case, inputs)
+    warmed = name == fam.baselines[1]
+    if warmed:
+        step()
+        _clear(inputs)
+    gc.collect()
+    reset = _reset_peak_rss()
+    base, base_hwm = _maxrss_bytes(), _vmhwm_bytes()
+    step()
+    peak, peak_hwm = _maxrss_bytes(), _vmhwm_bytes()
+    if base_hwm is not None and base > base_hwm + 64 * MiB:
+        # ru_maxrss still holds a peak from before this program (see _measure_memory_cpu).
+        raise RuntimeError(f"ru_maxrss {base / MiB:.0f} MiB > VmHWM {base_hwm / MiB:.0f} MiB "
+                           "before the step: the peak RSS was inherited from the parent")
+    return {"method": ("ru_maxrss after the step - RSS before it (high-water mark reset via "
+                       "/proc/self/clear_refs)" if reset else
+                       "ru_maxrss after the step - ru_maxrss after imports and inputs"),
+            "hwm_reset": reset, "warm_up_step": warmed,
+            "base_bytes": base, "peak_bytes": peak, "extra_bytes": peak - base,
+            "vmhwm_extra_bytes": None if base_hwm is None else peak_hwm - base_hwm}
+
+
+def _measure_memory_cpu(fam_name: str, large: bool, case: dict, name: str,
+                        timeout: float = 900) -> dict:
+    """Peak extra resident memory of one forward + backward, in a fresh subprocess."""
+    spec = json.dumps({"family": fam_name, "large": large, "case": case, "contender": name})
+    cmd = [sys.executable, "-m", "fusedloss.bench", "--measure-memory", spec]
+    if os.path.exists("/bin/sh"):
+        # Linux carries a process's peak RSS across exec (into the new program's ru_maxrss):
+        # spawned straight from this big process, the child would start with our peak. A
+        # small shell that forks the child gives it a fresh account.
+        cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?'] + cmd
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in p.stdout.splitlines():
+        if line.startswith(_MEM_MARK):
+            return json.loads(line[len(_MEM_MARK):])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
+    return {"error": f"exit {p.returncode}: {tail[0][:200]}"}
+
+
+# --------------------------------------------------------------------------------------
+# The run, the table, the json, the plot
+# --------------------------------------------------------------------------------------
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_rev() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: str) -> dict:
+    import fusedloss
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device == "cuda" else None,
+        "triton": _version("triton"),  # metadata only: triton is not imported here
+        "fusedloss": getattr(fusedloss, "__version__", None) or _version("fusedloss"),
+        "fusedloss_git": _git_rev(),
+        "backends": {k: [bool(v[0]), str(v[1])] for k, v in fusedloss.backends().items()},
+        "peers": _peers(),
+    }
+    return info
+
+
+def _fmt(x, spec, missing="–"):
+    return missing if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _derive(fam: Family, case: dict, records: Dict[str, dict]) -> None:
+    """Ratios, memory multiples, bandwidth and loss agreement, in place."""
+    fam = _case_family_view(fam, case)
+    eager, comp = (records.get(b, {}).get("median_ms") for b in fam.baselines)
+    nc4 = case["N"] * case["C"] * 4
+    ref_loss = records.get(fam.baselines[0], {}).get("loss")
+    tol = 1e-4 if case["dtype"] == "float32" else 3e-2
+    nbytes = fam.bytes_moved(case)
+    for name, rec in records.items():
+        med = rec.get("median_ms")
+        rec["x_vs_eager"] = eager / med if med and eager else None
+        rec["x_vs_compile"] = comp / med if med and comp else None
+        mem = rec.get("memory") or {}
+        if "extra_bytes" in mem:
+            rec["peak_extra_mib"] = mem["extra_bytes"] / MiB
+            rec["x_nc4"] = mem["extra_bytes"] / nc4
+        if name in fam.fused and med and nbytes:
+            rec["bytes_moved"] = nbytes
+            rec["gbps"] = nbytes / (med / 1e3) / 1e9
+        if rec.get("loss") is not None and ref_loss is not None:
+            rel = abs(rec["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
+            rec["loss_rel_diff_vs_eager"] = rel
+            rec["loss_agrees"] = rel <= tol
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# fusedloss benchmark ({result['device']})", ""]
+    lines.append(f"- date: {m['date']}")
+    gpu = f"; GPU: {m['gpu']} (CUDA {m['cuda']})" if m.get("gpu") else ""
+    lines.append(f"- machine: {m['cpu']}, {m['cpu_count']} logical CPUs, "
+                 f"torch threads {m['torch_threads']}{gpu}")
+    git = f" (git {m['fusedloss_git']})" if m.get("fusedloss_git") else ""
+    peers = "".join(f", {k} {v}" for k, v in m.get("peers", {}).items())
+    lines.append(f"- versions: python {m['python']}, torch {m['torch']}, "
+                 f"triton {m['triton'] or 'not installed'}, fusedloss {m['fusedloss']}{git}{peers}")
+    avail = ", ".join(f"{k} {'yes' if v[0] else 'no'}" for k, v in m["backends"].items())
+    lines.append(f"- fusedloss backends: {avail}")
+    lines.append(f"- command: `{result['command']}`; wall time {result['wall_s']:.0f} s")
+    lines += ["", "| case | contender | time (ms) | x vs eager | x vs compile | peak extra MiB "
+                  "| x N·C·4B | GB/s |",
+              "|---|---|--:|--:|--:|--:|--:|--:|"]
+    skipped = []
+    mismatches = []
+    for row in result["results"]:
+        rec, label = row["record"], row["case"]["label"]
+        if rec["status"] != "ok":
+            skipped.append(f"{label} / {row['contender']}: {rec['status']}")
+            if not rec["status"].startswith(("OOM", "error")):
+                continue
+        mem = rec.get("memory") or {}
+        mib = _fmt(rec.get("peak_extra_mib"), ",.0f", "OOM" if mem.get("error") == "OOM" else "–")
+        time_s = _fmt(rec.get("median_ms"), ",.1f" if (rec.get("median_ms") or 0) >= 10 else ".3f",
+                      rec["status"] if rec["status"] == "OOM" else "error"
+                      if rec["status"] != "ok" else "–")
+        lines.append(f"| {label} | {row['contender']} | {time_s} | "
+                     f"{_fmt(rec.get('x_vs_eager'), '.2f')} | {_fmt(rec.get('x_vs_compile'), '.2f')} | "
+                     f"{mib} | {_fmt(rec.get('x_nc4'), '.2f')} | {_fmt(rec.get('gbps'), '.1f')} |")
+        if rec.get("loss_agrees") is False:
+            mismatches.append(f"{label} / {row['contender']}: loss {rec['loss']:.6g}, rel. diff "
+                              f"{rec['loss_rel_diff_vs_eager']:.2e} from the eager baseline")
+        if mem.get("error") and mem.get("error") != "OOM":
+            skipped.append(f"{label} / {row['contender']}: memory measurement: {mem['error']}")
+    lines += ["", "Notes:", ""]
+    lines.append(f"- time: median of at least {result['repeats']} runs of forward + backward "
+                 "(`loss.backward()`, input gradients set to None before each run), after "
+                 "warm-up; compilation happens during warm-up and is not timed. The contenders of "
+                 "a case run interleaved in one process. \"x vs eager\" / \"x vs compile\" = "
+                 "baseline time / contender time (above 1: faster than the baseline).")
+    if result["device"] == "cuda":
+        lines.append("- peak extra memory: `torch.cuda.max_memory_allocated()` during one "
+                     "forward + backward after `reset_peak_memory_stats()`, minus "
+                     "`memory_allocated()` just before it (the inputs); the input gradient "
+                     "the step leaves behind counts. \"x N·C·4B\" = that figure / one N x C fp32 "
+                     "buffer.")
+    else:
+        lines.append("- peak extra memory: a fresh subprocess per (case, contender) imports, "
+                     "builds the inputs (in place, no temporaries), resets the RSS high-water mark "
+                     "(/proc/self/clear_refs; else the peak so far is the base), then runs ONE "
+                     "forward + backward: `ru_maxrss` after it minus `ru_maxrss` before it. For the "
+                     "eager contenders that step is their first; the compiled baseline first runs "
+                     "one untimed step to compile (with the mark reset after it). The input gradient "
+                     "the step leaves behind counts. \"x N·C·4B\" = that figure / one N x C fp32 "
+                     "buffer.")
+    lines.append("- GB/s (fusedloss contenders only): bytes counted = forward reads cos and writes "
+                 "the gradient (N·C each), backward reads and writes the gradient once more to "
+                 "scale it: 4·N·C·itemsize bytes / time. Target gathers, per-row statistics and "
+                 "the targets are not counted.")
+    lines.append("- inputs: cos uniform in (-0.8, 0.8), random targets, fixed seed; the losses of "
+                 "all contenders are checked against the eager baseline (rel. tolerance 1e-4 fp32, "
+                 "3e-2 bf16/fp16): " + ("all agree." if not mismatches else "MISMATCHES below."))
+    for note in result["family_notes"]:
+        lines.append(f"- {note}")
+    for s in result.get("notes", []):
+        lines.append(f"- {s}")
+    for s in mismatches:
+        lines.append(f"- LOSS MISMATCH: {s}")
+    for s in skipped:
+        lines.append(f"- not run: {s}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: Dict[tuple, List[dict]] = {}
+    for row in result["results"]:
+        c = row["case"]
+        key = (row["family"],) + tuple((k, v) for k, v in sorted(c.items()) if k not in ("C", "label"))
+        groups.setdefault(key, []).append(row)
+    n = max(len(groups), 1)
+    fig, axes = plt.subplots(n, 2, figsize=(12, 4.2 * n), squeeze=False)
+    for ax_row, (key, rows) in zip(axes, groups.items()):
+        c0 = rows[0]["case"]
+        title = c0["label"].split(" C=")[0] + (f" ({rows[0]['family']})" if rows[0]["family"] != "margin" else "")
+        for name in dict.fromkeys(r["contender"] for r in rows):
+            pts = sorted((r["case"]["C"], r["record"]) for r in rows if r["contender"] == name)
+            xs = [p[0] for p in pts]
+            t = [p[1].get("median_ms", float("nan")) for p in pts]
+            mem = [p[1].get("peak_extra_mib", float("nan")) for p in pts]
+            style = "--" if name.startswith("baseline") else "-"
+            if any(not math.isnan(v) for v in t):
+                ax_row[0].plot(xs, t, style, marker="o", label=name)
+            if any(not math.isnan(v) and v > 0 for v in mem):
+                ax_row[1].plot(xs, mem, style, marker="o", label=name)
+        for ax, what in zip(ax_row, ("time of forward + backward (ms)", "peak extra memory (MiB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("number of classes C")
+            ax.set_ylabel(what)
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"fusedloss {m['fusedloss']} on {m['gpu'] or m['cpu']} "
+                 f"({m['torch_threads']} threads), torch {m['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    names = args.family or [n for n in DEFAULT_FAMILIES]
+    if args.family is None and device == "cuda" and _peers():
+        names.append("ce")
+    dtypes = [args.dtype] if args.dtype else None
+    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    result = {"device": device, "repeats": args.repeats, "large": args.large,
+              "command": " ".join(["python -m fusedloss.bench"] + sys.argv[1:]),
+              "machine": machine_info(device), "results": [], "family_notes": [], "notes": []}
+    plan = []
+    for fname in names:
+        fam = FAMILIES[fname](device, args.large, dtypes)
+        result["family_notes"] += fam.notes
+        plan += [(fam, case) for case in fam.cases]
+    for i, (fam, case) in enumerate(plan):
+        log(f"[{i + 1}/{len(plan)}] {fam.name}: {case['label']}")
+        need = fam.mem_factor * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
+        avail = _mem_available() if device == "cpu" else None
+        if avail is not None and need > 0.9 * avail:
+            why = f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+            records = {n: {"status": why} for n in _case_family_view(fam, case).contenders}
+        else:
+            records = run_case(fam, case, device, args.repeats, log)
+        for name, rec in records.items():
+            result["results"].append({"family": fam.name, "case": case, "contender": name,
+                                      "record": rec})
+    if device == "cpu" and not args.no_memory:
+        log("memory: one fresh subprocess per (case, contender)")
+        for row in result["results"]:
+            rec = row["record"]
+            if rec["status"] == "ok":
+                rec["memory"] = _measure_memory_cpu(row["family"], args.large, row["case"],
+                                                    row["contender"])
+                mem = rec["memory"]
+                log(f"  {row['case']['label']:<32} {row['contender']:<18} "
+                    + (f"{mem['extra_bytes'] / MiB:9.1f} MiB" if "extra_bytes" in mem
+                       else mem.get("error", "?")))
+    if args.no_memory:
+        result["notes"].append("memory not measured (--no-memory)")
+    for fam, case in plan:
+        rows = {r["contender"]: r["record"] for r in result["results"]
+                if r["family"] == fam.name and r["case"] is case}
+        _derive(fam, case, rows)
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusedloss.bench",
+                                description="Benchmark fusedloss against the baselines users run "
+                                            "today (eager and torch.compile) and peer libraries.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--large", action="store_true", help="add the large cases")
+    p.add_argument("--family", action="append", choices=sorted(FAMILIES),
+                   help="loss family to run (repeatable); default: " + ", ".join(DEFAULT_FAMILIES)
+                        + " (+ ce on CUDA when a peer library is installed)")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="default: bench/results")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per contender, at least (default 5)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="only this dtype (default: float32 on CPU, bfloat16 and float32 on CUDA)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.measure_memory is not None:
+        print(_MEM_MARK + json.dumps(_measure_memory_child(json.loads(args.measure_memory))),
+              flush=True)
+        return 0
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+
+    result = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_{result['device']}")
+    md = markdown(result)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot(result, stem + ".png")
+    except ImportError as e:
+        print(f"no plot: {e} (pip install matplotlib)", file=sys.stderr)
+    print(md)
+    print(f"wrote {stem}.md, {stem}.json, {stem}.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Margin softmax cross-entropy on normalised logits: ArcFace, CosFace, SphereFace, their
+combination and ElasticFace, as one op. The row math is derived in
+csrc/include/fusedloss/margin.h; the oracle is fusedloss.reference.margin."""
+from typing import Optional
+
+import torch
+
+from . import _checks
+from ._ops import Op, reduce_rows, resolve_backend, result_dtype
+from .reference import margin as reference
+
+_FN = "margin_cross_entropy"
+
+
+def _fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, label_smoothing,
+          ignore_index, compute_grad):
+    acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    grad = cos.new_empty(cos.shape) if compute_grad else cos.new_empty(0)
+    return cos.new_empty(cos.shape[0], dtype=acc), grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _unused):
+    """The kernel wrote d loss_i / d cos_i during forward; scale it by the incoming gradient,
+    in place, so backward holds no second N x C buffer. A second backward through the same
+    graph (retain_graph=True) is refused by autograd's saved-tensor version check."""
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("fusedloss::margin_cross_entropy was called with compute_grad=False "
+                           "but a gradient of cos is needed")
+    return (grad.mul_(grad_loss.unsqueeze(1)),) + (None,) * 11
+
+
+OP = Op("margin", _FN, fake=_fake, setup_context=_setup_context, backward=_backward)
+
+
+def margin_cross_entropy(
+    cos: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    m2_std: float = 0.0,
+    m3_std: float = 0.0,
+    elastic_plus: bool = False,
+    margin_grad: str = "exact",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Softmax cross-entropy over margin-adjusted cosine logits.
+
+    ``cos`` [N, C] holds cosines between normalised embeddings and class centres (fp32,
+    fp64, fp16 or bf16); ``target`` [N] holds class indices. The logits are
+
+    * ``z_y = scale * (psi(m1 * theta + m2) - m3)`` for the target, with
+      ``theta = arccos(clamp(cos_y, -1, 1))`` and ``psi(phi) = (-1)^k cos(phi) - 2k``,
+      ``k = floor(phi / pi)``: plain ``cos(phi)`` up to ``phi = pi``, continued past pi so
+      that ``z_y`` is continuous and decreasing in theta on all of [0, pi] (SphereFace's
+      continuation). With ``m1 = 1`` and ``m2 = 0`` (CosFace) ``z_y = scale * (cos_y - m3)``
+      and no arccos is taken.
+    * ``z_j = scale * cos_j`` for every other class,
+
+    followed by cross-entropy exactly as :func:`torch.nn.functional.cross_entropy` with
+    ``label_smoothing``, ``ignore_index`` and ``reduction``. ArcFace is ``m2=0.5``, CosFace
+    ``m3=0.35``, SphereFace ``m1>1``, insightface's combined margin ``(1.0, 0.3, 0.2)``.
+
+    ``margin_grad="exact"`` differentiates through the margin; its derivative
+    ``m1 sin(phi) / sin(theta)`` diverges at theta = 0 and pi, so it is evaluated with theta
+    clamped to [0.01, pi - 0.01] rad (the loss value uses the true theta). With
+    ``margin_grad="detached"`` the margin is a constant shift of the target logit and
+    ``d z_y / d cos_y = scale`` (insightface's ArcFace).
+
+    ElasticFace: with ``m2_std > 0`` (ElasticArcFace) or ``m3_std > 0`` (ElasticCosFace),
+    every call draws ``torch.normal(m, std, (N,), generator=generator)`` on the device of
+    ``cos`` (fp64 for fp64 inputs, else fp32), one margin per row in row order, m2 first
+    when both are drawn. Without ``elastic_plus`` row i uses draw i. With
+    ``elastic_plus=True`` (ElasticFace+) the draws of the rows that are not ignored are
+    sorted and dealt out by target cosine: the row with the lowest ``cos_y`` gets the
+    largest margin, ties broken by row index. The same generator state gives the same
+    draws on every backend.
+
+    The loss has the dtype of ``cos`` (fp32 under autocast, as cross_entropy); it is
+    accumulated in fp32 (fp64 for fp64). An empty batch gives 0 for "sum" and NaN for
+    "mean", like cross_entropy. ``backend``: "auto", "reference", "cpu", "cuda" or
+    "triton" (see :func:`fusedloss.backends`).
+    """
+    _check_arguments(cos, target, scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
+                     label_smoothing, ignore_index, reduction, generator)
+    backend = resolve_backend(backend, cos.device)
+    _checks.target_values(_FN, target, cos.shape[1], ignore_index)
+    row_m2, row_m3 = _elastic_margins(cos, target, m2, m3, m2_std, m3_std, elastic_plus,
+                                      ignore_index, generator)
+    if backend == "reference":
+        return reference.margin_cross_entropy(
+            cos, target, scale=scale, m1=m1, m2=m2 if row_m2 is None else row_m2,
+            m3=m3 if row_m3 is None else row_m3, margin_grad=margin_grad,
+            label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
+        ).to(result_dtype(cos))
+    target = target.long()
+    compute_grad = cos.requires_grad and torch.is_grad_enabled()
+    loss_rows, _ = OP.for_backend(backend)(
+        cos, target, row_m2, row_m3, float(scale), float(m1), float(m2), float(m3),
+        margin_grad == "detached", float(label_smoothing), ignore_index, compute_grad)
+    return reduce_rows(loss_rows, target != ignore_index, reduction, result_dtype(cos))
+
+
+def _check_arguments(cos, target, scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
+                     label_smoothing, ignore_index, reduction, generator):
+    _checks.floating_tensor(_FN, "cos", cos, ndim=2)
+    _checks.target_tensor(_FN, target, cos.shape[0])
+    _checks.same_device(_FN, cos=cos, target=target)
+    if cos.shape[1] == 0:
+        raise ValueError(f"{_FN}: cos must have at least one class (C >= 1), got shape "
+                         f"{tuple(cos.shape)}")
+    _checks.positive(_FN, scale=scale)
+    _checks.at_least(_FN, 1.0, m1=m1)
+    _checks.finite(_FN, m2=m2, m3=m3)
+    _checks.at_least(_FN, 0.0, m2_std=m2_std, m3_std=m3_std)
+    _checks.in_range(_FN, 0.0, 1.0, label_smoothing=label_smoothing)
+    _checks.integer(_FN, ignore_index=ignore_index)
+    _checks.choice(_FN, "margin_grad", margin_grad, ("exact", "detached"))
+    _checks.choice(_FN, "reduction", reduction, _checks.REDUCTIONS)
+    if elastic_plus and m2_std == 0 and m3_std == 0:
+        raise ValueError(f"{_FN}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
+    if generator is not None and generator.device.type != cos.device.type:
+        raise ValueError(f"{_FN}: generator is on {generator.device}, cos on {cos.device}")
+
+
+def _elastic_margins(cos, target, m2, m3, m2_std, m3_std, elastic_plus, ignore_index, generator):
+    """The per-row ElasticFace margins (None where the margin is a constant)."""
+    acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    n = cos.shape[0]
+
+    def draw(mean, std):
+        if std == 0:
+            return None
+        return torch.normal(float(mean), float(std), (n,), generator=generator, dtype=acc,
+                            device=cos.device)
+
+    draws = (draw(m2, m2_std), draw(m3, m3_std))
+    if not elastic_plus:
+        return draws
+    order = _rows_by_target_cosine(cos, target, ignore_index)
+    return tuple(None if d is None else _deal_largest_first(d, order, target != ignore_index)
+                 for d in draws)
+
+
+def _rows_by_target_cosine(cos, target, ignore_index):
+    """Row indices, not-ignored rows first by ascending target cosine, then ignored rows."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    cos_y = cos.detach().gather(1, safe[:, None]).squeeze(1).float()
+    key = torch.where(valid, cos_y, torch.full_like(cos_y, float("inf")))
+    return torch.sort(key, stable=True).indices
+
+
+def _deal_largest_first(draws, order, valid):
+    """Give the largest draw of the valid rows to order[0], the next to order[1], and so on;
+    ignored rows (at the end of `order`) keep their own draw."""
+    key = torch.where(valid, draws, torch.full_like(draws, -float("inf")))
+    dealt = torch.sort(key, descending=True, stable=True).values
+    dealt = torch.where(valid[order], dealt, draws[order])
+    return torch.empty_like(draws).scatter_(0, order, dealt)

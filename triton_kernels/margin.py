@@ -1,0 +1,221 @@
+"""Margin softmax cross-entropy on normalised logits (ArcFace, CosFace, SphereFace,
+their combination, ElasticFace per-row margins): one Triton row kernel and its launcher.
+
+The math is derived in csrc/include/fusedloss/margin.h. Per row, with cosines c_j,
+target y, scale s, label smoothing eps and C classes, the kernel computes
+
+    theta = acos(clamp(c_y, -1, 1)),   phi = m1 theta + m2,   k = floor(phi / pi)
+    z_j = s c_j (j != y),   z_y = s ((-1)^k cos(phi) - 2k - m3)   (s (c_y - m3) if not USE_ANGLE)
+    dz_y/dc_y = s m1 (-1)^k' sin(phi') / sin(theta'),  theta' = clamp(theta, 0.01, pi - 0.01),
+                phi' = m1 theta' + m2, k' = floor(phi' / pi)      (s if detached or not USE_ANGLE)
+    m = max_j z_j,   S_o = sum_{j != y} exp(z_j - m),   S = S_o + exp(z_y - m)
+    loss   = (m - z_y) + log S + eps (z_y - sum_j z_j / C)   [= lse - (1-eps) z_y - (eps/C) sum_j z_j]
+    grad_j = s (exp(z_j - m) / S - eps / C)                    (j != y)
+    grad_y = dz_y/dc_y (eps - eps / C - S_o / S)              [S_o / S = 1 - p_y, no cancellation]
+
+These are margin.h's formulas rearranged so that fp32 does not lose digits: lse is never
+formed (it would round at the size of z, ~64) and 1 - p_y is a ratio, not 1 minus ~1,
+because the margin slope (up to ~100 s m1) amplifies any error in it.
+
+Kernel: one program per row. Pass 1 walks the row in BLOCK_C chunks with an online
+log-sum-exp (block max, S_o rescaled by exp(m_old - m_new)); the target column is left
+out of the loop and z_y seeds the running max, so the state is never -inf - -inf, even
+for C = 1. The same loop sums z_j for label smoothing. Pass 2 (only when COMPUTE_GRAD)
+rereads the row and writes the gradient. Ignored rows read nothing and get loss 0 and a
+zero gradient row. A target outside [0, C) that is not ignore_index makes z_y NaN (no
+out-of-bounds read), hence a NaN loss and gradient row. NaN anywhere in a row reaches
+the loss through the sums of exp, which propagate it (tl.max / tl.maximum may drop NaN).
+BLOCK_C = next_power_of_2(C) capped at 4096 on GPU (128 under the interpreter, so that
+small test rows still take several chunks), num_warps = BLOCK_C / 256 in [1, 16].
+
+Precision: accumulation in the dtype of `loss` (fp32, fp64 for fp64 cos). Triton passes
+Python floats as fp32 kernel arguments, so each scalar is sent as fp32 hi + lo parts and
+rebuilt as hi + lo in the accumulation dtype (about 48 significant bits for fp64).
+"""
+import math
+import os
+import struct
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_PI = tl.constexpr(math.pi)
+_THETA_EPS = tl.constexpr(0.01)  # margin.h kThetaEps
+_SIN_THETA_EPS = tl.constexpr(math.sin(0.01))
+
+
+@triton.jit
+def _acos(x, ASIN_TERMS: tl.constexpr):
+    """arccos for x in [-1, 1] (NaN passes through) from +, *, / and sqrt only.
+
+    Neither tl.math (Triton 3.6, 3.9) nor the interpreter offers acos or atan, and
+    libdevice.acos does not run under TRITON_INTERPRET=1. Range reduction keeps the
+    asin argument u within [-1/2, 1/2]:
+        |x| <= 1/2:  acos x = pi/2 - asin x
+        x > 1/2:     acos x = 2 asin sqrt((1 - x) / 2)
+        x < -1/2:    acos x = pi - 2 asin sqrt((1 + x) / 2)
+    1 - |x| is exact for |x| >= 1/2, so acos stays accurate to a few ulp next to
+    x = +-1, where acos x ~ sqrt(2 (1 - x)). asin u = sum_n b_n u^(2n+1) / (2n+1) with
+    b_0 = 1, b_n = b_(n-1) (2n - 1) / (2n): all terms positive, the n-th below 4^-n u,
+    so 10 terms reach fp32 and 25 fp64 rounding.
+    """
+    ax = tl.abs(x)
+    big = ax > 0.5
+    u = tl.where(big, tl.sqrt((1.0 - ax) * 0.5), x)
+    u2 = u * u
+    term = u
+    asin_u = u
+    for n in tl.static_range(1, ASIN_TERMS):
+        term = term * u2 * ((2 * n - 1) / (2 * n))
+        asin_u = asin_u + term * (1.0 / (2 * n + 1))
+    return tl.where(big, tl.where(x > 0, 2.0 * asin_u, _PI - 2.0 * asin_u), 0.5 * _PI - asin_u)
+
+
+@triton.jit
+def _continuation_sign(phi):
+    """(-1)^k and k for k = floor(phi / pi): the piece of psi that phi falls in."""
+    k = tl.floor(phi / _PI)
+    half = k * 0.5
+    return tl.where(half == tl.floor(half), 1.0, -1.0), k
+
+
+@triton.jit
+def _margin_ce_kernel(
+    cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, loss_ptr, grad_ptr,
+    C, cos_row_stride, ignore_index,
+    scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo, eps_hi, eps_lo,
+    HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, USE_ANGLE: tl.constexpr,
+    DETACH_MARGIN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    ASIN_TERMS: tl.constexpr,
+):
+    ACC = loss_ptr.dtype.element_ty  # fp32, or fp64 for fp64 cos
+    row = tl.program_id(0).to(tl.int64)
+    cos_row = cos_ptr + row * cos_row_stride
+
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    if HAS_ROW_M2:
+        m2 = tl.load(row_m2_ptr + row).to(ACC)
+    else:
+        m2 = tl.cast(m2_hi, ACC) + tl.cast(m2_lo, ACC)
+    if HAS_ROW_M3:
+        m3 = tl.load(row_m3_ptr + row).to(ACC)
+    else:
+        m3 = tl.cast(m3_hi, ACC) + tl.cast(m3_lo, ACC)
+
+    t = tl.load(target_ptr + row)
+    ignored = t == ignore_index
+    t_ok = (t >= 0) & (t < C)
+    c_y = tl.load(cos_row + tl.where(t_ok, t, 0), mask=t_ok, other=0.0).to(ACC)
+
+    # Target logit and its slope dz_y/dc_y (margin.h target_logit).
+    if USE_ANGLE:
+        c_cl = tl.where(c_y < -1.0, -1.0, tl.where(c_y > 1.0, 1.0, c_y))  # keeps NaN
+        theta = _acos(c_cl, ASIN_TERMS)
+        phi = m1 * theta + m2
+        sign, k = _continuation_sign(phi)
+        z_y = scale * (sign * tl.cos(phi) - 2.0 * k - m3)
+        if DETACH_MARGIN:
+            slope = scale
+        else:
+            # tl.full makes the constants in ACC directly (a Python float in tl.where may
+            # be rounded through fp32 first). sin(theta) = sqrt((1 - c)(1 + c)) rather than
+            # sin(acos(c)): 1 -+ c is exact next to c = +-1, where fp32 theta ~ pi carries
+            # an absolute error that would be relative in sin(theta).
+            lo = tl.full([], _THETA_EPS, ACC)
+            hi = tl.full([], _PI - _THETA_EPS, ACC)
+            clamped = (theta < lo) | (theta > hi)
+            theta_c = tl.where(theta < lo, lo, tl.where(theta > hi, hi, theta))
+            sin_theta_c = tl.where(clamped, tl.full([], _SIN_THETA_EPS, ACC),
+                                   tl.sqrt((1.0 - c_cl) * (1.0 + c_cl)))
+            phi_c = m1 * theta_c + m2
+            sign_c, k_c = _continuation_sign(phi_c)
+            slope = scale * m1 * sign_c * tl.sin(phi_c) / sin_theta_c
+    else:
+        z_y = scale * (c_y - m3)
+        slope = scale
+    z_y = tl.where(t_ok, z_y, float("nan"))
+
+    # Pass 1: online log-sum-exp over j != y with the running max seeded by z_y; sum of z_j.
+    offs = tl.arange(0, BLOCK_C)
+    m_run = z_y
+    s_oth = tl.full([], 0.0, ACC)  # sum_{j != y} exp(z_j - m_run)
+    z_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    c_end = tl.where(ignored, 0, C)  # ignored rows read nothing
+    for start in range(0, c_end, BLOCK_C):
+        cols = start + offs
+        valid = (cols < C) & (cols != t)
+        z = scale * tl.load(cos_row + cols, mask=valid, other=0.0).to(ACC)
+        z_acc += tl.where(valid, z, 0.0)
+        z = tl.where(valid, z, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(z, axis=0))
+        s_oth = s_oth * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m_run = m_new
+    s_all = s_oth + tl.exp(z_y - m_run)  # lse = m_run + log(s_all)
+    sum_z = tl.sum(z_acc, axis=0) + z_y
+    # loss = (lse - z_y) + eps (z_y - sum_z / C); the eps term is skipped at eps = 0 as in margin.h.
+    loss = (m_run - z_y) + tl.log(s_all)
+    loss += tl.where(eps != 0.0, eps * (z_y - sum_z / C), 0.0)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+
+    # Pass 2: d loss_i / d cos_ij.
+    if COMPUTE_GRAD:
+        uniform = eps / C
+        inv_s = 1.0 / s_all
+        g_y = slope * ((eps - uniform) - s_oth * inv_s)  # p_y - 1 = -s_oth / s_all, no cancellation
+        grad_row = grad_ptr + row * C  # grad is contiguous [N, C]
+        for start in range(0, C, BLOCK_C):
+            cols = start + offs
+            z = scale * tl.load(cos_row + cols, mask=cols < c_end, other=0.0).to(ACC)
+            g = scale * (tl.exp(z - m_run) * inv_s - uniform)
+            g = tl.where(cols == t, g_y, g)
+            g = tl.where(ignored, 0.0, g)
+            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < C)
+
+
+def _hi_lo(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi, lo exactly representable in fp32 (48 significant bits)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
+def _block_c(num_classes: int, device: torch.device) -> int:
+    interpreted = device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    cap = 128 if interpreted else 4096  # small under the interpreter: several blocks per row in tests
+    return max(min(triton.next_power_of_2(num_classes), cap), 16)
+
+
+def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], row_m3: Optional[Tensor],
+                         scale: float, m1: float, m2: float, m3: float, detach_margin: bool,
+                         label_smoothing: float, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """fusedloss::margin_cross_entropy (csrc/ops.cpp): per-row loss, and d loss_i / d cos_ij
+    in the dtype of `cos` when compute_grad (else an empty tensor). Inputs are validated
+    by the caller."""
+    if cos.stride(1) != 1:
+        cos = cos.contiguous()
+    target = target.contiguous()
+    n, c = cos.shape
+    acc_dtype = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=acc_dtype, device=cos.device)
+    grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device) if compute_grad else cos.new_empty(0)
+    # Unused pointer arguments get `loss`: they sit in branches that the constexprs remove.
+    m2_arg = row_m2.contiguous() if row_m2 is not None else loss
+    m3_arg = row_m3.contiguous() if row_m3 is not None else loss
+    grad_arg = grad if compute_grad else loss
+    use_angle = row_m2 is not None or m1 != 1.0 or m2 != 0.0
+    block_c = _block_c(c, cos.device)
+    if n > 0:
+        torch.library.wrap_triton(_margin_ce_kernel)[(n,)](
+            cos, target, m2_arg, m3_arg, loss, grad_arg,
+            c, cos.stride(0), ignore_index,
+            *_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3), *_hi_lo(label_smoothing),
+            HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None, USE_ANGLE=use_angle,
+            DETACH_MARGIN=detach_margin, COMPUTE_GRAD=compute_grad, BLOCK_C=block_c,
+            ASIN_TERMS=25 if acc_dtype == torch.float64 else 10,
+            num_warps=max(1, min(block_c // 256, 16)),
+        )
+    return loss, grad
