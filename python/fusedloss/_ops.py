@@ -109,10 +109,15 @@ class Op:
         self._backward = backward
         self._setup_context = setup_context
         torch.library.register_fake(f"fusedloss::{name}")(fake)
-        self._register_autograd(f"fusedloss::{name}")
+        self._register_autograd(f"fusedloss::{name}", self.cpp)
 
-    def _register_autograd(self, qualname: str) -> None:
-        torch.library.register_autograd(qualname, self._backward, setup_context=self._setup_context)
+    def _register_autograd(self, qualname: str, op) -> None:
+        """Autograd for `op`; its setup_context leaves `op` on ctx for backward to recompute with."""
+        def setup_context(ctx, inputs, output):
+            ctx.op = op
+            self._setup_context(ctx, inputs, output)
+
+        torch.library.register_autograd(qualname, self._backward, setup_context=setup_context)
 
     @property
     def cpp(self):
@@ -131,7 +136,7 @@ class Op:
         schema = schema[schema.index("("):]
         op = torch.library.triton_op(f"fusedloss::{self.name}_triton", launcher,
                                      mutates_args=(), schema=schema)
-        self._register_autograd(f"fusedloss::{self.name}_triton")
+        self._register_autograd(f"fusedloss::{self.name}_triton", op)
         return op
 
     def for_backend(self, backend: str):
@@ -151,7 +156,9 @@ def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str,
         return loss_rows.to(dtype)
     total = loss_rows.sum()
     if reduction == "mean":
-        total = total / valid.sum()
+        # NaN when every row is ignored, with zero (not NaN) gradients, as cross_entropy.
+        count = valid.sum()
+        total = torch.where(count > 0, total / count.clamp(min=1), torch.nan)
     return total.to(dtype)
 
 

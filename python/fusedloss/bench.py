@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +222,7 @@ def margin_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Fami
         fused += ("fusedloss-cuda", "fusedloss-triton")
     return Family(
         name="margin", cases=cases, make_inputs=_cos_inputs, contenders=contenders,
-        fused=fused, bytes_moved=_bytes_row_op, mem_factor=8.0,
+        fused=fused, bytes_moved=_bytes_row_op, mem_factor=5.0,
         notes=["margin: ArcFace, scale 64, m2 0.5; baseline = `arcface_baseline` "
                "(gather, acos, scatter of cos(theta + m), F.cross_entropy), "
                "eager and under torch.compile(dynamic=False)."])
@@ -456,7 +456,8 @@ def run_case(fam: Family, case: dict, device: str, repeats: int, log) -> Dict[st
             rec["status"] = f"skipped: {e}"
         except Exception as e:  # noqa: BLE001
             rec["status"] = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
-            _free(device)
+        if rec["status"] != "ok":
+            _free(device)  # after the except block, which kept the failed step's frames alive
         log(f"  {name:<18} warm-up {rec.get('first_call_s', float('nan')):7.2f} s  {rec['status']}")
 
     # Rounds: at least `repeats`; more when a round is quick (up to ~1 s per contender).
@@ -473,6 +474,7 @@ def run_case(fam: Family, case: dict, device: str, repeats: int, log) -> Dict[st
                 times[name].append(_timed(steps[name], inputs, device))
             except Exception as e:  # noqa: BLE001
                 records[name]["status"] = "OOM" if _is_oom(e) else f"error: {e!r}"
+            if records[name]["status"] != "ok":
                 _free(device)
     for name, ts in times.items():
         if ts and records[name]["status"] == "ok":
@@ -510,8 +512,10 @@ def _measure_memory_cuda(step, inputs) -> dict:
         return {"method": "cuda max_memory_allocated - memory_allocated before the step",
                 "base_bytes": base, "peak_bytes": peak, "extra_bytes": peak - base}
     except Exception as e:  # noqa: BLE001
-        _free("cuda")
-        return {"error": "OOM" if _is_oom(e) else repr(e)}
+        err = "OOM" if _is_oom(e) else repr(e)
+    _clear(inputs)
+    _free("cuda")
+    return {"error": err}
 
 
 def _reset_peak_rss() -> bool:
@@ -568,6 +572,9 @@ def _measure_memory_child(spec: dict) -> dict:
         _clear(inputs)
     gc.collect()
     reset = _reset_peak_rss()
+    if warmed and not reset:
+        raise RuntimeError("cannot tell the step's peak from the compilation's without "
+                           "/proc/self/clear_refs")
     base, base_hwm = _maxrss_bytes(), _vmhwm_bytes()
     step()
     peak, peak_hwm = _maxrss_bytes(), _vmhwm_bytes()
@@ -779,21 +786,26 @@ def plot(result: dict, path: str) -> None:
         c = row["case"]
         key = (row["family"],) + tuple((k, v) for k, v in sorted(c.items()) if k not in ("C", "label"))
         groups.setdefault(key, []).append(row)
+    names = list(dict.fromkeys(r["contender"] for r in result["results"]))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}  # same colour in every panel
     n = max(len(groups), 1)
     fig, axes = plt.subplots(n, 2, figsize=(12, 4.2 * n), squeeze=False)
     for ax_row, (key, rows) in zip(axes, groups.items()):
         c0 = rows[0]["case"]
-        title = c0["label"].split(" C=")[0] + (f" ({rows[0]['family']})" if rows[0]["family"] != "margin" else "")
+        title = c0["label"].split(" C=")[0]
+        if rows[0]["family"] != "margin":
+            title += f" ({rows[0]['family']})"
         for name in dict.fromkeys(r["contender"] for r in rows):
-            pts = sorted((r["case"]["C"], r["record"]) for r in rows if r["contender"] == name)
+            pts = sorted(((r["case"]["C"], r["record"]) for r in rows if r["contender"] == name),
+                         key=lambda p: p[0])
             xs = [p[0] for p in pts]
             t = [p[1].get("median_ms", float("nan")) for p in pts]
             mem = [p[1].get("peak_extra_mib", float("nan")) for p in pts]
             style = "--" if name.startswith("baseline") else "-"
             if any(not math.isnan(v) for v in t):
-                ax_row[0].plot(xs, t, style, marker="o", label=name)
+                ax_row[0].plot(xs, t, style, marker="o", label=name, color=colour[name])
             if any(not math.isnan(v) and v > 0 for v in mem):
-                ax_row[1].plot(xs, mem, style, marker="o", label=name)
+                ax_row[1].plot(xs, mem, style, marker="o", label=name, color=colour[name])
         for ax, what in zip(ax_row, ("time of forward + backward (ms)", "peak extra memory (MiB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")

@@ -20,19 +20,41 @@ def _fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, label_s
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+    cos, target, row_m2, row_m3, *hyper, _compute_grad = inputs
+    ctx.hyper = hyper
+    grad = output[1]
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # else autograd makes an N x C zero "gradient" for `grad`
+    # Eager: the fused gradient stays off save_for_backward, so that backward may scale it
+    # in place (no second N x C buffer) and a later backward through the same graph
+    # (retain_graph=True, gradcheck) finds it spent and recomputes it. Traced (torch.compile,
+    # opcheck): an ordinary saved tensor, scaled out of place.
+    ctx.in_place = type(grad) is torch.Tensor and not torch.compiler.is_compiling()
+    if ctx.in_place:
+        ctx.fused_grad = grad
+        ctx.save_for_backward(cos, target, row_m2, row_m3)
+    else:
+        ctx.save_for_backward(cos, target, row_m2, row_m3, grad)
 
 
 def _backward(ctx, grad_loss, _unused):
-    """The kernel wrote d loss_i / d cos_i during forward; scale it by the incoming gradient,
-    in place, so backward holds no second N x C buffer. A second backward through the same
-    graph (retain_graph=True) is refused by autograd's saved-tensor version check."""
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and ctx.needs_input_grad[0]:
-        raise RuntimeError("fusedloss::margin_cross_entropy was called with compute_grad=False "
-                           "but a gradient of cos is needed")
-    return (grad.mul_(grad_loss.unsqueeze(1)),) + (None,) * 11
+    """The kernel wrote d loss_i / d cos_i during forward; backward scales it by the incoming
+    gradient."""
+    if grad_loss is None:
+        return (None,) * 12
+    cos, target, row_m2, row_m3, *saved = ctx.saved_tensors
+    if ctx.in_place:
+        grad, ctx.fused_grad = ctx.fused_grad, None
+    else:
+        grad = saved[0]
+    scale = grad_loss.unsqueeze(1)
+    if grad is None or grad.shape != cos.shape:  # spent by an earlier backward, or never made
+        grad = ctx.op(cos, target, row_m2, row_m3, *ctx.hyper, True)[1].mul_(scale)
+    elif ctx.in_place:
+        grad = grad.mul_(scale)
+    else:
+        grad = (grad * scale).to(grad.dtype)
+    return (grad,) + (None,) * 11
 
 
 OP = Op("margin", _FN, fake=_fake, setup_context=_setup_context, backward=_backward)

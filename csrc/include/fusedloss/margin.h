@@ -60,6 +60,15 @@
 namespace fusedloss {
 namespace margin {
 
+// Host code: the float overloads of <cmath>, not the double C functions.
+using std::acos;
+using std::cos;
+using std::exp;
+using std::floor;
+using std::log;
+using std::sin;
+using std::sqrt;
+
 // Half-width of the theta range excluded when evaluating the margin derivative.
 constexpr double kThetaEps = 0.01;
 constexpr double kPi = 3.14159265358979323846;

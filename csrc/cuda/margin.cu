@@ -1,0 +1,623 @@
+// CUDA kernel of fusedloss::margin_cross_entropy: per-row loss and, optionally, the
+// gradient with respect to the cosines. The math of a row (target logit, loss, gradient)
+// is derived in csrc/include/fusedloss/margin.h and called from there; this file only
+// lays it out on the GPU. No torch headers: `nvcc -c` checks this file in seconds.
+//
+// Design: one thread block per row (grid-stride over rows), 32..1024 threads (512 for
+// fp64), chosen so that each thread owns at least two 16-byte vectors of the row.
+//
+//   pass 1  every thread streams its vectors of the row (16-byte loads, four in flight
+//           per thread) and keeps an online log-sum-exp (running max M, rescaled sum S_o
+//           of exp(z_j - M) over j != y) and the sum of the logits. The target column y
+//           is skipped; thread 0 starts from the margin-adjusted target logit
+//           (M = z_y, S_o = 0), which margin::row_sums adds to S at the end. Warp
+//           shuffles, then shared memory across warps, combine the threads.
+//   pass 2  (only when the gradient is asked for) every thread writes
+//           d loss / d cos for the same columns it read in pass 1.
+//
+// Where pass 2 gets the row from (RowMode):
+//   kGradCachedRow  pass 1 also copies the row into dynamic shared memory and pass 2
+//                   reads it back from there, so HBM sees one read and one write per
+//                   element. Used whenever the row fits next to the scratch (227 KB of
+//                   opt-in shared memory on H100/H200: up to ~116k bf16/fp16, ~58k fp32
+//                   or ~29k fp64 columns). At bf16 C = 100,000 that is 200 KB: one
+//                   1024-thread block per SM, which with four 16-byte loads in flight
+//                   per thread (64 KB per SM) still covers HBM latency. Re-reading
+//                   through L2 instead would need ~132 rows x 200 KB = 26 MB resident at
+//                   once, a large share of the 50 MB L2, and would fall back to HBM
+//                   under pressure from the gradient writes.
+//   kGradRereadRow  rows too long for shared memory: pass 2 re-reads the row, hoping to
+//                   hit L2 (pass-1 loads use the caching path; pass-2 loads and the
+//                   gradient stores are marked evict-first so they do not push the rest of
+//                   the row out).
+//   kLossOnly       no pass 2; loads are evict-first.
+// Each thread reads back in pass 2 exactly the cache slots it wrote in pass 1, so the
+// cache needs no barrier inside a row; a barrier at the end of a row keeps the next
+// row's pass 1 from overwriting slots that a slower thread is still reading.
+//
+// Vectorisation with an arbitrary row stride: a row is split into a scalar head (up to
+// the first 16-byte boundary of its address), whole vectors, and a scalar tail. In
+// gradient modes the input row and the contiguous gradient row must share that
+// boundary (true for every row of a contiguous `cos`, whatever C); when they do not
+// (a view whose row stride differs from C modulo the vector width), the row is
+// processed with scalar accesses only. Indices and offsets are 64-bit throughout.
+//
+// Numerics: fp32 accumulation (fp64 for fp64 input), no fast-math; loss and gradient
+// come from margin.h (row_sums, row_loss, grad_other, grad_target), which never rounds
+// lse = M + log S. Both passes evaluate exp(z - M) as 2^((z - M) log2 e) (exp_shifted):
+// exactly 1 at the maximum and within ~1e-6 relative elsewhere. NaN anywhere in a row
+// reaches S (fmax may drop it from the running max, never from the sum), so the loss of
+// that row is NaN. A target outside [0, C) that is not ignore_index gives a NaN loss and
+// a NaN gradient row and is never used as an index.
+#include "launchers.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "fusedloss/margin.h"
+
+namespace fusedloss {
+namespace cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+constexpr int kVectorBytes = 16;
+constexpr int kVectorsInFlight = 4;  // 16-byte loads issued per thread before their use
+constexpr int kMaxGrid = 1 << 30;
+
+// ---------------------------------------------------------------------------------------
+// Element types
+
+template <typename scalar_t> struct AccumulateOf { using type = float; };
+template <> struct AccumulateOf<double> { using type = double; };
+template <typename scalar_t> using acc_type = typename AccumulateOf<scalar_t>::type;
+
+// Threads per block at most: fp64's exp needs more than the 64 registers a thread may use
+// in a 1024-thread block.
+template <typename scalar_t>
+constexpr int max_threads() {
+  return sizeof(scalar_t) == sizeof(double) ? kMaxThreads / 2 : kMaxThreads;
+}
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename scalar_t> __device__ scalar_t from_acc(acc_type<scalar_t> x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+
+// exp(x - shift) as 2^((x - shift) log2 e): exactly 1 at x = shift. In fp32 the hardware
+// 2^x (relative error ~2^-22) without exp2f's subnormal fix-up: a term below 2^-126 is
+// negligible next to S >= 1, which holds the maximum's own term, 1.
+__device__ __forceinline__ float exp_shifted(float x, float shift) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"((x - shift) * 1.4426950408889634f));
+  return y;
+}
+__device__ __forceinline__ double exp_shifted(double x, double shift) {
+  return exp2((x - shift) * 1.4426950408889634);
+}
+
+template <typename acc_t> __device__ __forceinline__ acc_t negative_infinity() {
+  return -static_cast<acc_t>(INFINITY);
+}
+template <typename acc_t> __device__ __forceinline__ acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
+// ---------------------------------------------------------------------------------------
+// 16-byte vectors
+
+template <typename scalar_t>
+struct alignas(kVectorBytes) Vec {
+  static constexpr int kSize = kVectorBytes / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+// Vectors travel as raw 16-byte words until their elements are needed.
+template <typename scalar_t>
+__device__ __forceinline__ Vec<scalar_t> elements(uint4 raw) {
+  Vec<scalar_t> out;
+  memcpy(&out, &raw, sizeof(raw));
+  return out;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ uint4 raw_bits(const Vec<scalar_t>& vec) {
+  uint4 raw;
+  memcpy(&raw, &vec, sizeof(raw));
+  return raw;
+}
+
+// Evict-first load: the data will not be read again from global memory.
+template <typename scalar_t>
+__device__ __forceinline__ uint4 load_last_use(const scalar_t* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+
+// Caching load: pass 2 reads the data again.
+template <typename scalar_t>
+__device__ __forceinline__ uint4 load_keep(const scalar_t* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// The 16-byte word at a 16-byte aligned element of the shared-memory row cache.
+template <typename scalar_t>
+__device__ __forceinline__ uint4* word_at(scalar_t* p) {
+  return reinterpret_cast<uint4*>(p);
+}
+template <typename scalar_t>
+__device__ __forceinline__ const uint4* word_at(const scalar_t* p) {
+  return reinterpret_cast<const uint4*>(p);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_streaming(scalar_t* p, uint4 raw) {
+  __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
+// ---------------------------------------------------------------------------------------
+// Splitting a row into scalar head, 16-byte vectors and scalar tail
+
+struct RowSplit {
+  int64_t head;         // columns [0, head) are scalar
+  int64_t num_vectors;  // vector k covers [head + k * kSize, head + (k + 1) * kSize)
+  int64_t tail_begin;   // columns [tail_begin, cols) are scalar
+};
+
+// Columns before `p + column` reaches a 16-byte boundary.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t columns_to_boundary(const scalar_t* p) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int64_t misaligned = (reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) % kSize;
+  return (kSize - misaligned) % kSize;
+}
+
+// Split for rows `a` and, unless null, `b` accessed at the same columns; all scalar when
+// they have no common 16-byte boundary.
+template <typename scalar_t>
+__device__ __forceinline__ RowSplit split_row(const scalar_t* a, const scalar_t* b,
+                                              int64_t cols) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  int64_t head = columns_to_boundary(a);
+  if (b != nullptr && columns_to_boundary(b) != head) head = cols;
+  head = head < cols ? head : cols;
+  const int64_t num_vectors = (cols - head) / kSize;
+  return {head, num_vectors, head + num_vectors * kSize};
+}
+
+// Calls fn(column) for every head and tail column that this thread owns.
+template <typename Fn>
+__device__ __forceinline__ void for_each_scalar_column(const RowSplit& split, int64_t cols,
+                                                       Fn fn) {
+  const int64_t count = split.head + (cols - split.tail_begin);
+  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
+    fn(k < split.head ? k : split.tail_begin + (k - split.head));
+  }
+}
+
+// Calls consume(first_column, load(first_column)) for every vector that this thread owns,
+// issuing kVectorsInFlight loads (raw 16-byte words) before consuming them. Vector k
+// belongs to thread k mod blockDim.x in every pass.
+template <typename scalar_t, typename Load, typename Consume>
+__device__ __forceinline__ void for_each_vector(const RowSplit& split, Load load,
+                                                Consume consume) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int64_t step = blockDim.x;
+  for (int64_t first = threadIdx.x; first < split.num_vectors;
+       first += kVectorsInFlight * step) {
+    uint4 words[kVectorsInFlight];
+#pragma unroll
+    for (int u = 0; u < kVectorsInFlight; ++u) {
+      const int64_t k = first + u * step;
+      if (k < split.num_vectors) words[u] = load(split.head + k * kSize);
+    }
+#pragma unroll
+    for (int u = 0; u < kVectorsInFlight; ++u) {
+      const int64_t k = first + u * step;
+      if (k < split.num_vectors) consume(split.head + k * kSize, words[u]);
+    }
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ bool vector_holds(int64_t first_column, int64_t column) {
+  return static_cast<uint64_t>(column - first_column) <
+         static_cast<uint64_t>(Vec<scalar_t>::kSize);
+}
+
+// ---------------------------------------------------------------------------------------
+// Online log-sum-exp
+
+template <typename acc_t>
+struct OnlineLse {
+  acc_t max;        // M: running max of the logits seen (NaN-dropping; NaN reaches S_o)
+  acc_t sum_other;  // S_o: sum of exp(z_j - M) over the columns seen, target excluded
+  acc_t sum_z;      // sum of the logits, target included, for label smoothing
+};
+
+template <typename acc_t>
+__device__ __forceinline__ OnlineLse<acc_t> empty_lse() {
+  return {negative_infinity<acc_t>(), acc_t(0), acc_t(0)};
+}
+
+// Shift that keeps exp(z - shift) finite for every z <= new_max; 0 when all seen are -inf.
+template <typename acc_t>
+__device__ __forceinline__ acc_t safe_shift(acc_t new_max) {
+  return new_max == negative_infinity<acc_t>() ? acc_t(0) : new_max;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ OnlineLse<acc_t> combine(const OnlineLse<acc_t>& a,
+                                                    const OnlineLse<acc_t>& b) {
+  const acc_t new_max = max_of(a.max, b.max);
+  const acc_t shift = safe_shift(new_max);
+  return {new_max,
+          a.sum_other * exp_shifted(a.max, shift) + b.sum_other * exp_shifted(b.max, shift),
+          a.sum_z + b.sum_z};
+}
+
+// Adds the logits scale * c[e]; with kSkipOne, all but c[skipped] (the target column).
+template <bool kSkipOne, int N, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void add_logits(OnlineLse<acc_t>& state, const scalar_t (&c)[N],
+                                           acc_t scale, int64_t skipped) {
+  acc_t z[N];
+  acc_t block_max = negative_infinity<acc_t>();
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    z[e] = scale * to_acc(c[e]);
+    if (kSkipOne && e == skipped) z[e] = negative_infinity<acc_t>();
+    else state.sum_z += z[e];
+    block_max = max_of(block_max, z[e]);
+  }
+  const acc_t new_max = max_of(state.max, block_max);
+  const acc_t shift = safe_shift(new_max);
+  acc_t sum = state.sum_other * exp_shifted(state.max, shift);
+#pragma unroll
+  for (int e = 0; e < N; ++e) sum += exp_shifted(z[e], shift);
+  state.max = new_max;
+  state.sum_other = sum;
+}
+
+// ---------------------------------------------------------------------------------------
+// Block-wide reduction
+
+template <typename acc_t>
+__device__ __forceinline__ OnlineLse<acc_t> warp_combine(OnlineLse<acc_t> s) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    OnlineLse<acc_t> other;
+    other.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+    other.sum_other = __shfl_xor_sync(0xffffffffu, s.sum_other, offset);
+    other.sum_z = __shfl_xor_sync(0xffffffffu, s.sum_z, offset);
+    s = combine(s, other);
+  }
+  return s;
+}
+
+// What every thread needs from the reduction for pass 2.
+template <typename acc_t>
+struct RowResult {
+  acc_t max;          // M
+  acc_t inv_sum;      // 1 / S
+  acc_t target_grad;  // d loss / d cos_y
+};
+
+template <typename acc_t>
+struct BlockScratch {
+  OnlineLse<acc_t> per_warp[kMaxWarps];
+  RowResult<acc_t> result;
+};
+
+// Per-row constants.
+template <typename acc_t>
+struct RowConstants {
+  margin::Params<acc_t> params;
+  acc_t smoothing;
+  acc_t uniform;  // smoothing / C
+  int64_t cols;
+};
+
+// Combines the states of all threads. Thread 0, which holds the target logit, finishes
+// the row: it writes the loss and publishes M, 1 / S and d loss / d cos_y to every thread.
+// The result slot is written only between the two barriers, so no thread can still be
+// reading the previous row's value.
+template <typename acc_t>
+__device__ RowResult<acc_t> finish_row(OnlineLse<acc_t> state,
+                                       const margin::TargetLogit<acc_t>& target,
+                                       const RowConstants<acc_t>& row, acc_t* loss,
+                                       BlockScratch<acc_t>& scratch) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  state = warp_combine(state);
+  if (lane == 0) scratch.per_warp[warp] = state;
+  __syncthreads();
+  if (warp == 0) {
+    const int num_warps = blockDim.x / kWarpSize;
+    state = warp_combine(lane < num_warps ? scratch.per_warp[lane] : empty_lse<acc_t>());
+    if (lane == 0) {
+      const margin::RowSums<acc_t> sums =
+          margin::row_sums(state.max, state.sum_other, target.value);
+      *loss = margin::row_loss(sums, target.value, state.sum_z, row.smoothing, row.cols);
+      scratch.result = {sums.max, acc_t(1) / sums.sum,
+                        margin::grad_target(target, sums, row.smoothing, row.uniform)};
+    }
+  }
+  __syncthreads();
+  return scratch.result;
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel
+
+enum class RowMode { kLossOnly, kGradCachedRow, kGradRereadRow };
+
+template <typename scalar_t>
+struct KernelArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* cos;
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;
+  const int64_t* target;
+  const acc_t* row_m2;
+  const acc_t* row_m3;
+  margin::Params<acc_t> params;  // m2 and m3 replaced per row when row_m2 / row_m3 are set
+  acc_t smoothing;
+  int64_t ignore_index;
+  acc_t* loss;
+  scalar_t* grad;
+};
+
+template <typename scalar_t>
+__device__ RowConstants<acc_type<scalar_t>> row_constants(const KernelArgs<scalar_t>& args,
+                                                          int64_t row) {
+  using acc_t = acc_type<scalar_t>;
+  RowConstants<acc_t> out{args.params, args.smoothing,
+                          args.smoothing / static_cast<acc_t>(args.cols), args.cols};
+  if (args.row_m2 != nullptr) out.params.m2 = args.row_m2[row];
+  if (args.row_m3 != nullptr) out.params.m3 = args.row_m3[row];
+  return out;
+}
+
+// Loss and gradient row of a row whose target is ignore_index (0) or out of range (NaN).
+template <typename scalar_t>
+__device__ void fill_row(acc_type<scalar_t> value, acc_type<scalar_t>* loss, scalar_t* grad,
+                         int64_t cols) {
+  if (threadIdx.x == 0) *loss = value;
+  if (grad == nullptr) return;
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const scalar_t element = from_acc<scalar_t>(value);
+  Vec<scalar_t> vec;
+#pragma unroll
+  for (int e = 0; e < kSize; ++e) vec.v[e] = element;
+  const uint4 word = raw_bits(vec);
+  const RowSplit split = split_row<scalar_t>(grad, nullptr, cols);
+  for (int64_t k = threadIdx.x; k < split.num_vectors; k += blockDim.x) {
+    store_streaming(grad + split.head + k * kSize, word);
+  }
+  for_each_scalar_column(split, cols, [&](int64_t col) { grad[col] = element; });
+}
+
+// Pass 1 over this thread's columns of a row, copying them into `cache` when kMode asks.
+template <RowMode kMode, typename scalar_t, typename acc_t>
+__device__ void scan_row(const scalar_t* in, scalar_t* cache, const RowSplit& split,
+                         int64_t cols, int64_t target, acc_t scale,
+                         OnlineLse<acc_t>& state) {
+  auto load = [&](int64_t col) {
+    return kMode == RowMode::kGradRereadRow ? load_keep(in + col) : load_last_use(in + col);
+  };
+  auto consume = [&](int64_t col, uint4 word) {
+    if (kMode == RowMode::kGradCachedRow) *word_at(cache + col) = word;
+    const Vec<scalar_t> vec = elements<scalar_t>(word);
+    if (vector_holds<scalar_t>(col, target)) {
+      add_logits<true>(state, vec.v, scale, target - col);
+    } else {
+      add_logits<false>(state, vec.v, scale, 0);
+    }
+  };
+  for_each_vector<scalar_t>(split, load, consume);
+  for_each_scalar_column(split, cols, [&](int64_t col) {
+    const scalar_t c[1] = {in[col]};
+    if (kMode == RowMode::kGradCachedRow) cache[col] = c[0];
+    if (col != target) add_logits<false>(state, c, scale, 0);
+  });
+}
+
+// d loss / d cos for the columns [col, col + N); the target column gets target_grad.
+template <bool kHoldsTarget, int N, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void gradients(const scalar_t (&c)[N], scalar_t (&g)[N],
+                                          int64_t col, int64_t target,
+                                          const RowResult<acc_t>& result, acc_t scale,
+                                          acc_t uniform) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const acc_t exp_z = exp_shifted(scale * to_acc(c[e]), result.max);
+    const acc_t other = margin::grad_other(exp_z, result.inv_sum, scale, uniform);
+    g[e] = from_acc<scalar_t>(kHoldsTarget && col + e == target ? result.target_grad : other);
+  }
+}
+
+// Pass 2: the gradient of this thread's columns, read from `cache` or again from `in`.
+template <RowMode kMode, typename scalar_t, typename acc_t>
+__device__ void write_gradient_row(const scalar_t* in, const scalar_t* cache, scalar_t* grad,
+                                   const RowSplit& split, int64_t cols, int64_t target,
+                                   const RowResult<acc_t>& result, acc_t scale,
+                                   acc_t uniform) {
+  const scalar_t* source = kMode == RowMode::kGradCachedRow ? cache : in;
+  auto load = [&](int64_t col) {
+    return kMode == RowMode::kGradCachedRow ? *word_at(cache + col) : load_last_use(in + col);
+  };
+  auto consume = [&](int64_t col, uint4 word) {
+    const Vec<scalar_t> vec = elements<scalar_t>(word);
+    Vec<scalar_t> out;
+    if (vector_holds<scalar_t>(col, target)) {
+      gradients<true>(vec.v, out.v, col, target, result, scale, uniform);
+    } else {
+      gradients<false>(vec.v, out.v, col, target, result, scale, uniform);
+    }
+    store_streaming(grad + col, raw_bits(out));
+  };
+  for_each_vector<scalar_t>(split, load, consume);
+  for_each_scalar_column(split, cols, [&](int64_t col) {
+    const scalar_t c[1] = {source[col]};
+    scalar_t g[1];
+    gradients<true>(c, g, col, target, result, scale, uniform);
+    grad[col] = g[0];
+  });
+}
+
+extern __shared__ __align__(kVectorBytes) unsigned char row_cache_bytes[];
+
+template <typename scalar_t, RowMode kMode>
+__global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
+    margin_cross_entropy_kernel(const KernelArgs<scalar_t> args) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kGrad = kMode != RowMode::kLossOnly;
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  __shared__ BlockScratch<acc_t> scratch;
+
+  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
+    const scalar_t* in = args.cos + row * args.row_stride;
+    scalar_t* grad = kGrad ? args.grad + row * args.cols : nullptr;
+    const int64_t target = args.target[row];
+    if (target == args.ignore_index) {
+      fill_row(acc_t(0), args.loss + row, grad, args.cols);
+    } else if (target < 0 || target >= args.cols) {
+      fill_row(quiet_nan<acc_t>(), args.loss + row, grad, args.cols);
+    } else {
+      const RowConstants<acc_t> constants = row_constants(args, row);
+      const RowSplit split = split_row<scalar_t>(in, grad, args.cols);
+      // cache[j] holds column j; the offset puts every vector's slots on a 16-byte boundary.
+      scalar_t* cache = reinterpret_cast<scalar_t*>(row_cache_bytes) +
+                        (kSize - split.head % kSize) % kSize;
+      margin::TargetLogit<acc_t> z_target{};
+      OnlineLse<acc_t> state = empty_lse<acc_t>();
+      if (threadIdx.x == 0) {
+        z_target = margin::target_logit(to_acc(in[target]), constants.params);
+        state = {z_target.value, acc_t(0), z_target.value};
+      }
+      scan_row<kMode>(in, cache, split, args.cols, target, constants.params.scale, state);
+      const RowResult<acc_t> result =
+          finish_row(state, z_target, constants, args.loss + row, scratch);
+      if (kGrad) {
+        write_gradient_row<kMode>(in, cache, grad, split, args.cols, target, result,
+                                  constants.params.scale, constants.uniform);
+      }
+    }
+    if (kMode == RowMode::kGradCachedRow) __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+
+// Smallest power of two in [32, max_threads] giving each thread at least two vectors.
+template <typename scalar_t>
+int threads_per_row(int64_t cols) {
+  constexpr int kTwoVectors = 2 * Vec<scalar_t>::kSize;
+  const int64_t wanted = (cols + kTwoVectors - 1) / kTwoVectors;
+  int threads = kWarpSize;
+  while (threads < wanted && threads < max_threads<scalar_t>()) threads *= 2;
+  return threads;
+}
+
+template <typename scalar_t>
+KernelArgs<scalar_t> kernel_args(const MarginArgs& a) {
+  using acc_t = acc_type<scalar_t>;
+  KernelArgs<scalar_t> k;
+  k.cos = static_cast<const scalar_t*>(a.cos);
+  k.rows = a.rows;
+  k.cols = a.cols;
+  k.row_stride = a.row_stride;
+  k.target = a.target;
+  k.row_m2 = static_cast<const acc_t*>(a.row_m2);
+  k.row_m3 = static_cast<const acc_t*>(a.row_m3);
+  k.params = {static_cast<acc_t>(a.scale), static_cast<acc_t>(a.m1), static_cast<acc_t>(a.m2),
+              static_cast<acc_t>(a.m3),    a.use_angle,               a.detach_margin};
+  k.smoothing = static_cast<acc_t>(a.label_smoothing);
+  k.ignore_index = a.ignore_index;
+  k.loss = static_cast<acc_t*>(a.loss);
+  k.grad = static_cast<scalar_t*>(a.grad);
+  return k;
+}
+
+// Lets `kernel` use all the shared memory that a block may opt in to and returns how much
+// of it is left for the row cache. Always the same value, so concurrent callers agree.
+template <typename Kernel>
+cudaError_t opt_in_row_cache(Kernel kernel, size_t* available) {
+  int device = 0;
+  int opt_in_limit = 0;
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&opt_in_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                 device);
+  }
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err != cudaSuccess) return err;
+  const size_t limit = static_cast<size_t>(opt_in_limit);
+  *available = limit > attributes.sharedSizeBytes ? limit - attributes.sharedSizeBytes : 0;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(*available));
+}
+
+template <typename scalar_t>
+cudaError_t launch_typed(const MarginArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const KernelArgs<scalar_t> args = kernel_args<scalar_t>(a);
+  const int threads = threads_per_row<scalar_t>(a.cols);
+  const int grid = static_cast<int>(a.rows < kMaxGrid ? a.rows : kMaxGrid);
+  if (a.grad == nullptr) {
+    margin_cross_entropy_kernel<scalar_t, RowMode::kLossOnly><<<grid, threads, 0, stream>>>(args);
+    return cudaGetLastError();
+  }
+  auto cached = margin_cross_entropy_kernel<scalar_t, RowMode::kGradCachedRow>;
+  size_t available = 0;
+  const cudaError_t err = opt_in_row_cache(cached, &available);
+  if (err != cudaSuccess) return err;
+  // One vector of slack: the cache is shifted so that the row's vectors are aligned.
+  const size_t cache_bytes = static_cast<size_t>(a.cols + kSize) * sizeof(scalar_t);
+  if (a.cols <= static_cast<int64_t>(available / sizeof(scalar_t)) &&
+      cache_bytes <= available) {
+    cached<<<grid, threads, cache_bytes, stream>>>(args);
+  } else {
+    margin_cross_entropy_kernel<scalar_t, RowMode::kGradRereadRow>
+        <<<grid, threads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_margin_cross_entropy(const MarginArgs& args, cudaStream_t stream) {
+  switch (args.kind) {
+    case ScalarKind::kFloat: return launch_typed<float>(args, stream);
+    case ScalarKind::kDouble: return launch_typed<double>(args, stream);
+    case ScalarKind::kHalf: return launch_typed<__half>(args, stream);
+    case ScalarKind::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fusedloss
