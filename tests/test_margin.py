@@ -181,19 +181,18 @@ def test_cosface_never_calls_arccos(monkeypatch):
 
 
 def test_elastic_plus_gives_lowest_target_cosine_the_largest_margin():
-    from fusedloss.margin import _elastic_margins
+    from fusedloss.margin import MarginOptions, elastic_margins, target_cosines
 
     cos = torch.rand(8, 20) * 2 - 1
     target = torch.randint(0, 20, (8,))
     target[6] = -100
-    gen = torch.Generator().manual_seed(3)
-    draws = _elastic_margins(cos, target, 0.5, 0.0, 0.1, 0.0, False, -100, gen)[0]
-    gen = torch.Generator().manual_seed(3)
-    dealt = _elastic_margins(cos, target, 0.5, 0.0, 0.1, 0.0, True, -100, gen)[0]
+    cos_y = lambda: target_cosines(cos, target, -100)  # noqa: E731
+    plain, plus = (MarginOptions(m2=0.5, m2_std=0.1, elastic_plus=p) for p in (False, True))
+    draws = elastic_margins(plain, target, cos_y, torch.float32, torch.Generator().manual_seed(3))[0]
+    dealt = elastic_margins(plus, target, cos_y, torch.float32, torch.Generator().manual_seed(3))[0]
     valid = target != -100
-    cos_y = cos.gather(1, target.clamp(min=0)[:, None]).squeeze(1)[valid]
     assert torch.equal(dealt[valid].sort().values, draws[valid].sort().values)
-    by_cos = dealt[valid][torch.argsort(cos_y)]
+    by_cos = dealt[valid][torch.argsort(cos_y()[valid])]
     assert torch.all(by_cos[:-1] >= by_cos[1:])
     assert dealt[6] == draws[6]
 

@@ -1,6 +1,7 @@
 """Margin softmax cross-entropy on normalised logits: ArcFace, CosFace, SphereFace, their
 combination and ElasticFace, as one op. The row math is derived in
 csrc/include/fusedloss/margin.h; the oracle is fusedloss.reference.margin."""
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -115,12 +116,16 @@ def margin_cross_entropy(
     "mean", like cross_entropy. ``backend``: "auto", "reference", "cpu", "cuda" or
     "triton" (see :func:`fusedloss.backends`).
     """
-    _check_arguments(cos, target, scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
-                     label_smoothing, ignore_index, reduction, generator)
+    opts = MarginOptions(scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
+                         label_smoothing, ignore_index, reduction)
+    _check_inputs(cos, target)
+    opts.check(_FN)
+    check_generator(_FN, generator, cos.device)
     backend = resolve_backend(backend, cos.device)
     _checks.target_values(_FN, target, cos.shape[1], ignore_index)
-    row_m2, row_m3 = _elastic_margins(cos, target, m2, m3, m2_std, m3_std, elastic_plus,
-                                      ignore_index, generator)
+    acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    row_m2, row_m3 = elastic_margins(opts, target, lambda: target_cosines(cos, target, ignore_index),
+                                     acc, generator)
     if backend == "reference":
         return reference.margin_cross_entropy(
             cos, target, scale=scale, m1=m1, m2=m2 if row_m2 is None else row_m2,
@@ -129,60 +134,88 @@ def margin_cross_entropy(
         ).to(result_dtype(cos))
     target = target.long()
     compute_grad = cos.requires_grad and torch.is_grad_enabled()
-    loss_rows, _ = OP.for_backend(backend)(
-        cos, target, row_m2, row_m3, float(scale), float(m1), float(m2), float(m3),
-        margin_grad == "detached", float(label_smoothing), ignore_index, compute_grad)
+    loss_rows, _ = OP.for_backend(backend)(cos, target, row_m2, row_m3, *opts.kernel_args(),
+                                           compute_grad)
     return reduce_rows(loss_rows, target != ignore_index, reduction, result_dtype(cos))
 
 
-def _check_arguments(cos, target, scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
-                     label_smoothing, ignore_index, reduction, generator):
+def _check_inputs(cos, target):
     _checks.floating_tensor(_FN, "cos", cos, ndim=2)
     _checks.target_tensor(_FN, target, cos.shape[0])
     _checks.same_device(_FN, cos=cos, target=target)
     if cos.shape[1] == 0:
         raise ValueError(f"{_FN}: cos must have at least one class (C >= 1), got shape "
                          f"{tuple(cos.shape)}")
-    _checks.positive(_FN, scale=scale)
-    _checks.at_least(_FN, 1.0, m1=m1)
-    _checks.finite(_FN, m2=m2, m3=m3)
-    _checks.at_least(_FN, 0.0, m2_std=m2_std, m3_std=m3_std)
-    _checks.in_range(_FN, 0.0, 1.0, label_smoothing=label_smoothing)
-    _checks.integer(_FN, ignore_index=ignore_index)
-    _checks.choice(_FN, "margin_grad", margin_grad, ("exact", "detached"))
-    _checks.choice(_FN, "reduction", reduction, _checks.REDUCTIONS)
-    if elastic_plus and m2_std == 0 and m3_std == 0:
-        raise ValueError(f"{_FN}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
-    if generator is not None and generator.device.type != cos.device.type:
-        raise ValueError(f"{_FN}: generator is on {generator.device}, cos on {cos.device}")
 
 
-def _elastic_margins(cos, target, m2, m3, m2_std, m3_std, elastic_plus, ignore_index, generator):
-    """The per-row ElasticFace margins (None where the margin is a constant)."""
-    acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
-    n = cos.shape[0]
+@dataclass(frozen=True)
+class MarginOptions:
+    """The keyword arguments shared by every margin op, with their defaults."""
+
+    scale: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    m2_std: float = 0.0
+    m3_std: float = 0.0
+    elastic_plus: bool = False
+    margin_grad: str = "exact"
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+
+    def check(self, fn: str) -> None:
+        _checks.positive(fn, scale=self.scale)
+        _checks.at_least(fn, 1.0, m1=self.m1)
+        _checks.finite(fn, m2=self.m2, m3=self.m3)
+        _checks.at_least(fn, 0.0, m2_std=self.m2_std, m3_std=self.m3_std)
+        _checks.in_range(fn, 0.0, 1.0, label_smoothing=self.label_smoothing)
+        _checks.integer(fn, ignore_index=self.ignore_index)
+        _checks.choice(fn, "margin_grad", self.margin_grad, ("exact", "detached"))
+        _checks.choice(fn, "reduction", self.reduction, _checks.REDUCTIONS)
+        if self.elastic_plus and self.m2_std == 0 and self.m3_std == 0:
+            raise ValueError(f"{fn}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
+
+    def kernel_args(self):
+        """scale, m1, m2, m3, detach_margin, label_smoothing, ignore_index, as the schemas take them."""
+        return (float(self.scale), float(self.m1), float(self.m2), float(self.m3),
+                self.margin_grad == "detached", float(self.label_smoothing), self.ignore_index)
+
+
+def check_generator(fn, generator, device):
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"{fn}: generator is on {generator.device}, the inputs on {device}")
+
+
+def elastic_margins(opts: MarginOptions, target, target_cosines, acc_dtype, generator):
+    """The per-row ElasticFace margins (None where the margin is a constant).
+    `target_cosines()` gives cos_y [N]; it is called only for elastic_plus."""
+    n = target.shape[0]
 
     def draw(mean, std):
         if std == 0:
             return None
-        return torch.normal(float(mean), float(std), (n,), generator=generator, dtype=acc,
-                            device=cos.device)
+        return torch.normal(float(mean), float(std), (n,), generator=generator, dtype=acc_dtype,
+                            device=target.device)
 
-    draws = (draw(m2, m2_std), draw(m3, m3_std))
-    if not elastic_plus:
+    draws = (draw(opts.m2, opts.m2_std), draw(opts.m3, opts.m3_std))
+    if not opts.elastic_plus:
         return draws
-    order = _rows_by_target_cosine(cos, target, ignore_index)
-    return tuple(None if d is None else _deal_largest_first(d, order, target != ignore_index)
-                 for d in draws)
+    valid = target != opts.ignore_index
+    order = _rows_by_target_cosine(target_cosines(), valid)
+    return tuple(None if d is None else _deal_largest_first(d, order, valid) for d in draws)
 
 
-def _rows_by_target_cosine(cos, target, ignore_index):
+def _rows_by_target_cosine(cos_y, valid):
     """Row indices, not-ignored rows first by ascending target cosine, then ignored rows."""
-    valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target)).long()
-    cos_y = cos.detach().gather(1, safe[:, None]).squeeze(1).float()
-    key = torch.where(valid, cos_y, torch.full_like(cos_y, float("inf")))
+    key = torch.where(valid, cos_y.detach().float(), torch.full_like(cos_y, float("inf"), dtype=torch.float32))
     return torch.sort(key, stable=True).indices
+
+
+def target_cosines(cos, target, ignore_index):
+    """cos[i, target[i]] (0 for ignored rows)."""
+    safe = torch.where(target != ignore_index, target, torch.zeros_like(target)).long()
+    return cos.detach().gather(1, safe[:, None]).squeeze(1)
 
 
 def _deal_largest_first(draws, order, valid):
