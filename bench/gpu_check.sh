@@ -15,6 +15,14 @@
 # GPU, versions, each stage's status and duration; rewritten after every stage) and, from
 # the bench stage, bench_cuda.md, bench_cuda.json and bench_cuda.png. Exits 0 only if every
 # stage asked for succeeded.
+#
+# The bench stage first installs, offline (--no-index --no-deps), any wheels in bench/wheels/:
+# the peer libraries of the benchmark, downloaded beforehand on a machine with network access
+# (`pip download --no-deps -d bench/wheels cut-cross-entropy liger-kernel`), since the GPU
+# machine has none; it logs which peers are then present. GPU_CHECK_BENCH_ARGS adds
+# arguments to `python -m fusedloss.bench` (e.g. "--family margin_linear"),
+# GPU_CHECK_BENCH_LIMIT_S changes its limit. The benchmark rewrites bench_cuda.md/.json after
+# every case, so a bench stage that times out still leaves its finished cases.
 set -uo pipefail
 
 readonly ALL_STAGES=(build tests memcheck bench)
@@ -22,7 +30,7 @@ readonly BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 readonly PYTHON=${PYTHON:-python}
 # Per-stage limits in seconds (each further capped by the time left).
 readonly BUILD_LIMIT_S=240 TESTS_LIMIT_S=300 MEMCHECK_LIMIT_S=150 RACECHECK_LIMIT_S=120
-readonly BENCH_LIMIT_S=240
+readonly BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-240}
 readonly MIN_STAGE_S=20  # a stage with less time left than this is skipped
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -233,9 +241,50 @@ stage_memcheck() {
   done
 }
 
+# Installs the wheels in bench/wheels/ (peer libraries), offline; a failure is logged, not fatal.
+install_bench_wheels() {
+  local wheels=("$REPO"/bench/wheels/*.whl)
+  if [[ ! -e ${wheels[0]} ]]; then
+    log "== bench-wheels: no wheels in bench/wheels/ (peers only if already installed)"
+    return
+  fi
+  run_step bench-wheels 90 env PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    "$PYTHON" -m pip install --no-index --no-deps "${wheels[@]}"
+  if ((step_rc != 0)); then
+    log "   bench-wheels: pip install failed (exit $step_rc), the benchmark runs without them"
+  fi
+}
+
+# Logs the benchmark's peer libraries: version and whether they import; one line each.
+bench_peers() {
+  "$PYTHON" - 2>&1 <<'EOF'
+import importlib
+import importlib.metadata as md
+for dist, mod in (("cut-cross-entropy", "cut_cross_entropy"), ("liger-kernel", "liger_kernel")):
+    try:
+        version = md.version(dist)
+    except md.PackageNotFoundError:
+        print(f"{dist}: not installed")
+        continue
+    try:
+        importlib.import_module(mod)
+        print(f"{dist} {version}: importable")
+    except Exception as e:  # noqa: BLE001
+        print(f"{dist} {version}: installed, import fails ({type(e).__name__}: {e})")
+EOF
+}
+
 stage_bench() {
-  run_step bench "$BENCH_LIMIT_S" "$PYTHON" -m fusedloss.bench --device cuda --out "$OUT"
+  install_bench_wheels
+  local peers extra=()
+  peers=$(bench_peers)
+  log "== bench peers:"
+  log "$peers"
+  read -ra extra <<<"${GPU_CHECK_BENCH_ARGS:-}"
+  run_step bench "$BENCH_LIMIT_S" "$PYTHON" -m fusedloss.bench --device cuda --out "$OUT" \
+    "${extra[@]}"
   describe_rc "$step_rc"
+  step_text="$step_text; peers: ${peers//$'\n'/, }"
   record bench "$step_text" "$step_s" "$step_failed"
   [[ -f $OUT/bench_cuda.md ]] && cat "$OUT/bench_cuda.md"
 }

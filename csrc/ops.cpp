@@ -27,4 +27,14 @@ TORCH_LIBRARY(fusedloss, m) {
       "margin_cross_entropy(Tensor cos, Tensor target, Tensor? row_m2, Tensor? row_m3, "
       "float scale, float m1, float m2, float m3, bool detach_margin, float label_smoothing, "
       "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // The same loss on cos = normalize(embeddings) @ normalize(weight)^T (normalize=False:
+  // embeddings @ weight^T), without storing the N x C matrix. Returns the per-row loss
+  // and, when compute_grad, the gradients of sum_i row_grad_i * loss_i with respect to
+  // embeddings [N, D] and weight [C, D] (row_grad absent: all ones), else empty tensors.
+  // block_size: the tiling block, as each backend documents it (0: the backend chooses).
+  m.def(
+      "margin_linear_cross_entropy(Tensor embeddings, Tensor weight, Tensor target, "
+      "Tensor? row_m2, Tensor? row_m3, Tensor? row_grad, float scale, float m1, float m2, "
+      "float m3, bool detach_margin, float label_smoothing, int ignore_index, bool normalize, "
+      "int block_size, bool deterministic, bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }

@@ -73,3 +73,66 @@ def test_opcheck_margin_gpu(sample):
     torch.library.opcheck(torch.ops.fusedloss.margin_cross_entropy, args)
     fusedloss.margin.OP.triton  # defines the Triton twin
     torch.library.opcheck(torch.ops.fusedloss.margin_cross_entropy_triton, args)
+
+
+def margin_linear_samples(device):
+    """Argument tuples of fusedloss::margin_linear_cross_entropy covering its branches."""
+    samples = []
+    for dtype, grad, normalize in [(torch.float32, True, True), (torch.float32, False, True),
+                                   (torch.float64, True, False), (torch.bfloat16, True, True)]:
+        x = torch.randn(6, 12, device=device).to(dtype).requires_grad_(grad)
+        w = torch.randn(21, 12, device=device).to(dtype).requires_grad_(grad)
+        target = torch.randint(0, 21, (6,), device=device)
+        target[1] = -100
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        row = torch.linspace(0.5, 1.5, 6, dtype=acc, device=device)
+        samples.append((x, w, target, None, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, -100,
+                        normalize, 0, False, grad))
+        samples.append((x, w, target, row * 0.4, row * 0.1, row, 30.0, 1.35, 0.0, 0.0, True, 0.0,
+                        -100, normalize, 4, True, grad))
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(8))
+def test_opcheck_margin_linear_cpu(sample):
+    torch.library.opcheck(torch.ops.fusedloss.margin_linear_cross_entropy,
+                          margin_linear_samples("cpu")[sample])
+
+
+def _check_linear_compiled(backend, device):
+    def step(x, w, target):
+        return fusedloss.linear_margin_cross_entropy(x, w, target, m2=0.5, backend=backend)
+
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    target = torch.randint(0, 40, (8,), device=device)
+    loss = torch.compile(step, fullgraph=True)(x, w, target)
+    loss.backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    eager = step(x, w, target)
+    eager.backward()
+    assert_close(loss.detach(), eager.detach().double(), torch.float32, "loss")
+    assert_close(grads[0], x.grad.double(), torch.float32, "grad embeddings")
+    assert_close(grads[1], w.grad.double(), torch.float32, "grad weight")
+
+
+def test_compile_fullgraph_margin_linear_cpu():
+    torch._dynamo.reset()
+    _check_linear_compiled("cpu", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_compile_fullgraph_margin_linear_triton():
+    torch._dynamo.reset()
+    _check_linear_compiled("triton", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("sample", range(8))
+def test_opcheck_margin_linear_triton(sample):
+    fusedloss.margin_linear.OP.triton  # defines the Triton op
+    torch.library.opcheck(torch.ops.fusedloss.margin_linear_cross_entropy_triton,
+                          margin_linear_samples("cuda")[sample])

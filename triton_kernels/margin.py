@@ -83,6 +83,40 @@ def _continuation_sign(phi):
 
 
 @triton.jit
+def _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE: tl.constexpr, DETACH_MARGIN: tl.constexpr,
+                  ASIN_TERMS: tl.constexpr):
+    """z_y and dz_y/dc_y (margin.h target_logit) in the dtype of c_y, elementwise: c_y may be
+    a scalar or a block (one entry per row); m2 and m3 scalars or blocks like c_y."""
+    ACC = c_y.dtype
+    if USE_ANGLE:
+        c_cl = tl.where(c_y < -1.0, -1.0, tl.where(c_y > 1.0, 1.0, c_y))  # keeps NaN
+        theta = _acos(c_cl, ASIN_TERMS)
+        phi = m1 * theta + m2
+        sign, k = _continuation_sign(phi)
+        z_y = scale * (sign * tl.cos(phi) - 2.0 * k - m3)
+        if DETACH_MARGIN:
+            slope = scale
+        else:
+            # tl.full makes the constants in ACC directly (a Python float in tl.where may
+            # be rounded through fp32 first). sin(theta) = sqrt((1 - c)(1 + c)) rather than
+            # sin(acos(c)): 1 -+ c is exact next to c = +-1, where fp32 theta ~ pi carries
+            # an absolute error that would be relative in sin(theta).
+            lo = tl.full([], _THETA_EPS, ACC)
+            hi = tl.full([], _PI - _THETA_EPS, ACC)
+            clamped = (theta < lo) | (theta > hi)
+            theta_c = tl.where(theta < lo, lo, tl.where(theta > hi, hi, theta))
+            sin_theta_c = tl.where(clamped, tl.full([], _SIN_THETA_EPS, ACC),
+                                   tl.sqrt((1.0 - c_cl) * (1.0 + c_cl)))
+            phi_c = m1 * theta_c + m2
+            sign_c, k_c = _continuation_sign(phi_c)
+            slope = scale * m1 * sign_c * tl.sin(phi_c) / sin_theta_c
+    else:
+        z_y = scale * (c_y - m3)
+        slope = scale
+    return z_y, slope
+
+
+@triton.jit
 def _margin_ce_kernel(
     cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, loss_ptr, grad_ptr,
     C, cos_row_stride, ignore_index,
@@ -113,31 +147,7 @@ def _margin_ce_kernel(
     c_y = tl.load(cos_row + tl.where(t_ok, t, 0), mask=t_ok, other=0.0).to(ACC)
 
     # Target logit and its slope dz_y/dc_y (margin.h target_logit).
-    if USE_ANGLE:
-        c_cl = tl.where(c_y < -1.0, -1.0, tl.where(c_y > 1.0, 1.0, c_y))  # keeps NaN
-        theta = _acos(c_cl, ASIN_TERMS)
-        phi = m1 * theta + m2
-        sign, k = _continuation_sign(phi)
-        z_y = scale * (sign * tl.cos(phi) - 2.0 * k - m3)
-        if DETACH_MARGIN:
-            slope = scale
-        else:
-            # tl.full makes the constants in ACC directly (a Python float in tl.where may
-            # be rounded through fp32 first). sin(theta) = sqrt((1 - c)(1 + c)) rather than
-            # sin(acos(c)): 1 -+ c is exact next to c = +-1, where fp32 theta ~ pi carries
-            # an absolute error that would be relative in sin(theta).
-            lo = tl.full([], _THETA_EPS, ACC)
-            hi = tl.full([], _PI - _THETA_EPS, ACC)
-            clamped = (theta < lo) | (theta > hi)
-            theta_c = tl.where(theta < lo, lo, tl.where(theta > hi, hi, theta))
-            sin_theta_c = tl.where(clamped, tl.full([], _SIN_THETA_EPS, ACC),
-                                   tl.sqrt((1.0 - c_cl) * (1.0 + c_cl)))
-            phi_c = m1 * theta_c + m2
-            sign_c, k_c = _continuation_sign(phi_c)
-            slope = scale * m1 * sign_c * tl.sin(phi_c) / sin_theta_c
-    else:
-        z_y = scale * (c_y - m3)
-        slope = scale
+    z_y, slope = _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
     z_y = tl.where(t_ok, z_y, float("nan"))
 
     # Pass 1: online log-sum-exp over j != y with the running max seeded by z_y; sum of z_j.

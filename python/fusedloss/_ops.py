@@ -8,7 +8,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -78,17 +78,33 @@ def backends() -> dict:
     }
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that runs an op on `device`: `requested`, checked, or the auto choice."""
+def kernel_backends(op_name: str) -> frozenset:
+    """The C++ backends ("cpu", "cuda") that fusedloss::<op_name> has a kernel for."""
+    if _C is None:
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(b for b in ("cpu", "cuda") if has(f"fusedloss::{op_name}", b.upper()))
+
+
+def _op_status(backend: str, op_name: Optional[str]) -> BackendStatus:
+    """backends()[backend], narrowed to whether the C++ op `op_name` has a kernel there."""
+    status = backends()[backend]
+    if status.available and op_name and backend in ("cpu", "cuda"):
+        if backend not in _KERNELS.get(op_name, frozenset()):
+            return BackendStatus(False, f"{op_name} has no {backend} kernel")
+    return status
+
+
+def resolve_backend(requested: str, device: torch.device, op_name: Optional[str] = None) -> str:
+    """The backend that runs op `op_name` on `device`: `requested`, checked, or the auto choice."""
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {requested!r}; expected one of {('auto',) + BACKENDS}")
     if requested == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-        status = backends()
-        return next((name for name in order if status[name].available), "reference")
+        return next((name for name in order if _op_status(name, op_name).available), "reference")
     if requested == "reference":
         return requested
-    status = backends()[requested]
+    status = _op_status(requested, op_name)
     if not status.available:
         raise RuntimeError(f"backend {requested!r} is not available: {status.reason}")
     wanted = {"cpu": ("cpu",), "cuda": ("cuda",),
@@ -99,6 +115,9 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+_KERNELS = {}  # op name -> kernel_backends(op name), filled when each Op is made
+
+
 class Op:
     """One fusedloss op: the C++ op (CPU and CUDA dispatch keys) and its lazily made Triton twin."""
 
@@ -106,6 +125,7 @@ class Op:
                  backward: Callable):
         self.family = family
         self.name = name
+        _KERNELS[name] = kernel_backends(name)
         self._backward = backward
         self._setup_context = setup_context
         torch.library.register_fake(f"fusedloss::{name}")(fake)

@@ -7,6 +7,8 @@ Usage::
 
 Writes ``bench_<device>.md``, ``bench_<device>.json`` and ``bench_<device>.png`` to ``--out``
 (default ``bench/results``, relative to the working directory) and prints the markdown table.
+The md and json are also rewritten after every case, marked partial, so that a run cut short
+(a time limit) leaves its finished cases behind.
 
 The engine knows nothing about any loss. A *family* is one function, registered with
 ``@family("name")``, that returns a :class:`Family`: its cases (plain dicts of shape
@@ -59,6 +61,13 @@ class Unavailable(Exception):
     """A contender that cannot run here (backend not built, library not installed)."""
 
 
+class NotInstalled(Unavailable):
+    """A peer library that is not installed: its row stays in the table, "not installed"."""
+
+    def __init__(self, dist: str):
+        super().__init__(f"{dist} not installed")
+
+
 # --------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------
@@ -80,8 +89,15 @@ class Family:
         returns the loss. Names in ``fused`` get a bandwidth figure, ``baselines`` =
         (eager name, compiled name) are the references of the ratio columns.
     bytes_moved(case) -> int or None: the bytes the fused kernels read and write, for GB/s.
+    flops(case) -> int or None: the floating-point operations of one forward + backward of
+        a fused contender, for TFLOP/s (matmul-bound families, where GB/s says little).
     mem_factor: rough peak bytes of the hungriest contender in units of N*C*itemsize,
         inputs included; a case that would not fit in the free memory is skipped.
+    case_view(family, case) -> Family or None: the family as one case sees it, for a family
+        whose cases differ in inputs or contenders (None: every case sees the family).
+    targets: goals to report (never to assert), each a dict with ``case`` (the key/values a
+        case must match), ``contender``, and ``time_vs_eager`` / ``memory_vs_eager``: the
+        largest acceptable contender / eager-baseline ratio of time / peak extra memory.
     """
 
     name: str
@@ -91,8 +107,11 @@ class Family:
     baselines: tuple = ("baseline-eager", "baseline-compile")
     fused: tuple = ()
     bytes_moved: Callable[[dict], Optional[int]] = lambda case: None
+    flops: Callable[[dict], Optional[int]] = lambda case: None
     notes: List[str] = dataclasses.field(default_factory=list)
     mem_factor: float = 8.0
+    case_view: Optional[Callable[["Family", dict], "Family"]] = None
+    targets: List[dict] = dataclasses.field(default_factory=list)
 
 
 FAMILIES: Dict[str, Callable[..., Family]] = {}
@@ -342,7 +361,8 @@ def ce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
              "scale=1.0)` (m2 = 0), baseline = `F.cross_entropy(x, t)`, eager and compiled. "
              "Peer libraries compute plain cross-entropy only, so they appear in this family."]
     fam = Family(name="ce", cases=cases, make_inputs=_cos_inputs, contenders=contenders,
-                 fused=fused, bytes_moved=_bytes_row_op, notes=notes, mem_factor=6.0)
+                 fused=fused, bytes_moved=_bytes_row_op, notes=notes, mem_factor=6.0,
+                 case_view=_ce_case_view)
     if "cut-cross-entropy" in peers:
         # Cut Cross-Entropy takes embeddings and classifier, not logits: its own case,
         # linear layer + cross-entropy, all contenders doing the matmul.
@@ -358,6 +378,11 @@ def ce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
 
 
 def _case_family_view(fam: Family, case: dict) -> Family:
+    """The family as `case` sees it (see Family.case_view)."""
+    return fam.case_view(fam, case) if fam.case_view is not None else fam
+
+
+def _ce_case_view(fam: Family, case: dict) -> Family:
     """The linear-CE cases of the ce family use other inputs and contenders."""
     if case.get("variant") != "linear-ce":
         return fam
@@ -367,6 +392,165 @@ def _case_family_view(fam: Family, case: dict) -> Family:
                   "cce (plain CE)": _linear_contender("cce")}
     return dataclasses.replace(fam, make_inputs=_linear_inputs, contenders=contenders,
                                fused=(), bytes_moved=lambda case: None)
+
+
+# --------------------------------------------------------------------------------------
+# Family: the fused linear margin softmax (fusedloss.linear_margin_cross_entropy) against
+# the chain users run today: normalise, F.linear, clamp, then `arcface_baseline`.
+# --------------------------------------------------------------------------------------
+
+def arcface_linear_baseline(x, w, t, scale=64.0, m2=0.5):
+    """ArcFace on embeddings x [N, D] and class centres w [C, D] as users write it today:
+    the cosine matrix of the normalised rows, then the chain of `arcface_baseline`."""
+    cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
+    return arcface_baseline(cos, t, scale, m2)
+
+
+def _kernel_check(fl, backend: str, op: str, device: torch.device) -> str:
+    """The backend that `backend` resolves to for `op` on `device`; Unavailable where it
+    cannot run there (backend missing, or no kernel of `op` for it)."""
+    from fusedloss._ops import resolve_backend
+
+    try:
+        return resolve_backend(backend, device, op)
+    except (RuntimeError, ValueError) as exc:
+        raise Unavailable(str(exc)) from exc
+
+
+_LINEAR_KW = ("normalize", "scale", "m2")
+
+
+def _linear_margin_contender(backend: str) -> Contender:
+    """fusedloss.linear_margin_cross_entropy(e, w, target) with one backend."""
+
+    def build(case, inputs):
+        fl = _fusedloss()
+        e, w, t = inputs["e"], inputs["w"], inputs["target"]
+        _kernel_check(fl, backend, "margin_linear_cross_entropy", e.device)
+        kwargs = {k: case[k] for k in _LINEAR_KW}
+
+        def step():
+            loss = fl.linear_margin_cross_entropy(e, w, t, backend=backend, **kwargs)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+def _linear_chain_contender(compile_it: bool) -> Contender:
+    """The unfused chain of the case's variant, eager or compiled: `arcface_linear_baseline`,
+    or for plain linear CE `linear_ce_baseline` (F.cross_entropy(e @ w.T, t))."""
+
+    def build(case, inputs):
+        if case["variant"] == "plain-linear-ce":
+            fn, kwargs = linear_ce_baseline, {}
+        else:
+            fn, kwargs = arcface_linear_baseline, {"scale": case["scale"], "m2": case["m2"]}
+        f = compiled(fn) if compile_it else fn
+        e, w, t = inputs["e"], inputs["w"], inputs["target"]
+
+        def step():
+            loss = f(e, w, t, **kwargs)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+def _cce_linear_contender(case, inputs):
+    """Cut Cross-Entropy's linear_cross_entropy(e, c, targets): plain CE of e @ c.T, with its
+    defaults (impl "cce", filter_eps "high": gradient filtering)."""
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        raise NotInstalled("cut-cross-entropy")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as ex:  # noqa: BLE001 - installed but not importable here
+        raise Unavailable(f"cut-cross-entropy not importable: {type(ex).__name__}: {ex}")
+    e, w, t = inputs["e"], inputs["w"], inputs["target"]
+    if e.device.type != "cuda":
+        raise Unavailable("Cut Cross-Entropy needs CUDA")
+
+    def step():
+        loss = linear_cross_entropy(e, w, t)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def _flops_linear(case: dict) -> int:
+    """Forward + backward of the classifier matmuls: 2·N·C·D for the logits, 2·N·C·D for the
+    gradient of the embeddings, 2·N·C·D for that of the class centres."""
+    return 6 * case["N"] * case["C"] * case["D"]
+
+
+def _margin_linear_view(fam: Family, case: dict) -> Family:
+    """The plain linear CE case adds Cut Cross-Entropy, which computes plain CE only."""
+    if case.get("variant") != "plain-linear-ce":
+        return fam
+    return dataclasses.replace(fam, contenders={**fam.contenders,
+                                                "cce (plain CE)": _cce_linear_contender})
+
+
+@family("margin_linear")
+def margin_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    D = 512
+    if device == "cuda":
+        dtypes = dtypes or ["bfloat16"]
+        N, Cs = 8192, [1_000_000]
+    else:
+        dtypes = dtypes or ["float32"]
+        N, Cs = 1024, [10_000, 100_000] + ([300_000] if large else [])
+    cases = _grid([N], Cs, dtypes, D=D, variant="arcface", normalize=True, scale=64.0, m2=0.5)
+    for c in cases:
+        c["label"] = f"linear arcface {_SHORT[c['dtype']]} N={c['N']} D={D} C={c['C']:,}"
+    notes = ["margin_linear: `linear_margin_cross_entropy(x, w, t, scale=64, m2=0.5)` (normalize="
+             "True) on embeddings x [N, D] and class centres w [C, D], both leaves requiring grad; "
+             "baseline = `arcface_linear_baseline`: `F.linear(F.normalize(x), F.normalize(w))"
+             ".clamp(-1, 1)` then `arcface_baseline`, eager and under torch.compile(dynamic=False). "
+             "TFLOP/s (fusedloss contenders) = 6·N·C·D / time: the logits and the two gradient "
+             "matmuls; the normalisations, O((N + C)·D), are not counted. No GB/s: the op is "
+             "matmul-bound. Inputs: x, w normal / sqrt(D), random targets, fixed seed."]
+    contenders = {
+        "fusedloss": _linear_margin_contender("auto"),
+        "baseline-eager": _linear_chain_contender(compile_it=False),
+        "baseline-compile": _linear_chain_contender(compile_it=True),
+    }
+    fused = ("fusedloss",)
+    if device == "cuda":
+        contenders["fusedloss-triton"] = _linear_margin_contender("triton")
+        fused += ("fusedloss-triton",)
+        try:
+            from fusedloss._ops import resolve_backend
+
+            notes.append(f"margin_linear: fusedloss = backend \"auto\", here "
+                         f"{resolve_backend('auto', torch.device('cuda'))!r}.")
+        except Exception:  # noqa: BLE001 - a note only
+            pass
+        plain = _grid([N], Cs, dtypes, D=D, variant="plain-linear-ce", normalize=False,
+                      scale=1.0, m2=0.0)
+        for c in plain:
+            c["label"] = f"plain linear CE {_SHORT[c['dtype']]} N={c['N']} D={D} C={c['C']:,}"
+        cases += plain
+        peers = _peers()
+        notes.append("margin_linear, plain linear CE cases: margins off (`normalize=False, "
+                     "scale=1, m2=0`), baseline `F.cross_entropy(x @ w.T, t)`, so that Cut "
+                     "Cross-Entropy's `linear_cross_entropy(x, w, t)` (plain CE only; its "
+                     "defaults, with gradient filtering, filter_eps=\"high\") computes the same "
+                     "loss; cut-cross-entropy "
+                     + (peers["cut-cross-entropy"] if "cut-cross-entropy" in peers
+                        else "not installed") + ".")
+    return Family(
+        name="margin_linear", cases=cases, make_inputs=_linear_inputs, contenders=contenders,
+        fused=fused, flops=_flops_linear, notes=notes, mem_factor=8.0,
+        case_view=_margin_linear_view,
+        targets=[{"case": {"variant": "arcface", "dtype": "float32", "N": 1024, "D": 512,
+                           "C": 100_000},
+                  "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15}])
 
 
 # --------------------------------------------------------------------------------------
@@ -452,6 +636,8 @@ def run_case(fam: Family, case: dict, device: str, repeats: int, log) -> Dict[st
                 est = _timed(step, inputs, device)
             rec["warm_s"] = est
             steps[name] = step
+        except NotInstalled as e:
+            rec["status"], rec["why"] = "not installed", str(e)
         except Unavailable as e:
             rec["status"] = f"skipped: {e}"
         except Exception as e:  # noqa: BLE001
@@ -681,6 +867,7 @@ def _derive(fam: Family, case: dict, records: Dict[str, dict]) -> None:
     ref_loss = records.get(fam.baselines[0], {}).get("loss")
     tol = 1e-4 if case["dtype"] == "float32" else 3e-2
     nbytes = fam.bytes_moved(case)
+    flops = fam.flops(case)
     for name, rec in records.items():
         med = rec.get("median_ms")
         rec["x_vs_eager"] = eager / med if med and eager else None
@@ -692,6 +879,9 @@ def _derive(fam: Family, case: dict, records: Dict[str, dict]) -> None:
         if name in fam.fused and med and nbytes:
             rec["bytes_moved"] = nbytes
             rec["gbps"] = nbytes / (med / 1e3) / 1e9
+        if name in fam.fused and med and flops:
+            rec["flops"] = flops
+            rec["tflops"] = flops / (med / 1e3) / 1e12
         if rec.get("loss") is not None and ref_loss is not None:
             rel = abs(rec["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
             rec["loss_rel_diff_vs_eager"] = rel
@@ -712,13 +902,19 @@ def markdown(result: dict) -> str:
     avail = ", ".join(f"{k} {'yes' if v[0] else 'no'}" for k, v in m["backends"].items())
     lines.append(f"- fusedloss backends: {avail}")
     lines.append(f"- command: `{result['command']}`; wall time {result['wall_s']:.0f} s")
+    if result.get("partial"):
+        lines.append(f"- PARTIAL RESULTS ({result['partial']}): the run has not finished, or was "
+                     "cut short; the png, if any, is from an earlier run.")
     lines += ["", "| case | contender | time (ms) | x vs eager | x vs compile | peak extra MiB "
-                  "| x N·C·4B | GB/s |",
-              "|---|---|--:|--:|--:|--:|--:|--:|"]
+                  "| x N·C·4B | GB/s | TFLOP/s |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     skipped = []
     mismatches = []
     for row in result["results"]:
         rec, label = row["record"], row["case"]["label"]
+        if rec["status"] == "not installed":
+            lines.append(f"| {label} | {row['contender']} | not installed | – | – | – | – | – | – |")
+            continue
         if rec["status"] != "ok":
             skipped.append(f"{label} / {row['contender']}: {rec['status']}")
             if not rec["status"].startswith(("OOM", "error")):
@@ -730,12 +926,25 @@ def markdown(result: dict) -> str:
                       if rec["status"] != "ok" else "–")
         lines.append(f"| {label} | {row['contender']} | {time_s} | "
                      f"{_fmt(rec.get('x_vs_eager'), '.2f')} | {_fmt(rec.get('x_vs_compile'), '.2f')} | "
-                     f"{mib} | {_fmt(rec.get('x_nc4'), '.2f')} | {_fmt(rec.get('gbps'), '.1f')} |")
+                     f"{mib} | {_fmt(rec.get('x_nc4'), '.2f')} | {_fmt(rec.get('gbps'), '.1f')} | "
+                     f"{_fmt(rec.get('tflops'), '.3g')} |")
         if rec.get("loss_agrees") is False:
             mismatches.append(f"{label} / {row['contender']}: loss {rec['loss']:.6g}, rel. diff "
                               f"{rec['loss_rel_diff_vs_eager']:.2e} from the eager baseline")
         if mem.get("error") and mem.get("error") != "OOM":
             skipped.append(f"{label} / {row['contender']}: memory measurement: {mem['error']}")
+    goals = result.get("targets") or []
+    if goals:
+        lines += ["", "Targets (reported, not asserted; ratio = contender / eager baseline, "
+                      "lower is better):", ""]
+    for g in goals:
+        parts = []
+        for what in ("time", "memory"):
+            if f"{what}_target" in g:
+                met = {True: "met", False: "NOT met", None: "not measured"}[g[f"{what}_met"]]
+                parts.append(f"{what} / eager {_fmt(g[f'{what}_ratio'], '.3f')} "
+                             f"(target ≤ {g[f'{what}_target']}: {met})")
+        lines.append(f"- {g['family']}, {g['label']}, {g['contender']}: " + "; ".join(parts))
     lines += ["", "Notes:", ""]
     lines.append(f"- time: median of at least {result['repeats']} runs of forward + backward "
                  "(`loss.backward()`, input gradients set to None before each run), after "
@@ -757,13 +966,14 @@ def markdown(result: dict) -> str:
                      "one untimed step to compile (with the mark reset after it). The input gradient "
                      "the step leaves behind counts. \"x N·C·4B\" = that figure / one N x C fp32 "
                      "buffer.")
-    lines.append("- GB/s (fusedloss contenders only): bytes counted = forward reads cos and writes "
-                 "the gradient (N·C each), backward reads and writes the gradient once more to "
-                 "scale it: 4·N·C·itemsize bytes / time. Target gathers, per-row statistics and "
-                 "the targets are not counted.")
-    lines.append("- inputs: cos uniform in (-0.8, 0.8), random targets, fixed seed; the losses of "
-                 "all contenders are checked against the eager baseline (rel. tolerance 1e-4 fp32, "
-                 "3e-2 bf16/fp16): " + ("all agree." if not mismatches else "MISMATCHES below."))
+    lines.append("- GB/s (fusedloss contenders of the families on cos: margin, ce): bytes counted "
+                 "= forward reads cos and writes the gradient (N·C each), backward reads and writes "
+                 "the gradient once more to scale it: 4·N·C·itemsize bytes / time. Target gathers, "
+                 "per-row statistics and the targets are not counted. TFLOP/s: for the matmul-bound "
+                 "families (margin_linear), see their note.")
+    lines.append("- inputs (margin, ce): cos uniform in (-0.8, 0.8), random targets, fixed seed. "
+                 "In every family the losses of all contenders are checked against the eager "
+                 "baseline (rel. tolerance 1e-4 fp32, 3e-2 bf16/fp16): " + ("all agree." if not mismatches else "MISMATCHES below."))
     for note in result["family_notes"]:
         lines.append(f"- {note}")
     for s in result.get("notes", []):
@@ -823,7 +1033,46 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(args) -> dict:
+def _targets(plan, results) -> List[dict]:
+    """The Family.targets of the cases run: the ratios and whether each goal is met."""
+    out = []
+    for fam, case in plan:
+        for goal in fam.targets:
+            if any(case.get(k) != v for k, v in goal["case"].items()):
+                continue
+            rows = {r["contender"]: r["record"] for r in results
+                    if r["family"] == fam.name and r["case"] is case}
+            rec, eager = rows.get(goal["contender"], {}), rows.get(fam.baselines[0], {})
+            t, te = rec.get("median_ms"), eager.get("median_ms")
+            m, me = ((rec.get("memory") or {}).get("extra_bytes"),
+                     (eager.get("memory") or {}).get("extra_bytes"))
+            entry = {"family": fam.name, "label": case["label"], "contender": goal["contender"],
+                     "baseline": fam.baselines[0]}
+            for what, num, den in (("time", t, te), ("memory", m, me)):
+                bound = goal.get(f"{what}_vs_eager")
+                if bound is None:
+                    continue
+                ratio = num / den if num is not None and den else None
+                entry.update({f"{what}_ratio": ratio, f"{what}_target": bound,
+                              f"{what}_met": None if ratio is None else ratio <= bound})
+            out.append(entry)
+    return out
+
+
+def _finish(result: dict, plan, t_start: float) -> None:
+    """Derived figures and targets of the cases in `plan`, and the wall time so far."""
+    for fam, case in plan:
+        rows = {r["contender"]: r["record"] for r in result["results"]
+                if r["family"] == fam.name and r["case"] is case}
+        _derive(fam, case, rows)
+    result["targets"] = _targets(plan, result["results"])
+    result["wall_s"] = time.perf_counter() - t_start
+
+
+def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the benchmark. ``checkpoint(result)``, when given, is called with the results so
+    far (``result["partial"]`` says what is missing) after every case, so that a run cut
+    short by a time limit still leaves its finished cases behind."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
@@ -853,6 +1102,12 @@ def run(args) -> dict:
         for name, rec in records.items():
             result["results"].append({"family": fam.name, "case": case, "contender": name,
                                       "record": rec})
+        if checkpoint is not None:
+            memory_later = device == "cpu" and not args.no_memory
+            result["partial"] = (f"{i + 1} of {len(plan)} cases timed"
+                                 + ("; memory not measured yet" if memory_later else ""))
+            _finish(result, plan[: i + 1], t_start)
+            checkpoint(result)
     if device == "cpu" and not args.no_memory:
         log("memory: one fresh subprocess per (case, contender)")
         for row in result["results"]:
@@ -866,11 +1121,8 @@ def run(args) -> dict:
                        else mem.get("error", "?")))
     if args.no_memory:
         result["notes"].append("memory not measured (--no-memory)")
-    for fam, case in plan:
-        rows = {r["contender"]: r["record"] for r in result["results"]
-                if r["family"] == fam.name and r["case"] is case}
-        _derive(fam, case, rows)
-    result["wall_s"] = time.perf_counter() - t_start
+    result.pop("partial", None)
+    _finish(result, plan, t_start)
     return result
 
 
@@ -899,14 +1151,19 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
 
-    result = run(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench_{result['device']}")
-    md = markdown(result)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+
+    def write(result):
+        stem = os.path.join(args.out, f"bench_{result['device']}")
+        md = markdown(result)
+        for ext, text in ((".md", md), (".json", json.dumps(result, indent=1))):
+            with open(stem + ext + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(stem + ext + ".tmp", stem + ext)  # a kill mid-write leaves the last one
+        return stem, md
+
+    result = run(args, checkpoint=write)
+    stem, md = write(result)
     try:
         plot(result, stem + ".png")
     except ImportError as e:

@@ -121,17 +121,14 @@ def margin_cross_entropy(
     _check_inputs(cos, target)
     opts.check(_FN)
     check_generator(_FN, generator, cos.device)
-    backend = resolve_backend(backend, cos.device)
+    backend = resolve_backend(backend, cos.device, OP.name)
     _checks.target_values(_FN, target, cos.shape[1], ignore_index)
     acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
     row_m2, row_m3 = elastic_margins(opts, target, lambda: target_cosines(cos, target, ignore_index),
                                      acc, generator)
     if backend == "reference":
         return reference.margin_cross_entropy(
-            cos, target, scale=scale, m1=m1, m2=m2 if row_m2 is None else row_m2,
-            m3=m3 if row_m3 is None else row_m3, margin_grad=margin_grad,
-            label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
-        ).to(result_dtype(cos))
+            cos, target, **opts.reference_kwargs(row_m2, row_m3)).to(result_dtype(cos))
     target = target.long()
     compute_grad = cos.requires_grad and torch.is_grad_enabled()
     loss_rows, _ = OP.for_backend(backend)(cos, target, row_m2, row_m3, *opts.kernel_args(),
@@ -176,10 +173,25 @@ class MarginOptions:
         if self.elastic_plus and self.m2_std == 0 and self.m3_std == 0:
             raise ValueError(f"{fn}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
 
+    def reference_kwargs(self, row_m2, row_m3):
+        """The keywords of the reference oracle, with the per-row margins where drawn."""
+        return dict(scale=self.scale, m1=self.m1, m2=self.m2 if row_m2 is None else row_m2,
+                    m3=self.m3 if row_m3 is None else row_m3, margin_grad=self.margin_grad,
+                    label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
+                    reduction=self.reduction)
+
     def kernel_args(self):
         """scale, m1, m2, m3, detach_margin, label_smoothing, ignore_index, as the schemas take them."""
         return (float(self.scale), float(self.m1), float(self.m2), float(self.m3),
                 self.margin_grad == "detached", float(self.label_smoothing), self.ignore_index)
+
+
+def margin_options(fn: str, kwargs: dict) -> MarginOptions:
+    """MarginOptions from the keywords of an op that forwards them, unknown ones refused."""
+    unknown = sorted(set(kwargs) - set(MarginOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"{fn}: unexpected keyword argument(s) {unknown}")
+    return MarginOptions(**kwargs)
 
 
 def check_generator(fn, generator, device):

@@ -59,3 +59,11 @@ def margin_cross_entropy(cos, target, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, mar
     logits = torch.where(target_mask, z_y[:, None], scale * cos)
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
+
+
+def linear_margin_cross_entropy(embeddings, weight, target, *, normalize=True, **kwargs):
+    """margin_cross_entropy of cos = normalize(embeddings) @ normalize(weight)^T (or of
+    embeddings @ weight^T without normalize), materialising the N x C matrix."""
+    if normalize:
+        embeddings, weight = F.normalize(embeddings), F.normalize(weight)
+    return margin_cross_entropy(embeddings @ weight.t(), target, **kwargs)

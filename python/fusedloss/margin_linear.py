@@ -1,0 +1,149 @@
+"""Fused linear margin softmax: normalisation, the classifier matmul, the margin and the
+loss in one op, without the N x C logits. The per-row math is that of
+fusedloss.margin_cross_entropy (csrc/include/fusedloss/margin.h); the matmul tiling is
+described beside each kernel (csrc/cpu/margin_linear.cpp, triton_kernels/margin_linear.py)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._ops import Op, reduce_rows, resolve_backend, result_dtype
+from .margin import check_generator, elastic_margins, margin_options
+from .reference import margin as reference
+
+_FN = "linear_margin_cross_entropy"
+_NUM_INPUTS = 17  # of the schema fusedloss::margin_linear_cross_entropy
+
+
+def _fake(x, w, target, row_m2, row_m3, row_grad, scale, m1, m2, m3, detach_margin,
+          label_smoothing, ignore_index, normalize, block_size, deterministic, compute_grad):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = x.new_empty(x.shape[0], dtype=acc)
+    if compute_grad:
+        return loss, x.new_empty(x.shape), w.new_empty(w.shape)
+    return loss, x.new_empty(0), w.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, target, row_m2, row_m3, row_grad, *hyper, _compute_grad = inputs
+    ctx.hyper = hyper
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    # As for margin_cross_entropy: in eager mode the forward's gradients stay off
+    # save_for_backward, to be scaled in place once; traced, they are ordinary saved tensors.
+    # Gradients weighted by a forward row_grad are not those of the loss: never reused.
+    ctx.in_place = all(type(g) is torch.Tensor for g in grads) and not torch.compiler.is_compiling()
+    reusable = grads if row_grad is None else ()
+    if ctx.in_place:
+        ctx.fused = reusable or None
+        ctx.save_for_backward(x, w, target, row_m2, row_m3)
+    else:
+        ctx.fused = None
+        ctx.save_for_backward(x, w, target, row_m2, row_m3, *reusable)
+
+
+def _backward(ctx, grad_loss, _grad_x, _grad_w):
+    """The forward made the gradients of sum_i loss_i. With the same incoming gradient on
+    every row (reduction "mean" or "sum") they only need scaling; otherwise (reduction
+    "none" with per-row weights), or once spent, they are recomputed with row_grad."""
+    if grad_loss is None:
+        return (None,) * _NUM_INPUTS
+    x, w, target, row_m2, row_m3, *saved = ctx.saved_tensors
+    fused = ctx.fused if ctx.in_place else (tuple(saved) or None)
+    ctx.fused = None
+    same_on_every_row = grad_loss.shape[0] > 0 and grad_loss.stride(0) == 0
+    if fused is not None and fused[0].shape == x.shape and same_on_every_row:
+        g = grad_loss[0]
+        if ctx.in_place:
+            grad_x, grad_w = fused[0].mul_(g), fused[1].mul_(g)
+        else:
+            grad_x, grad_w = (fused[0] * g).to(x.dtype), (fused[1] * g).to(w.dtype)
+    else:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        _, grad_x, grad_w = ctx.op(x, w, target, row_m2, row_m3, grad_loss.to(acc).contiguous(),
+                                   *ctx.hyper, True)
+    return (grad_x, grad_w) + (None,) * (_NUM_INPUTS - 2)
+
+
+OP = Op("margin_linear", "margin_linear_cross_entropy", fake=_fake, setup_context=_setup_context,
+        backward=_backward)
+
+
+def linear_margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    normalize: bool = True,
+    block_size: Optional[int] = None,
+    deterministic: bool = False,
+    backend: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`fusedloss.margin_cross_entropy` of ``cos = normalize(embeddings) @ normalize(weight).T``,
+    without storing the ``N x C`` matrix in forward or backward.
+
+    ``embeddings [N, D]`` and ``weight [C, D]`` share one floating dtype. With
+    ``normalize=True`` both are L2-normalised exactly as ``F.normalize`` does
+    (``x / max(||x||, 1e-12)``) and gradients flow through the normalisation; with
+    ``normalize=False`` they are used as they are (with ``scale=1`` and no margins: plain
+    fused linear cross-entropy, as for a language-model head). ``block_size`` sets the
+    tiling block of the backend (None: the backend chooses). ``deterministic=True``
+    promises bit-identical results run to run (every backend here is deterministic; the
+    flag keeps that promise explicit). ``generator`` and ``kwargs`` are the keywords of
+    :func:`fusedloss.margin_cross_entropy` (scale, m1, m2, m3, m2_std, m3_std, elastic_plus,
+    margin_grad, label_smoothing, ignore_index, reduction), with the same defaults and
+    meaning; ElasticFace+ orders rows by their target cosine ``x_hat_i . w_hat_{y_i}``.
+    """
+    opts = margin_options(_FN, kwargs)
+    _check_inputs(embeddings, weight, target, block_size)
+    opts.check(_FN)
+    check_generator(_FN, generator, embeddings.device)
+    backend = resolve_backend(backend, embeddings.device, OP.name)
+    _checks.target_values(_FN, target, weight.shape[0], opts.ignore_index)
+    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    row_m2, row_m3 = elastic_margins(
+        opts, target, lambda: _target_cosines(embeddings, weight, target, opts.ignore_index, normalize),
+        acc, generator)
+    if backend == "reference":
+        return reference.linear_margin_cross_entropy(
+            embeddings, weight, target, normalize=normalize, **opts.reference_kwargs(row_m2, row_m3),
+        ).to(result_dtype(embeddings))
+    target = target.long()
+    compute_grad = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
+    loss_rows, _, _ = OP.for_backend(backend)(
+        embeddings, weight, target, row_m2, row_m3, None, *opts.kernel_args(), normalize,
+        block_size or 0, deterministic, compute_grad)
+    return reduce_rows(loss_rows, target != opts.ignore_index, opts.reduction,
+                       result_dtype(embeddings))
+
+
+def _check_inputs(embeddings, weight, target, block_size):
+    _checks.floating_tensor(_FN, "embeddings", embeddings, ndim=2)
+    _checks.floating_tensor(_FN, "weight", weight, ndim=2)
+    _checks.target_tensor(_FN, target, embeddings.shape[0])
+    _checks.same_device(_FN, embeddings=embeddings, weight=weight, target=target)
+    if weight.dtype != embeddings.dtype:
+        raise TypeError(f"{_FN}: embeddings and weight must share a dtype, got "
+                        f"{embeddings.dtype} and {weight.dtype}")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{_FN}: embeddings [N, D] and weight [C, D] must share D, got "
+                         f"{tuple(embeddings.shape)} and {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{_FN}: weight must have at least one class (C >= 1)")
+    if block_size is not None:
+        _checks.integer(_FN, block_size=block_size)
+        if block_size <= 0:
+            raise ValueError(f"{_FN}: block_size must be a positive int or None, got {block_size}")
+
+
+def _target_cosines(x, w, target, ignore_index, normalize):
+    """x_hat_i . w_hat_{y_i} (0 for ignored rows), in O(N D)."""
+    safe = torch.where(target != ignore_index, target, torch.zeros_like(target)).long()
+    x, w_y = x.detach(), w.detach()[safe]
+    if normalize:
+        x, w_y = F.normalize(x), F.normalize(w_y)
+    return (x * w_y).sum(1)

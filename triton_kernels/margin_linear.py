@@ -1,0 +1,525 @@
+"""Fused linear margin softmax cross-entropy (ArcFace, CosFace, SphereFace, combined,
+ElasticFace on top of the classifier matmul) in Triton: the blocked matrix product with the
+margin and the log-sum-exp fused into its tile epilogue. The N x C matrix of cosines is never
+stored, in the forward or the backward pass.
+
+Math
+----
+x = embeddings [N, D], w = weight [C, D], target y [N]. With normalize (as F.normalize)
+
+    m_i = max(||x_i||, 1e-12),  n_j = max(||w_j||, 1e-12),  x^_i = x_i / m_i,  w^_j = w_j / n_j
+    cos_ij = x^_i . w^_j = (x_i . w_j) / (m_i n_j)
+
+(normalize=False: cos_ij = x_i . w_j, m = n = 1). Row i is then the row of the logit-level op,
+derived in csrc/include/fusedloss/margin.h and implemented in triton_kernels/margin.py, whose
+jitted helpers this file reuses (`_target_logit`, through it `_acos` and `_continuation_sign`,
+and `_hi_lo` for the scalars):
+
+    z_ij = s cos_ij (j != y),  z_iy = s (psi(m1 theta + m2) - m3),  slope_i = dz_iy / dcos_iy
+    M = max_j z_j,  S_o = sum_{j != y} exp(z_j - M),  S = S_o + exp(z_y - M)
+    loss_i = (M - z_y) + log S + eps (z_y - sum_j z_j / C)
+
+The gradient of L = sum_i r_i loss_i (r = row_grad, ones when absent) with respect to cos is
+
+    G_ij = r_i s (exp(z_ij - M_i) / S_i - eps / C)         (j != y_i)
+    G_iy = r_i slope_i (eps - eps / C - S_o,i / S_i)
+
+and through the matmul and the normalisation (d x^ / d x = (I - x^ x^T) / m where ||x|| > 1e-12,
+I / 1e-12 where the norm is clamped):
+
+    A_i = sum_j G_ij w^_j,   P_i = sum_j G_ij cos_ij  (= x^_i . A_i)
+    grad_x_i = (A_i - [||x_i|| > 1e-12] P_i x^_i) / m_i
+    grad_w_j = (B_j - [||w_j|| > 1e-12] Q_j w^_j) / n_j,   B_j = sum_i G_ij x^_i,  Q_j = sum_i G_ij cos_ij
+
+(normalize=False: grad_x = A, grad_w = B with w^ = w, x^ = x.)
+
+Algorithm
+---------
+Deterministic throughout: no atomics, every sum in a fixed order that depends on the shapes
+and the block sizes only. `deterministic` is therefore accepted and has nothing to switch.
+
+0. Norms (normalize only): 1/m [N] and 1/n [C] with torch ops, O((N + C) D).
+1. `_target_kernel`, grid (N / BLOCK_N): cos_iy = x_i . w_{y_i} / (m_i n_{y_i}) as a gathered
+   elementwise dot in the accumulation dtype, then z_iy and slope_i (margin.py's
+   `_target_logit`), O(N D). A target outside [0, C) that is not ignore_index reads nothing
+   and gets z_y = NaN, hence a NaN loss (and NaN gradients).
+2. `_lse_kernel`, grid (N / BLOCK_N, SPLIT): each program walks the class blocks of its part
+   of [0, C) (SPLIT parts, so that a small batch still fills the GPU), computes each
+   [BLOCK_N, BLOCK_C] cos tile with tl.dot over D in BLOCK_D chunks, scales it by the norms
+   and folds it into a per-row online log-sum-exp seeded with z_y (running max, S_o over
+   j != y, sum of z for label smoothing). The target column is left out of the tile sums: its
+   logit is z_y of step 1. Writes the SPLIT partial (max, S_o, sum z) per row: [3, SPLIT, N].
+3. Combine with torch ops, O(SPLIT N): M, S_o, S, the loss, and for the gradient the per-row
+   coefficients (M, r s / S, r s eps / C, G_iy), zero on ignored rows. Saved between the
+   passes: these 4 numbers per row (and the norms), nothing of size C or N x C.
+4. Only when compute_grad, two kernels that recompute the cos tiles and G tile by tile:
+   `_grad_kernel` with OUTER_IS_X, grid (N / BLOCK_O, D / BLOCK_DO, SPLIT): per row block and
+   block of output columns of D, loops over the class blocks, accumulating A = G w^ (tl.dot)
+   and P = sum_j G_ij cos_ij. The same kernel with the roles of x and w exchanged, grid
+   (C / BLOCK_O, D / BLOCK_DO, SPLIT), loops over the row blocks and accumulates B = G^T x^
+   and Q. With a single split (SPLIT = 1: enough outer rows to fill the GPU, so always for
+   many classes) the kernel applies the projection and 1/m (1/n) itself and writes the
+   gradient in the input dtype; otherwise the partial sums go to [SPLIT, rows, D] buffers in
+   the accumulation dtype, which torch sums in order before the same projection.
+
+Matmul work, in units of N C D multiply-adds: 1 in the forward; with compute_grad each of
+the two gradient kernels adds ceil(D / BLOCK_DO) for recomputing the cos tiles plus 1 for
+its product, so 5 in all when D <= BLOCK_DO (256 on the GPU, 64 for fp64), more for wider
+D (D = 512 in fp64: 2 x (8 + 1) + 1). SPLIT is chosen per kernel so that the grid has about
+twice as many programs as the GPU has SMs; a split buffer therefore holds about
+2 SMs x BLOCK_O x BLOCK_DO numbers (~17 MB on an H200), and the forward's O(SPLIT N).
+Never an N x C buffer.
+
+Precision
+---------
+Products and sums accumulate in fp32 (fp64 for fp64 inputs; tl.dot accepts fp64 operands
+and the interpreter computes it exactly). 16-bit inputs enter tl.dot as they are; in the
+backward the G tile and the normalised w^ (or x^) tile are rounded to the input dtype for
+the second product, as a 16-bit autograd graph would round them. fp32 inputs follow
+torch.backends.cuda.matmul.allow_tf32 (or fp32_precision == "tf32"): tl.dot with
+input_precision "tf32", else "ieee". Triton's interpreter (3.9) multiplies bf16 dot operands
+as their raw uint16 bits, so under TRITON_INTERPRET=1 bf16 operands are widened to fp32
+before tl.dot (exact, as the GPU's bf16 MMA is). With normalize, the gradient of a zero row
+is A / 1e-12 (as in autograd through F.normalize), which overflows fp16 to inf.
+
+Block sizes
+-----------
+Under TRITON_INTERPRET=1 or for CPU tensors every block is 16 (the smallest tl.dot shape),
+so that small test shapes still span several blocks and splits. On the GPU (chosen offline
+for sm_90 with Triton 3.6 so that ptxas reports at most a few dozen bytes of register
+spills at D = 512; not yet timed on a GPU):
+
+    dtype        forward BLOCK_N x BLOCK_C x BLOCK_D   gradients BLOCK_O x BLOCK_I x BLOCK_D, BLOCK_DO
+    fp16, bf16   128 x 64 x 64, 8 warps                 64 x 32 x 64, <= 256, 8 warps
+    fp32         128 x 64 x 32, 8 warps                 64 x 32 x 32, <= 256, 8 warps
+    fp64          64 x 64 x 16, 4 warps                 32 x 32 x 16, <= 64, 4 warps
+
+`block_size` > 0 sets the number of embedding rows per block of the matmuls, rounded up to
+a power of two in [16, 256]: BLOCK_N of the forward kernel, and min(block_size, 64) rows in
+the gradient kernels (BLOCK_O of the grad_x kernel, BLOCK_I of the grad_w kernel; more would
+spill registers).
+"""
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusedloss.triton_kernels.margin import _hi_lo, _target_logit
+
+_NORM_EPS = 1e-12  # F.normalize's eps
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, cols, n_cols, row_stride, UPCAST: tl.constexpr):
+    """Tile [len(rows), len(cols)] of a row-major matrix; zero outside [0, n_rows) x [0, n_cols)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tile = tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    if UPCAST:  # interpreter only: its tl.dot multiplies bf16 as raw bits
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _dot_tile(a_ptr, b_ptr, a_rows, b_rows, n_a, n_b, D, a_stride, b_stride,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_A, BLOCK_B] tile of a b^T over the whole of D, accumulated in ACC."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        a = _load_rows(a_ptr, a_rows, n_a, ks, D, a_stride, UPCAST)
+        b = _load_rows(b_ptr, b_rows, n_b, ks, D, b_stride, UPCAST)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _scalar(hi, lo, ACC: tl.constexpr):
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _target_kernel(
+    x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, row_m2_ptr, row_m3_ptr, zy_ptr, slope_ptr,
+    N, C, D, x_stride, w_stride,
+    scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo,
+    NORMALIZE: tl.constexpr, HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr,
+    USE_ANGLE: tl.constexpr, DETACH_MARGIN: tl.constexpr, ASIN_TERMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step 1: z_y and dz_y/dcos_y for BLOCK_N rows."""
+    ACC: tl.constexpr = zy_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    t = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+    t_ok = row_ok & (t >= 0) & (t < C)
+    t_safe = tl.where(t_ok, t, 0)  # no read outside [0, C)
+
+    dot = tl.zeros([BLOCK_N], ACC)
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        k_ok = ks[None, :] < D
+        xv = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :],
+                     mask=row_ok[:, None] & k_ok, other=0.0)
+        wv = tl.load(w_ptr + t_safe[:, None] * w_stride + ks[None, :],
+                     mask=t_ok[:, None] & k_ok, other=0.0)
+        dot += tl.sum(xv.to(ACC) * wv.to(ACC), axis=1)
+    c_y = dot
+    if NORMALIZE:
+        c_y = (c_y * tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
+               * tl.load(rw_ptr + t_safe, mask=t_ok, other=0.0))
+
+    scale = _scalar(scale_hi, scale_lo, ACC)
+    m1 = _scalar(m1_hi, m1_lo, ACC)
+    if HAS_ROW_M2:
+        m2 = tl.load(row_m2_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    else:
+        m2 = _scalar(m2_hi, m2_lo, ACC)
+    if HAS_ROW_M3:
+        m3 = tl.load(row_m3_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    else:
+        m3 = _scalar(m3_hi, m3_lo, ACC)
+    z_y, slope = _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
+    z_y = tl.where(t_ok, z_y, float("nan"))
+    tl.store(zy_ptr + rows, z_y, mask=row_ok)
+    tl.store(slope_ptr + rows, slope + tl.zeros([BLOCK_N], ACC), mask=row_ok)
+
+
+@triton.jit
+def _lse_kernel(
+    x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, zy_ptr, part_ptr,
+    N, C, D, x_stride, w_stride, blocks_per_split, num_splits,
+    scale_hi, scale_lo,
+    NORMALIZE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Step 2: per-row online log-sum-exp over the classes of one split, from cos tiles.
+
+    The running max starts at z_y (never -inf, so never -inf - -inf, even for a split that
+    holds only the target column); columns j >= C and j = y are left out of the sums.
+    """
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    t = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+    t32 = tl.where((t >= 0) & (t < C), t, -1).to(tl.int32)  # 32-bit compares in the tile
+    scale = _scalar(scale_hi, scale_lo, ACC)
+    if NORMALIZE:
+        row_factor = scale * tl.load(rx_ptr + rows, mask=row_ok, other=0.0)  # z = cos_raw s / (m n)
+
+    m_run = tl.load(zy_ptr + rows, mask=row_ok, other=0.0)
+    s_oth = tl.zeros([BLOCK_N], ACC)  # sum_{j != y} exp(z_j - m_run) over this split
+    z_sum = tl.zeros([BLOCK_N], ACC)  # sum_{j != y} z_j over this split
+    c_begin = split * blocks_per_split * BLOCK_C
+    c_end = tl.minimum(c_begin + blocks_per_split * BLOCK_C, C)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        z = _dot_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), N, C, D, x_stride, w_stride,
+                      BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, UPCAST)
+        if NORMALIZE:
+            rw = tl.load(rw_ptr + cols, mask=cols < C, other=0.0)
+            z = z * row_factor[:, None] * rw[None, :]
+        else:
+            z = z * scale
+        valid = (cols[None, :] < C) & (cols[None, :] != t32[:, None])
+        if HAS_SMOOTHING:
+            z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
+        z = tl.where(valid, z, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(z, axis=1))
+        s_oth = s_oth * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_run = m_new
+    out = part_ptr + split * N + rows  # part: [3, num_splits, N]
+    tl.store(out, m_run, mask=row_ok)
+    tl.store(out + num_splits * N, s_oth, mask=row_ok)
+    tl.store(out + 2 * num_splits * N, z_sum, mask=row_ok)
+
+
+@triton.jit
+def _grad_kernel(
+    out_ptr, in_ptr, r_out_ptr, r_in_ptr, norm_out_ptr, target_ptr, coef_ptr, part_ptr, proj_ptr,
+    N_OUT, N_IN, N, D, out_stride, in_stride, blocks_per_split, ignore_index,
+    scale_hi, scale_lo,
+    OUTER_IS_X: tl.constexpr, NORMALIZE: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Step 4: sum over the inner rows of one split of G (w^ or x^), and of G * cos.
+
+    OUTER_IS_X: outer rows are embeddings (G rows), inner rows classes: A = G w^, P.
+    Else outer rows are classes (G columns), inner rows embeddings: B = G^T x^, Q.
+    coef [4, N] holds per embedding row M, r s / S, r s eps / C and G_iy.
+    FINAL (a single split): write the gradient itself, projection and 1/m included, in the
+    dtype of the outer matrix to part [N_OUT, D]. Else the partial sums in the accumulation
+    dtype to part [SPLIT, N_OUT, D] and proj [SPLIT, N_OUT], which torch then combines.
+    """
+    ACC: tl.constexpr = coef_ptr.dtype.element_ty
+    IN_TY: tl.constexpr = in_ptr.dtype.element_ty
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    o_rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o_rows < N_OUT
+    o_idx = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # 32-bit copy for the compares
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    scale = _scalar(scale_hi, scale_lo, ACC)
+    if NORMALIZE:
+        r_o = tl.load(r_out_ptr + o_rows, mask=o_ok, other=0.0)
+    if OUTER_IS_X:
+        t_o = tl.load(target_ptr + o_rows, mask=o_ok, other=ignore_index)
+        live_o = o_ok & (t_o != ignore_index)
+        t_o = tl.where((t_o >= 0) & (t_o < N_IN), t_o, -1).to(tl.int32)
+        max_o = tl.load(coef_ptr + o_rows, mask=o_ok, other=0.0)
+        a_o = tl.load(coef_ptr + N + o_rows, mask=o_ok, other=0.0)
+        b_o = tl.load(coef_ptr + 2 * N + o_rows, mask=o_ok, other=0.0)
+        gy_o = tl.load(coef_ptr + 3 * N + o_rows, mask=o_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_O, BLOCK_DO], ACC)
+    proj = tl.zeros([BLOCK_O], ACC)
+    i_begin = split * blocks_per_split * BLOCK_I
+    i_end = tl.minimum(i_begin + blocks_per_split * BLOCK_I, N_IN)
+    for i0 in range(i_begin, i_end, BLOCK_I):
+        i_idx = i0 + tl.arange(0, BLOCK_I)
+        i_rows = i_idx.to(tl.int64)
+        i_ok = i_idx < N_IN
+        cos = _dot_tile(out_ptr, in_ptr, o_rows, i_rows, N_OUT, N_IN, D, out_stride, in_stride,
+                        BLOCK_O, BLOCK_I, BLOCK_D, ACC, PRECISION, UPCAST)
+        if NORMALIZE:
+            r_i = tl.load(r_in_ptr + i_rows, mask=i_ok, other=0.0)
+            cos = cos * r_o[:, None] * r_i[None, :]
+        # G tile (rows of G along axis 0 when OUTER_IS_X, along axis 1 otherwise); tl.where,
+        # not a product with 0, so that ignored rows and padding never bring in inf or NaN.
+        if OUTER_IS_X:
+            g = a_o[:, None] * tl.exp(scale * cos - max_o[:, None]) - b_o[:, None]
+            g = tl.where(i_idx[None, :] == t_o[:, None], gy_o[:, None], g)
+            g = tl.where(live_o[:, None] & i_ok[None, :], g, 0.0)
+        else:
+            t_i = tl.load(target_ptr + i_rows, mask=i_ok, other=ignore_index)
+            live_i = i_ok & (t_i != ignore_index)
+            t_i = tl.where((t_i >= 0) & (t_i < N_OUT), t_i, -1).to(tl.int32)
+            max_i = tl.load(coef_ptr + i_rows, mask=i_ok, other=0.0)
+            a_i = tl.load(coef_ptr + N + i_rows, mask=i_ok, other=0.0)
+            b_i = tl.load(coef_ptr + 2 * N + i_rows, mask=i_ok, other=0.0)
+            gy_i = tl.load(coef_ptr + 3 * N + i_rows, mask=i_ok, other=0.0)
+            g = a_i[None, :] * tl.exp(scale * cos - max_i[None, :]) - b_i[None, :]
+            g = tl.where(o_idx[:, None] == t_i[None, :], gy_i[None, :], g)
+            g = tl.where(o_ok[:, None] & live_i[None, :], g, 0.0)
+        v = tl.load(in_ptr + i_rows[:, None] * in_stride + d_out[None, :],
+                    mask=i_ok[:, None] & (d_out[None, :] < D), other=0.0)
+        if NORMALIZE:
+            proj += tl.sum(g * cos, axis=1)
+            v = (v.to(ACC) * r_i[:, None]).to(IN_TY)  # the normalised rows, in the input dtype
+        g = g.to(IN_TY)
+        if UPCAST:
+            v = v.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(g, v, acc, input_precision=PRECISION, out_dtype=ACC)
+
+    out_mask = o_ok[:, None] & (d_out[None, :] < D)
+    if FINAL:
+        if NORMALIZE:  # (A - [||x|| > eps] P x^) / m
+            unit = tl.load(out_ptr + o_rows[:, None] * out_stride + d_out[None, :], mask=out_mask,
+                           other=0.0).to(ACC) * r_o[:, None]
+            nrm = tl.load(norm_out_ptr + o_rows, mask=o_ok, other=0.0)
+            proj = tl.where(nrm > tl.full([], 1e-12, ACC), proj, 0.0)
+            acc = (acc - proj[:, None] * unit) * r_o[:, None]
+        tl.store(part_ptr + o_rows[:, None] * D + d_out[None, :],
+                 acc.to(part_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        out = part_ptr + (split * N_OUT + o_rows[:, None]) * D + d_out[None, :]  # [SPLIT, N_OUT, D]
+        tl.store(out, acc, mask=out_mask)
+        if NORMALIZE:  # every D block computed the same P (or Q); the first one stores it
+            tl.store(proj_ptr + split * N_OUT + o_rows, proj, mask=tl.where(o_ok, pid_d, 1) == 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """How many programs a grid should have before the work is split further."""
+    if _interpreted(device):
+        return 4  # small: exercises the splits in tests without many interpreted programs
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _split(outer_programs: int, inner_blocks: int, target: int) -> tuple[int, int]:
+    """(number of splits, inner blocks per split): enough splits of the inner loop that
+    outer_programs * splits reaches `target`, every split non-empty."""
+    want = max(1, min(inner_blocks, triton.cdiv(target, max(outer_programs, 1))))
+    per = triton.cdiv(inner_blocks, want)
+    return triton.cdiv(inner_blocks, per), per
+
+
+def _allow_tf32() -> bool:
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once the new API has been used
+        return getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
+
+
+def _pow2_block(n: int) -> int:
+    return min(max(triton.next_power_of_2(n), 16), 256)
+
+
+def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -> dict:
+    """Block sizes and launch options (see the module docstring). The GPU choices were
+    compiled offline for sm_90 with Triton 3.6 and checked with ptxas -v for spills."""
+    if _interpreted(device):
+        cfg = dict(fwd_n=16, fwd_c=16, fwd_d=16, fwd_warps=1, fwd_stages=1,
+                   tgt_n=16, tgt_d=16, tgt_warps=1,
+                   g_o=16, g_i=16, g_d=16, g_do=16, g_warps=1, g_stages=1)
+    elif dtype == torch.float64:
+        cfg = dict(fwd_n=64, fwd_c=64, fwd_d=16, fwd_warps=4, fwd_stages=2,
+                   tgt_n=16, tgt_d=32, tgt_warps=4,
+                   g_o=32, g_i=32, g_d=16, g_do=min(_pow2_block(d), 64), g_warps=4, g_stages=2)
+    elif dtype == torch.float32:
+        cfg = dict(fwd_n=128, fwd_c=64, fwd_d=32, fwd_warps=8, fwd_stages=3,
+                   tgt_n=16, tgt_d=64, tgt_warps=4,
+                   g_o=64, g_i=32, g_d=32, g_do=min(_pow2_block(d), 256), g_warps=8, g_stages=2)
+    else:  # fp16, bf16
+        cfg = dict(fwd_n=128, fwd_c=64, fwd_d=64, fwd_warps=8, fwd_stages=3,
+                   tgt_n=16, tgt_d=64, tgt_warps=4,
+                   g_o=64, g_i=32, g_d=64, g_do=min(_pow2_block(d), 256), g_warps=8, g_stages=2)
+    cfg.update(g_o_x=cfg["g_o"], g_i_w=cfg["g_i"])  # embedding-row blocks of the gradient kernels
+    if block_size > 0:  # embedding rows per block of the matmuls
+        rows = _pow2_block(block_size)
+        cfg.update(fwd_n=rows, g_o_x=min(rows, 64), g_i_w=min(rows, 64))  # larger would spill
+    return cfg
+
+
+def margin_linear_cross_entropy(
+    embeddings: Tensor, weight: Tensor, target: Tensor, row_m2: Optional[Tensor],
+    row_m3: Optional[Tensor], row_grad: Optional[Tensor], scale: float, m1: float, m2: float,
+    m3: float, detach_margin: bool, label_smoothing: float, ignore_index: int, normalize: bool,
+    block_size: int, deterministic: bool, compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """fusedloss::margin_linear_cross_entropy (csrc/ops.cpp): per-row loss [N] (fp32, fp64 for
+    fp64) and, when compute_grad, the gradients of sum_i row_grad_i loss_i with respect to
+    embeddings and weight in their dtypes (else two empty tensors). Inputs are validated by the
+    caller; `deterministic` changes nothing (every pass here is deterministic)."""
+    x = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    target = target.contiguous()
+    n, d = x.shape
+    c = w.shape[0]
+    dev = x.device
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cfg = _config(x.dtype, d, dev, block_size)
+    interp = _interpreted(dev)
+    upcast = interp and x.dtype == torch.bfloat16
+    precision = "tf32" if (x.dtype == torch.float32 and _allow_tf32()) else "ieee"
+    n_target = _target_programs(dev)
+    empty = x.new_empty(0)
+
+    loss = torch.zeros(n, dtype=acc, device=dev)
+    if n == 0:
+        if compute_grad:
+            return loss, torch.zeros_like(x), torch.zeros_like(w)
+        return loss, empty, w.new_empty(0)
+
+    # 0. Norms.
+    if normalize:
+        norm_x = torch.linalg.vector_norm(x, dim=1, dtype=acc)
+        norm_w = torch.linalg.vector_norm(w, dim=1, dtype=acc)
+        rx = 1.0 / norm_x.clamp_min(_NORM_EPS)
+        rw = 1.0 / norm_w.clamp_min(_NORM_EPS)
+    else:
+        rx = rw = norm_x = norm_w = loss  # unused: the NORMALIZE branches are compiled out
+    scale_args = _hi_lo(scale)
+
+    # 1. Target logits and slopes.
+    z_y = torch.empty(n, dtype=acc, device=dev)
+    slope = torch.empty(n, dtype=acc, device=dev)
+    use_angle = row_m2 is not None or m1 != 1.0 or m2 != 0.0
+    torch.library.wrap_triton(_target_kernel)[(triton.cdiv(n, cfg["tgt_n"]),)](
+        x, w, rx, rw, target,
+        row_m2.contiguous() if row_m2 is not None else loss,
+        row_m3.contiguous() if row_m3 is not None else loss,
+        z_y, slope, n, c, d, x.stride(0), w.stride(0),
+        *scale_args, *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3),
+        NORMALIZE=normalize, HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
+        USE_ANGLE=use_angle, DETACH_MARGIN=detach_margin,
+        ASIN_TERMS=25 if acc == torch.float64 else 10,
+        BLOCK_N=cfg["tgt_n"], BLOCK_D=cfg["tgt_d"], num_warps=cfg["tgt_warps"], num_stages=2,
+    )
+
+    # 2. Partial log-sum-exp per split of the classes.
+    row_blocks = triton.cdiv(n, cfg["fwd_n"])
+    splits, per_split = _split(row_blocks, triton.cdiv(c, cfg["fwd_c"]), n_target)
+    part = torch.empty((3, splits, n), dtype=acc, device=dev)
+    torch.library.wrap_triton(_lse_kernel)[(row_blocks, splits)](
+        x, w, rx, rw, target, z_y, part, n, c, d, x.stride(0), w.stride(0), per_split, splits,
+        *scale_args,
+        NORMALIZE=normalize, HAS_SMOOTHING=label_smoothing != 0.0,
+        BLOCK_N=cfg["fwd_n"], BLOCK_C=cfg["fwd_c"], BLOCK_D=cfg["fwd_d"],
+        PRECISION=precision, UPCAST=upcast, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
+    )
+
+    # 3. Combine the splits: loss, and the per-row coefficients of G.
+    part_max, part_oth, part_z = part.unbind(0)
+    row_max = part_max.amax(0)
+    s_oth = (part_oth * torch.exp(part_max - row_max)).sum(0)
+    s_all = s_oth + torch.exp(z_y - row_max)
+    row_loss = (row_max - z_y) + torch.log(s_all)
+    if label_smoothing != 0.0:
+        row_loss = row_loss + label_smoothing * (z_y - (part_z.sum(0) + z_y) / c)  # part_z: j != y
+    live = target != ignore_index
+    loss = torch.where(live, row_loss, torch.zeros_like(row_loss))
+    if not compute_grad:
+        return loss, empty, w.new_empty(0)
+
+    r = row_grad.to(acc) if row_grad is not None else torch.ones_like(row_loss)
+    inv_s = 1.0 / s_all
+    uniform = label_smoothing / c
+    zero = torch.zeros_like(row_loss)
+    coef = torch.stack([
+        torch.where(live, row_max, zero),
+        torch.where(live, r * scale * inv_s, zero),
+        torch.where(live, r * (scale * uniform), zero),
+        torch.where(live, r * slope * ((label_smoothing - uniform) - s_oth * inv_s), zero),
+    ])
+
+    # 4. Gradients: A = G w^ and P (outer: embeddings), B = G^T x^ and Q (outer: classes).
+    def grad_pass(outer, inner, r_out, r_in, norm_out, n_out, n_in, outer_is_x, block_o, block_i):
+        o_blocks, d_blocks = triton.cdiv(n_out, block_o), triton.cdiv(d, cfg["g_do"])
+        g_splits, g_per = _split(o_blocks * d_blocks, triton.cdiv(n_in, block_i), n_target)
+        final = g_splits == 1  # the kernel writes the gradient itself
+        if final:
+            g_part = torch.empty((n_out, d), dtype=outer.dtype, device=dev)
+        else:
+            g_part = torch.empty((g_splits, n_out, d), dtype=acc, device=dev)
+        g_proj = torch.empty((g_splits, n_out), dtype=acc, device=dev) if normalize else loss
+        if d > 0:
+            torch.library.wrap_triton(_grad_kernel)[(o_blocks, d_blocks, g_splits)](
+                outer, inner, r_out, r_in, norm_out, target, coef, g_part, g_proj,
+                n_out, n_in, n, d, outer.stride(0), inner.stride(0), g_per, ignore_index,
+                *scale_args,
+                OUTER_IS_X=outer_is_x, NORMALIZE=normalize, FINAL=final, BLOCK_O=block_o,
+                BLOCK_I=block_i, BLOCK_D=cfg["g_d"], BLOCK_DO=cfg["g_do"], PRECISION=precision,
+                UPCAST=upcast, num_warps=cfg["g_warps"], num_stages=cfg["g_stages"],
+            )
+        if final:
+            return g_part
+        total = g_part.sum(0)
+        if not normalize:
+            return total.to(outer.dtype)
+        proj = torch.where(norm_out > _NORM_EPS, g_proj.sum(0), torch.zeros_like(norm_out))
+        unit = outer.to(acc) * r_out[:, None]
+        return ((total - proj[:, None] * unit) * r_out[:, None]).to(outer.dtype)
+
+    grad_x = grad_pass(x, w, rx, rw, norm_x, n, c, True, cfg["g_o_x"], cfg["g_i"])
+    grad_w = grad_pass(w, x, rw, rx, norm_w, c, n, False, cfg["g_o"], cfg["g_i_w"])
+    return loss, grad_x, grad_w
