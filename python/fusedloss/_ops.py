@@ -168,6 +168,41 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def keep_fused_grads(ctx, grads, saved) -> None:
+    """setup_context of an op whose kernel writes the gradient of each row's loss during
+    forward (`grads`, non-differentiable outputs), with `saved` the inputs backward needs.
+
+    Eager: the gradients stay off save_for_backward, so that backward may scale them in
+    place (no second copy) and a later backward through the same graph (retain_graph=True,
+    gradcheck) finds them spent and recomputes them. Traced (torch.compile, opcheck): they
+    are ordinary saved tensors, scaled out of place."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # else autograd makes full-size zero "gradients" for them
+    ctx.in_place = all(type(g) is torch.Tensor for g in grads) and not torch.compiler.is_compiling()
+    if ctx.in_place:
+        ctx.fused_grads = tuple(grads)
+        ctx.save_for_backward(*saved)
+    else:
+        ctx.fused_grads = None
+        ctx.save_for_backward(*saved, *grads)
+    ctx.num_saved = len(saved)
+
+
+def fused_grads(ctx):
+    """(saved inputs, fused gradients or None) in backward; in eager mode the gradients are
+    handed out once, and None afterwards."""
+    saved = ctx.saved_tensors
+    if ctx.in_place:
+        grads, ctx.fused_grads = ctx.fused_grads, None
+        return saved, grads
+    return saved[:ctx.num_saved], tuple(saved[ctx.num_saved:]) or None
+
+
+def scale_fused(ctx, grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad * scale: in place in eager mode, out of place (in grad's dtype) when traced."""
+    return grad.mul_(scale) if ctx.in_place else (grad * scale).to(grad.dtype)
+
+
 def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """Per-row losses to the result of `reduction`, as F.cross_entropy: "mean" divides by the

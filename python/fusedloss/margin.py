@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from . import _checks
-from ._ops import Op, reduce_rows, resolve_backend, result_dtype
+from ._ops import (Op, fused_grads, keep_fused_grads, reduce_rows, resolve_backend, result_dtype,
+                   scale_fused)
 from .reference import margin as reference
 
 _FN = "margin_cross_entropy"
@@ -23,38 +24,20 @@ def _fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, label_s
 def _setup_context(ctx, inputs, output):
     cos, target, row_m2, row_m3, *hyper, _compute_grad = inputs
     ctx.hyper = hyper
-    grad = output[1]
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)  # else autograd makes an N x C zero "gradient" for `grad`
-    # Eager: the fused gradient stays off save_for_backward, so that backward may scale it
-    # in place (no second N x C buffer) and a later backward through the same graph
-    # (retain_graph=True, gradcheck) finds it spent and recomputes it. Traced (torch.compile,
-    # opcheck): an ordinary saved tensor, scaled out of place.
-    ctx.in_place = type(grad) is torch.Tensor and not torch.compiler.is_compiling()
-    if ctx.in_place:
-        ctx.fused_grad = grad
-        ctx.save_for_backward(cos, target, row_m2, row_m3)
-    else:
-        ctx.save_for_backward(cos, target, row_m2, row_m3, grad)
+    keep_fused_grads(ctx, output[1:], (cos, target, row_m2, row_m3))
 
 
 def _backward(ctx, grad_loss, _unused):
     """The kernel wrote d loss_i / d cos_i during forward; backward scales it by the incoming
-    gradient."""
+    gradient (recomputing it when spent, or never made)."""
     if grad_loss is None:
         return (None,) * 12
-    cos, target, row_m2, row_m3, *saved = ctx.saved_tensors
-    if ctx.in_place:
-        grad, ctx.fused_grad = ctx.fused_grad, None
-    else:
-        grad = saved[0]
+    (cos, target, row_m2, row_m3), grads = fused_grads(ctx)
     scale = grad_loss.unsqueeze(1)
-    if grad is None or grad.shape != cos.shape:  # spent by an earlier backward, or never made
+    if grads is None or grads[0].shape != cos.shape:
         grad = ctx.op(cos, target, row_m2, row_m3, *ctx.hyper, True)[1].mul_(scale)
-    elif ctx.in_place:
-        grad = grad.mul_(scale)
     else:
-        grad = (grad * scale).to(grad.dtype)
+        grad = scale_fused(ctx, grads[0], scale)
     return (grad,) + (None,) * 11
 
 

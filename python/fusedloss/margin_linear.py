@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._ops import Op, reduce_rows, resolve_backend, result_dtype
+from ._ops import (Op, fused_grads, keep_fused_grads, reduce_rows, resolve_backend, result_dtype,
+                   scale_fused)
 from .margin import check_generator, elastic_margins, margin_options
 from .reference import margin as reference
 
@@ -28,20 +29,9 @@ def _fake(x, w, target, row_m2, row_m3, row_grad, scale, m1, m2, m3, detach_marg
 def _setup_context(ctx, inputs, output):
     x, w, target, row_m2, row_m3, row_grad, *hyper, _compute_grad = inputs
     ctx.hyper = hyper
-    grads = output[1:]
-    ctx.mark_non_differentiable(*grads)
-    ctx.set_materialize_grads(False)
-    # As for margin_cross_entropy: in eager mode the forward's gradients stay off
-    # save_for_backward, to be scaled in place once; traced, they are ordinary saved tensors.
     # Gradients weighted by a forward row_grad are not those of the loss: never reused.
-    ctx.in_place = all(type(g) is torch.Tensor for g in grads) and not torch.compiler.is_compiling()
-    reusable = grads if row_grad is None else ()
-    if ctx.in_place:
-        ctx.fused = reusable or None
-        ctx.save_for_backward(x, w, target, row_m2, row_m3)
-    else:
-        ctx.fused = None
-        ctx.save_for_backward(x, w, target, row_m2, row_m3, *reusable)
+    ctx.reusable = row_grad is None
+    keep_fused_grads(ctx, output[1:], (x, w, target, row_m2, row_m3))
 
 
 def _backward(ctx, grad_loss, _grad_x, _grad_w):
@@ -50,16 +40,10 @@ def _backward(ctx, grad_loss, _grad_x, _grad_w):
     "none" with per-row weights), or once spent, they are recomputed with row_grad."""
     if grad_loss is None:
         return (None,) * _NUM_INPUTS
-    x, w, target, row_m2, row_m3, *saved = ctx.saved_tensors
-    fused = ctx.fused if ctx.in_place else (tuple(saved) or None)
-    ctx.fused = None
+    (x, w, target, row_m2, row_m3), grads = fused_grads(ctx)
     same_on_every_row = grad_loss.shape[0] > 0 and grad_loss.stride(0) == 0
-    if fused is not None and fused[0].shape == x.shape and same_on_every_row:
-        g = grad_loss[0]
-        if ctx.in_place:
-            grad_x, grad_w = fused[0].mul_(g), fused[1].mul_(g)
-        else:
-            grad_x, grad_w = (fused[0] * g).to(x.dtype), (fused[1] * g).to(w.dtype)
+    if ctx.reusable and grads is not None and grads[0].shape == x.shape and same_on_every_row:
+        grad_x, grad_w = (scale_fused(ctx, g, grad_loss[0]) for g in grads)
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         _, grad_x, grad_w = ctx.op(x, w, target, row_m2, row_m3, grad_loss.to(acc).contiguous(),
