@@ -37,4 +37,9 @@ TORCH_LIBRARY(fusedloss, m) {
       "Tensor? row_m2, Tensor? row_m3, Tensor? row_grad, float scale, float m1, float m2, "
       "float m3, bool detach_margin, float label_smoothing, int ignore_index, bool normalize, "
       "int block_size, bool deterministic, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // Spherical Z-loss per row: loss (fp32, fp64 for fp64 logits) and, when compute_grad,
+  // d loss_i / d logits_ij in the dtype of `logits` (else an empty tensor). C >= 2.
+  m.def(
+      "spherical_z_loss(Tensor logits, Tensor target, float a, float b, int ignore_index, "
+      "bool compute_grad) -> (Tensor, Tensor)");
 }

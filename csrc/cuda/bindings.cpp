@@ -102,10 +102,64 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
   return {loss, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> spherical_z_loss_cuda(const at::Tensor& logits_in,
+                                                         const at::Tensor& target_in, double a,
+                                                         double b, int64_t ignore_index,
+                                                         bool compute_grad) {
+  constexpr const char* kOp = "spherical_z_loss";
+  TORCH_CHECK(logits_in.is_cuda(), kOp, ": logits must be a CUDA tensor, got ",
+              logits_in.device());
+  TORCH_CHECK(logits_in.dim() == 2, kOp, ": logits must have shape [N, C], got ",
+              logits_in.sizes());
+  TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kDouble ||
+                  logits_in.scalar_type() == at::kHalf ||
+                  logits_in.scalar_type() == at::kBFloat16,
+              kOp, ": logits must be float32, float64, float16 or bfloat16, got ",
+              logits_in.scalar_type());
+  const ScalarKind kind = scalar_kind(logits_in, kOp);
+  TORCH_CHECK(target_in.device() == logits_in.device(), kOp, ": target is on ",
+              target_in.device(), " but logits is on ", logits_in.device());
+  TORCH_CHECK(target_in.scalar_type() == at::kLong, kOp, ": target must be int64, got ",
+              target_in.scalar_type());
+  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0), kOp,
+              ": target must have shape [N] = [", logits_in.size(0), "], got ",
+              target_in.sizes());
+
+  const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  // Unit column stride is required; any row stride is used as it is.
+  const at::Tensor logits =
+      logits_in.size(1) > 1 && logits_in.stride(1) != 1 ? logits_in.contiguous() : logits_in;
+  const at::Tensor target = target_in.contiguous();
+  const at::ScalarType acc_type = kind == ScalarKind::kDouble ? at::kDouble : at::kFloat;
+
+  const int64_t rows = logits.size(0);
+  const int64_t cols = logits.size(1);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_type));
+  at::Tensor grad = compute_grad ? at::empty({rows, cols}, logits.options())
+                                 : at::empty({0}, logits.options());
+  if (rows == 0) return {loss, grad};
+
+  SphericalArgs args;
+  args.kind = kind;
+  args.logits = logits.data_ptr();
+  args.rows = rows;
+  args.cols = cols;
+  args.row_stride = logits.stride(0);
+  args.target = target.data_ptr<int64_t>();
+  args.a = a;
+  args.b = b;
+  args.ignore_index = ignore_index;
+  args.loss = loss.data_ptr();
+  args.grad = compute_grad && grad.numel() > 0 ? grad.data_ptr() : nullptr;
+  C10_CUDA_CHECK(launch_spherical_z_loss(args, c10::cuda::getCurrentCUDAStream()));
+  return {loss, grad};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fusedloss
 
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("margin_cross_entropy", &fusedloss::cuda::margin_cross_entropy_cuda);
+  m.impl("spherical_z_loss", &fusedloss::cuda::spherical_z_loss_cuda);
 }

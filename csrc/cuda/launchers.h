@@ -40,5 +40,24 @@ struct MarginArgs {
 // Enqueues the kernel on `stream`; returns the first CUDA error met (cudaSuccess if none).
 cudaError_t launch_margin_cross_entropy(const MarginArgs& args, cudaStream_t stream);
 
+// fusedloss::spherical_z_loss on one [rows, cols] matrix of logits (see
+// csrc/include/fusedloss/spherical.h for the math and csrc/ops.cpp for the op).
+struct SphericalArgs {
+  ScalarKind kind;
+  const void* logits;  // [rows, cols], unit column stride, row stride `row_stride`
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;  // in elements
+  const int64_t* target;  // [rows]
+  double a;
+  double b;
+  int64_t ignore_index;
+  void* loss;  // [rows] of the accumulation type
+  void* grad;  // contiguous [rows, cols] of `kind`, or nullptr for the loss alone
+};
+
+// Enqueues the kernel on `stream`; returns the first CUDA error met (cudaSuccess if none).
+cudaError_t launch_spherical_z_loss(const SphericalArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fusedloss

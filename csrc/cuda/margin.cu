@@ -40,7 +40,8 @@
 // gradient modes the input row and the contiguous gradient row must share that
 // boundary (true for every row of a contiguous `cos`, whatever C); when they do not
 // (a view whose row stride differs from C modulo the vector width), the row is
-// processed with scalar accesses only. Indices and offsets are 64-bit throughout.
+// processed with scalar accesses only. Indices and offsets are 64-bit throughout. These
+// building blocks (vectors, row split, row cache sizing) live in rows.cuh.
 //
 // Numerics: fp32 accumulation (fp64 for fp64 input), no fast-math; loss and gradient
 // come from margin.h (row_sums, row_loss, grad_other, grad_target), which never rounds
@@ -51,55 +52,19 @@
 // a NaN gradient row and is never used as an index.
 #include "launchers.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "fusedloss/margin.h"
+#include "rows.cuh"
 
 namespace fusedloss {
 namespace cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxWarps = kMaxThreads / kWarpSize;
-constexpr int kVectorBytes = 16;
-constexpr int kVectorsInFlight = 4;  // 16-byte loads issued per thread before their use
-constexpr int kMaxGrid = 1 << 30;
-
-// ---------------------------------------------------------------------------------------
-// Element types
-
-template <typename scalar_t> struct AccumulateOf { using type = float; };
-template <> struct AccumulateOf<double> { using type = double; };
-template <typename scalar_t> using acc_type = typename AccumulateOf<scalar_t>::type;
-
-// Threads per block at most: fp64's exp needs more than the 64 registers a thread may use
-// in a 1024-thread block.
-template <typename scalar_t>
-constexpr int max_threads() {
-  return sizeof(scalar_t) == sizeof(double) ? kMaxThreads / 2 : kMaxThreads;
-}
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t> __device__ scalar_t from_acc(acc_type<scalar_t> x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using namespace rows;  // NOLINT: the row building blocks shared with the other row kernels
 
 __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
@@ -118,130 +83,6 @@ __device__ __forceinline__ double exp_shifted(double x, double shift) {
 
 template <typename acc_t> __device__ __forceinline__ acc_t negative_infinity() {
   return -static_cast<acc_t>(INFINITY);
-}
-template <typename acc_t> __device__ __forceinline__ acc_t quiet_nan() {
-  return static_cast<acc_t>(NAN);
-}
-
-// ---------------------------------------------------------------------------------------
-// 16-byte vectors
-
-template <typename scalar_t>
-struct alignas(kVectorBytes) Vec {
-  static constexpr int kSize = kVectorBytes / sizeof(scalar_t);
-  scalar_t v[kSize];
-};
-
-// Vectors travel as raw 16-byte words until their elements are needed.
-template <typename scalar_t>
-__device__ __forceinline__ Vec<scalar_t> elements(uint4 raw) {
-  Vec<scalar_t> out;
-  memcpy(&out, &raw, sizeof(raw));
-  return out;
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ uint4 raw_bits(const Vec<scalar_t>& vec) {
-  uint4 raw;
-  memcpy(&raw, &vec, sizeof(raw));
-  return raw;
-}
-
-// Evict-first load: the data will not be read again from global memory.
-template <typename scalar_t>
-__device__ __forceinline__ uint4 load_last_use(const scalar_t* p) {
-  return __ldcs(reinterpret_cast<const uint4*>(p));
-}
-
-// Caching load: pass 2 reads the data again.
-template <typename scalar_t>
-__device__ __forceinline__ uint4 load_keep(const scalar_t* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
-
-// The 16-byte word at a 16-byte aligned element of the shared-memory row cache.
-template <typename scalar_t>
-__device__ __forceinline__ uint4* word_at(scalar_t* p) {
-  return reinterpret_cast<uint4*>(p);
-}
-template <typename scalar_t>
-__device__ __forceinline__ const uint4* word_at(const scalar_t* p) {
-  return reinterpret_cast<const uint4*>(p);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ void store_streaming(scalar_t* p, uint4 raw) {
-  __stcs(reinterpret_cast<uint4*>(p), raw);
-}
-
-// ---------------------------------------------------------------------------------------
-// Splitting a row into scalar head, 16-byte vectors and scalar tail
-
-struct RowSplit {
-  int64_t head;         // columns [0, head) are scalar
-  int64_t num_vectors;  // vector k covers [head + k * kSize, head + (k + 1) * kSize)
-  int64_t tail_begin;   // columns [tail_begin, cols) are scalar
-};
-
-// Columns before `p + column` reaches a 16-byte boundary.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t columns_to_boundary(const scalar_t* p) {
-  constexpr int kSize = Vec<scalar_t>::kSize;
-  const int64_t misaligned = (reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) % kSize;
-  return (kSize - misaligned) % kSize;
-}
-
-// Split for rows `a` and, unless null, `b` accessed at the same columns; all scalar when
-// they have no common 16-byte boundary.
-template <typename scalar_t>
-__device__ __forceinline__ RowSplit split_row(const scalar_t* a, const scalar_t* b,
-                                              int64_t cols) {
-  constexpr int kSize = Vec<scalar_t>::kSize;
-  int64_t head = columns_to_boundary(a);
-  if (b != nullptr && columns_to_boundary(b) != head) head = cols;
-  head = head < cols ? head : cols;
-  const int64_t num_vectors = (cols - head) / kSize;
-  return {head, num_vectors, head + num_vectors * kSize};
-}
-
-// Calls fn(column) for every head and tail column that this thread owns.
-template <typename Fn>
-__device__ __forceinline__ void for_each_scalar_column(const RowSplit& split, int64_t cols,
-                                                       Fn fn) {
-  const int64_t count = split.head + (cols - split.tail_begin);
-  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
-    fn(k < split.head ? k : split.tail_begin + (k - split.head));
-  }
-}
-
-// Calls consume(first_column, load(first_column)) for every vector that this thread owns,
-// issuing kVectorsInFlight loads (raw 16-byte words) before consuming them. Vector k
-// belongs to thread k mod blockDim.x in every pass.
-template <typename scalar_t, typename Load, typename Consume>
-__device__ __forceinline__ void for_each_vector(const RowSplit& split, Load load,
-                                                Consume consume) {
-  constexpr int kSize = Vec<scalar_t>::kSize;
-  const int64_t step = blockDim.x;
-  for (int64_t first = threadIdx.x; first < split.num_vectors;
-       first += kVectorsInFlight * step) {
-    uint4 words[kVectorsInFlight];
-#pragma unroll
-    for (int u = 0; u < kVectorsInFlight; ++u) {
-      const int64_t k = first + u * step;
-      if (k < split.num_vectors) words[u] = load(split.head + k * kSize);
-    }
-#pragma unroll
-    for (int u = 0; u < kVectorsInFlight; ++u) {
-      const int64_t k = first + u * step;
-      if (k < split.num_vectors) consume(split.head + k * kSize, words[u]);
-    }
-  }
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ bool vector_holds(int64_t first_column, int64_t column) {
-  return static_cast<uint64_t>(column - first_column) <
-         static_cast<uint64_t>(Vec<scalar_t>::kSize);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -398,25 +239,6 @@ __device__ RowConstants<acc_type<scalar_t>> row_constants(const KernelArgs<scala
   return out;
 }
 
-// Loss and gradient row of a row whose target is ignore_index (0) or out of range (NaN).
-template <typename scalar_t>
-__device__ void fill_row(acc_type<scalar_t> value, acc_type<scalar_t>* loss, scalar_t* grad,
-                         int64_t cols) {
-  if (threadIdx.x == 0) *loss = value;
-  if (grad == nullptr) return;
-  constexpr int kSize = Vec<scalar_t>::kSize;
-  const scalar_t element = from_acc<scalar_t>(value);
-  Vec<scalar_t> vec;
-#pragma unroll
-  for (int e = 0; e < kSize; ++e) vec.v[e] = element;
-  const uint4 word = raw_bits(vec);
-  const RowSplit split = split_row<scalar_t>(grad, nullptr, cols);
-  for (int64_t k = threadIdx.x; k < split.num_vectors; k += blockDim.x) {
-    store_streaming(grad + split.head + k * kSize, word);
-  }
-  for_each_scalar_column(split, cols, [&](int64_t col) { grad[col] = element; });
-}
-
 // Pass 1 over this thread's columns of a row, copying them into `cache` when kMode asks.
 template <RowMode kMode, typename scalar_t, typename acc_t>
 __device__ void scan_row(const scalar_t* in, scalar_t* cache, const RowSplit& split,
@@ -530,16 +352,6 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
 // ---------------------------------------------------------------------------------------
 // Host side
 
-// Smallest power of two in [32, max_threads] giving each thread at least two vectors.
-template <typename scalar_t>
-int threads_per_row(int64_t cols) {
-  constexpr int kTwoVectors = 2 * Vec<scalar_t>::kSize;
-  const int64_t wanted = (cols + kTwoVectors - 1) / kTwoVectors;
-  int threads = kWarpSize;
-  while (threads < wanted && threads < max_threads<scalar_t>()) threads *= 2;
-  return threads;
-}
-
 template <typename scalar_t>
 KernelArgs<scalar_t> kernel_args(const MarginArgs& a) {
   using acc_t = acc_type<scalar_t>;
@@ -560,30 +372,9 @@ KernelArgs<scalar_t> kernel_args(const MarginArgs& a) {
   return k;
 }
 
-// Lets `kernel` use all the shared memory that a block may opt in to and returns how much
-// of it is left for the row cache. Always the same value, so concurrent callers agree.
-template <typename Kernel>
-cudaError_t opt_in_row_cache(Kernel kernel, size_t* available) {
-  int device = 0;
-  int opt_in_limit = 0;
-  cudaFuncAttributes attributes;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&opt_in_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                 device);
-  }
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
-  if (err != cudaSuccess) return err;
-  const size_t limit = static_cast<size_t>(opt_in_limit);
-  *available = limit > attributes.sharedSizeBytes ? limit - attributes.sharedSizeBytes : 0;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(*available));
-}
-
 template <typename scalar_t>
 cudaError_t launch_typed(const MarginArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
-  constexpr int kSize = Vec<scalar_t>::kSize;
   const KernelArgs<scalar_t> args = kernel_args<scalar_t>(a);
   const int threads = threads_per_row<scalar_t>(a.cols);
   const int grid = static_cast<int>(a.rows < kMaxGrid ? a.rows : kMaxGrid);
@@ -595,10 +386,8 @@ cudaError_t launch_typed(const MarginArgs& a, cudaStream_t stream) {
   size_t available = 0;
   const cudaError_t err = opt_in_row_cache(cached, &available);
   if (err != cudaSuccess) return err;
-  // One vector of slack: the cache is shifted so that the row's vectors are aligned.
-  const size_t cache_bytes = static_cast<size_t>(a.cols + kSize) * sizeof(scalar_t);
-  if (a.cols <= static_cast<int64_t>(available / sizeof(scalar_t)) &&
-      cache_bytes <= available) {
+  size_t cache_bytes = 0;
+  if (row_cache_fits<scalar_t>(a.cols, available, &cache_bytes)) {
     cached<<<grid, threads, cache_bytes, stream>>>(args);
   } else {
     margin_cross_entropy_kernel<scalar_t, RowMode::kGradRereadRow>

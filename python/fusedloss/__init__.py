@@ -3,7 +3,9 @@ from . import nn
 from ._ops import BackendStatus, backends
 from .margin import margin_cross_entropy
 from .margin_linear import linear_margin_cross_entropy
+from .spherical import spherical_z_loss
+from .spherical_linear import linear_spherical_z_loss
 
 __version__ = "0.1.0"
-__all__ = ["BackendStatus", "backends", "linear_margin_cross_entropy", "margin_cross_entropy", "nn",
-           "__version__"]
+__all__ = ["BackendStatus", "backends", "linear_margin_cross_entropy", "linear_spherical_z_loss",
+           "margin_cross_entropy", "nn", "spherical_z_loss", "__version__"]

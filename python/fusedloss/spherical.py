@@ -1,0 +1,121 @@
+"""The spherical Z-loss of de Brebisson and Vincent (2016) on logits. The row math and its
+gradient are derived in csrc/include/fusedloss/spherical.h; the oracle is
+fusedloss.reference.spherical."""
+import torch
+
+from . import _checks
+from ._ops import (Op, fused_grads, keep_fused_grads, reduce_rows, resolve_backend, result_dtype,
+                   scale_fused)
+from .reference import spherical as reference
+
+_FN = "spherical_z_loss"
+SIGMA_FLOOR = reference.SIGMA_FLOOR  # spherical.h kSigmaFloor
+
+
+def _fake(logits, target, a, b, ignore_index, compute_grad):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+    return logits.new_empty(logits.shape[0], dtype=acc), grad
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, *hyper, _compute_grad = inputs
+    ctx.hyper = hyper
+    keep_fused_grads(ctx, output[1:], (logits, target))
+
+
+def _backward(ctx, grad_loss, _unused):
+    """The kernel wrote d loss_i / d logits_i during forward; backward scales it by the
+    incoming gradient (recomputing it when spent, or never made)."""
+    if grad_loss is None:
+        return (None,) * 6
+    (logits, target), grads = fused_grads(ctx)
+    scale = grad_loss.unsqueeze(1)
+    if grads is None or grads[0].shape != logits.shape:
+        grad = ctx.op(logits, target, *ctx.hyper, True)[1].mul_(scale)
+    else:
+        grad = scale_fused(ctx, grads[0], scale)
+    return (grad,) + (None,) * 5
+
+
+OP = Op("spherical", _FN, fake=_fake, setup_context=_setup_context, backward=_backward)
+
+
+def spherical_z_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    a: float = 1.0,
+    b: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""The Z-loss of de Brebisson and Vincent (2016), "The Z-loss: a shift and scale
+    invariant classification loss belonging to the Spherical Family", arXiv:1604.08859.
+
+    ``logits`` [N, C] (fp32, fp64, fp16 or bf16, C >= 2) holds the outputs ``o`` of a
+    classifier; ``target`` [N] holds class indices. Per row::
+
+        mu    = mean_k o_k
+        sigma = max(sqrt(mean_k (o_k - mu)^2), 1e-12)
+        z_c   = (o_c - mu) / sigma
+        loss  = softplus(a * (b - z_c)) / a
+
+    The loss sees the outputs only through ``o_c``, ``sum(o)`` and ``sum(o^2)`` (it belongs
+    to the spherical family) and is invariant to ``o -> alpha * o + beta`` for every
+    ``alpha > 0``: it rewards the target for standing out of the row by many standard
+    deviations, as a rank-based metric (top-k) does, not for any absolute logit value.
+
+    ``a > 0`` (sharpness of the softplus) and ``b`` (the z-score beyond which the loss
+    flattens out) are the paper's two hyperparameters. The paper gives no universal values:
+    it tunes them per task and per target metric (top-1 against top-k); the defaults
+    ``a=1, b=0`` are the plain ``softplus(-z_c)``, which the authors' own Z-loss code
+    (github.com/pascal20100/factored_output_layer, example/timing_example.py) also uses.
+
+    sigma floor: the spread is floored at ``1e-12`` (csrc/include/fusedloss/spherical.h
+    ``kSigmaFloor``), not regularised by an epsilon under the square root, so the loss is
+    exactly shift- and scale-invariant whenever the spread of a row exceeds the floor. Only
+    a row whose outputs are all equal (to rounding) hits the floor; there sigma is held
+    constant, the gradient has no component along ``o - mu``, and the loss and gradient are
+    those of ``z_c = (o_c - mu) / 1e-12`` (very large: such a row has no direction that
+    separates the target).
+
+    Not the PaLM z-loss: the auxiliary term ``lse_square_scale * logsumexp(logits)^2`` of
+    PaLM (Chowdhery et al., 2022) is a regulariser added to softmax cross-entropy that keeps
+    the log-partition function near 0; it is neither shift- nor scale-invariant and is not
+    a classification loss on its own. This function is the classification loss of de
+    Brebisson and Vincent, named ``spherical_z_loss`` to keep the two apart.
+
+    The mean and the spread are accumulated in fp32 (fp64 for fp64 logits), the spread
+    about the mean (two passes over the row, corrected for the rounding of the mean), so a
+    row whose mean is large against its spread loses no digits. ``ignore_index`` and
+    ``reduction`` ("mean" over the rows that are not ignored, "sum", "none") are as in
+    :func:`torch.nn.functional.cross_entropy`; an ignored row contributes 0 and gets a zero
+    gradient. The loss has the dtype of ``logits`` (fp32 under autocast). ``backend``:
+    "auto", "reference", "cpu", "cuda" or "triton" (see :func:`fusedloss.backends`).
+    """
+    _check_inputs(logits, target)
+    _checks.positive(_FN, a=a)
+    _checks.finite(_FN, b=b)
+    _checks.integer(_FN, ignore_index=ignore_index)
+    _checks.choice(_FN, "reduction", reduction, _checks.REDUCTIONS)
+    backend = resolve_backend(backend, logits.device, OP.name)
+    _checks.target_values(_FN, target, logits.shape[1], ignore_index)
+    target = target.long()
+    if backend == "reference":
+        return reference.spherical_z_loss(logits, target, a=a, b=b, ignore_index=ignore_index,
+                                          reduction=reduction).to(result_dtype(logits))
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss_rows, _ = OP.for_backend(backend)(logits, target, float(a), float(b), ignore_index,
+                                           compute_grad)
+    return reduce_rows(loss_rows, target != ignore_index, reduction, result_dtype(logits))
+
+
+def _check_inputs(logits, target):
+    _checks.floating_tensor(_FN, "logits", logits, ndim=2)
+    _checks.target_tensor(_FN, target, logits.shape[0])
+    _checks.same_device(_FN, logits=logits, target=target)
+    if logits.shape[1] < 2:
+        raise ValueError(f"{_FN}: needs C >= 2 classes (the spread of one output is zero by "
+                         f"definition), got logits of shape {tuple(logits.shape)}")
