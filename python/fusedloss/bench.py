@@ -5,6 +5,8 @@ Usage::
     python -m fusedloss.bench [--device cpu|cuda] [--large] [--family margin] [--out DIR]
                               [--repeats 5] [--dtype float32|bfloat16|float16] [--no-memory]
 
+(``--suite NAME`` is an alias of ``--family NAME``.)
+
 Writes ``bench_<device>.md``, ``bench_<device>.json`` and ``bench_<device>.png`` to ``--out``
 (default ``bench/results``, relative to the working directory) and prints the markdown table.
 The md and json are also rewritten after every case, marked partial, so that a run cut short
@@ -551,6 +553,109 @@ def margin_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) 
         targets=[{"case": {"variant": "arcface", "dtype": "float32", "N": 1024, "D": 512,
                            "C": 100_000},
                   "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15}])
+
+
+# --------------------------------------------------------------------------------------
+# Family: the spherical Z-loss of the output layer (fusedloss.linear_spherical_z_loss)
+# against the code users write today: form the logits, then mean, spread, z and softplus.
+# Not in the default run (`--family spherical` / `--suite spherical`).
+# --------------------------------------------------------------------------------------
+
+def spherical_linear_baseline(h, w, t, bias=None, a=1.0, b=0.0):
+    """The linear spherical Z-loss as users write it today, in the inputs' dtype: the
+    N x C outputs, their row mean and (population) spread, z of the target output, then
+    softplus(a (b - z)) / a, mean over rows."""
+    o = h @ w.T
+    if bias is not None:
+        o = o + bias
+    mu = o.mean(1)
+    sigma = (o - mu[:, None]).pow(2).mean(1).sqrt()
+    z = (o.gather(1, t[:, None]).squeeze(1) - mu) / sigma
+    return (F.softplus(a * (b - z)) / a).mean()
+
+
+def _spherical_inputs(case: dict, device: str) -> dict:
+    """hidden [N, d], weight [C, d] normal / sqrt(d), bias [C] normal * 0.1, all leaves;
+    random targets; seeded; built in place (no temporaries to inflate the RSS peak)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(2718 + case["C"] + case["N"])
+    dt = DTYPES[case["dtype"]]
+    h = torch.empty(case["N"], case["D"], dtype=dt, device=device).normal_(generator=g)
+    w = torch.empty(case["C"], case["D"], dtype=dt, device=device).normal_(generator=g)
+    bias = torch.empty(case["C"], dtype=dt, device=device).normal_(generator=g)
+    h.mul_(case["D"] ** -0.5)
+    w.mul_(case["D"] ** -0.5)
+    bias.mul_(0.1)
+    t = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
+    for leaf in (h, w, bias):
+        leaf.requires_grad_(True)
+    return {"h": h, "w": w, "bias": bias, "target": t, "leaves": [h, w, bias]}
+
+
+def _spherical_contender(kind: str) -> Contender:
+    """kind "fusedloss" (linear_spherical_z_loss, backend "auto"), "eager" or "compile"
+    (`spherical_linear_baseline`); forward + backward w.r.t. hidden, weight and bias."""
+
+    def build(case, inputs):
+        if kind == "fusedloss":
+            fl = _fusedloss()
+
+            def f(h, w, t, bias, a, b):
+                return fl.linear_spherical_z_loss(h, w, t, bias, a=a, b=b, backend="auto")
+        else:
+            f = compiled(spherical_linear_baseline) if kind == "compile" else spherical_linear_baseline
+        h, w, bias, t = inputs["h"], inputs["w"], inputs["bias"], inputs["target"]
+        a, b = case["a"], case["b"]
+
+        def step():
+            loss = f(h, w, t, bias, a, b)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+def _flops_spherical(case: dict) -> int:
+    """The matmul work of the factored op, forward + backward: the Gram matrix of the
+    augmented weight (2·C·D²), the weight-gradient update A [G; p] (2·C·D²), the row
+    quadratic forms and G (about 2·N·D² each); D = d + 2 (bias and the ones column)."""
+    D = case["D"] + 2
+    return 4 * case["C"] * D * D + 4 * case["N"] * D * D
+
+
+@family("spherical", default=False)
+def spherical_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    dtypes = dtypes or ["float32"]
+    D = 256
+    Cs = [100_000] + ([300_000] if large else [])
+    cases = _grid([2048], Cs, dtypes, D=D, variant="linear-spherical", a=1.0, b=0.0)
+    for c in cases:
+        c["label"] = f"linear spherical Z {_SHORT[c['dtype']]} N={c['N']} d={D} C={c['C']:,}"
+    notes = ["spherical: `linear_spherical_z_loss(h, w, t, bias, a=1, b=0)` (backend \"auto\", "
+             "the factored op: Gram matrix of the centred weight, no N x C outputs) on hidden "
+             "h [N, d], weight w [C, d] and bias [C], all three leaves requiring grad; baseline = "
+             "`spherical_linear_baseline`, the code users write today: `o = h @ w.T + bias; "
+             "mu = o.mean(1); sigma = (o - mu[:, None]).pow(2).mean(1).sqrt()`, "
+             "z = (o_c - mu) / sigma, loss = mean softplus(a (b - z)) / a, fp32, eager and under "
+             "torch.compile(dynamic=False). TFLOP/s (fusedloss) = (4·C·D² + 4·N·D²) / time with "
+             "D = d + 2; the baseline's matmuls are 6·N·C·d. Inputs: h, w normal / sqrt(d), "
+             "bias normal * 0.1, random targets, fixed seed.",
+             "spherical: the factored SGD layer (`fusedloss.nn.FactoredSphericalLinear`, "
+             "issue 6 item 4) is not benchmarked here yet: `fusedloss.nn` did not export it "
+             "when this family was written."]
+    contenders = {
+        "fusedloss": _spherical_contender("fusedloss"),
+        "baseline-eager": _spherical_contender("eager"),
+        "baseline-compile": _spherical_contender("compile"),
+    }
+    return Family(
+        name="spherical", cases=cases, make_inputs=_spherical_inputs, contenders=contenders,
+        fused=("fusedloss",), flops=_flops_spherical, notes=notes, mem_factor=6.0,
+        targets=[{"case": {"variant": "linear-spherical", "dtype": "float32", "N": 2048,
+                           "D": 256, "C": 100_000},
+                  "contender": "fusedloss", "time_vs_eager": 0.1, "memory_vs_eager": 0.05}])
 
 
 # --------------------------------------------------------------------------------------
@@ -1133,9 +1238,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--large", action="store_true", help="add the large cases")
-    p.add_argument("--family", action="append", choices=sorted(FAMILIES),
-                   help="loss family to run (repeatable); default: " + ", ".join(DEFAULT_FAMILIES)
-                        + " (+ ce on CUDA when a peer library is installed)")
+    p.add_argument("--family", "--suite", dest="family", action="append", choices=sorted(FAMILIES),
+                   help="loss family to run (repeatable; --suite is an alias); default: "
+                        + ", ".join(DEFAULT_FAMILIES)
+                        + " (+ ce on CUDA when a peer library is installed); not by default: "
+                        + ", ".join(n for n in sorted(FAMILIES) if n not in DEFAULT_FAMILIES))
     p.add_argument("--out", default=os.path.join("bench", "results"), help="default: bench/results")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per contender, at least (default 5)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

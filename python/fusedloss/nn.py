@@ -6,6 +6,7 @@ import torch
 from .margin import margin_cross_entropy
 from .margin_linear import linear_margin_cross_entropy
 from .spherical import spherical_z_loss
+from .spherical_factored import FactoredSphericalLinear  # noqa: F401  (a module of this namespace)
 from .spherical_linear import linear_spherical_z_loss
 
 # Margin presets: the defaults of the papers and of insightface's training configs. Any
