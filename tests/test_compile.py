@@ -21,9 +21,11 @@ def margin_samples(device):
                         (torch.bfloat16, True)]:
         cos, target = make(5, 33, dtype, grad)
         a = torch.float64 if dtype == torch.float64 else acc
-        samples.append((cos, target, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, -100, grad))
+        samples.append((cos, target, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, 1e-3, -100,
+                        grad))
         samples.append((cos, target, torch.full((5,), 0.4, dtype=a, device=device),
-                        torch.full((5,), 0.1, dtype=a, device=device), 30.0, 1.35, 0.0, 0.0, True, 0.0, -100, grad))
+                        torch.full((5,), 0.1, dtype=a, device=device), 30.0, 1.35, 0.0, 0.0, True,
+                        0.0, 0.0, -100, grad))
     return samples
 
 
@@ -86,10 +88,10 @@ def margin_linear_samples(device):
         target[1] = -100
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         row = torch.linspace(0.5, 1.5, 6, dtype=acc, device=device)
-        samples.append((x, w, target, None, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, -100,
-                        normalize, 0, False, grad))
+        samples.append((x, w, target, None, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, 0.0,
+                        -100, normalize, 0, False, grad))
         samples.append((x, w, target, row * 0.4, row * 0.1, row, 30.0, 1.35, 0.0, 0.0, True, 0.0,
-                        -100, normalize, 4, True, grad))
+                        1e-3, -100, normalize, 4, True, grad))
     return samples
 
 

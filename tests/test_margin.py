@@ -26,6 +26,8 @@ VARIANTS = {
     "elastic_cos_plus": dict(m3=0.35, m3_std=0.02, elastic_plus=True),
     "smoothing": dict(m2=0.5, label_smoothing=0.1),
     "no_margin": dict(scale=1.0),
+    "z_loss_term": dict(m2=0.5, lse_square_scale=1e-4),
+    "z_loss_term_smoothing": dict(m3=0.35, label_smoothing=0.1, lse_square_scale=1e-2),
 }
 
 
@@ -212,7 +214,8 @@ def test_elastic_draws_follow_the_generator():
 def test_gradcheck_fp64(backend):
     cos = (torch.rand(4, 9, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
     target = torch.tensor([0, 3, -100, 8])
-    for kw in (dict(m2=0.5), dict(m1=1.35, m3=0.1), dict(m3=0.35, label_smoothing=0.2)):
+    for kw in (dict(m2=0.5), dict(m1=1.35, m3=0.1), dict(m3=0.35, label_smoothing=0.2),
+               dict(m2=0.5, label_smoothing=0.1, lse_square_scale=0.05)):
         assert torch.autograd.gradcheck(
             lambda x: fusedloss.margin_cross_entropy(x, target, backend=backend, reduction="none", **kw),
             (cos,))
@@ -316,6 +319,10 @@ BAD_INPUTS = [
      dict(elastic_plus=True), ValueError, "elastic_plus=True needs"),
     ("smoothing above 1", lambda: (torch.rand(2, 3), torch.zeros(2, dtype=torch.long)),
      dict(label_smoothing=1.5), ValueError, r"label_smoothing must lie in \[0.0, 1.0\]"),
+    ("negative lse_square_scale", lambda: (torch.rand(2, 3), torch.zeros(2, dtype=torch.long)),
+     dict(lse_square_scale=-1e-4), ValueError, "lse_square_scale must be >= 0"),
+    ("nan lse_square_scale", lambda: (torch.rand(2, 3), torch.zeros(2, dtype=torch.long)),
+     dict(lse_square_scale=float("nan")), ValueError, "lse_square_scale must be a finite number"),
     ("unknown reduction", lambda: (torch.rand(2, 3), torch.zeros(2, dtype=torch.long)),
      dict(reduction="avg"), ValueError, "unknown reduction 'avg'"),
     ("unknown margin_grad", lambda: (torch.rand(2, 3), torch.zeros(2, dtype=torch.long)),
@@ -348,7 +355,28 @@ def test_cpu_kernel_checks_targets_itself():
     """Under torch.compile the Python value checks are skipped; the C++ kernel still refuses."""
     op = torch.ops.fusedloss.margin_cross_entropy
     with pytest.raises(ValueError, match=r"target\[1\] = 7 is outside \[0, 3\)"):
-        op(torch.rand(2, 3), torch.tensor([0, 7]), None, None, 64.0, 1.0, 0.5, 0.0, False, 0.0, -100, True)
+        op(torch.rand(2, 3), torch.tensor([0, 7]), None, None, 64.0, 1.0, 0.5, 0.0, False, 0.0, 0.0, -100,
+           True)
+
+
+@pytest.mark.parametrize("backend,device", device_backends())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_lse_square_term_is_palm_z_loss(backend, device, reduction):
+    """lse_square_scale adds lambda * logsumexp(z)^2 on the rows that count, and nothing on
+    ignored rows; with margins it is the log-sum-exp of the margin-adjusted logits."""
+    cos, target = make_inputs(6, 40, torch.float64, device, ignore=(2,), edges=False)
+    lam = 1e-3
+    plain = fusedloss.margin_cross_entropy(cos, target, m3=0.35, reduction="none", backend=backend)
+    with_term = fusedloss.margin_cross_entropy(cos, target, m3=0.35, lse_square_scale=lam,
+                                               reduction="none", backend=backend)
+    valid = target != -100
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    z = 64.0 * cos.clone()
+    z[torch.arange(6), safe] -= 64.0 * 0.35
+    lse = torch.logsumexp(z, 1)
+    want = torch.where(valid, lam * lse * lse, torch.zeros_like(lse))
+    torch.testing.assert_close(with_term - plain, want, rtol=1e-9, atol=1e-9)
+    check_against_oracle(cos, target, backend, m2=0.5, lse_square_scale=lam, reduction=reduction)
 
 
 def test_empty_batch_behaves_like_cross_entropy():

@@ -21,6 +21,8 @@ VARIANTS = {
     "elastic_arc_plus": dict(m2=0.5, m2_std=0.0175, elastic_plus=True),
     "elastic_cos": dict(m3=0.35, m3_std=0.05),
     "smoothing": dict(m2=0.5, label_smoothing=0.1),
+    "z_loss_term": dict(m2=0.5, lse_square_scale=1e-4),
+    "z_loss_term_smoothing": dict(m3=0.35, label_smoothing=0.1, lse_square_scale=1e-2),
     "plain_linear_ce": dict(scale=1.0, normalize=False),
 }
 
@@ -195,6 +197,9 @@ BAD = [
      dict(block_size=0), ValueError, "block_size must be a positive int"),
     ("negative scale", lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2, dtype=torch.long)),
      dict(scale=-1.0), ValueError, "scale must be > 0"),
+    ("negative lse_square_scale", lambda: (torch.randn(2, 4), torch.randn(3, 4),
+                                           torch.zeros(2, dtype=torch.long)),
+     dict(lse_square_scale=-1.0), ValueError, "lse_square_scale must be >= 0"),
     ("no classes", lambda: (torch.randn(2, 4), torch.randn(0, 4), torch.zeros(2, dtype=torch.long)),
      {}, ValueError, r"C >= 1"),
 ]

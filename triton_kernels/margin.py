@@ -13,8 +13,15 @@ target y, scale s, label smoothing eps and C classes, the kernel computes
     grad_j = s (exp(z_j - m) / S - eps / C)                    (j != y)
     grad_y = dz_y/dc_y (eps - eps / C - S_o / S)              [S_o / S = 1 - p_y, no cancellation]
 
+and, with the auxiliary term lambda lse^2 (lse_square_scale = lambda > 0, HAS_LSE_SQUARE),
+g = 2 lambda (m + log S):
+
+    loss  += lambda (m + log S)^2
+    grad_j = s ((1 + g) exp(z_j - m) / S - eps / C)            (j != y)
+    grad_y += dz_y/dc_y g exp(z_y - m) / S
+
 These are margin.h's formulas rearranged so that fp32 does not lose digits: lse is never
-formed (it would round at the size of z, ~64) and 1 - p_y is a ratio, not 1 minus ~1,
+formed for the cross-entropy (only for the auxiliary term, where its rounding is harmless) (it would round at the size of z, ~64) and 1 - p_y is a ratio, not 1 minus ~1,
 because the margin slope (up to ~100 s m1) amplifies any error in it.
 
 Kernel: one program per row. Pass 1 walks the row in BLOCK_C chunks with an online
@@ -120,8 +127,9 @@ def _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE: tl.constexpr, DETACH_MARGIN
 def _margin_ce_kernel(
     cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, loss_ptr, grad_ptr,
     C, cos_row_stride, ignore_index,
-    scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo, eps_hi, eps_lo,
-    HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, USE_ANGLE: tl.constexpr,
+    scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo, eps_hi, eps_lo, lam_hi, lam_lo,
+    HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, HAS_LSE_SQUARE: tl.constexpr,
+    USE_ANGLE: tl.constexpr,
     DETACH_MARGIN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
     ASIN_TERMS: tl.constexpr,
 ):
@@ -170,13 +178,22 @@ def _margin_ce_kernel(
     # loss = (lse - z_y) + eps (z_y - sum_z / C); the eps term is skipped at eps = 0 as in margin.h.
     loss = (m_run - z_y) + tl.log(s_all)
     loss += tl.where(eps != 0.0, eps * (z_y - sum_z / C), 0.0)
+    if HAS_LSE_SQUARE:  # lambda lse^2; its gradient is g softmax_j
+        lam = tl.cast(lam_hi, ACC) + tl.cast(lam_lo, ACC)
+        lse = m_run + tl.log(s_all)
+        loss += lam * lse * lse
+        z_grad = 2.0 * lam * lse
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
 
     # Pass 2: d loss_i / d cos_ij.
     if COMPUTE_GRAD:
         uniform = eps / C
         inv_s = 1.0 / s_all
-        g_y = slope * ((eps - uniform) - s_oth * inv_s)  # p_y - 1 = -s_oth / s_all, no cancellation
+        d_y = (eps - uniform) - s_oth * inv_s  # p_y - 1 = -s_oth / s_all, no cancellation
+        if HAS_LSE_SQUARE:
+            d_y += z_grad * (tl.exp(z_y - m_run) * inv_s)
+            inv_s = inv_s * (1.0 + z_grad)  # the j != y entries: (1 + g) softmax_j
+        g_y = slope * d_y
         grad_row = grad_ptr + row * C  # grad is contiguous [N, C]
         for start in range(0, C, BLOCK_C):
             cols = start + offs
@@ -201,7 +218,8 @@ def _block_c(num_classes: int, device: torch.device) -> int:
 
 def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], row_m3: Optional[Tensor],
                          scale: float, m1: float, m2: float, m3: float, detach_margin: bool,
-                         label_smoothing: float, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
+                         label_smoothing: float, lse_square_scale: float, ignore_index: int,
+                         compute_grad: bool) -> tuple[Tensor, Tensor]:
     """fusedloss::margin_cross_entropy (csrc/ops.cpp): per-row loss, and d loss_i / d cos_ij
     in the dtype of `cos` when compute_grad (else an empty tensor). Inputs are validated
     by the caller."""
@@ -223,7 +241,9 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
             cos, target, m2_arg, m3_arg, loss, grad_arg,
             c, cos.stride(0), ignore_index,
             *_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3), *_hi_lo(label_smoothing),
-            HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None, USE_ANGLE=use_angle,
+            *_hi_lo(lse_square_scale),
+            HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
+            HAS_LSE_SQUARE=lse_square_scale != 0.0, USE_ANGLE=use_angle,
             DETACH_MARGIN=detach_margin, COMPUTE_GRAD=compute_grad, BLOCK_C=block_c,
             ASIN_TERMS=25 if acc_dtype == torch.float64 else 10,
             num_warps=max(1, min(block_c // 256, 16)),

@@ -17,12 +17,14 @@ and `_hi_lo` for the scalars):
 
     z_ij = s cos_ij (j != y),  z_iy = s (psi(m1 theta + m2) - m3),  slope_i = dz_iy / dcos_iy
     M = max_j z_j,  S_o = sum_{j != y} exp(z_j - M),  S = S_o + exp(z_y - M)
-    loss_i = (M - z_y) + log S + eps (z_y - sum_j z_j / C)
+    loss_i = (M - z_y) + log S + eps (z_y - sum_j z_j / C) + lambda (M + log S)^2
 
-The gradient of L = sum_i r_i loss_i (r = row_grad, ones when absent) with respect to cos is
+(the last term, PaLM's auxiliary lambda lse^2 with lambda = lse_square_scale, only when
+lambda > 0; g_i = 2 lambda (M_i + log S_i), 0 without it). The gradient of
+L = sum_i r_i loss_i (r = row_grad, ones when absent) with respect to cos is
 
-    G_ij = r_i s (exp(z_ij - M_i) / S_i - eps / C)         (j != y_i)
-    G_iy = r_i slope_i (eps - eps / C - S_o,i / S_i)
+    G_ij = r_i s ((1 + g_i) exp(z_ij - M_i) / S_i - eps / C)         (j != y_i)
+    G_iy = r_i slope_i (eps - eps / C - S_o,i / S_i + g_i exp(z_iy - M_i) / S_i)
 
 and through the matmul and the normalisation (d x^ / d x = (I - x^ x^T) / m where ||x|| > 1e-12,
 I / 1e-12 where the norm is clamped):
@@ -50,7 +52,7 @@ and the block sizes only. `deterministic` is therefore accepted and has nothing 
    j != y, sum of z for label smoothing). The target column is left out of the tile sums: its
    logit is z_y of step 1. Writes the SPLIT partial (max, S_o, sum z) per row: [3, SPLIT, N].
 3. Combine with torch ops, O(SPLIT N): M, S_o, S, the loss, and for the gradient the per-row
-   coefficients (M, r s / S, r s eps / C, G_iy), zero on ignored rows. Saved between the
+   coefficients (M, r s (1 + g) / S, r s eps / C, G_iy), zero on ignored rows. Saved between the
    passes: these 4 numbers per row (and the norms), nothing of size C or N x C.
 4. Only when compute_grad, two kernels that recompute the cos tiles and G tile by tile:
    `_grad_kernel` with OUTER_IS_X, grid (N / BLOCK_O, D / BLOCK_DO, SPLIT): per row block and
@@ -403,8 +405,8 @@ def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -
 def margin_linear_cross_entropy(
     embeddings: Tensor, weight: Tensor, target: Tensor, row_m2: Optional[Tensor],
     row_m3: Optional[Tensor], row_grad: Optional[Tensor], scale: float, m1: float, m2: float,
-    m3: float, detach_margin: bool, label_smoothing: float, ignore_index: int, normalize: bool,
-    block_size: int, deterministic: bool, compute_grad: bool,
+    m3: float, detach_margin: bool, label_smoothing: float, lse_square_scale: float,
+    ignore_index: int, normalize: bool, block_size: int, deterministic: bool, compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """fusedloss::margin_linear_cross_entropy (csrc/ops.cpp): per-row loss [N] (fp32, fp64 for
     fp64) and, when compute_grad, the gradients of sum_i row_grad_i loss_i with respect to
@@ -476,6 +478,9 @@ def margin_linear_cross_entropy(
     row_loss = (row_max - z_y) + torch.log(s_all)
     if label_smoothing != 0.0:
         row_loss = row_loss + label_smoothing * (z_y - (part_z.sum(0) + z_y) / c)  # part_z: j != y
+    if lse_square_scale != 0.0:  # lambda lse^2; its gradient is g softmax_j, g = 2 lambda lse
+        lse = row_max + torch.log(s_all)
+        row_loss = row_loss + lse_square_scale * lse * lse
     live = target != ignore_index
     loss = torch.where(live, row_loss, torch.zeros_like(row_loss))
     if not compute_grad:
@@ -485,11 +490,17 @@ def margin_linear_cross_entropy(
     inv_s = 1.0 / s_all
     uniform = label_smoothing / c
     zero = torch.zeros_like(row_loss)
+    d_y = (label_smoothing - uniform) - s_oth * inv_s
+    p_scale = inv_s
+    if lse_square_scale != 0.0:
+        z_grad = 2.0 * lse_square_scale * lse
+        d_y = d_y + z_grad * (torch.exp(z_y - row_max) * inv_s)
+        p_scale = inv_s * (1.0 + z_grad)
     coef = torch.stack([
         torch.where(live, row_max, zero),
-        torch.where(live, r * scale * inv_s, zero),
+        torch.where(live, r * scale * p_scale, zero),
         torch.where(live, r * (scale * uniform), zero),
-        torch.where(live, r * slope * ((label_smoothing - uniform) - s_oth * inv_s), zero),
+        torch.where(live, r * slope * d_y, zero),
     ])
 
     # 4. Gradients: A = G w^ and P (outer: embeddings), B = G^T x^ and Q (outer: classes).

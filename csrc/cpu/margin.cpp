@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
     const at::Tensor& cos_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& row_m2_in, const std::optional<at::Tensor>& row_m3_in,
     double scale, double m1, double m2, double m3, bool detach_margin, double label_smoothing,
-    int64_t ignore_index, bool compute_grad) {
+    double lse_square_scale, int64_t ignore_index, bool compute_grad) {
   TORCH_CHECK(cos_in.dim() == 2, "margin_cross_entropy: cos must be 2-D [N, C], got ",
               cos_in.sizes());
   TORCH_CHECK(at::isFloatingType(cos_in.scalar_type()),
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
         cos.data_ptr<scalar_t>(), cos.stride(0), target.data_ptr<int64_t>(),
         optional_data<acc_t>(row_m2), optional_data<acc_t>(row_m3),
         margin::Params<acc_t>{acc_t(scale), acc_t(m1), acc_t(m2), acc_t(m3), use_angle, detach_margin},
-        acc_t(label_smoothing), ignore_index, C, loss.data_ptr<acc_t>(),
+        acc_t(label_smoothing), acc_t(lse_square_scale), ignore_index, C, loss.data_ptr<acc_t>(),
         compute_grad ? grad.data_ptr<scalar_t>() : nullptr, C};
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {

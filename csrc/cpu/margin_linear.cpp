@@ -155,8 +155,8 @@ template <typename scalar_t>
 void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
          const std::optional<at::Tensor>& row_m2, const std::optional<at::Tensor>& row_m3,
          const std::optional<at::Tensor>& row_grad, const margin::Params<at::opmath_type<scalar_t>>& params,
-         double label_smoothing, int64_t ignore_index, bool normalize, int64_t block_size,
-         bool compute_grad, at::Tensor& loss, at::Tensor& grad_x, at::Tensor& grad_w) {
+         double label_smoothing, double lse_square_scale, int64_t ignore_index, bool normalize,
+         int64_t block_size, bool compute_grad, at::Tensor& loss, at::Tensor& grad_x, at::Tensor& grad_w) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;  // fp16 / bf16
   const int64_t N = x.size(0), D = x.size(1), C = w.size(0);
@@ -244,7 +244,7 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
     // 3. epilogue: cos, loss, G' in place.
     const RowArgs<acc_t, acc_t> args{blk_p, C, tp + i0, m2p ? m2p + i0 : nullptr,
                                      m3p ? m3p + i0 : nullptr, params, acc_t(label_smoothing),
-                                     ignore_index, C, loss.data_ptr<acc_t>() + i0,
+                                     acc_t(lse_square_scale), ignore_index, C, loss.data_ptr<acc_t>() + i0,
                                      compute_grad ? blk_p : nullptr, C};
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
@@ -322,8 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_linear_cross_entropy(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& row_m2_in, const std::optional<at::Tensor>& row_m3_in,
     const std::optional<at::Tensor>& row_grad_in, double scale, double m1, double m2, double m3,
-    bool detach_margin, double label_smoothing, int64_t ignore_index, bool normalize,
-    int64_t block_size, bool deterministic, bool compute_grad) {
+    bool detach_margin, double label_smoothing, double lse_square_scale, int64_t ignore_index,
+    bool normalize, int64_t block_size, bool deterministic, bool compute_grad) {
   (void)deterministic;  // every run is deterministic (header comment)
   TORCH_CHECK(x_in.dim() == 2, kOp, ": embeddings must be 2-D [N, D], got ", x_in.sizes());
   TORCH_CHECK(w_in.dim() == 2, kOp, ": weight must be 2-D [C, D], got ", w_in.sizes());
@@ -371,8 +371,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_linear_cross_entropy(
     using acc_t = at::opmath_type<scalar_t>;
     const margin::Params<acc_t> params{acc_t(scale), acc_t(m1), acc_t(m2), acc_t(m3), use_angle,
                                        detach_margin};
-    run<scalar_t>(x, w, target, row_m2, row_m3, row_grad, params, label_smoothing, ignore_index,
-                  normalize, block_size, compute_grad, loss, grad_x, grad_w);
+    run<scalar_t>(x, w, target, row_m2, row_m3, row_grad, params, label_smoothing,
+                  lse_square_scale, ignore_index, normalize, block_size, compute_grad, loss,
+                  grad_x, grad_w);
   });
   return {loss, grad_x, grad_w};
 }

@@ -62,6 +62,7 @@ struct RowArgs {
   const acc_t* row_m3;  // nullable
   margin::Params<acc_t> params;
   acc_t smoothing;
+  acc_t lse_square_scale;  // lambda of the auxiliary term lambda lse^2 (0: none)
   int64_t ignore_index;
   int64_t num_classes;
   acc_t* loss;
@@ -92,7 +93,7 @@ bool margin_row(const RowArgs<scalar_t, acc_t>& a, int64_t i) {
   accumulate_range(row, y + 1, C, p.scale, st);
   const margin::RowSums<acc_t> sums = margin::row_sums(st.max, st.sum_other, t.value);
   const acc_t sum_z = p.scale * st.sum_cos + t.value;
-  a.loss[i] = margin::row_loss(sums, t.value, sum_z, a.smoothing, C);
+  a.loss[i] = margin::row_loss(sums, t.value, sum_z, a.smoothing, C, a.lse_square_scale);
   if (!grad_row) return true;
 
   // exp(z_j - lse) rather than exp(z_j - M) / S: the quotient of a tiny exponential is a
@@ -100,9 +101,11 @@ bool margin_row(const RowArgs<scalar_t, acc_t>& a, int64_t i) {
   // fast_exp's floor at exp(-87) keeps every value here normal.
   const acc_t uniform = a.smoothing / acc_t(C);
   const acc_t lse = sums.max + std::log(sums.sum);
-  write_softmax_grad(row, grad_row, y, p.scale, lse, uniform);
-  write_softmax_grad(row + y + 1, grad_row + y + 1, C - y - 1, p.scale, lse, uniform);
-  grad_row[y] = static_cast<scalar_t>(margin::grad_target(t, sums, a.smoothing, uniform));
+  const acc_t z_grad = margin::lse_square_grad(sums, a.lse_square_scale);
+  write_softmax_grad(row, grad_row, y, p.scale, lse, uniform, z_grad);
+  write_softmax_grad(row + y + 1, grad_row + y + 1, C - y - 1, p.scale, lse, uniform, z_grad);
+  grad_row[y] =
+      static_cast<scalar_t>(margin::grad_target(t, sums, a.smoothing, uniform, z_grad));
   return true;
 }
 

@@ -88,15 +88,15 @@ FL_CPU_CLONES ExpSum<acc_t> exp_sum(const scalar_t* x, int64_t n, acc_t scale, a
 template <typename acc_t>
 constexpr acc_t kFlushBelow = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
 
-// grad_j = grad_other(exp(scale * x_j - lse), 1) of fusedloss/margin.h
+// grad_j = grad_other(exp(scale * x_j - lse), 1, ..., z_grad) of fusedloss/margin.h
 template <typename scalar_t, typename acc_t>
 FL_CPU_CLONES void write_softmax_grad(const scalar_t* x, scalar_t* grad, int64_t n, acc_t scale,
-                                      acc_t lse, acc_t uniform) {
+                                      acc_t lse, acc_t uniform, acc_t z_grad) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     acc_t p = fast_exp(scale * static_cast<acc_t>(x[i]) - lse);
     p = p < kFlushBelow<acc_t> ? acc_t(0) : p;
-    grad[i] = static_cast<scalar_t>(margin::grad_other(p, acc_t(1), scale, uniform));
+    grad[i] = static_cast<scalar_t>(margin::grad_other(p, acc_t(1), scale, uniform, z_grad));
   }
 }
 

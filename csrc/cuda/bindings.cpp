@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
     const at::Tensor& cos_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& row_m2_in, const std::optional<at::Tensor>& row_m3_in,
     double scale, double m1, double m2, double m3, bool detach_margin,
-    double label_smoothing, int64_t ignore_index, bool compute_grad) {
+    double label_smoothing, double lse_square_scale, int64_t ignore_index, bool compute_grad) {
   constexpr const char* kOp = "margin_cross_entropy";
   TORCH_CHECK(cos_in.is_cuda(), kOp, ": cos must be a CUDA tensor, got ", cos_in.device());
   TORCH_CHECK(cos_in.dim() == 2, kOp, ": cos must have shape [N, C], got ", cos_in.sizes());
@@ -95,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
   args.use_angle = !(m1 == 1.0 && m2 == 0.0 && !row_m2.defined());
   args.detach_margin = detach_margin;
   args.label_smoothing = label_smoothing;
+  args.lse_square_scale = lse_square_scale;
   args.ignore_index = ignore_index;
   args.loss = loss.data_ptr();
   args.grad = compute_grad && grad.numel() > 0 ? grad.data_ptr() : nullptr;

@@ -32,6 +32,7 @@ struct MarginArgs {
   bool use_angle;
   bool detach_margin;
   double label_smoothing;
+  double lse_square_scale;  // lambda of the auxiliary term lambda lse^2 (0: none)
   int64_t ignore_index;
   void* loss;  // [rows] of the accumulation type
   void* grad;  // contiguous [rows, cols] of `kind`, or nullptr for the loss alone

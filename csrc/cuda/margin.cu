@@ -45,7 +45,8 @@
 //
 // Numerics: fp32 accumulation (fp64 for fp64 input), no fast-math; loss and gradient
 // come from margin.h (row_sums, row_loss, grad_other, grad_target), which never rounds
-// lse = M + log S. Both passes evaluate exp(z - M) as 2^((z - M) log2 e) (exp_shifted):
+// lse = M + log S for the cross-entropy (only the optional auxiliary term lambda lse^2
+// uses it, through the factor g = 2 lambda lse that thread 0 publishes with M and 1 / S). Both passes evaluate exp(z - M) as 2^((z - M) log2 e) (exp_shifted):
 // exactly 1 at the maximum and within ~1e-6 relative elsewhere. NaN anywhere in a row
 // reaches S (fmax may drop it from the running max, never from the sum), so the loss of
 // that row is NaN. A target outside [0, C) that is not ignore_index gives a NaN loss and
@@ -159,6 +160,7 @@ template <typename acc_t>
 struct RowResult {
   acc_t max;          // M
   acc_t inv_sum;      // 1 / S
+  acc_t z_grad;       // g = 2 lambda lse of the auxiliary term (0: none)
   acc_t target_grad;  // d loss / d cos_y
 };
 
@@ -174,6 +176,7 @@ struct RowConstants {
   margin::Params<acc_t> params;
   acc_t smoothing;
   acc_t uniform;  // smoothing / C
+  acc_t lse_square_scale;
   int64_t cols;
 };
 
@@ -197,9 +200,11 @@ __device__ RowResult<acc_t> finish_row(OnlineLse<acc_t> state,
     if (lane == 0) {
       const margin::RowSums<acc_t> sums =
           margin::row_sums(state.max, state.sum_other, target.value);
-      *loss = margin::row_loss(sums, target.value, state.sum_z, row.smoothing, row.cols);
-      scratch.result = {sums.max, acc_t(1) / sums.sum,
-                        margin::grad_target(target, sums, row.smoothing, row.uniform)};
+      *loss = margin::row_loss(sums, target.value, state.sum_z, row.smoothing, row.cols,
+                               row.lse_square_scale);
+      const acc_t z_grad = margin::lse_square_grad(sums, row.lse_square_scale);
+      scratch.result = {sums.max, acc_t(1) / sums.sum, z_grad,
+                        margin::grad_target(target, sums, row.smoothing, row.uniform, z_grad)};
     }
   }
   __syncthreads();
@@ -223,6 +228,7 @@ struct KernelArgs {
   const acc_t* row_m3;
   margin::Params<acc_t> params;  // m2 and m3 replaced per row when row_m2 / row_m3 are set
   acc_t smoothing;
+  acc_t lse_square_scale;
   int64_t ignore_index;
   acc_t* loss;
   scalar_t* grad;
@@ -233,7 +239,8 @@ __device__ RowConstants<acc_type<scalar_t>> row_constants(const KernelArgs<scala
                                                           int64_t row) {
   using acc_t = acc_type<scalar_t>;
   RowConstants<acc_t> out{args.params, args.smoothing,
-                          args.smoothing / static_cast<acc_t>(args.cols), args.cols};
+                          args.smoothing / static_cast<acc_t>(args.cols), args.lse_square_scale,
+                          args.cols};
   if (args.row_m2 != nullptr) out.params.m2 = args.row_m2[row];
   if (args.row_m3 != nullptr) out.params.m3 = args.row_m3[row];
   return out;
@@ -273,7 +280,7 @@ __device__ __forceinline__ void gradients(const scalar_t (&c)[N], scalar_t (&g)[
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     const acc_t exp_z = exp_shifted(scale * to_acc(c[e]), result.max);
-    const acc_t other = margin::grad_other(exp_z, result.inv_sum, scale, uniform);
+    const acc_t other = margin::grad_other(exp_z, result.inv_sum, scale, uniform, result.z_grad);
     g[e] = from_acc<scalar_t>(kHoldsTarget && col + e == target ? result.target_grad : other);
   }
 }
@@ -366,6 +373,7 @@ KernelArgs<scalar_t> kernel_args(const MarginArgs& a) {
   k.params = {static_cast<acc_t>(a.scale), static_cast<acc_t>(a.m1), static_cast<acc_t>(a.m2),
               static_cast<acc_t>(a.m3),    a.use_angle,               a.detach_margin};
   k.smoothing = static_cast<acc_t>(a.label_smoothing);
+  k.lse_square_scale = static_cast<acc_t>(a.lse_square_scale);
   k.ignore_index = a.ignore_index;
   k.loss = static_cast<acc_t*>(a.loss);
   k.grad = static_cast<scalar_t*>(a.grad);

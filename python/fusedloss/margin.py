@@ -15,7 +15,7 @@ _FN = "margin_cross_entropy"
 
 
 def _fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, label_smoothing,
-          ignore_index, compute_grad):
+          lse_square_scale, ignore_index, compute_grad):
     acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
     grad = cos.new_empty(cos.shape) if compute_grad else cos.new_empty(0)
     return cos.new_empty(cos.shape[0], dtype=acc), grad
@@ -31,14 +31,14 @@ def _backward(ctx, grad_loss, _unused):
     """The kernel wrote d loss_i / d cos_i during forward; backward scales it by the incoming
     gradient (recomputing it when spent, or never made)."""
     if grad_loss is None:
-        return (None,) * 12
+        return (None,) * 13
     (cos, target, row_m2, row_m3), grads = fused_grads(ctx)
     scale = grad_loss.unsqueeze(1)
     if grads is None or grads[0].shape != cos.shape:
         grad = ctx.op(cos, target, row_m2, row_m3, *ctx.hyper, True)[1].mul_(scale)
     else:
         grad = scale_fused(ctx, grads[0], scale)
-    return (grad,) + (None,) * 11
+    return (grad,) + (None,) * 12
 
 
 OP = Op("margin", _FN, fake=_fake, setup_context=_setup_context, backward=_backward)
@@ -57,6 +57,7 @@ def margin_cross_entropy(
     elastic_plus: bool = False,
     margin_grad: str = "exact",
     label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
@@ -94,13 +95,24 @@ def margin_cross_entropy(
     largest margin, ties broken by row index. The same generator state gives the same
     draws on every backend.
 
+    ``lse_square_scale`` (lambda >= 0, default 0) adds PaLM's auxiliary "z-loss" term
+    ``lambda * logsumexp(z)^2`` to the loss of every row that is not ignored, with ``z`` the
+    margin-adjusted logits above; it keeps the log-partition function near 0 so that the
+    logits do not drift (PaLM uses 1e-4). It costs nothing extra: the kernels already hold
+    the log-sum-exp. It is independent of ``label_smoothing`` (added to the row's loss) and
+    is reduced with it. It is not :func:`fusedloss.spherical_z_loss`: that is a different
+    classification loss (de Brebisson and Vincent's Z-loss, a softplus of the standardised
+    target output, shift- and scale-invariant in the outputs), which replaces the
+    cross-entropy, whereas this term is a regulariser added to it that depends on the
+    absolute level of the logits.
+
     The loss has the dtype of ``cos`` (fp32 under autocast, as cross_entropy); it is
     accumulated in fp32 (fp64 for fp64). An empty batch gives 0 for "sum" and NaN for
     "mean", like cross_entropy. ``backend``: "auto", "reference", "cpu", "cuda" or
     "triton" (see :func:`fusedloss.backends`).
     """
     opts = MarginOptions(scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
-                         label_smoothing, ignore_index, reduction)
+                         label_smoothing, ignore_index, reduction, lse_square_scale)
     _check_inputs(cos, target)
     opts.check(_FN)
     check_generator(_FN, generator, cos.device)
@@ -143,6 +155,7 @@ class MarginOptions:
     label_smoothing: float = 0.0
     ignore_index: int = -100
     reduction: str = "mean"
+    lse_square_scale: float = 0.0
 
     def check(self, fn: str) -> None:
         _checks.positive(fn, scale=self.scale)
@@ -150,6 +163,8 @@ class MarginOptions:
         _checks.finite(fn, m2=self.m2, m3=self.m3)
         _checks.at_least(fn, 0.0, m2_std=self.m2_std, m3_std=self.m3_std)
         _checks.in_range(fn, 0.0, 1.0, label_smoothing=self.label_smoothing)
+        _checks.finite(fn, lse_square_scale=self.lse_square_scale)
+        _checks.at_least(fn, 0.0, lse_square_scale=self.lse_square_scale)
         _checks.integer(fn, ignore_index=self.ignore_index)
         _checks.choice(fn, "margin_grad", self.margin_grad, ("exact", "detached"))
         _checks.choice(fn, "reduction", self.reduction, _checks.REDUCTIONS)
@@ -160,13 +175,16 @@ class MarginOptions:
         """The keywords of the reference oracle, with the per-row margins where drawn."""
         return dict(scale=self.scale, m1=self.m1, m2=self.m2 if row_m2 is None else row_m2,
                     m3=self.m3 if row_m3 is None else row_m3, margin_grad=self.margin_grad,
-                    label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
+                    label_smoothing=self.label_smoothing,
+                    lse_square_scale=self.lse_square_scale, ignore_index=self.ignore_index,
                     reduction=self.reduction)
 
     def kernel_args(self):
-        """scale, m1, m2, m3, detach_margin, label_smoothing, ignore_index, as the schemas take them."""
+        """scale, m1, m2, m3, detach_margin, label_smoothing, lse_square_scale, ignore_index,
+        as the schemas take them."""
         return (float(self.scale), float(self.m1), float(self.m2), float(self.m3),
-                self.margin_grad == "detached", float(self.label_smoothing), self.ignore_index)
+                self.margin_grad == "detached", float(self.label_smoothing),
+                float(self.lse_square_scale), self.ignore_index)
 
 
 def margin_options(fn: str, kwargs: dict) -> MarginOptions:

@@ -14,11 +14,12 @@ from .margin import check_generator, elastic_margins, margin_options
 from .reference import margin as reference
 
 _FN = "linear_margin_cross_entropy"
-_NUM_INPUTS = 17  # of the schema fusedloss::margin_linear_cross_entropy
+_NUM_INPUTS = 18  # of the schema fusedloss::margin_linear_cross_entropy
 
 
 def _fake(x, w, target, row_m2, row_m3, row_grad, scale, m1, m2, m3, detach_margin,
-          label_smoothing, ignore_index, normalize, block_size, deterministic, compute_grad):
+          label_smoothing, lse_square_scale, ignore_index, normalize, block_size, deterministic,
+          compute_grad):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss = x.new_empty(x.shape[0], dtype=acc)
     if compute_grad:
@@ -79,8 +80,9 @@ def linear_margin_cross_entropy(
     promises bit-identical results run to run (every backend here is deterministic; the
     flag keeps that promise explicit). ``generator`` and ``kwargs`` are the keywords of
     :func:`fusedloss.margin_cross_entropy` (scale, m1, m2, m3, m2_std, m3_std, elastic_plus,
-    margin_grad, label_smoothing, ignore_index, reduction), with the same defaults and
-    meaning; ElasticFace+ orders rows by their target cosine ``x_hat_i . w_hat_{y_i}``.
+    margin_grad, label_smoothing, lse_square_scale, ignore_index, reduction), with the same
+    defaults and meaning (``lse_square_scale``: PaLM's auxiliary term
+    ``lambda * logsumexp(z)^2`` per row, not :func:`fusedloss.linear_spherical_z_loss`); ElasticFace+ orders rows by their target cosine ``x_hat_i . w_hat_{y_i}``.
     """
     opts = margin_options(_FN, kwargs)
     _check_inputs(embeddings, weight, target, block_size)

@@ -46,6 +46,25 @@
 //   dloss/dc_y = dz_y/dc_y (eps - eps / C - S_o / S)
 //
 // the last because softmax_y - 1 = -S_o / S, which keeps 1 - p_y accurate when p_y ~ 1.
+//
+// Auxiliary term (PaLM's "z-loss", lse_square_scale = lambda >= 0, default 0): each row
+// may add lambda lse^2, which pulls the log-partition function towards 0 so that the
+// logits do not drift (this is not spherical_z_loss, a different loss on the logits: see
+// spherical.h). Here lse is the log-sum-exp of the margin-adjusted logits z. With
+//
+//   d(lambda lse^2)/dz_j = 2 lambda lse softmax_j =: g softmax_j
+//
+// the row becomes
+//
+//   loss       = (M - z_y) + log S + eps (z_y - sum_j z_j / C) + lambda (M + log S)^2
+//   dloss/dc_j = s ((1 + g) exp(z_j - M) / S - eps / C)                 (j != y)
+//   dloss/dc_y = dz_y/dc_y (eps - eps / C - S_o / S + g exp(z_y - M) / S)
+//
+// For this term the rounded lse = M + log S is fine: it enters the loss as lambda lse^2
+// (relative error ~1e-7) and the gradient only through g, whose rounding error (~1e-7 g)
+// is a relative error of the small correction g softmax_j, not of the cross-entropy
+// gradient. The term holds no new sum over the row: M and S are already there. Ignored
+// rows carry no term. Label smoothing is independent of it (the term is added to the loss).
 #pragma once
 
 #include <cmath>
@@ -148,26 +167,43 @@ FL_HOST_DEVICE RowSums<acc_t> row_sums(acc_t max, acc_t sum_other, acc_t z_targe
   return {max, sum_other, sum_other + exp(z_target - max)};
 }
 
-// loss = (M - z_y) + log S + eps (z_y - sum_z / C)
+// g = 2 lambda lse with lse = M + log S: the auxiliary term's gradient is g softmax_j.
+// Exactly 0 when lambda = 0, so that the formulas below reduce to the plain ones bit for bit.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t lse_square_grad(const RowSums<acc_t>& r, acc_t lse_square_scale) {
+  if (lse_square_scale == acc_t(0)) return acc_t(0);
+  return acc_t(2) * lse_square_scale * (r.max + log(r.sum));
+}
+
+// loss = (M - z_y) + log S + eps (z_y - sum_z / C) + lambda (M + log S)^2
 template <typename acc_t>
 FL_HOST_DEVICE acc_t row_loss(const RowSums<acc_t>& r, acc_t z_target, acc_t sum_z,
-                              acc_t smoothing, int64_t num_classes) {
-  acc_t loss = (r.max - z_target) + log(r.sum);
+                              acc_t smoothing, int64_t num_classes, acc_t lse_square_scale) {
+  const acc_t log_sum = log(r.sum);
+  acc_t loss = (r.max - z_target) + log_sum;
   if (smoothing != acc_t(0)) loss += smoothing * (z_target - sum_z / acc_t(num_classes));
+  if (lse_square_scale != acc_t(0)) {
+    const acc_t lse = r.max + log_sum;
+    loss += lse_square_scale * lse * lse;
+  }
   return loss;
 }
 
-// dloss/dc_j for j != y, given e = exp(z_j - M): s (e / S - eps / C). `uniform` is eps / C.
+// dloss/dc_j for j != y, given e = exp(z_j - M): s ((1 + g) e / S - eps / C). `uniform` is
+// eps / C, `z_grad` is g = lse_square_grad(...) (0 without the auxiliary term).
 template <typename acc_t>
-FL_HOST_DEVICE acc_t grad_other(acc_t e, acc_t inv_sum, acc_t scale, acc_t uniform) {
-  return scale * (e * inv_sum - uniform);
+FL_HOST_DEVICE acc_t grad_other(acc_t e, acc_t inv_sum, acc_t scale, acc_t uniform,
+                                acc_t z_grad) {
+  return scale * (e * inv_sum * (acc_t(1) + z_grad) - uniform);
 }
 
-// dloss/dc_y = dz_y/dc_y (eps - eps / C - S_o / S).
+// dloss/dc_y = dz_y/dc_y (eps - eps / C - S_o / S + g exp(z_y - M) / S).
 template <typename acc_t>
 FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, const RowSums<acc_t>& r,
-                                 acc_t smoothing, acc_t uniform) {
-  return t.slope * (smoothing - uniform - r.sum_other / r.sum);
+                                 acc_t smoothing, acc_t uniform, acc_t z_grad) {
+  acc_t d = smoothing - uniform - r.sum_other / r.sum;
+  if (z_grad != acc_t(0)) d += z_grad * (exp(t.value - r.max) / r.sum);
+  return t.slope * d;
 }
 
 }  // namespace margin

@@ -1,7 +1,7 @@
 """The margin softmax cross-entropy in plain PyTorch: the oracle every backend is tested against.
 
 The math (logits, the SphereFace continuation past pi, the clamped margin derivative,
-label smoothing) is derived in csrc/include/fusedloss/margin.h. This file writes it with
+label smoothing, the auxiliary term lambda lse^2) is derived in csrc/include/fusedloss/margin.h. This file writes it with
 ordinary autograd so that nothing here depends on the kernels' derivation of the gradient.
 """
 import math
@@ -45,7 +45,8 @@ def target_logit(cos_y, *, scale, m1, m2, m3, margin_grad):
 
 
 def margin_cross_entropy(cos, target, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, margin_grad="exact",
-                         label_smoothing=0.0, ignore_index=-100, reduction="mean"):
+                         label_smoothing=0.0, lse_square_scale=0.0, ignore_index=-100,
+                         reduction="mean"):
     """Margin softmax cross-entropy, computed in the precision of `cos` (pass fp64 for an oracle).
 
     m2 and m3 are floats or per-row tensors of shape [N] (ElasticFace draws, already
@@ -57,8 +58,19 @@ def margin_cross_entropy(cos, target, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, mar
     z_y = target_logit(cos_y, scale=scale, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
     target_mask = F.one_hot(safe_target, cos.shape[1]).bool()
     logits = torch.where(target_mask, z_y[:, None], scale * cos)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+    if lse_square_scale == 0:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    # PaLM's auxiliary term lambda * logsumexp(z)^2 on the rows that are not ignored.
+    rows = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
+    lse = torch.logsumexp(logits, dim=1)
+    rows = rows + torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum()
 
 
 def linear_margin_cross_entropy(embeddings, weight, target, *, normalize=True, **kwargs):
