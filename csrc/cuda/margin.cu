@@ -407,13 +407,9 @@ cudaError_t launch_typed(const MarginArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_margin_cross_entropy(const MarginArgs& args, cudaStream_t stream) {
-  switch (args.kind) {
-    case ScalarKind::kFloat: return launch_typed<float>(args, stream);
-    case ScalarKind::kDouble: return launch_typed<double>(args, stream);
-    case ScalarKind::kHalf: return launch_typed<__half>(args, stream);
-    case ScalarKind::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return rows::dispatch_scalar(args.kind, [&](auto tag) {
+    return launch_typed<decltype(tag)>(args, stream);
+  });
 }
 
 }  // namespace cuda

@@ -22,9 +22,23 @@
 #include <cstdint>
 #include <cstring>
 
+#include "launchers.h"
+
 namespace fusedloss {
 namespace cuda {
 namespace rows {
+
+// fn(tag) with a value of the element type that `kind` names: one launcher per dtype.
+template <typename Fn>
+cudaError_t dispatch_scalar(ScalarKind kind, Fn&& fn) {
+  switch (kind) {
+    case ScalarKind::kFloat: return fn(float{});
+    case ScalarKind::kDouble: return fn(double{});
+    case ScalarKind::kHalf: return fn(__half{});
+    case ScalarKind::kBFloat16: return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;

@@ -29,11 +29,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FL_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace fusedloss {
 namespace spherical {
