@@ -625,6 +625,111 @@ def _flops_spherical(case: dict) -> int:
     return 4 * case["C"] * D * D + 4 * case["N"] * D * D
 
 
+# One plain-SGD step of the output layer (issue 6 item 7): forward + backward + update.
+_SGD_LR = 0.1
+
+
+def _sgd_inputs(case: dict, device: str) -> dict:
+    """hidden h [m, d] normal / sqrt(d), a leaf requiring grad (the layer's backward runs as
+    it does under a network), random targets; seeded. Each contender builds its own layer
+    from `_sgd_weights`, so that every one starts from the same weight and bias."""
+    g = torch.Generator(device=device)
+    g.manual_seed(3141 + case["C"] + case["N"])
+    h = torch.empty(case["N"], case["D"], dtype=DTYPES[case["dtype"]], device=device)
+    h.normal_(generator=g).mul_(case["D"] ** -0.5)
+    t = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
+    h.requires_grad_(True)
+    return {"h": h, "target": t, "leaves": [h]}
+
+
+def _sgd_weights(case: dict, device: str):
+    """weight [C, d] normal / sqrt(d), bias [C] normal * 0.1; seeded, built in place."""
+    g = torch.Generator(device=device)
+    g.manual_seed(1618 + case["C"])
+    dt = DTYPES[case["dtype"]]
+    w = torch.empty(case["C"], case["D"], dtype=dt, device=device).normal_(generator=g)
+    bias = torch.empty(case["C"], dtype=dt, device=device).normal_(generator=g)
+    return w.mul_(case["D"] ** -0.5), bias.mul_(0.1)
+
+
+class _NaiveSphericalLinear(torch.nn.Module):
+    """A dense output layer whose loss forms the logits: `spherical_linear_baseline`."""
+
+    def __init__(self, weight, bias, a, b):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+        self.a, self.b = a, b
+
+    def forward(self, h, t):
+        return spherical_linear_baseline(h, self.weight, t, self.bias, self.a, self.b)
+
+
+def _sgd_contender(kind: str) -> Contender:
+    """One training step of the output layer: kind "factored" (`FactoredSphericalLinear`:
+    `layer(h, t).backward()` applies the SGD step itself), "dense" (`SphericalLinear`, loss
+    through `linear_spherical_z_loss`) or "naive" (logits, then the Z-loss in plain torch),
+    the dense ones trained with torch.optim.SGD(lr, no momentum)."""
+
+    def build(case, inputs):
+        device = inputs["h"].device
+        lr, a, b = case["lr"], case["a"], case["b"]
+        w, bias = _sgd_weights(case, str(device))
+        h, t = inputs["h"], inputs["target"]
+        if kind == "factored":
+            from fusedloss.nn import FactoredSphericalLinear
+
+            layer = FactoredSphericalLinear(case["D"], case["C"], lr, a=a, b=b, bias=True,
+                                            device=device, dtype=w.dtype)
+            layer.load_dense(w, bias)
+            del w, bias
+
+            def step():
+                loss = layer(h, t)
+                loss.backward()
+                return loss.detach()
+
+            return step
+        if kind == "dense":
+            from fusedloss.nn import SphericalLinear
+
+            layer = SphericalLinear(case["D"], case["C"], a=a, b=b, device=device, dtype=w.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(bias)
+            del w, bias
+        else:
+            layer = _NaiveSphericalLinear(w, bias, a, b)
+        opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.0)
+
+        def step():
+            loss = layer(h, t)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # at the end: no weight gradient held between steps
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+_SGD_NAMES = {"factored": "factored-sgd (FactoredSphericalLinear)",
+              "dense": "dense-sgd (linear_spherical_z_loss)",
+              "naive": "dense-sgd (naive logits)"}
+
+
+def _spherical_case_view(fam: Family, case: dict) -> Family:
+    """The SGD-step cases: their own inputs and contenders; the ratio columns are against
+    the naive dense step ("eager") and the linear_spherical_z_loss dense step ("compile")."""
+    if case.get("variant") != "sgd-step":
+        return fam
+    kinds = ["factored", "dense", "naive"]
+    return dataclasses.replace(
+        fam, make_inputs=_sgd_inputs, fused=(), flops=lambda case: None,
+        contenders={_SGD_NAMES[k]: _sgd_contender(k) for k in kinds},
+        baselines=(_SGD_NAMES["naive"], _SGD_NAMES["dense"]))
+
+
 @family("spherical", default=False)
 def spherical_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
     dtypes = dtypes or ["float32"]
@@ -641,10 +746,30 @@ def spherical_family(device: str, large: bool, dtypes: Optional[List[str]]) -> F
              "z = (o_c - mu) / sigma, loss = mean softplus(a (b - z)) / a, fp32, eager and under "
              "torch.compile(dynamic=False). TFLOP/s (fusedloss) = (4·C·D² + 4·N·D²) / time with "
              "D = d + 2; the baseline's matmuls are 6·N·C·d. Inputs: h, w normal / sqrt(d), "
-             "bias normal * 0.1, random targets, fixed seed.",
-             "spherical: the factored SGD layer (`fusedloss.nn.FactoredSphericalLinear`, "
-             "issue 6 item 4) is not benchmarked here yet: `fusedloss.nn` did not export it "
-             "when this family was written."]
+             "bias normal * 0.1, random targets, fixed seed."]
+    sgd = _grid([128], [100_000, 1_000_000], dtypes, D=D, variant="sgd-step", a=1.0, b=0.0,
+                lr=_SGD_LR)
+    for c in sgd:
+        c["label"] = f"SGD step {_SHORT[c['dtype']]} m={c['N']} d={D} C={c['C']:,}"
+    cases += sgd
+    notes.append(
+        "spherical, SGD step cases: ONE plain-SGD training step of the output layer (forward + "
+        f"backward + weight update, lr {_SGD_LR}, no momentum) on hidden h [m, d] (a leaf "
+        "requiring grad, so dL/dh is computed as under a network), fp32. Contenders: "
+        "`factored-sgd (FactoredSphericalLinear)`: `loss = layer(h, t); loss.backward()` (the "
+        "backward applies the exact factored SGD update, O(m D² + m² D + m³), independent of "
+        "C; its periodic O(C D²) stabilisation, every 1000 steps, does not occur in these runs); "
+        "`dense-sgd (linear_spherical_z_loss)`: `fusedloss.nn.SphericalLinear(d, C)`, loss "
+        "through `linear_spherical_z_loss` (no m x C outputs, but the weight gradient and the "
+        "update are O(C d) and its Gram matrix O(C d²)), then `torch.optim.SGD.step()` and "
+        "`zero_grad(set_to_none=True)`; `dense-sgd (naive logits)`: the same with the loss "
+        "`spherical_linear_baseline` (`o = h @ W.T + b`, then the Z-loss in plain torch). All "
+        "three start from the same weight (normal / sqrt(d)) and bias (normal * 0.1); each "
+        "timed run is a further step of the same layer. Columns \"x vs eager\" / \"x vs "
+        "compile\" here = time of the naive / linear_spherical_z_loss dense step over the "
+        "contender's; the loss check is against the naive dense step (first step, same "
+        "weights). Peak extra memory counts the weight gradient and the update's temporaries "
+        "(the layers' weights are built before the base). No memory or time target.")
     contenders = {
         "fusedloss": _spherical_contender("fusedloss"),
         "baseline-eager": _spherical_contender("eager"),
@@ -653,6 +778,7 @@ def spherical_family(device: str, large: bool, dtypes: Optional[List[str]]) -> F
     return Family(
         name="spherical", cases=cases, make_inputs=_spherical_inputs, contenders=contenders,
         fused=("fusedloss",), flops=_flops_spherical, notes=notes, mem_factor=6.0,
+        case_view=_spherical_case_view,
         targets=[{"case": {"variant": "linear-spherical", "dtype": "float32", "N": 2048,
                            "D": 256, "C": 100_000},
                   "contender": "fusedloss", "time_vs_eager": 0.1, "memory_vs_eager": 0.05}])
