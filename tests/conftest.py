@@ -12,7 +12,6 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-import fusedloss  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-import fusedloss
 from fusedloss.spherical import OP, SIGMA_FLOOR, spherical_z_loss
 
 from conftest import HAS_CUDA, assert_close, device_backends
