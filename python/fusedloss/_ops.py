@@ -203,6 +203,31 @@ def scale_fused(ctx, grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return grad.mul_(scale) if ctx.in_place else (grad * scale).to(grad.dtype)
 
 
+def row_grad_autograd(num_tensors: int):
+    """(setup_context, backward) of an op `(t_1, ..., t_k, hyper..., compute_grad) -> (loss [N],
+    grad)` whose kernel writes grad[i] = d loss_i / d t_1[i] during forward (k = num_tensors
+    tensor inputs, backward needs all of them). Backward scales that gradient by the
+    incoming one, recomputing it with the op when it is spent or was never made."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.hyper = tuple(inputs[num_tensors:-1])
+        keep_fused_grads(ctx, output[1:], inputs[:num_tensors])
+
+    def backward(ctx, grad_loss, _unused):
+        nones = (None,) * (num_tensors + len(ctx.hyper))  # every input but the first
+        if grad_loss is None:
+            return (None,) + nones
+        saved, grads = fused_grads(ctx)
+        scale = grad_loss.unsqueeze(1)
+        if grads is None or grads[0].shape != saved[0].shape:
+            grad = ctx.op(*saved, *ctx.hyper, True)[1].mul_(scale)
+        else:
+            grad = scale_fused(ctx, grads[0], scale)
+        return (grad,) + nones
+
+    return setup_context, backward
+
+
 def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """Per-row losses to the result of `reduction`, as F.cross_entropy: "mean" divides by the

@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 
 from . import _checks
-from ._ops import (Op, fused_grads, keep_fused_grads, reduce_rows, resolve_backend, result_dtype,
-                   scale_fused)
+from ._ops import Op, reduce_rows, resolve_backend, result_dtype, row_grad_autograd
 from .reference import margin as reference
 
 _FN = "margin_cross_entropy"
@@ -21,27 +20,8 @@ def _fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, label_s
     return cos.new_empty(cos.shape[0], dtype=acc), grad
 
 
-def _setup_context(ctx, inputs, output):
-    cos, target, row_m2, row_m3, *hyper, _compute_grad = inputs
-    ctx.hyper = hyper
-    keep_fused_grads(ctx, output[1:], (cos, target, row_m2, row_m3))
-
-
-def _backward(ctx, grad_loss, _unused):
-    """The kernel wrote d loss_i / d cos_i during forward; backward scales it by the incoming
-    gradient (recomputing it when spent, or never made)."""
-    if grad_loss is None:
-        return (None,) * 13
-    (cos, target, row_m2, row_m3), grads = fused_grads(ctx)
-    scale = grad_loss.unsqueeze(1)
-    if grads is None or grads[0].shape != cos.shape:
-        grad = ctx.op(cos, target, row_m2, row_m3, *ctx.hyper, True)[1].mul_(scale)
-    else:
-        grad = scale_fused(ctx, grads[0], scale)
-    return (grad,) + (None,) * 12
-
-
-OP = Op("margin", _FN, fake=_fake, setup_context=_setup_context, backward=_backward)
+_SETUP_CONTEXT, _BACKWARD = row_grad_autograd(4)
+OP = Op("margin", _FN, fake=_fake, setup_context=_SETUP_CONTEXT, backward=_BACKWARD)
 
 
 def margin_cross_entropy(

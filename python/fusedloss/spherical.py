@@ -4,8 +4,7 @@ fusedloss.reference.spherical."""
 import torch
 
 from . import _checks
-from ._ops import (Op, fused_grads, keep_fused_grads, reduce_rows, resolve_backend, result_dtype,
-                   scale_fused)
+from ._ops import Op, reduce_rows, resolve_backend, result_dtype, row_grad_autograd
 from .reference import spherical as reference
 
 _FN = "spherical_z_loss"
@@ -18,27 +17,8 @@ def _fake(logits, target, a, b, ignore_index, compute_grad):
     return logits.new_empty(logits.shape[0], dtype=acc), grad
 
 
-def _setup_context(ctx, inputs, output):
-    logits, target, *hyper, _compute_grad = inputs
-    ctx.hyper = hyper
-    keep_fused_grads(ctx, output[1:], (logits, target))
-
-
-def _backward(ctx, grad_loss, _unused):
-    """The kernel wrote d loss_i / d logits_i during forward; backward scales it by the
-    incoming gradient (recomputing it when spent, or never made)."""
-    if grad_loss is None:
-        return (None,) * 6
-    (logits, target), grads = fused_grads(ctx)
-    scale = grad_loss.unsqueeze(1)
-    if grads is None or grads[0].shape != logits.shape:
-        grad = ctx.op(logits, target, *ctx.hyper, True)[1].mul_(scale)
-    else:
-        grad = scale_fused(ctx, grads[0], scale)
-    return (grad,) + (None,) * 5
-
-
-OP = Op("spherical", _FN, fake=_fake, setup_context=_setup_context, backward=_backward)
+_SETUP_CONTEXT, _BACKWARD = row_grad_autograd(2)
+OP = Op("spherical", _FN, fake=_fake, setup_context=_SETUP_CONTEXT, backward=_BACKWARD)
 
 
 def spherical_z_loss(
