@@ -121,8 +121,8 @@ _KERNELS = {}  # op name -> kernel_backends(op name), filled when each Op is mad
 class Op:
     """One fusedloss op: the C++ op (CPU and CUDA dispatch keys) and its lazily made Triton twin."""
 
-    def __init__(self, family: str, name: str, *, fake: Callable, setup_context: Callable,
-                 backward: Callable):
+    def __init__(self, family: str, name: str, *, fake: Callable,
+                 setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
         self.family = family
         self.name = name
         _KERNELS[name] = kernel_backends(name)
@@ -132,7 +132,11 @@ class Op:
         self._register_autograd(f"fusedloss::{name}", self.cpp)
 
     def _register_autograd(self, qualname: str, op) -> None:
-        """Autograd for `op`; its setup_context leaves `op` on ctx for backward to recompute with."""
+        """Autograd for `op`; its setup_context leaves `op` on ctx for backward to recompute with.
+        An op made without backward has none: callers give it tensors that need no gradient
+        (its gradient comes from another op, or its outputs are not differentiable)."""
+        if self._backward is None:
+            return
         def setup_context(ctx, inputs, output):
             ctx.op = op
             self._setup_context(ctx, inputs, output)
