@@ -36,7 +36,8 @@ def _extension():
     # was taken from, or the largest softmax entry comes out as exp(-ulp) instead of 1.
     cxx = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fvisibility=hidden"]
     if os.environ.get("FUSEDLOSS_SANITIZE") == "1":
-        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+        cxx += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                "-fno-omit-frame-pointer", "-O1"]
     build_cuda, reason = _cuda_decision()
     _write_build_info(build_cuda, reason)
     if not build_cuda:
@@ -66,7 +67,14 @@ def _sanitizer_link_args():
     return ["-fsanitize=address,undefined"] if os.environ.get("FUSEDLOSS_SANITIZE") == "1" else []
 
 
+def _torch_requirement():
+    """torch==<the release being built against>: the C++ ABI of _C matches that release only."""
+    release = torch.__version__.split("+")[0]
+    return f"torch=={release}"
+
+
 setup(
+    install_requires=[_torch_requirement()],
     packages=["fusedloss", "fusedloss.reference", "fusedloss.triton_kernels"],
     package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],

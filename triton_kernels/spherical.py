@@ -9,8 +9,8 @@ k in [0, C), target c, and scalars a, b, the kernel computes
     mu     = m + D / C,   sigma = max(sqrt(max(Q - D^2 / C, 0) / C), 1e-12)
     z_c    = ((o_c - m) - D / C) / sigma                   [= (o_c - mu) / sigma]
     loss   = softplus(a (b - z_c)) / a
-    grad_k = alpha + beta o_k + gamma [k = c]                          (pass 3)
-    with g = sigmoid(a (b - z_c)),  gamma = -g / sigma,  alpha = g / (C sigma) - beta mu,
+    grad_k = alpha + beta (o_k - m) + gamma [k = c]                    (pass 3)
+    with g = sigmoid(a (b - z_c)),  gamma = -g / sigma,  alpha = g / (C sigma) - beta D / C,
          beta = g z_c / (C sigma^2), or 0 where the floor holds   (spherical.h z_loss_grad)
 
 The variance is taken about the mean (a second pass), never as E[o^2] - mu^2. D, zero in
@@ -71,7 +71,6 @@ def _row_result(sum_x, sum_dev, sum_sq, o_c, t_ok, C, a, b, ATANH_TERMS: tl.cons
     and its pass-2 sums about the pass-1 mean; z_c is NaN when the target is out of range."""
     floor = tl.full([], _SIGMA_FLOOR, sum_x.dtype)
     mean = sum_x / C
-    mu = mean + sum_dev / C
     q = sum_sq - sum_dev * (sum_dev / C)
     q = tl.where(q < 0.0, 0.0, q)  # keeps NaN
     s = tl.sqrt(q / C)
@@ -83,7 +82,7 @@ def _row_result(sum_x, sum_dev, sum_sq, o_c, t_ok, C, a, b, ATANH_TERMS: tl.cons
     g = 1.0 / (1.0 + tl.exp(-a * (b - z_c)))
     gamma = -g / sigma
     beta = tl.where(floored, 0.0, g * z_c / (C * sigma * sigma))
-    alpha = g / (C * sigma) - beta * mu
+    alpha = g / (C * sigma) - beta * (sum_dev / C)
     return loss, alpha, beta, gamma
 
 
@@ -119,7 +118,7 @@ def _spherical_z_loss_kernel(
                                                o_c, t_ok, C, a, b, ATANH_TERMS)
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
         if COMPUTE_GRAD:
-            g = alpha + beta * x
+            g = alpha + beta * (x - sum_x / C)
             g = tl.where(offs == t, g + gamma, g)
             g = tl.where(ignored, 0.0, g)
             tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < C)
@@ -149,7 +148,7 @@ def _spherical_z_loss_kernel(
             for start in range(0, C, BLOCK_C):
                 cols = start + offs
                 x = tl.load(in_row + cols, mask=cols < c_end, other=0.0).to(ACC)
-                g = alpha + beta * x
+                g = alpha + beta * (x - mean)
                 g = tl.where(cols == t, g + gamma, g)
                 g = tl.where(ignored, 0.0, g)
                 tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < C)

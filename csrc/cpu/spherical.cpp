@@ -63,12 +63,14 @@ FL_CPU_CLONES DevSums<acc_t> dev_sums(const scalar_t* x, int64_t n, acc_t shift)
   return {s, s2};
 }
 
-// grad_i = alpha + beta x_i
+// grad_i = alpha + beta (x_i - shift)
 template <typename scalar_t, typename acc_t>
 FL_CPU_CLONES void write_affine(const scalar_t* x, scalar_t* grad, int64_t n, acc_t alpha,
-                                acc_t beta) {
+                                acc_t beta, acc_t shift) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) grad[i] = static_cast<scalar_t>(alpha + beta * static_cast<acc_t>(x[i]));
+  for (int64_t i = 0; i < n; ++i) {
+    grad[i] = static_cast<scalar_t>(alpha + beta * (static_cast<acc_t>(x[i]) - shift));
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -98,31 +100,34 @@ void z_loss_row(const RowArgs<scalar_t, acc_t>& p, int64_t i) {
 
   acc_t sum = 0;
   for (int64_t k = 0; k < C; k += kChunk) sum += sum_of<scalar_t, acc_t>(row + k, std::min(kChunk, C - k));
-  acc_t mu = sum / acc_t(C);
+  const acc_t mean = sum / acc_t(C);  // m of spherical.h: the mean as first rounded
 
   acc_t sum_dev = 0, sum_sq_dev = 0;
   for (int64_t k = 0; k < C; k += kChunk) {
-    const DevSums<acc_t> part = dev_sums<scalar_t, acc_t>(row + k, std::min(kChunk, C - k), mu);
+    const DevSums<acc_t> part = dev_sums<scalar_t, acc_t>(row + k, std::min(kChunk, C - k), mean);
     sum_dev += part.sum_dev;
     sum_sq_dev += part.sum_sq_dev;
   }
-  mu += sum_dev / acc_t(C);
-  sum_sq_dev -= sum_dev * sum_dev / acc_t(C);
+  const acc_t correction = sum_dev / acc_t(C);  // mu - m
+  sum_sq_dev -= sum_dev * correction;
   sum_sq_dev = sum_sq_dev < acc_t(0) ? acc_t(0) : sum_sq_dev;  // NaN passes through
 
   // floored_sigma maps a NaN spread to the floor; keep it NaN so that every backend agrees
   // with the reference (whose clamp_min propagates NaN), e.g. for a row holding +inf.
   const acc_t sigma = std::isnan(sum_sq_dev) ? sum_sq_dev : spherical::floored_sigma(sum_sq_dev, C);
   const bool floored = sigma == acc_t(spherical::kSigmaFloor);
-  const acc_t z_c = (static_cast<acc_t>(row[c]) - mu) / sigma;
+  // o_c - mu as (o_c - m) - (mu - m): the first difference is exact next to the mean.
+  const acc_t z_c = ((static_cast<acc_t>(row[c]) - mean) - correction) / sigma;
   p.loss[i] = spherical::z_loss(z_c, p.a, p.b);
   if (!grad_row) return;
 
-  const spherical::RowGrad<acc_t> g = spherical::z_loss_grad(z_c, mu, sigma, floored, p.a, p.b, C);
+  const spherical::RowGrad<acc_t> g =
+      spherical::z_loss_grad(z_c, correction, sigma, floored, p.a, p.b, C);
   for (int64_t k = 0; k < C; k += kChunk) {
-    write_affine(row + k, grad_row + k, std::min(kChunk, C - k), g.alpha, g.beta);
+    write_affine(row + k, grad_row + k, std::min(kChunk, C - k), g.alpha, g.beta, mean);
   }
-  grad_row[c] = static_cast<scalar_t>(g.alpha + g.beta * static_cast<acc_t>(row[c]) + g.gamma);
+  grad_row[c] = static_cast<scalar_t>(
+      g.alpha + g.beta * (static_cast<acc_t>(row[c]) - mean) + g.gamma);
 }
 
 }  // namespace spherical_row

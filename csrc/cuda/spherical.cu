@@ -163,14 +163,13 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
     const acc_t z_target = ((o_target - mean) - dev[0] / num_classes) / sigma;
     if (threadIdx.x == 0) args.loss[row] = spherical::z_loss(z_target, args.a, args.b);
 
-    // Pass 3: d loss / d o_k = alpha + beta o_k + gamma [k = c].
+    // Pass 3: d loss / d o_k = alpha + beta (o_k - m) + gamma [k = c].
     if constexpr (kGrad) {
-      const acc_t mu = mean + dev[0] / num_classes;
       const bool floored = sigma == acc_t(spherical::kSigmaFloor);  // NaN: not floored
       const spherical::RowGrad<acc_t> coef = spherical::z_loss_grad(
-          z_target, mu, sigma, floored, args.a, args.b, cols);
+          z_target, dev[0] / num_classes, sigma, floored, args.a, args.b, cols);
       auto gradient = [&](acc_t x, int64_t col) {
-        const acc_t g = coef.alpha + coef.beta * x;
+        const acc_t g = coef.alpha + coef.beta * (x - mean);
         return from_acc<scalar_t>(col == target ? g + coef.gamma : g);
       };
       read_row</*kFromCache=*/kCached, /*kToCache=*/false, /*kKeep=*/false>(

@@ -18,12 +18,19 @@
 //
 //   dz_c/do_k = [k = c] / sigma - 1 / (C sigma) - z_c (o_k - mu) / (C sigma^2)
 //
-// and the gradient of a row has the structure alpha + beta o_k + gamma [k = c]:
+// and the gradient of a row has the structure alpha + beta (o_k - m) + gamma [k = c]:
 //
-//   dloss/do_k = -g dz_c/do_k = alpha + beta o_k + gamma [k = c],
-//   gamma = -g / sigma,   beta = g z_c / (C sigma^2),   alpha = g / (C sigma) - beta mu.
+//   dloss/do_k = -g dz_c/do_k = alpha + beta (o_k - m) + gamma [k = c],
+//   gamma = -g / sigma,   beta = g z_c / (C sigma^2),   alpha = g / (C sigma) - beta (mu - m).
 //
 // Where the floor holds sigma constant, the z_c (o_k - mu) term is absent (beta = 0).
+//
+// m is the mean as first rounded (pass 1) and mu - m = D / C its correction from the sum D
+// of the deviations o_k - m (pass 2). The kernels never form o_k - mu from a rounded mu:
+// when the mean is many times the spread, o_k - m is exact (the operands are close) and the
+// small correction is subtracted apart, so z_c = ((o_c - m) - D / C) / sigma and the
+// gradient keep full precision. The form alpha' + beta o_k would cancel there: its two terms
+// are each about mean / spread times larger than their sum.
 #pragma once
 
 #include <cmath>
@@ -68,14 +75,14 @@ FL_HOST_DEVICE acc_t z_loss(acc_t z_target, acc_t a, acc_t b) {
 }
 
 template <typename acc_t>
-FL_HOST_DEVICE RowGrad<acc_t> z_loss_grad(acc_t z_target, acc_t mu, acc_t sigma, bool floored,
-                                          acc_t a, acc_t b, int64_t num_classes) {
+FL_HOST_DEVICE RowGrad<acc_t> z_loss_grad(acc_t z_target, acc_t mean_correction, acc_t sigma,
+                                          bool floored, acc_t a, acc_t b, int64_t num_classes) {
   const acc_t g = acc_t(1) / (acc_t(1) + exp(-a * (b - z_target)));  // sigmoid(a (b - z_c))
   const acc_t C = acc_t(num_classes);
   RowGrad<acc_t> r;
   r.gamma = -g / sigma;
   r.beta = floored ? acc_t(0) : g * z_target / (C * sigma * sigma);
-  r.alpha = g / (C * sigma) - r.beta * mu;
+  r.alpha = g / (C * sigma) - r.beta * mean_correction;
   return r;
 }
 
