@@ -48,12 +48,13 @@ and the block sizes only. `deterministic` is therefore accepted and has nothing 
 2. `_lse_kernel`, grid (N / BLOCK_N, SPLIT): each program walks the class blocks of its part
    of [0, C) (SPLIT parts, so that a small batch still fills the GPU), computes each
    [BLOCK_N, BLOCK_C] cos tile with tl.dot over D in BLOCK_D chunks, scales it by the norms
-   and folds it into a per-row online log-sum-exp seeded with z_y (running max, S_o over
-   j != y, sum of z for label smoothing). The target column is left out of the tile sums: its
-   logit is z_y of step 1. Writes the SPLIT partial (max, S_o, sum z) per row: [3, SPLIT, N].
-3. Combine with torch ops, O(SPLIT N): M, S_o, S, the loss, and for the gradient the per-row
-   coefficients (M, r s (1 + g) / S, r s eps / C, G_iy), zero on ignored rows. Saved between the
-   passes: these 4 numbers per row (and the norms), nothing of size C or N x C.
+   and folds it into a per-row online log-sum-exp over j != y (running max from -inf, S_o,
+   sum of z for label smoothing). The target column is left out of the tile sums: its logit is
+   z_y of step 1. Writes the SPLIT partial (max, S_o, sum z) per row: [3, SPLIT, N].
+3. Combine with torch ops, O(SPLIT N): M (the largest of the split maxima and z_y), S_o, S,
+   the loss, and for the gradient the per-row coefficients (M, r s (1 + g) / S, r s eps / C,
+   G_iy), zero on ignored rows. Saved between the passes: these 4 numbers per row (and the
+   norms), nothing of size C or N x C.
 4. Only when compute_grad, two kernels that recompute the cos tiles and G tile by tile:
    `_grad_kernel` with OUTER_IS_X, grid (N / BLOCK_O, D / BLOCK_DO, SPLIT): per row block and
    block of output columns of D, loops over the class blocks, accumulating A = G w^ (tl.dot)
@@ -63,6 +64,13 @@ and the block sizes only. `deterministic` is therefore accepted and has nothing 
    many classes) the kernel applies the projection and 1/m (1/n) itself and writes the
    gradient in the input dtype; otherwise the partial sums go to [SPLIT, rows, D] buffers in
    the accumulation dtype, which torch sums in order before the same projection.
+
+Sharded mode (triton_kernels/sharded.py): the same steps on this rank's weight shard, whose
+classes start at class_start. Step 1 with SHARDED gives z_y = 0 for a target in another shard;
+step 2's partials, whose max starts at -inf, are this shard's lse_other and sum z; step 4
+takes G from the combined per-row coefficients (lse, a, b, d) as coef = (lse, s a, s b, slope d)
+and yields this shard's share of the embedding gradient. Every kernel locates the target
+column as t - class_start (class_start = 0 here).
 
 Matmul work, in units of N C D multiply-adds: 1 in the forward; with compute_grad each of
 the two gradient kernels adds ceil(D / BLOCK_DO) for recomputing the cos tiles plus 1 for
@@ -103,7 +111,7 @@ spill registers).
 """
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -147,17 +155,21 @@ def _scalar(hi, lo, ACC: tl.constexpr):
 @triton.jit
 def _target_kernel(
     x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, row_m2_ptr, row_m3_ptr, zy_ptr, slope_ptr,
-    N, C, D, x_stride, w_stride,
+    N, C, D, x_stride, w_stride, class_start,
     scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo,
     NORMALIZE: tl.constexpr, HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr,
-    USE_ANGLE: tl.constexpr, DETACH_MARGIN: tl.constexpr, ASIN_TERMS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_ANGLE: tl.constexpr, DETACH_MARGIN: tl.constexpr, SHARDED: tl.constexpr,
+    ASIN_TERMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Step 1: z_y and dz_y/dcos_y for BLOCK_N rows."""
+    """Step 1: z_y and dz_y/dcos_y for BLOCK_N rows, whose target column is t - class_start.
+
+    A row whose target column is outside [0, C) gets z_y = NaN (a bad target of the whole
+    problem), or with SHARDED z_y = 0 (its target lives in another rank's shard).
+    """
     ACC: tl.constexpr = zy_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    t = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+    t = tl.load(target_ptr + rows, mask=row_ok, other=-1) - class_start
     t_ok = row_ok & (t >= 0) & (t < C)
     t_safe = tl.where(t_ok, t, 0)  # no read outside [0, C)
 
@@ -186,35 +198,41 @@ def _target_kernel(
     else:
         m3 = _scalar(m3_hi, m3_lo, ACC)
     z_y, slope = _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
-    z_y = tl.where(t_ok, z_y, float("nan"))
+    if SHARDED:
+        z_y = tl.where(t_ok, z_y, 0.0)
+    else:
+        z_y = tl.where(t_ok, z_y, float("nan"))
     tl.store(zy_ptr + rows, z_y, mask=row_ok)
     tl.store(slope_ptr + rows, slope + tl.zeros([BLOCK_N], ACC), mask=row_ok)
 
 
 @triton.jit
 def _lse_kernel(
-    x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, zy_ptr, part_ptr,
-    N, C, D, x_stride, w_stride, blocks_per_split, num_splits,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, part_ptr,
+    N, C, D, x_stride, w_stride, blocks_per_split, num_splits, class_start,
     scale_hi, scale_lo,
     NORMALIZE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Step 2: per-row online log-sum-exp over the classes of one split, from cos tiles.
+    """Step 2: per-row online log-sum-exp over the classes j != y of one split, from cos tiles.
 
-    The running max starts at z_y (never -inf, so never -inf - -inf, even for a split that
-    holds only the target column); columns j >= C and j = y are left out of the sums.
+    The target column is t - class_start; columns j >= C and j = y are left out of the sums,
+    so the partial (max, S_o, sum z) stands on its own: the single-process combine adds z_y,
+    the sharded one reports it as this rank's lse_other. The running max starts at -inf (a
+    split may hold no column j != y at all), and the sums are rescaled by a reference that
+    is 0 while the max is still -inf, so that no -inf - -inf arises.
     """
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    t = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+    t = tl.load(target_ptr + rows, mask=row_ok, other=-1) - class_start
     t32 = tl.where((t >= 0) & (t < C), t, -1).to(tl.int32)  # 32-bit compares in the tile
     scale = _scalar(scale_hi, scale_lo, ACC)
     if NORMALIZE:
         row_factor = scale * tl.load(rx_ptr + rows, mask=row_ok, other=0.0)  # z = cos_raw s / (m n)
 
-    m_run = tl.load(zy_ptr + rows, mask=row_ok, other=0.0)
+    m_run = tl.full([BLOCK_N], float("-inf"), ACC)
     s_oth = tl.zeros([BLOCK_N], ACC)  # sum_{j != y} exp(z_j - m_run) over this split
     z_sum = tl.zeros([BLOCK_N], ACC)  # sum_{j != y} z_j over this split
     c_begin = split * blocks_per_split * BLOCK_C
@@ -233,7 +251,8 @@ def _lse_kernel(
             z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
         z = tl.where(valid, z, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
-        s_oth = s_oth * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_oth = s_oth * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
         m_run = m_new
     out = part_ptr + split * N + rows  # part: [3, num_splits, N]
     tl.store(out, m_run, mask=row_ok)
@@ -244,7 +263,7 @@ def _lse_kernel(
 @triton.jit
 def _grad_kernel(
     out_ptr, in_ptr, r_out_ptr, r_in_ptr, norm_out_ptr, target_ptr, coef_ptr, part_ptr, proj_ptr,
-    N_OUT, N_IN, N, D, out_stride, in_stride, blocks_per_split, ignore_index,
+    N_OUT, N_IN, N, D, out_stride, in_stride, blocks_per_split, class_start, ignore_index,
     scale_hi, scale_lo,
     OUTER_IS_X: tl.constexpr, NORMALIZE: tl.constexpr, FINAL: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -254,7 +273,8 @@ def _grad_kernel(
 
     OUTER_IS_X: outer rows are embeddings (G rows), inner rows classes: A = G w^, P.
     Else outer rows are classes (G columns), inner rows embeddings: B = G^T x^, Q.
-    coef [4, N] holds per embedding row M, r s / S, r s eps / C and G_iy.
+    coef [4, N] holds per embedding row M, r s / S, r s eps / C and G_iy (the sharded op passes
+    lse, s a, s b and slope d: the same G). The target column of row i is t_i - class_start.
     FINAL (a single split): write the gradient itself, projection and 1/m included, in the
     dtype of the outer matrix to part [N_OUT, D]. Else the partial sums in the accumulation
     dtype to part [SPLIT, N_OUT, D] and proj [SPLIT, N_OUT], which torch then combines.
@@ -273,6 +293,7 @@ def _grad_kernel(
     if OUTER_IS_X:
         t_o = tl.load(target_ptr + o_rows, mask=o_ok, other=ignore_index)
         live_o = o_ok & (t_o != ignore_index)
+        t_o = t_o - class_start
         t_o = tl.where((t_o >= 0) & (t_o < N_IN), t_o, -1).to(tl.int32)
         max_o = tl.load(coef_ptr + o_rows, mask=o_ok, other=0.0)
         a_o = tl.load(coef_ptr + N + o_rows, mask=o_ok, other=0.0)
@@ -301,6 +322,7 @@ def _grad_kernel(
         else:
             t_i = tl.load(target_ptr + i_rows, mask=i_ok, other=ignore_index)
             live_i = i_ok & (t_i != ignore_index)
+            t_i = t_i - class_start
             t_i = tl.where((t_i >= 0) & (t_i < N_OUT), t_i, -1).to(tl.int32)
             max_i = tl.load(coef_ptr + i_rows, mask=i_ok, other=0.0)
             a_i = tl.load(coef_ptr + N + i_rows, mask=i_ok, other=0.0)
@@ -402,6 +424,130 @@ def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -
     return cfg
 
 
+class _Pipeline(NamedTuple):
+    """One call's inputs, made ready for the kernels, and its launch settings."""
+    x: Tensor  # embeddings [N, D], unit stride along D
+    w: Tensor  # weight [C, D], unit stride along D
+    target: Tensor
+    acc: torch.dtype  # fp32, or fp64 for fp64 inputs
+    cfg: dict
+    precision: str
+    upcast: bool
+    n_target: int
+    normalize: bool
+    # 1 / max(||x_i||, eps) [N], 1 / max(||w_j||, eps) [C] and the norms ||x_i||, ||w_j||;
+    # without normalize all four are one placeholder that the kernels do not read.
+    rx: Tensor
+    rw: Tensor
+    norm_x: Tensor
+    norm_w: Tensor
+
+
+def _pipeline(embeddings: Tensor, weight: Tensor, target: Tensor, normalize: bool,
+              block_size: int) -> _Pipeline:
+    """Step 0: layouts, block sizes, and the norms."""
+    x = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    dev = x.device
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if normalize:
+        norm_x = torch.linalg.vector_norm(x, dim=1, dtype=acc)
+        norm_w = torch.linalg.vector_norm(w, dim=1, dtype=acc)
+        rx = 1.0 / norm_x.clamp_min(_NORM_EPS)
+        rw = 1.0 / norm_w.clamp_min(_NORM_EPS)
+    else:
+        rx = rw = norm_x = norm_w = torch.zeros(1, dtype=acc, device=dev)
+    return _Pipeline(
+        x=x, w=w, target=target.contiguous(), acc=acc,
+        cfg=_config(x.dtype, x.shape[1], dev, block_size),
+        precision="tf32" if (x.dtype == torch.float32 and _allow_tf32()) else "ieee",
+        upcast=_interpreted(dev) and x.dtype == torch.bfloat16, n_target=_target_programs(dev),
+        normalize=normalize, rx=rx, rw=rw, norm_x=norm_x, norm_w=norm_w)
+
+
+def _target_logits(p: _Pipeline, row_m2: Optional[Tensor], row_m3: Optional[Tensor], scale: float,
+                   m1: float, m2: float, m3: float, detach_margin: bool, class_start: int,
+                   sharded: bool) -> tuple[Tensor, Tensor]:
+    """Step 1: z_y [N] and dz_y/dcos_y [N] (see _target_kernel for rows whose target column
+    t - class_start is not in [0, C))."""
+    (n, d), c = p.x.shape, p.w.shape[0]
+    z_y = torch.empty(n, dtype=p.acc, device=p.x.device)
+    slope = torch.empty_like(z_y)
+    placeholder = p.rx
+    cfg = p.cfg
+    torch.library.wrap_triton(_target_kernel)[(triton.cdiv(n, cfg["tgt_n"]),)](
+        p.x, p.w, p.rx, p.rw, p.target,
+        row_m2.contiguous() if row_m2 is not None else placeholder,
+        row_m3.contiguous() if row_m3 is not None else placeholder,
+        z_y, slope, n, c, d, p.x.stride(0), p.w.stride(0), class_start,
+        *_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3),
+        NORMALIZE=p.normalize, HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
+        USE_ANGLE=row_m2 is not None or m1 != 1.0 or m2 != 0.0, DETACH_MARGIN=detach_margin,
+        SHARDED=sharded, ASIN_TERMS=25 if p.acc == torch.float64 else 10,
+        BLOCK_N=cfg["tgt_n"], BLOCK_D=cfg["tgt_d"], num_warps=cfg["tgt_warps"], num_stages=2,
+    )
+    return z_y, slope
+
+
+def _split_lse(p: _Pipeline, scale: float, class_start: int, with_sum: bool) -> Tensor:
+    """Step 2: the partials [3, SPLIT, N] (max, S_o, sum z over j != y) of each split of the
+    classes; sum z only when with_sum (else the third row is 0)."""
+    (n, d), c = p.x.shape, p.w.shape[0]
+    cfg = p.cfg
+    row_blocks = triton.cdiv(n, cfg["fwd_n"])
+    splits, per_split = _split(row_blocks, triton.cdiv(c, cfg["fwd_c"]), p.n_target)
+    part = torch.empty((3, splits, n), dtype=p.acc, device=p.x.device)
+    torch.library.wrap_triton(_lse_kernel)[(row_blocks, splits)](
+        p.x, p.w, p.rx, p.rw, p.target, part, n, c, d, p.x.stride(0), p.w.stride(0), per_split,
+        splits, class_start, *_hi_lo(scale),
+        NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum,
+        BLOCK_N=cfg["fwd_n"], BLOCK_C=cfg["fwd_c"], BLOCK_D=cfg["fwd_d"],
+        PRECISION=p.precision, UPCAST=p.upcast, num_warps=cfg["fwd_warps"],
+        num_stages=cfg["fwd_stages"],
+    )
+    return part
+
+
+def _input_grads(p: _Pipeline, coef: Tensor, scale: float, class_start: int,
+                 ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Step 4: the gradients with respect to embeddings and weight of sum_ij G_ij cos_ij, G
+    given per row by coef [4, N] (see _grad_kernel), in the dtypes of the inputs."""
+    (n, d), c = p.x.shape, p.w.shape[0]
+    cfg, dev, acc, normalize = p.cfg, p.x.device, p.acc, p.normalize
+    scale_args = _hi_lo(scale)
+
+    def grad_pass(outer, inner, r_out, r_in, norm_out, n_out, n_in, outer_is_x, block_o, block_i):
+        o_blocks, d_blocks = triton.cdiv(n_out, block_o), triton.cdiv(d, cfg["g_do"])
+        g_splits, g_per = _split(o_blocks * d_blocks, triton.cdiv(n_in, block_i), p.n_target)
+        final = g_splits == 1  # the kernel writes the gradient itself
+        if final:
+            g_part = torch.empty((n_out, d), dtype=outer.dtype, device=dev)
+        else:
+            g_part = torch.empty((g_splits, n_out, d), dtype=acc, device=dev)
+        g_proj = torch.empty((g_splits, n_out), dtype=acc, device=dev) if normalize else p.rx
+        if d > 0:
+            torch.library.wrap_triton(_grad_kernel)[(o_blocks, d_blocks, g_splits)](
+                outer, inner, r_out, r_in, norm_out, p.target, coef, g_part, g_proj,
+                n_out, n_in, n, d, outer.stride(0), inner.stride(0), g_per, class_start,
+                ignore_index, *scale_args,
+                OUTER_IS_X=outer_is_x, NORMALIZE=normalize, FINAL=final, BLOCK_O=block_o,
+                BLOCK_I=block_i, BLOCK_D=cfg["g_d"], BLOCK_DO=cfg["g_do"], PRECISION=p.precision,
+                UPCAST=p.upcast, num_warps=cfg["g_warps"], num_stages=cfg["g_stages"],
+            )
+        if final:
+            return g_part
+        total = g_part.sum(0)
+        if not normalize:
+            return total.to(outer.dtype)
+        proj = torch.where(norm_out > _NORM_EPS, g_proj.sum(0), torch.zeros_like(norm_out))
+        unit = outer.to(acc) * r_out[:, None]
+        return ((total - proj[:, None] * unit) * r_out[:, None]).to(outer.dtype)
+
+    grad_x = grad_pass(p.x, p.w, p.rx, p.rw, p.norm_x, n, c, True, cfg["g_o_x"], cfg["g_i"])
+    grad_w = grad_pass(p.w, p.x, p.rw, p.rx, p.norm_w, c, n, False, cfg["g_o"], cfg["g_i_w"])
+    return grad_x, grad_w
+
+
 def margin_linear_cross_entropy(
     embeddings: Tensor, weight: Tensor, target: Tensor, row_m2: Optional[Tensor],
     row_m3: Optional[Tensor], row_grad: Optional[Tensor], scale: float, m1: float, m2: float,
@@ -412,67 +558,23 @@ def margin_linear_cross_entropy(
     fp64) and, when compute_grad, the gradients of sum_i row_grad_i loss_i with respect to
     embeddings and weight in their dtypes (else two empty tensors). Inputs are validated by the
     caller; `deterministic` changes nothing (every pass here is deterministic)."""
-    x = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    target = target.contiguous()
-    n, d = x.shape
-    c = w.shape[0]
-    dev = x.device
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cfg = _config(x.dtype, d, dev, block_size)
-    interp = _interpreted(dev)
-    upcast = interp and x.dtype == torch.bfloat16
-    precision = "tf32" if (x.dtype == torch.float32 and _allow_tf32()) else "ieee"
-    n_target = _target_programs(dev)
+    p = _pipeline(embeddings, weight, target, normalize, block_size)
+    x, w, target, acc = p.x, p.w, p.target, p.acc
+    n, c = x.shape[0], w.shape[0]
     empty = x.new_empty(0)
-
-    loss = torch.zeros(n, dtype=acc, device=dev)
+    loss = torch.zeros(n, dtype=acc, device=x.device)
     if n == 0:
         if compute_grad:
             return loss, torch.zeros_like(x), torch.zeros_like(w)
         return loss, empty, w.new_empty(0)
 
-    # 0. Norms.
-    if normalize:
-        norm_x = torch.linalg.vector_norm(x, dim=1, dtype=acc)
-        norm_w = torch.linalg.vector_norm(w, dim=1, dtype=acc)
-        rx = 1.0 / norm_x.clamp_min(_NORM_EPS)
-        rw = 1.0 / norm_w.clamp_min(_NORM_EPS)
-    else:
-        rx = rw = norm_x = norm_w = loss  # unused: the NORMALIZE branches are compiled out
-    scale_args = _hi_lo(scale)
+    z_y, slope = _target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin,
+                                class_start=0, sharded=False)
+    part = _split_lse(p, scale, class_start=0, with_sum=label_smoothing != 0.0)
 
-    # 1. Target logits and slopes.
-    z_y = torch.empty(n, dtype=acc, device=dev)
-    slope = torch.empty(n, dtype=acc, device=dev)
-    use_angle = row_m2 is not None or m1 != 1.0 or m2 != 0.0
-    torch.library.wrap_triton(_target_kernel)[(triton.cdiv(n, cfg["tgt_n"]),)](
-        x, w, rx, rw, target,
-        row_m2.contiguous() if row_m2 is not None else loss,
-        row_m3.contiguous() if row_m3 is not None else loss,
-        z_y, slope, n, c, d, x.stride(0), w.stride(0),
-        *scale_args, *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3),
-        NORMALIZE=normalize, HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
-        USE_ANGLE=use_angle, DETACH_MARGIN=detach_margin,
-        ASIN_TERMS=25 if acc == torch.float64 else 10,
-        BLOCK_N=cfg["tgt_n"], BLOCK_D=cfg["tgt_d"], num_warps=cfg["tgt_warps"], num_stages=2,
-    )
-
-    # 2. Partial log-sum-exp per split of the classes.
-    row_blocks = triton.cdiv(n, cfg["fwd_n"])
-    splits, per_split = _split(row_blocks, triton.cdiv(c, cfg["fwd_c"]), n_target)
-    part = torch.empty((3, splits, n), dtype=acc, device=dev)
-    torch.library.wrap_triton(_lse_kernel)[(row_blocks, splits)](
-        x, w, rx, rw, target, z_y, part, n, c, d, x.stride(0), w.stride(0), per_split, splits,
-        *scale_args,
-        NORMALIZE=normalize, HAS_SMOOTHING=label_smoothing != 0.0,
-        BLOCK_N=cfg["fwd_n"], BLOCK_C=cfg["fwd_c"], BLOCK_D=cfg["fwd_d"],
-        PRECISION=precision, UPCAST=upcast, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
-    )
-
-    # 3. Combine the splits: loss, and the per-row coefficients of G.
+    # 3. Combine the splits and the target logit: loss, and the per-row coefficients of G.
     part_max, part_oth, part_z = part.unbind(0)
-    row_max = part_max.amax(0)
+    row_max = torch.maximum(part_max.amax(0), z_y)  # a bad target's NaN z_y propagates
     s_oth = (part_oth * torch.exp(part_max - row_max)).sum(0)
     s_all = s_oth + torch.exp(z_y - row_max)
     row_loss = (row_max - z_y) + torch.log(s_all)
@@ -502,35 +604,5 @@ def margin_linear_cross_entropy(
         torch.where(live, r * (scale * uniform), zero),
         torch.where(live, r * slope * d_y, zero),
     ])
-
-    # 4. Gradients: A = G w^ and P (outer: embeddings), B = G^T x^ and Q (outer: classes).
-    def grad_pass(outer, inner, r_out, r_in, norm_out, n_out, n_in, outer_is_x, block_o, block_i):
-        o_blocks, d_blocks = triton.cdiv(n_out, block_o), triton.cdiv(d, cfg["g_do"])
-        g_splits, g_per = _split(o_blocks * d_blocks, triton.cdiv(n_in, block_i), n_target)
-        final = g_splits == 1  # the kernel writes the gradient itself
-        if final:
-            g_part = torch.empty((n_out, d), dtype=outer.dtype, device=dev)
-        else:
-            g_part = torch.empty((g_splits, n_out, d), dtype=acc, device=dev)
-        g_proj = torch.empty((g_splits, n_out), dtype=acc, device=dev) if normalize else loss
-        if d > 0:
-            torch.library.wrap_triton(_grad_kernel)[(o_blocks, d_blocks, g_splits)](
-                outer, inner, r_out, r_in, norm_out, target, coef, g_part, g_proj,
-                n_out, n_in, n, d, outer.stride(0), inner.stride(0), g_per, ignore_index,
-                *scale_args,
-                OUTER_IS_X=outer_is_x, NORMALIZE=normalize, FINAL=final, BLOCK_O=block_o,
-                BLOCK_I=block_i, BLOCK_D=cfg["g_d"], BLOCK_DO=cfg["g_do"], PRECISION=precision,
-                UPCAST=upcast, num_warps=cfg["g_warps"], num_stages=cfg["g_stages"],
-            )
-        if final:
-            return g_part
-        total = g_part.sum(0)
-        if not normalize:
-            return total.to(outer.dtype)
-        proj = torch.where(norm_out > _NORM_EPS, g_proj.sum(0), torch.zeros_like(norm_out))
-        unit = outer.to(acc) * r_out[:, None]
-        return ((total - proj[:, None] * unit) * r_out[:, None]).to(outer.dtype)
-
-    grad_x = grad_pass(x, w, rx, rw, norm_x, n, c, True, cfg["g_o_x"], cfg["g_i"])
-    grad_w = grad_pass(w, x, rw, rx, norm_w, c, n, False, cfg["g_o"], cfg["g_i_w"])
+    grad_x, grad_w = _input_grads(p, coef, scale, class_start=0, ignore_index=ignore_index)
     return loss, grad_x, grad_w

@@ -202,5 +202,50 @@ FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, const RowSums<acc_
   return t.slope * d;
 }
 
+// Sharded rows (family "sharded"; CPU: csrc/cpu/sharded.cpp, Triton: triton_kernels/sharded.py,
+// combine: python/fusedloss/sharded.py). The C classes of a row are split over ranks; rank r
+// holds the columns J_r = [class_start, class_start + C_r) and reduces them to three partials
+//
+//   lse_other_r = log sum_{j in J_r, j != y} exp(z_j)     (-inf for an empty sum)
+//   zy_r        = z_y when y in J_r, else 0
+//   sum_z_r     = sum_{j in J_r} z_j
+//
+// lse_other_r is max-rescaled over the non-target columns alone. The single-process kernels
+// seed the running maximum with z_y, harmless there because S holds exp(z_y - M); seeded so,
+// this partial would lose (underflow, or on the CPU hit fast_exp's floor) every term more
+// than ~87 below z_y, and nothing would hide it.
+//
+// Every row's target is in exactly one shard and every other column in exactly one, so
+// with shift = max_r lse_other_r (0 when that is -inf: no column j != y anywhere)
+//
+//   lse_o = log sum_{j != y} exp(z_j) = shift + log sum_r exp(lse_other_r - shift),
+//   z_y = sum_r zy_r,   sum_z = sum_r sum_z_r,
+//   lse = log(exp(lse_o) + exp(z_y)) = logaddexp(lse_o, z_y),
+//
+// and the loss of the single-process row above, written without M (M + log S = lse):
+//
+//   loss = softplus(lse_o - z_y) + eps (z_y - sum_z / C) + lambda lse^2
+//
+// (softplus(lse_o - z_y) = lse - z_y without its cancellation when p_y ~ 1). Its derivatives,
+// with p_j = exp(z_j - lse), g = 2 lambda lse and 1 - p_y = S_o / S = exp(lse_o - lse)
+// (accurate when p_y ~ 1):
+//
+//   dloss/dz_j = (1 + g) p_j - eps / C                                        (j != y)
+//   dloss/dz_y = (1 + g) p_y - (1 - eps) - eps / C = eps - eps / C - exp(lse_o - lse) + g p_y
+//
+// and dz_j/dc_j = s, dz_y/dc_y from target_logit. Times the row weight r = dL / dloss:
+//
+//   dL/dc_j = s (a exp(s c_j - lse) - b)     (j != y),   a = r (1 + g),   b = r eps / C
+//   dL/dc_y = dz_y/dc_y d,   d = r (eps - eps / C - exp(lse_o - lse) + g exp(z_y - lse))
+//
+// So after the combine every rank needs per row only coef = (lse, a, b, d), and computes
+// the gradient of its own columns with no further communication.
+
+// dL/dc_j = s (a e - b) of a non-target column, e = exp(s c_j - lse).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sharded_grad_other(acc_t e, acc_t scale, acc_t a, acc_t b) {
+  return scale * (a * e - b);
+}
+
 }  // namespace margin
 }  // namespace fusedloss

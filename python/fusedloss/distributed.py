@@ -1,0 +1,250 @@
+"""Process-group helpers of the sharded ops: who holds which classes, the agreement on bad
+input before any real collective, and an autograd-aware all-gather of rows.
+
+Every helper also works without torch.distributed initialised: the "group" is then this
+process alone (world size 1, rank 0) and no collective runs.
+
+No rank may raise alone: the others would wait in the next collective until the group's
+timeout. So the sharded functions first gather every rank's small summary of its inputs in
+one all_reduce (`gather_table`), and every rank derives the same errors from the same table
+and raises the same message.
+"""
+import zlib
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+_MISSING = torch.iinfo(torch.int64).min  # a table slot that another rank fills
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_and_rank(group=None):
+    """(world size, this process's rank) in `group` (None: the default group, or this process
+    alone when torch.distributed is not initialised)."""
+    if not initialized():
+        if group is not None:
+            raise RuntimeError("a process group was given, but torch.distributed is not "
+                               "initialised (call torch.distributed.init_process_group first)")
+        return 1, 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError("this process is not a member of the given process group")
+    return dist.get_world_size(group), rank
+
+
+def shard_range(num_classes: int, world_size: int, rank: int):
+    """(class_start, num_local) of `rank`: classes [class_start, class_start + num_local), with
+    class_start = rank * (C // W) + min(rank, C % W) and num_local = C // W + (rank < C % W).
+    The first C % W ranks hold one class more; ranks past C (when C < W) hold none."""
+    if num_classes < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard_range: need num_classes >= 1, world_size >= 1 and 0 <= rank < "
+                         f"world_size, got {num_classes}, {world_size}, {rank}")
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def shard_starts(num_classes: int, world_size: int) -> List[int]:
+    """class_start of every rank, in rank order, followed by num_classes."""
+    return [shard_range(num_classes, world_size, r)[0] for r in range(world_size)] + [num_classes]
+
+
+def all_reduce(x: torch.Tensor, op: str, group=None) -> torch.Tensor:
+    """A reduced copy of x ("sum" or "max") over the group; x itself when there is no group."""
+    if not initialized():
+        return x
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return out
+
+
+# --- agreement on errors -------------------------------------------------------------------
+
+def gather_table(local: Dict[str, int], group=None, device=None) -> List[Dict[str, int]]:
+    """Every rank's `local` (the same keys everywhere, int64 values), in rank order, with one
+    all_reduce(MAX) of W * K int64: each rank writes its row and leaves the others at the
+    smallest int64, so the maximum is each rank's own row."""
+    world, rank = world_and_rank(group)
+    keys = sorted(local)
+    table = torch.full((world, len(keys)), _MISSING, dtype=torch.int64, device=device)
+    table[rank] = torch.tensor([int(local[k]) for k in keys], dtype=torch.int64)
+    table = all_reduce(table, "max", group).tolist()
+    return [dict(zip(keys, row)) for row in table]
+
+
+def fingerprint(*values) -> int:
+    """A 32-bit digest of plain values (their repr), to compare options across ranks."""
+    return zlib.crc32(repr(values).encode())
+
+
+def tensor_summary(name: str, t: Optional[torch.Tensor]) -> Dict[str, int]:
+    """Integers that differ, in practice always, when two ranks hold different tensors `t`:
+    size (-1 for None), a weighted checksum of the exact bits (int64, wrapping) and min / max.
+    The keys are the same whatever t is, so that every rank's table row has the same shape."""
+    keys = [f"{name}.{part}" for part in ("size", "sum", "min", "max")]
+    if t is None or t.numel() == 0:
+        return dict(zip(keys, (-1 if t is None else 0, 0, 0, 0)))
+    flat = t.detach().reshape(-1)
+    if flat.dtype.is_floating_point:
+        flat = flat.double().view(torch.int64)
+    flat = flat.long()
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
+    return dict(zip(keys, (flat.numel(), int((flat * weights).sum()), int(flat.min()),
+                           int(flat.max()))))
+
+
+def bad_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> Dict[str, int]:
+    """{bad_row, bad_value}: the first row whose target is outside [0, num_classes) and is not
+    ignore_index (bad_row = -1 when there is none)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.numel() == 0 or not bool(bad.any()):
+        return {"bad_row": -1, "bad_value": 0}
+    row = int(bad.nonzero()[0, 0])
+    return {"bad_row": row, "bad_value": int(target[row])}
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def disagreements(table: List[Dict[str, int]], keys: Sequence[str]) -> List[str]:
+    """The keys whose values are not the same on every rank: a plain key as
+    'name (rank 0: v; ranks 1, 2: w)', a digest 'name.part' as 'name (differs: rank 0 vs
+    ranks 1, 2)'."""
+    found = {}
+    for key in keys:
+        values = [row[key] for row in table]
+        if len(set(values)) > 1:
+            name = key.split(".")[0]
+            groups = {}
+            for rank, v in enumerate(values):
+                groups.setdefault(v, []).append(rank)
+            detail = "; ".join(f"{_ranks_text(rs)}: {v}" for v, rs in groups.items())
+            found.setdefault(name, detail if "." not in key else
+                             "differs: " + " vs ".join(_ranks_text(rs) for rs in groups.values()))
+    return [f"{name} ({detail})" for name, detail in found.items()]
+
+
+def tiling_errors(table: List[Dict[str, int]], num_classes: int) -> List[str]:
+    """Why the shards (class_start, num_local) of the table do not tile [0, num_classes)."""
+    pairs = [(row["class_start"], row["num_local"]) for row in table]
+    listing = ", ".join(f"rank {r}: [{s}, {s + n})" for r, (s, n) in enumerate(pairs))
+    bad = [r for r, (s, n) in enumerate(pairs) if s < 0 or n < 0 or s + n > num_classes]
+    if bad:
+        return [f"the shard of {_ranks_text(bad)} leaves [0, {num_classes}); shards must tile "
+                f"[0, {num_classes}) ({listing})"]
+    covered = 0
+    for rank, (start, count) in sorted(((r, p) for r, p in enumerate(pairs) if p[1] > 0),
+                                       key=lambda item: item[1][0]):
+        if start != covered:
+            what = "overlaps the classes before it" if start < covered else \
+                f"leaves classes [{covered}, {start}) to no rank"
+            return [f"the shard of rank {rank} {what}; shards must tile [0, {num_classes}) "
+                    f"({listing})"]
+        covered = start + count
+    if covered != num_classes:
+        return [f"classes [{covered}, {num_classes}) belong to no rank; shards must tile "
+                f"[0, {num_classes}) ({listing})"]
+    return []
+
+
+def raise_shard_errors(fn: str, table: List[Dict[str, int]], agreed: Sequence[str]) -> None:
+    """Raise, identically on every rank, the errors the table shows: a target outside
+    [0, num_classes), num_classes or any key of `agreed` differing across ranks, shards that
+    do not tile [0, num_classes)."""
+    problems = []
+    for rank, row in enumerate(table):
+        if row["bad_row"] >= 0:
+            problems.append(f"on rank {rank}, target[{row['bad_row']}] = {row['bad_value']} is "
+                            f"outside [0, {row['num_classes']}) and is not ignore_index")
+    differing = disagreements(table, ["num_classes", *agreed])
+    if differing:
+        problems.append("these must be the same on every rank but are not: " + ", ".join(differing))
+    elif table[0]["num_classes"] < 1:
+        problems.append(f"num_classes must be >= 1, got {table[0]['num_classes']}")
+    else:
+        problems += tiling_errors(table, table[0]["num_classes"])
+    if problems:
+        raise ValueError(f"{fn}: " + "; ".join(problems))
+
+
+# --- all-gather of rows ---------------------------------------------------------------------
+
+def gather_counts(local: Sequence[int], group=None, device=None) -> torch.Tensor:
+    """[W, K] int64: every rank's `local` integers (e.g. its batch size), in rank order."""
+    world, _ = world_and_rank(group)
+    mine = torch.tensor(list(local), dtype=torch.int64, device=device)
+    if not initialized():
+        return mine[None]
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine, group=group)
+    return torch.stack(out)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Rows of every rank concatenated in rank order. Backward: the gathered tensor's gradient
+    differs per rank (each rank used it for its own shard), so rank r's rows get the sum over
+    ranks of their gradient (an all_reduce, then this rank's slice), times grad_scale."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group, grad_scale):
+        ctx.sizes, ctx.group, ctx.grad_scale = sizes, group, grad_scale
+        _, ctx.rank = world_and_rank(group)
+        if not initialized():
+            return x.clone()
+        longest = max(sizes)
+        padded = x.new_zeros((longest, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = all_reduce(grad, "sum", ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        mine = total[start: start + ctx.sizes[ctx.rank]]
+        if ctx.grad_scale != 1.0:
+            mine = mine * ctx.grad_scale
+        return mine, None, None, None
+
+
+def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], group=None,
+                    grad_scale: float = 1.0) -> torch.Tensor:
+    """Every rank's x [n_r, ...] concatenated in rank order ([sum n_r, ...]); `sizes` are the
+    n_r of every rank (from gather_counts). gloo's all_gather needs equal shapes, so each rank
+    pads to max n_r and the padding is dropped. Autograd-aware: x's gradient is the sum over
+    ranks of the gradient of its rows, times grad_scale. Traffic: W * max(n_r) rows."""
+    return _AllGatherRows.apply(x, [int(n) for n in sizes], group, float(grad_scale))
+
+
+# --- resharding -----------------------------------------------------------------------------
+
+def reshard_state_dicts(state_dicts: Sequence[dict], new_world_size: int) -> List[dict]:
+    """The state dicts of a fusedloss.nn.PartialFC saved at one world size, one per rank in any
+    order, turned into `new_world_size` state dicts (index = new rank) for the same head at
+    the new world size. Each holds `weight` (the rank's rows) and `class_range`
+    (class_start, num_local, num_classes), as PartialFC.state_dict() does; pass the head's own
+    state dicts (strip a parent module's prefix first). Optimizer state is not resharded."""
+    if new_world_size < 1:
+        raise ValueError(f"reshard_state_dicts: new_world_size must be >= 1, got {new_world_size}")
+    ranges = [tuple(int(v) for v in sd["class_range"]) for sd in state_dicts]
+    num_classes = {c for _, _, c in ranges}
+    if len(num_classes) != 1:
+        raise ValueError(f"reshard_state_dicts: the state dicts disagree on num_classes: {ranges}")
+    num_classes = num_classes.pop()
+    table = [dict(class_start=s, num_local=n) for s, n, _ in ranges]
+    problems = tiling_errors(table, num_classes)
+    if problems:
+        raise ValueError("reshard_state_dicts: " + problems[0])
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    weight = torch.cat([state_dicts[i]["weight"] for i in order])
+    out = []
+    for rank in range(new_world_size):
+        start, count = shard_range(num_classes, new_world_size, rank)
+        out.append({"weight": weight[start: start + count].clone(),
+                    "class_range": torch.tensor([start, count, num_classes], dtype=torch.int64)})
+    return out

@@ -1,0 +1,532 @@
+"""Pairwise similarity losses with mining: Multi-Similarity (loss and miner), SupCon, InfoNCE,
+contrastive and batch-hard triplet, with pytorch-metric-learning's (PML's) semantics.
+
+Every function reduces the N x M similarity matrix S_ij = x_i . r_j (x the queries, r the
+reference set, the batch itself by default) to per-row statistics with three ops, whose
+contracts are the schemas and comments in csrc/ops.cpp:
+  pair_extrema              the hardest positive and negative of each row (mining);
+  pair_row_stats            per-row sums and masked log-sum-exps of one loss kind;
+  pair_row_stats_backward   its gradient, recomputing tiles (pair_row_stats' autograd).
+The losses are then combined from the [N, K] statistics with ordinary torch ops, so the
+reductions below are differentiable as written. The kernels tile S and never store it; the
+"reference" backend is the dense oracle in fusedloss.reference.pairs, differentiated by
+autograd.
+
+PML correspondences (each function's docstring gives the formula):
+  multi_similarity_loss     MultiSimilarityMiner(epsilon) + MultiSimilarityLoss(alpha, beta, base)
+  multi_similarity_miner    MultiSimilarityMiner(epsilon)
+  supcon_loss               SupConLoss(temperature)
+  info_nce_loss             NTXentLoss(temperature) with labels = arange(N), ref_emb = key
+  contrastive_loss          ContrastiveLoss(pos_margin, neg_margin) (LpDistance or CosineSimilarity)
+  batch_hard_triplet_loss   BatchHardMiner + TripletMarginLoss(margin)
+PML's global rule of GenericPairLoss holds for the pair losses: a batch with at most one
+positive pair and at most one negative pair gives 0. So does PML's zero for a batch with no
+pairs of a needed sign; every such 0 has a zero gradient.
+"""
+from dataclasses import dataclass
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._ops import Op, resolve_backend, result_dtype
+from .reference import pairs as reference
+from .reference.pairs import CONTRASTIVE, EUCLIDEAN, MULTI_SIMILARITY, NUM_STATS, SIMILARITY, SUPCON
+
+_DISTANCES = {"euclidean": EUCLIDEAN, "cosine": SIMILARITY}
+# PML's documented margins of ContrastiveLoss for each distance: (pos_margin, neg_margin).
+_CONTRASTIVE_MARGINS = {"euclidean": (0.0, 1.0), "cosine": (1.0, 0.0)}
+# Similarities formed at once by the miner's torch code: rows x M per block.
+_MINER_BLOCK_ELEMENTS = 1 << 22
+
+
+# ---- ops: fake kernels and autograd ------------------------------------------------------------
+
+def _accumulation(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _extrema_fake(x, labels, ref, ref_labels, distance, self_offset, block_size):
+    n = x.shape[0]
+    return x.new_empty(n, 2, dtype=_accumulation(x)), x.new_empty(n, 2, dtype=torch.long)
+
+
+def _stats_fake(x, labels, ref, ref_labels, thresholds, kind, distance, hyper, self_offset,
+                block_size):
+    return x.new_empty(x.shape[0], NUM_STATS[kind], dtype=_accumulation(x))
+
+
+def _stats_backward_fake(grad_stats, stats, x, labels, ref, ref_labels, thresholds, kind, distance,
+                         hyper, self_offset, block_size, x_grad, ref_grad):
+    return (x.new_empty(x.shape) if x_grad else x.new_empty(0),
+            ref.new_empty(ref.shape) if ref_grad else ref.new_empty(0))
+
+
+def _stats_setup_context(ctx, inputs, output):
+    x, labels, ref, ref_labels, thresholds, *options = inputs
+    ctx.options = tuple(options)  # kind, distance, hyper, self_offset, block_size
+    ctx.save_for_backward(x, labels, ref, ref_labels, thresholds, output)
+
+
+def _stats_backward(ctx, grad_stats):
+    x, labels, ref, ref_labels, thresholds, stats = ctx.saved_tensors
+    x_grad, ref_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    backward = STATS_BACKWARD.cpp if ctx.op is STATS.cpp else STATS_BACKWARD.triton
+    grad_x, grad_ref = backward(grad_stats.contiguous(), stats, x, labels, ref, ref_labels,
+                                thresholds, *ctx.options, x_grad, ref_grad)
+    return (grad_x if x_grad else None, None, grad_ref if ref_grad else None,
+            None, None, None, None, None, None, None)
+
+
+EXTREMA = Op("pairs", "pair_extrema", fake=_extrema_fake)
+STATS_BACKWARD = Op("pairs", "pair_row_stats_backward", fake=_stats_backward_fake)
+STATS = Op("pairs", "pair_row_stats", fake=_stats_fake, setup_context=_stats_setup_context,
+           backward=_stats_backward)
+
+
+def _resolve(fn: str, backend: str, device: torch.device, op_name: str) -> str:
+    """The backend that runs `op_name`; Triton only where its kernel file exists."""
+    chosen = resolve_backend(backend, device, op_name)
+    if chosen == "triton" and importlib.util.find_spec("fusedloss.triton_kernels.pairs") is None:
+        raise RuntimeError(f"{fn}: backend 'triton' is not available: fusedloss has no Triton "
+                           "kernels for the pair losses (no fusedloss.triton_kernels.pairs)")
+    return chosen
+
+
+# ---- the batch against its reference set ---------------------------------------------------------
+
+@dataclass
+class _Pairs:
+    """Queries x [N, D] and references ref [M, D] (normalised when asked), their labels, the
+    backend, and which column of row i is not a pair: (offset + i) mod M, none for -1.
+    `mining_offset` applies to mining (the extrema), `pair_offset` to the pairs of the loss;
+    they differ only for a memory bank that holds the batch (PML's miners see the batch's own
+    slots there, and only its loss drops them)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    ref: torch.Tensor
+    ref_labels: torch.Tensor
+    backend: str
+    mining_offset: int
+    pair_offset: int
+
+    @property
+    def num_pairs(self) -> int:
+        """Pairs of the loss, positive or negative: a shape, not a value."""
+        n, m = self.x.shape[0], self.ref.shape[0]
+        return n * (m - 1 if self.pair_offset >= 0 and m > 0 else m)
+
+    def extrema(self, distance: int):
+        """pair_extrema (values, indices), without gradient."""
+        with torch.no_grad():
+            args = (self.x.detach(), self.labels, self.ref.detach(), self.ref_labels, distance,
+                    self.mining_offset)
+            if self.backend == "reference":
+                return reference.pair_extrema(*args)
+            return EXTREMA.for_backend(self.backend)(*args, 0)
+
+    def row_stats(self, thresholds, kind: int, distance: int, hyper) -> torch.Tensor:
+        hyper = [float(h) for h in hyper]
+        args = (self.x, self.labels, self.ref, self.ref_labels, thresholds, kind, distance, hyper,
+                self.pair_offset)
+        if self.backend == "reference":
+            return reference.pair_row_stats(*args)
+        return STATS.for_backend(self.backend)(*args, 0)
+
+    def dense_pair_counts(self):
+        """(positive, negative) pairs of the loss, counted from an N x M mask: for tiny
+        batches only (num_pairs <= 2, see _few_pairs)."""
+        pos, neg = reference.pair_masks(self.labels, self.ref_labels, self.pair_offset)
+        return int(pos.sum()), int(neg.sum())
+
+    def zero(self) -> torch.Tensor:
+        """A zero loss connected to the inputs, so that its gradient is zero, not None."""
+        total = (self.x * 0).sum()
+        if self.ref is not self.x:
+            total = total + (self.ref * 0).sum()
+        return total.to(_accumulation(self.x))
+
+
+def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend, op_name,
+             self_offset) -> _Pairs:
+    """Checked, normalised inputs. Without a reference set the batch is its own, row i never
+    paired with column i (for mining and the loss); with one, every pair counts. The private
+    `_self_offset` k of the functions (for fusedloss.nn.CrossBatchMemory) says that the
+    reference set holds the batch at rows (k + i) mod M: the loss drops those pairs, mining
+    keeps them, as PML's CrossBatchMemory does."""
+    _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, self_offset)
+    backend = _resolve(fn, backend, embeddings.device, op_name)
+    x = F.normalize(embeddings, dim=1) if normalize else embeddings
+    if ref_embeddings is None:
+        return _Pairs(x, labels.long(), x, labels.long(), backend, 0, 0)
+    ref = F.normalize(ref_embeddings, dim=1) if normalize else ref_embeddings
+    bank_offset = -1 if self_offset is None else self_offset
+    return _Pairs(x, labels.long(), ref, ref_labels.long(), backend, -1, bank_offset)
+
+
+def _few_pairs(pairs: _Pairs) -> bool:
+    """PML's GenericPairLoss returns 0 when there is at most one positive and at most one
+    negative pair. With every pair taken, that needs num_pairs <= 2, a property of the shapes."""
+    if pairs.num_pairs > 2:
+        return False
+    num_pos, num_neg = pairs.dense_pair_counts()
+    return num_pos <= 1 and num_neg <= 1
+
+
+def _few_mined_pairs(pairs: _Pairs, thresholds: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The same rule for the pairs that the multi-similarity miner keeps, as a bool tensor.
+
+    A row keeps a pair iff min_pos - eps < max_neg, and then it keeps its hardest negative
+    (max_neg + eps > min_pos): two such rows mean two negative pairs. So the rule can only
+    hold with at most one active row, whose kept pairs are counted from one row of S (O(M D))."""
+    n, m = pairs.x.shape[0], pairs.ref.shape[0]
+    if n == 0 or m == 0:
+        return torch.ones((), dtype=torch.bool, device=pairs.x.device)
+    with torch.no_grad():
+        max_neg, min_pos = thresholds.unbind(1)
+        active = min_pos - epsilon < max_neg
+        row = active.to(torch.uint8).argmax().view(1)  # the first active row (0 when none)
+        acc = _accumulation(pairs.x)
+        s = (pairs.x.detach().index_select(0, row).to(acc) @ pairs.ref.detach().to(acc).T)[0]
+        pos, neg = reference.pair_masks(pairs.labels.index_select(0, row), pairs.ref_labels, -1)
+        paired = torch.ones(m, dtype=torch.bool, device=s.device)
+        if pairs.pair_offset >= 0:
+            paired = torch.arange(m, device=s.device) != (pairs.pair_offset + row) % m
+        pos, neg = pos[0] & paired, neg[0] & paired
+        kept_pos = (pos & (s - epsilon < max_neg.index_select(0, row))).sum()
+        kept_neg = (neg & (s + epsilon > min_pos.index_select(0, row))).sum()
+        return (active.sum() == 0) | ((active.sum() == 1) & (kept_pos <= 1) & (kept_neg <= 1))
+
+
+def _mean_over_positive(values: torch.Tensor) -> torch.Tensor:
+    """PML's AvgNonZeroReducer: the mean of the entries > 0, and 0 when there is none."""
+    nonzero = values > 0
+    count = nonzero.sum().clamp(min=1).to(values.dtype)
+    return torch.where(nonzero, values, 0.0).sum() / count
+
+
+def _finish(loss: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    return loss.to(result_dtype(embeddings))
+
+
+# ---- the public functions ------------------------------------------------------------------------
+
+def multi_similarity_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    epsilon: float = 0.1,
+    mining: bool = True,
+    normalize: bool = True,
+    backend: str = "auto",
+    _self_offset: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Multi-Similarity loss (Wang et al., CVPR 2019) with its miner, as PML's
+    ``MultiSimilarityMiner(epsilon)`` followed by ``MultiSimilarityLoss(alpha, beta, base)``.
+
+    ``embeddings [N, D]`` with integer ``labels [N]``; optionally a reference set (memory bank)
+    ``ref_embeddings [M, D]`` with ``ref_labels [M]``. Without one the batch is its own
+    reference and row i is never paired with itself; with one every (query, reference) pair
+    counts, as in PML. A pair is positive when the labels are equal. With ``normalize`` the
+    embeddings are L2-normalised first (``F.normalize``), so S_ij is the cosine similarity.
+
+    Mining (``mining=True``): a positive pair is kept iff ``S_ij - epsilon < max negative S of
+    row i`` and a negative iff ``S_ij + epsilon > min positive S of row i`` (strict). Per row::
+
+        (1/alpha) log(1 + sum_{kept pos} exp(-alpha (S_ij - base)))
+      + (1/beta)  log(1 + sum_{kept neg} exp( beta (S_ij - base)))
+
+    a row without kept pairs contributing 0; the loss is the mean over all N rows (PML's
+    MeanReducer). ``mining=False`` keeps every pair. As in PML, the loss is 0 (with a zero
+    gradient) when at most one positive and at most one negative pair are kept. The
+    exponentials are max-rescaled, so beta = 50 cannot overflow in any dtype.
+
+    ``alpha > 0`` and ``beta > 0``. The loss has the dtype of ``embeddings``; statistics are
+    accumulated in fp32 (fp64 for fp64). ``backend``: "auto", "reference", "cpu", "triton".
+    """
+    fn = "multi_similarity_loss"
+    _checks.positive(fn, alpha=alpha, beta=beta)
+    _checks.finite(fn, base=base, epsilon=epsilon)
+    _flag(fn, mining=mining)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     STATS.name, _self_offset)
+    thresholds = _ms_thresholds(pairs) if mining else None
+    stats = pairs.row_stats(thresholds, MULTI_SIMILARITY, SIMILARITY, (alpha, beta, base, epsilon))
+    if stats.shape[0] == 0:
+        return _finish(pairs.zero(), embeddings)
+    loss = (stats[:, 0] / alpha + stats[:, 1] / beta).mean()
+    if not mining:
+        return _finish(pairs.zero() if _few_pairs(pairs) else loss, embeddings)
+    few = _few_mined_pairs(pairs, thresholds, epsilon)
+    return _finish(torch.where(few, pairs.zero(), loss), embeddings)
+
+
+def _ms_thresholds(pairs: _Pairs) -> torch.Tensor:
+    """The miner's thresholds [N, 2] = (max negative S, min positive S) of each row."""
+    values, _ = pairs.extrema(SIMILARITY)
+    return values.flip(1).contiguous()
+
+
+def multi_similarity_miner(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    epsilon: float = 0.1,
+    normalize: bool = True,
+    backend: str = "auto",
+):
+    r"""The pairs of PML's ``MultiSimilarityMiner(epsilon)``: ``(a1, p, a2, n)`` int64 index
+    tensors, positive pairs ``(a1[k], p[k])`` and negative pairs ``(a2[k], n[k])`` (row of
+    ``embeddings``, row of the reference set), in row-major order.
+
+    A positive pair is kept iff ``S_ij - epsilon < max negative S of row i``, a negative iff
+    ``S_ij + epsilon > min positive S of row i`` (strict); the reference set and self exclusion
+    are those of :func:`multi_similarity_loss`. The row thresholds come from the tiled
+    extrema kernel of ``backend``; the pairs are then found in blocks of rows, never more than
+    about 4M similarities at once. No gradient flows through the indices.
+    """
+    fn = "multi_similarity_miner"
+    _checks.finite(fn, epsilon=epsilon)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     EXTREMA.name, None)
+    thresholds = _ms_thresholds(pairs)
+    found = [[], [], [], []]
+    n, m = pairs.x.shape[0], pairs.ref.shape[0]
+    block = max(1, _MINER_BLOCK_ELEMENTS // max(m, 1))
+    acc = _accumulation(pairs.x)
+    with torch.no_grad():
+        ref = pairs.ref.detach().to(acc)
+        for start in range(0, n, block):
+            rows = slice(start, min(start + block, n))
+            s = pairs.x.detach()[rows].to(acc) @ ref.T
+            offset = -1 if pairs.pair_offset < 0 else (pairs.pair_offset + start) % max(m, 1)
+            pos, neg = reference.pair_masks(pairs.labels[rows], pairs.ref_labels, offset)
+            max_neg, min_pos = thresholds[rows, :1], thresholds[rows, 1:]
+            kept = (pos & (s - epsilon < max_neg), neg & (s + epsilon > min_pos))
+            for k, mask in enumerate(kept):
+                i, j = mask.nonzero(as_tuple=True)
+                found[2 * k].append(i + start)
+                found[2 * k + 1].append(j)
+    empty = torch.empty(0, dtype=torch.long, device=embeddings.device)
+    return tuple(torch.cat(f) if f else empty for f in found)
+
+
+def supcon_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    backend: str = "auto",
+    _self_offset: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Supervised contrastive loss (Khosla et al., 2020), as PML's ``SupConLoss(temperature)``.
+
+    Per row i with P_i positives among its pairs A_i (every other row of the batch, or every
+    reference; see :func:`multi_similarity_loss`)::
+
+        l_i = log sum_{j in A_i} exp(S_ij / t) - (1 / |P_i|) sum_{j in P_i} S_ij / t
+
+    Rows without positives count as 0, and the loss is the mean over the rows with
+    ``l_i > 0`` (PML's AvgNonZeroReducer). The loss is 0 with a zero gradient when the batch
+    has no positive or no negative pair, or at most one of each, as in PML. ``temperature > 0``.
+    """
+    fn = "supcon_loss"
+    _checks.positive(fn, temperature=temperature)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     STATS.name, _self_offset)
+    stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
+    num_pos = stats[:, 2].detach()
+    rows = torch.where(num_pos > 0, stats[:, 0] - stats[:, 1] / num_pos.clamp(min=1), 0.0)
+    total_pos = num_pos.sum()
+    total_neg = pairs.num_pairs - total_pos
+    no_loss = (total_pos == 0) | (total_neg == 0) | ((total_pos <= 1) & (total_neg <= 1))
+    return _finish(torch.where(no_loss, pairs.zero(), _mean_over_positive(rows)), embeddings)
+
+
+def info_nce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    symmetric: bool = False,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""InfoNCE / NT-Xent with the positives on the diagonal (SimCLR's and CLIP's form).
+
+    ``query [N, D]`` and ``key [N, D]``; row i's positive is ``key[i]``, its negatives every
+    other key::
+
+        l_i = log sum_j exp(S_ij / t) - S_ii / t,    S = query @ key.T  (normalised rows)
+
+    the mean over rows, i.e. ``F.cross_entropy(S / t, arange(N))``, and PML's
+    ``NTXentLoss(t)(query, arange(N), ref_emb=key, ref_labels=arange(N))``. With
+    ``symmetric=True`` the mean of that and the same loss with query and key swapped (CLIP).
+    The N x N matrix is never stored. ``temperature > 0``; an empty batch gives 0.
+    """
+    fn = "info_nce_loss"
+    _checks.positive(fn, temperature=temperature)
+    _flag(fn, symmetric=symmetric)
+    _checks.floating_tensor(fn, "query", query, ndim=2)
+    _checks.floating_tensor(fn, "key", key, ndim=2)
+    if query.shape != key.shape:
+        raise ValueError(f"{fn}: query and key must have the same shape [N, D], got "
+                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+    ids = torch.arange(query.shape[0], device=query.device)
+
+    def one_way(q, k):
+        pairs = _prepare(fn, q, ids, k, ids, normalize, backend, STATS.name, None)
+        stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
+        if stats.shape[0] == 0:
+            return pairs.zero()
+        return (stats[:, 0] - stats[:, 1]).mean()
+
+    loss = one_way(query, key)
+    if symmetric:
+        loss = (loss + one_way(key, query)) / 2
+    return _finish(loss, query)
+
+
+def contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    pos_margin: Optional[float] = None,
+    neg_margin: Optional[float] = None,
+    distance: str = "euclidean",
+    normalize: bool = True,
+    backend: str = "auto",
+    _self_offset: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Contrastive loss (Hadsell et al., 2006), as PML's
+    ``ContrastiveLoss(pos_margin, neg_margin)``.
+
+    ``distance="euclidean"`` (PML's LpDistance, d_ij = |x_i - r_j|): positive pairs cost
+    ``relu(d - pos_margin)``, negative pairs ``relu(neg_margin - d)``; margins default to 0
+    and 1. ``distance="cosine"`` (PML's CosineSimilarity): ``relu(pos_margin - S)`` and
+    ``relu(S - neg_margin)``, margins defaulting to 1 and 0. The loss is the mean of the
+    positive pair losses that are > 0 plus the mean of the negative ones that are > 0 (PML's
+    AvgNonZeroReducer on each; an empty set gives 0). Pairs and self exclusion are those of
+    :func:`multi_similarity_loss`; at most one positive and one negative pair give 0.
+    """
+    fn = "contrastive_loss"
+    _checks.choice(fn, "distance", distance, tuple(_DISTANCES))
+    default_pos, default_neg = _CONTRASTIVE_MARGINS[distance]
+    pos_margin = default_pos if pos_margin is None else pos_margin
+    neg_margin = default_neg if neg_margin is None else neg_margin
+    _checks.finite(fn, pos_margin=pos_margin, neg_margin=neg_margin)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     STATS.name, _self_offset)
+    if _few_pairs(pairs):
+        return _finish(pairs.zero(), embeddings)
+    stats = pairs.row_stats(None, CONTRASTIVE, _DISTANCES[distance], (pos_margin, neg_margin))
+    counts = stats[:, [1, 3]].detach().sum(0).clamp(min=1)
+    loss = stats[:, 0].sum() / counts[0] + stats[:, 2].sum() / counts[1]
+    return _finish(loss, embeddings)
+
+
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    margin: float = 0.05,
+    distance: str = "euclidean",
+    normalize: bool = True,
+    backend: str = "auto",
+    _self_offset: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Batch-hard triplet loss (Hermans et al., 2017), as PML's ``BatchHardMiner`` followed by
+    ``TripletMarginLoss(margin)``.
+
+    Each anchor (row) takes its hardest positive and hardest negative: with
+    ``distance="euclidean"`` the farthest positive and the nearest negative, loss
+    ``relu(d_ap - d_an + margin)``; with ``distance="cosine"`` the least similar positive and
+    the most similar negative, loss ``relu(S_an - S_ap + margin)``. Ties go to the first
+    reference. Anchors without a positive or a negative drop out; the loss is the mean over
+    the anchors whose loss is > 0 (PML's AvgNonZeroReducer), 0 when there is none. The
+    extrema come from the tiled kernel; the two distances per anchor are then recomputed in
+    torch (O(N D)), and the gradient flows through them.
+    """
+    fn = "batch_hard_triplet_loss"
+    _checks.choice(fn, "distance", distance, tuple(_DISTANCES))
+    _checks.finite(fn, margin=margin)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     EXTREMA.name, _self_offset)
+    if pairs.ref.shape[0] == 0:
+        return _finish(pairs.zero(), embeddings)
+    _, index = pairs.extrema(_DISTANCES[distance])
+    keep = (index >= 0).all(1)
+    if pairs.pair_offset >= 0 and pairs.mining_offset < 0:
+        # A bank that holds the batch: PML's miner may pick a row's own slot; its loss drops it.
+        rows = torch.arange(index.shape[0], device=index.device)
+        own = (pairs.pair_offset + rows) % pairs.ref.shape[0]
+        keep = keep & (index[:, 0] != own)
+    index = index.clamp(min=0)
+    acc = _accumulation(pairs.x)
+    x, ref = pairs.x.to(acc), pairs.ref.to(acc)
+    positive, negative = ref[index[:, 0]], ref[index[:, 1]]
+    if distance == "euclidean":
+        violation = (x - positive).norm(dim=1) - (x - negative).norm(dim=1)
+    else:
+        violation = (x * negative).sum(1) - (x * positive).sum(1)
+    losses = torch.where(keep, (violation + margin).relu(), 0.0)
+    return _finish(_mean_over_positive(losses) + pairs.zero(), embeddings)
+
+
+# ---- argument checks -----------------------------------------------------------------------------
+
+def _flag(fn, **values):
+    for name, v in values.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {type(v).__name__}")
+
+
+def _labels_tensor(fn: str, name: str, labels, n: int, rows_of: str) -> None:
+    if not torch.is_tensor(labels):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must hold integer class labels, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{fn}: {name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{fn}: {name} has {labels.shape[0]} entries but {rows_of} has {n} rows; "
+                         "they must match")
+
+
+def _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, self_offset):
+    _flag(fn, normalize=normalize)
+    _checks.floating_tensor(fn, "embeddings", embeddings, ndim=2)
+    _labels_tensor(fn, "labels", labels, embeddings.shape[0], "embeddings")
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError(f"{fn}: ref_embeddings and ref_labels go together: a reference set "
+                         "needs its labels, and labels need a reference set")
+    if ref_embeddings is not None:
+        _checks.floating_tensor(fn, "ref_embeddings", ref_embeddings, ndim=2)
+        _labels_tensor(fn, "ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
+        if ref_embeddings.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"{fn}: embeddings [N, D] and ref_embeddings [M, D] must share D, "
+                             f"got {tuple(embeddings.shape)} and {tuple(ref_embeddings.shape)}")
+        if ref_embeddings.dtype != embeddings.dtype:
+            raise TypeError(f"{fn}: embeddings and ref_embeddings must share a dtype, got "
+                            f"{embeddings.dtype} and {ref_embeddings.dtype}")
+    elif self_offset is not None:
+        raise ValueError(f"{fn}: _self_offset needs a reference set that holds the batch")
+    _checks.same_device(fn, embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                        ref_labels=ref_labels)

@@ -1,0 +1,439 @@
+"""Sharded margin softmax cross-entropy: the classes split across the ranks of a
+torch.distributed process group, the loss and gradients those of the unsharded problem.
+
+Rank r holds the classes [class_start, class_start + C_local) of every row; target holds
+global class ids. The four ops (contracts in csrc/ops.cpp, oracle in
+fusedloss.reference.sharded) reduce a shard to per-row partials and turn combined per-row
+coefficients back into the shard's gradient; this module combines the partials across
+ranks. With z_j = s c_j and z_y the margin logit (csrc/include/fusedloss/margin.h), each
+rank's partials are (lse_other_r = log sum_{local j != y} exp(z_j), z_y where y is local
+else 0, sum_z_r = sum_{local j} z_j), and
+
+    M = max_r lse_other_r,  shift = M where finite else 0
+    [T, z_y, sum_z] = sum_r [exp(lse_other_r - shift), z_y_r, sum_z_r]
+    lse_o = shift + log T,  lse = logaddexp(lse_o, z_y)
+    loss = softplus(lse_o - z_y) + eps (z_y - sum_z / C) + lambda lse^2
+
+(softplus(lse_o - z_y) = lse - z_y, accurate when p_y ~ 1; eps = label_smoothing, C the
+global number of classes; cross-entropy with label smoothing is lse - (1 - eps) z_y -
+(eps / C) sum_j z_j). With r_i = d L / d loss_i and g = 2 lambda lse, the gradient of the
+row's loss is p_j (1 + g) - eps / C for j != y and (1 + g) p_y - (1 - eps) - eps / C at y;
+with 1 - p_y = exp(lse_o - lse) kept accurate this is the coefficient set
+    coef = (lse, a, b, d),  a = r (1 + g),  b = r eps / C,
+    d = r (eps - eps / C - exp(lse_o - lse) + g exp(z_y - lse)),
+    grad_ij = s (a exp(s c_ij - lse) - b)  (j != y),  grad_iy = (d z_y / d c_y) d.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from . import distributed as fdist
+from ._ops import Op, reduce_rows, resolve_backend, result_dtype
+from .margin import MarginOptions, check_generator, elastic_margins, margin_options
+from .reference import sharded as reference
+
+
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _stats_fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, class_start, ignore_index):
+    return cos.new_empty(cos.shape[0], 3, dtype=_acc(cos))
+
+
+def _grad_fake(cos, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_margin,
+               class_start, ignore_index):
+    return cos.new_empty(cos.shape)
+
+
+def _linear_stats_fake(x, w, target, row_m2, row_m3, scale, m1, m2, m3, normalize, class_start,
+                       ignore_index, block_size):
+    return x.new_empty(x.shape[0], 3, dtype=_acc(x))
+
+
+def _linear_grad_fake(x, w, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_margin,
+                      normalize, class_start, ignore_index, block_size):
+    return x.new_empty(x.shape), w.new_empty(w.shape)
+
+
+# No op-level autograd: the autograd functions below differentiate through the collectives.
+STATS = Op("sharded", "sharded_margin_stats", fake=_stats_fake)
+GRAD = Op("sharded", "sharded_margin_grad", fake=_grad_fake)
+LINEAR_STATS = Op("sharded", "sharded_margin_linear_stats", fake=_linear_stats_fake)
+LINEAR_GRAD = Op("sharded", "sharded_margin_linear_grad", fake=_linear_grad_fake)
+
+
+def kernel(op: Op, backend: str) -> Callable:
+    """The implementation of `op` on `backend` (the dense oracle for "reference")."""
+    return getattr(reference, op.name) if backend == "reference" else op.for_backend(backend)
+
+
+# --- combining the partials (shared by the collectives and the in-process simulation) -------
+
+def combine_partials(stats: torch.Tensor, reduce_max: Callable,
+                     reduce_sum: Callable) -> torch.Tensor:
+    """[N, 4] = (lse_other, z_y, sum_z, lse) of the whole row from this shard's stats [..., N, 3].
+
+    reduce_max / reduce_sum reduce a tensor over the shards: all_reduce across ranks, or a
+    reduction over the leading dimension of stacked shards [S, N, 3] in one process."""
+    top = reduce_max(stats[..., 0])
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    terms = torch.stack([torch.exp(stats[..., 0] - shift), stats[..., 1], stats[..., 2]], dim=-1)
+    total, z_y, sum_z = reduce_sum(terms).unbind(-1)
+    lse_other = shift + torch.log(total)
+    return torch.stack([lse_other, z_y, sum_z, torch.logaddexp(lse_other, z_y)], dim=1)
+
+
+def row_losses(rows: torch.Tensor, valid: torch.Tensor, opts: MarginOptions,
+               num_classes: int) -> torch.Tensor:
+    """Per-row loss [N] from the combined rows (0 for ignored rows)."""
+    lse_other, z_y, sum_z, lse = rows.unbind(1)
+    eps, lam = opts.label_smoothing, opts.lse_square_scale
+    loss = F.softplus(lse_other - z_y) + eps * (z_y - sum_z / num_classes) + lam * lse * lse
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def grad_coefficients(rows: torch.Tensor, grad_rows: torch.Tensor, valid: torch.Tensor,
+                      opts: MarginOptions, num_classes: int) -> torch.Tensor:
+    """coef [N, 4] = (lse, a, b, d) of the grad ops (zeros for ignored rows)."""
+    lse_other, z_y, _, lse = rows.unbind(1)
+    r = torch.where(valid, grad_rows.to(rows.dtype), torch.zeros_like(lse))
+    eps = opts.label_smoothing
+    g = 2.0 * opts.lse_square_scale * lse
+    a = r * (1.0 + g)
+    b = r * (eps / num_classes)
+    d = r * (eps - eps / num_classes - torch.exp(lse_other - lse) + g * torch.exp(z_y - lse))
+    return torch.stack([torch.where(valid, lse, torch.zeros_like(lse)), a, b, d], dim=1)
+
+
+def _reducers(group):
+    """(reduce_max, reduce_sum) across the ranks of group, for combine_partials."""
+    return (lambda t: fdist.all_reduce(t, "max", group),
+            lambda t: fdist.all_reduce(t, "sum", group))
+
+
+# --- the autograd functions -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """What a sharded call needs besides its tensors: the options, the backend, the group and
+    this rank's place in the class space."""
+
+    opts: MarginOptions
+    backend: str
+    group: object
+    class_start: int
+    num_classes: int
+    normalize: bool = True
+    block_size: int = 0
+    reduce_embedding_grad: bool = True  # False: the caller sums grad_embeddings itself
+
+    def margins(self):
+        o = self.opts
+        return float(o.scale), float(o.m1), float(o.m2), float(o.m3)
+
+    @property
+    def detach_margin(self) -> bool:
+        return self.opts.margin_grad == "detached"
+
+
+def _empty_shard_stats(n, dtype, device):
+    """The partials of a shard without classes: no logits, so (-inf, 0, 0) on every row."""
+    stats = torch.zeros(n, 3, dtype=dtype, device=device)
+    stats[:, 0] = -float("inf")
+    return stats
+
+
+def _combined_losses(ctx, stats, target, shard: Shard, *saved):
+    """Forward after this shard's stats: combine them across the ranks, keep what backward
+    needs, and return the per-row loss."""
+    rows = combine_partials(stats, *_reducers(shard.group))
+    ctx.shard = shard
+    ctx.save_for_backward(*saved, target, rows)
+    return row_losses(rows, target != shard.opts.ignore_index, shard.opts, shard.num_classes)
+
+
+def _saved_coefficients(ctx, grad_rows):
+    """(the tensors forward saved before target, target, coef) in backward."""
+    *saved, target, rows = ctx.saved_tensors
+    shard = ctx.shard
+    coef = grad_coefficients(rows, grad_rows, target != shard.opts.ignore_index, shard.opts,
+                             shard.num_classes)
+    return saved, target, coef
+
+
+class _ShardedMarginLoss(torch.autograd.Function):
+    """cos [N, C_local] -> per-row loss [N]: stats op, two all_reduces, the combined loss."""
+
+    @staticmethod
+    def forward(ctx, cos, target, row_m2, row_m3, shard: Shard):
+        if cos.shape[1] == 0:
+            stats = _empty_shard_stats(cos.shape[0], _acc(cos), cos.device)
+        else:
+            stats = kernel(STATS, shard.backend)(cos, target, row_m2, row_m3, *shard.margins(),
+                                                 shard.class_start, shard.opts.ignore_index)
+        return _combined_losses(ctx, stats, target, shard, cos, row_m2, row_m3)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (cos, row_m2, row_m3), target, coef = _saved_coefficients(ctx, grad_rows)
+        shard = ctx.shard
+        if cos.shape[1] == 0:
+            return torch.zeros_like(cos), None, None, None, None
+        grad = kernel(GRAD, shard.backend)(cos, target, row_m2, row_m3, coef, *shard.margins(),
+                                           shard.detach_margin, shard.class_start,
+                                           shard.opts.ignore_index)
+        return grad, None, None, None, None
+
+
+class _LinearShardedMarginLoss(torch.autograd.Function):
+    """(embeddings [N, D], weight shard [C_local, D]) -> per-row loss [N], never storing the
+    N x C_local block; backward sums grad_embeddings over the ranks (unless the caller does)."""
+
+    @staticmethod
+    def forward(ctx, x, w, target, row_m2, row_m3, shard: Shard):
+        if w.shape[0] == 0:
+            stats = _empty_shard_stats(x.shape[0], _acc(x), x.device)
+        else:
+            stats = kernel(LINEAR_STATS, shard.backend)(
+                x, w, target, row_m2, row_m3, *shard.margins(), shard.normalize,
+                shard.class_start, shard.opts.ignore_index, shard.block_size)
+        return _combined_losses(ctx, stats, target, shard, x, w, row_m2, row_m3)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (x, w, row_m2, row_m3), target, coef = _saved_coefficients(ctx, grad_rows)
+        shard = ctx.shard
+        if w.shape[0] == 0:
+            grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(w)
+        else:
+            grad_x, grad_w = kernel(LINEAR_GRAD, shard.backend)(
+                x, w, target, row_m2, row_m3, coef, *shard.margins(), shard.detach_margin,
+                shard.normalize, shard.class_start, shard.opts.ignore_index, shard.block_size)
+        if shard.reduce_embedding_grad:  # every rank, whatever needs_input_grad says there
+            grad_x = fdist.all_reduce(grad_x, "sum", shard.group)
+        return grad_x, grad_w, None, None, None, None
+
+
+# --- the public functions ---------------------------------------------------------------------
+
+def _options(fn, kwargs) -> MarginOptions:
+    opts = margin_options(fn, kwargs)
+    opts.check(fn)
+    if opts.elastic_plus:
+        raise ValueError(f"{fn}: elastic_plus=True is not supported when sharded (it ranks every "
+                         "row's target cosine against all others before the loss); use "
+                         "m2_std / m3_std without elastic_plus")
+    return opts
+
+
+def _check_class_range(fn, class_start, num_classes):
+    _checks.integer(fn, class_start=class_start, num_classes=num_classes)
+
+
+# The table row of the agreement on errors: the same keys on every rank and in every call.
+_PER_RANK = ("class_start", "num_local", "num_classes", "bad_row", "bad_value", "local_error")
+_SHARED = ("options.digest", "embedding_dim") + tuple(
+    f"{name}.{part}" for name in ("target", "elastic_m2_draws", "elastic_m3_draws", "embeddings")
+    for part in ("size", "sum", "min", "max"))
+
+
+@dataclass
+class _Prepared:
+    """A call checked on this rank: its shard, tensors and the values every rank must share."""
+
+    shard: Shard
+    target: torch.Tensor
+    row_m2: Optional[torch.Tensor]
+    row_m3: Optional[torch.Tensor]
+    num_local: int
+    shared: dict
+
+
+def _shared_values(opts, extra, target, row_m2, row_m3, embeddings=None, embedding_dim=0):
+    """The values every rank must share: the options (with `extra` plain values), the target,
+    the elastic draws and, for the linear function, the embeddings."""
+    return {"options.digest": fdist.fingerprint(opts, *extra), "embedding_dim": embedding_dim,
+            **fdist.tensor_summary("target", target),
+            **fdist.tensor_summary("elastic_m2_draws", row_m2),
+            **fdist.tensor_summary("elastic_m3_draws", row_m3),
+            **fdist.tensor_summary("embeddings", embeddings)}
+
+
+def _prepared_everywhere(fn, group, device, prepare) -> _Prepared:
+    """prepare() (this rank's checks and set-up), then the one small collective before the
+    real ones, so that bad input on any rank raises on every rank and never hangs the group:
+    a rank whose own checks failed raises its own error, the others say which rank failed;
+    otherwise every rank raises the same error for the problems that only the table shows
+    (see fusedloss.distributed.raise_shard_errors)."""
+    try:
+        prepared, error = prepare(), None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not fdist.initialized():
+            raise
+        prepared, error = None, exc
+    row = dict.fromkeys(_PER_RANK + _SHARED, 0)
+    if prepared is None:
+        row["local_error"] = 1
+    else:
+        shard = prepared.shard
+        row.update(class_start=shard.class_start, num_local=prepared.num_local,
+                   num_classes=shard.num_classes, **prepared.shared,
+                   **fdist.bad_target(prepared.target, shard.num_classes, shard.opts.ignore_index))
+    table = fdist.gather_table(row, group, device)
+    if error is not None:
+        raise error
+    failed = [rank for rank, r in enumerate(table) if r["local_error"]]
+    if failed:
+        raise ValueError(f"{fn}: the inputs of rank(s) {failed} are invalid (the reason is raised "
+                         "there); every rank stops here")
+    fdist.raise_shard_errors(fn, table, _SHARED)
+    return prepared
+
+
+def sharded_margin_cross_entropy(
+    local_cos: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    group=None,
+    backend: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`fusedloss.margin_cross_entropy` with the classes split across the ranks of
+    ``group`` (None: the default group; without torch.distributed initialised, this process
+    alone, with no collective).
+
+    ``local_cos [N, C_local]`` holds the cosines of classes ``[class_start, class_start +
+    C_local)`` on this rank; the ranks' shards must tile ``[0, num_classes)`` (uneven shards
+    and empty ones are fine; :func:`fusedloss.distributed.shard_range` gives the usual split).
+    ``target [N]`` holds global class ids and must be identical on every rank. Every rank
+    returns the loss of ``margin_cross_entropy`` on the concatenated ``[N, num_classes]``
+    cosines, and ``local_cos`` gets the gradient of its shard. ``kwargs`` are the keywords of
+    margin_cross_entropy (scale, m1, m2, m3, m2_std, m3_std, margin_grad, label_smoothing,
+    lse_square_scale, ignore_index, reduction), with ``backend`` ("auto", "reference", "cpu",
+    "triton"; there is no CUDA C++ kernel, so auto picks triton for CUDA tensors) and
+    ``generator``. ElasticFace margins are drawn on every rank: give every rank a generator
+    with the same seed (draws that differ are an error). ``elastic_plus`` is not supported.
+
+    Bad input on any rank (a target outside [0, num_classes), targets, options or
+    num_classes that differ across ranks, shards that do not tile the classes) raises the
+    same ValueError on every rank before the real collectives, never a hang.
+
+    Traffic per call (W ranks, N rows; fp32 partials, fp64 for fp64 input): one all_reduce
+    of about 20 W int64 (the agreement on errors), then all_reduce(max) of N floats and
+    all_reduce(sum) of 3N floats, 16 N bytes in fp32, independent of the number of classes
+    (a ring all_reduce sends about 2 (W - 1) / W times its payload per rank). Backward needs
+    no collective.
+    """
+    fn = "sharded_margin_cross_entropy"
+
+    def prepare():
+        opts = _options(fn, kwargs)
+        _checks.floating_tensor(fn, "local_cos", local_cos, ndim=2)
+        _checks.target_tensor(fn, target, local_cos.shape[0])
+        _checks.same_device(fn, local_cos=local_cos, target=target)
+        _check_class_range(fn, class_start, num_classes)
+        check_generator(fn, generator, local_cos.device)
+        chosen = resolve_backend(backend, local_cos.device, STATS.name)
+        row_m2, row_m3 = elastic_margins(opts, target, None, _acc(local_cos), generator)
+        shared = _shared_values(opts, (str(local_cos.dtype),), target, row_m2, row_m3)
+        return _Prepared(Shard(opts, chosen, group, class_start, num_classes), target.long(),
+                         row_m2, row_m3, local_cos.shape[1], shared)
+
+    p = _prepared_everywhere(fn, group, _device_of(local_cos), prepare)
+    rows = _ShardedMarginLoss.apply(local_cos, p.target, p.row_m2, p.row_m3, p.shard)
+    return reduce_rows(rows, p.target != p.shard.opts.ignore_index, p.shard.opts.reduction,
+                       result_dtype(local_cos))
+
+
+def _device_of(x):
+    return x.device if torch.is_tensor(x) else torch.device("cpu")
+
+
+def linear_sharded_margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    group=None,
+    normalize: bool = True,
+    block_size: int = 0,
+    backend: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`fusedloss.linear_margin_cross_entropy` with the classifier's rows split across
+    the ranks of ``group``: ``weight_shard [C_local, D]`` holds the rows of classes
+    ``[class_start, class_start + C_local)``, and no rank ever stores its ``N x C_local``
+    block of cosines, in forward or backward.
+
+    ``embeddings [N, D]`` and ``target [N]`` (global class ids) must be identical on every
+    rank. Every rank returns the loss of the unsharded problem; ``weight_shard`` gets the
+    gradient of its rows, and ``embeddings`` the full gradient (summed over the ranks) on
+    every rank. ``normalize`` and ``block_size`` (0: the backend chooses) are those of
+    linear_margin_cross_entropy; the other keywords, the agreement on errors and the
+    ElasticFace rule are those of :func:`sharded_margin_cross_entropy`.
+
+    Traffic per call: forward as :func:`sharded_margin_cross_entropy` (16 N bytes combined,
+    independent of the number of classes, plus the agreement on errors, which also compares
+    a checksum of the embeddings); backward all_reduces the N x D embedding gradient (N D
+    elements of the embeddings' dtype), independent of the number of classes too.
+    """
+    fn = "linear_sharded_margin_cross_entropy"
+    return _linear_sharded(fn, embeddings, weight_shard, target, kwargs, class_start=class_start,
+                           num_classes=num_classes, group=group, normalize=normalize,
+                           block_size=block_size, backend=backend, generator=generator,
+                           reduce_embedding_grad=True)
+
+
+def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start, num_classes,
+                    group, normalize, block_size, backend, generator, reduce_embedding_grad):
+    """linear_sharded_margin_cross_entropy; with reduce_embedding_grad=False every rank's
+    embedding gradient is its shard's contribution alone (PartialFC sums it in the backward
+    of its all-gather instead, and its gathered embeddings are the same on every rank by
+    construction, so they are not compared)."""
+
+    def prepare():
+        opts = _options(fn, kwargs)
+        _check_linear_inputs(fn, embeddings, weight_shard, target)
+        _check_class_range(fn, class_start, num_classes)
+        _checks.integer(fn, block_size=block_size)
+        if block_size < 0:
+            raise ValueError(f"{fn}: block_size must be >= 0 (0: the backend chooses), got "
+                             f"{block_size}")
+        check_generator(fn, generator, embeddings.device)
+        chosen = resolve_backend(backend, embeddings.device, LINEAR_STATS.name)
+        row_m2, row_m3 = elastic_margins(opts, target, None, _acc(embeddings), generator)
+        shared = _shared_values(opts, (str(embeddings.dtype), bool(normalize)), target, row_m2,
+                                row_m3, embeddings if reduce_embedding_grad else None,
+                                embeddings.shape[1])
+        shard = Shard(opts, chosen, group, class_start, num_classes, bool(normalize), block_size,
+                      reduce_embedding_grad)
+        return _Prepared(shard, target.long(), row_m2, row_m3, weight_shard.shape[0], shared)
+
+    p = _prepared_everywhere(fn, group, _device_of(embeddings), prepare)
+    rows = _LinearShardedMarginLoss.apply(embeddings, weight_shard, p.target, p.row_m2, p.row_m3,
+                                          p.shard)
+    return reduce_rows(rows, p.target != p.shard.opts.ignore_index, p.shard.opts.reduction,
+                       result_dtype(embeddings))
+
+
+def _check_linear_inputs(fn, embeddings, weight_shard, target):
+    _checks.floating_tensor(fn, "embeddings", embeddings, ndim=2)
+    _checks.floating_tensor(fn, "weight_shard", weight_shard, ndim=2)
+    _checks.target_tensor(fn, target, embeddings.shape[0])
+    _checks.same_device(fn, embeddings=embeddings, weight_shard=weight_shard, target=target)
+    if weight_shard.dtype != embeddings.dtype:
+        raise TypeError(f"{fn}: embeddings and weight_shard must share a dtype, got "
+                        f"{embeddings.dtype} and {weight_shard.dtype}")
+    if weight_shard.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{fn}: embeddings [N, D] and weight_shard [C_local, D] must share D, "
+                         f"got {tuple(embeddings.shape)} and {tuple(weight_shard.shape)}")

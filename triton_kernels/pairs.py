@@ -1,0 +1,585 @@
+"""Pair losses (multi-similarity, SupCon / InfoNCE, contrastive, batch-hard mining) in Triton:
+the similarity matrix S = x ref^T is made tile by tile with tl.dot and folded at once into
+per-row statistics. No N x M matrix or mask is stored, in the forward or the backward pass.
+
+Contract: the schemas and comments of pair_extrema, pair_row_stats and pair_row_stats_backward
+in csrc/ops.cpp. The per-pair math is derived in csrc/include/fusedloss/pairs.h; in brief:
+
+Scores and pairs. x [N, D] queries, r [M, D] references, S_ij = x_i . r_j. The score v_ij is
+S_ij (DISTANCE 0) or d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)) (DISTANCE 1). (i, j) is a
+pair unless self_offset >= 0 and j = (self_offset + i) mod M; positive when the labels agree,
+negative otherwise. The kinds write their formulas in v, so S for distance 0.
+
+Per-row statistics and their derivatives dstat/dv_ij (zero outside the pairs named):
+  KIND 0, multi-similarity, hyper (alpha, beta, base, eps), with zp = -alpha (v - base) and
+    zn = beta (v - base), over the kept pairs (with thresholds (max_neg_i, min_pos_i): a
+    positive is kept iff v - eps < max_neg_i, a negative iff v + eps > min_pos_i; all without):
+      P_i = log(1 + sum_pos exp(zp_ij)),   dP_i/dv_ij = -alpha exp(zp_ij - P_i)
+      Q_i = log(1 + sum_neg exp(zn_ij)),   dQ_i/dv_ij =  beta exp(zn_ij - Q_i)
+    The kernel keeps log sum exp(z) without the "1 +"; the combine below adds exp(0).
+  KIND 1, SupCon / InfoNCE, hyper (t):
+      L_i = log sum_pairs exp(v_ij / t),   dL_i/dv_ij = exp(v_ij / t - L_i) / t
+      T_i = sum_pos v_ij / t,              dT_i/dv_ij = 1 / t,       and the count of positives
+    A row without pairs gets L = -inf.
+  KIND 2, contrastive, hyper (m_pos, m_neg), sigma = +1 (DISTANCE 1) or -1 (DISTANCE 0):
+      l_pos = relu(sigma (v - m_pos)),     dl_pos/dv = sigma [l_pos > 0]
+      l_neg = relu(sigma (m_neg - v)),     dl_neg/dv = -sigma [l_neg > 0]
+    stats: (sum l_pos, #(l_pos > 0), sum l_neg, #(l_neg > 0)).
+Every log-sum-exp is online and max-rescaled: per row a running max m (starting at -inf) and
+s = sum exp(z - m); a block with new max m' rescales s by exp(m - m'), with the shift taken as 0
+while m' is still -inf, so that -inf - -inf never appears.
+
+Backward. With g = grad_stats (the counts' columns ignored), G_ij = sum_k g_ik dstat_ik/dv_ij.
+DISTANCE 0: dL/dS = G, so grad_x_i = sum_j G_ij r_j and grad_r_j = sum_i G_ij x_i.
+DISTANCE 1: dd/dS = -1/d and dd/dx_i = (x_i - r_j) / d, so with a_ij = G_ij / d_ij (0 where
+d_ij = 0, as torch.cdist's gradient) and W = dL/dS = -a:
+    grad_x_i = sum_j W_ij r_j + x_i sum_j a_ij,    grad_r_j = sum_i W_ij x_i + r_j sum_i a_ij.
+
+Passes. Each recomputes its S tiles; deterministic: no atomics, every sum in an order fixed by
+the shapes and block sizes. To fill the GPU when one side is short (a memory bank: N = 256,
+M = 65,536), every kernel splits its inner loop into SPLIT contiguous ranges of blocks (a third
+grid axis), chosen so that the grid has about twice as many programs as the GPU has SMs (4
+under the interpreter, so that tests take several splits); torch combines the splits in order.
+  pair_extrema: `_extrema_kernel`, grid (N / BLOCK_Q, SPLIT): a block of query rows walks its
+    split's reference blocks keeping per row the smallest key and its first column for the
+    positives and for the negatives, key = v for distance 0 and -d for distance 1 (so that the
+    hardest positive has the smallest key), negated for the negatives. A later block, and in
+    the combine a later split, replaces the pick only when strictly smaller: ties keep the
+    first column. The combine turns keys back into values.
+  pair_row_stats: `_row_stats_kernel`, grid (N / BLOCK_Q, SPLIT): one pass of the split's
+    reference blocks writing the running state per row, [SPLIT, N, 4]: (m, s) of each
+    log-sum-exp (kinds 0, 1) and plain sums; the combine rescales the (m, s) pairs to their
+    common max, adds exp(0) for kind 0's "1 +" term, and adds the sums.
+  pair_row_stats_backward: `_grad_x_kernel`, grid (N / BLOCK_Q, D / BLOCK_DO, SPLIT): a block
+    of query rows and a block of output columns of D loops over the split's reference blocks,
+    acc += W r (tl.dot), and sums a for the x_i term; `_grad_ref_kernel`, grid (M / BLOCK_R,
+    D / BLOCK_DO, SPLIT): a block of references loops over the query blocks, acc += W^T x
+    (skipped when not ref_grad). Both build the W tile with `_grad_tile` in the [query,
+    reference] orientation. One split writes the gradient in the input dtype; more write
+    [SPLIT, rows, D] partial sums in the accumulation dtype, added in split order.
+Memory: O((N + M) D) for the inputs and gradients, O(SPLIT N) for the forward partials and
+O(SPLIT (N or M) D) for split gradients; never O(N M).
+
+Precision: S and every statistic accumulate in fp32 (fp64 for fp64 inputs); 16-bit tiles enter
+tl.dot as they are (fp32 accumulate), and the W tile is rounded to the input dtype for the
+backward product, as a 16-bit autograd graph rounds dL/dS. fp32 inputs follow
+torch.backends.cuda.matmul.allow_tf32 as triton_kernels/margin_linear.py does. Under
+TRITON_INTERPRET=1, bf16 dot operands are widened to fp32 first (the interpreter multiplies
+bf16 as raw bits; the widening is exact). Hyperparameters go to the kernels as fp32 hi + lo.
+
+Block sizes. Under the interpreter (or for CPU tensors) 16 everywhere, so that small test
+shapes span several blocks. On the GPU (compiled offline for sm_90 with Triton 3.9; cuobjdump
+shows no register spills at distance 1, the heavier variant; not yet timed on a GPU):
+
+    dtype        BLOCK_Q x BLOCK_R   BLOCK_D   BLOCK_DO (backward)   warps
+    fp16, bf16   64 x 64             64        <= 128                8
+    fp32         64 x 64             32        <= 128                8
+    fp64         32 x 32             16        <= 64                 4
+
+block_size > 0 sets BLOCK_Q = BLOCK_R (a power of two in [16, 128]; above the table's sizes
+the GPU kernels may spill registers).
+"""
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusedloss.triton_kernels.margin import _hi_lo
+from fusedloss.triton_kernels.margin_linear import (_allow_tf32, _dot_tile, _interpreted,
+                                                    _load_rows, _scalar, _split,
+                                                    _target_programs)
+
+_NO_COLUMN = tl.constexpr(-1)  # the index of an empty extremum
+
+
+# ---------------------------------------------------------------------------------------
+# Tiles shared by every pass
+
+
+@triton.jit
+def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+                DISTANCE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The [BLOCK_Q, BLOCK_R] tile of scores v: S, or the euclidean distance built from S."""
+    v = _dot_tile(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+                  BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+    if DISTANCE == 1:
+        nx = tl.load(nx_ptr + rows, mask=rows < N, other=0.0)
+        nr = tl.load(nr_ptr + cols, mask=cols < M, other=0.0)
+        v = tl.sqrt(tl.maximum(nx[:, None] + nr[None, :] - 2.0 * v, 0.0))
+    return v
+
+
+@triton.jit
+def _excluded_column(rows, M, self_offset):
+    """Per row, the column that is no pair of it: (self_offset + i) mod M, or -1 for none
+    (32-bit, as the column compares of the tiles are)."""
+    return tl.where(self_offset >= 0, (self_offset + rows) % tl.maximum(M, 1), -1).to(tl.int32)
+
+
+@triton.jit
+def _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M):
+    """(positive, negative) masks of the [query, reference] tile."""
+    col_ok = cols < M
+    col_labels = tl.load(ref_labels_ptr + cols, mask=col_ok, other=0)
+    pair = (rows[:, None] < N) & col_ok[None, :] & (cols.to(tl.int32)[None, :] != skip[:, None])
+    same = row_labels[:, None] == col_labels[None, :]
+    return pair & same, pair & (~same)
+
+
+@triton.jit
+def _lse_update(m_run, s_run, z):
+    """Fold the tile z [rows, cols] (-inf: left out) into a running log-sum-exp m + log s per
+    row. The shift is 0 while the max is still -inf, so that no -inf - -inf appears."""
+    m_new = tl.maximum(m_run, tl.max(z, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_new = s_run * tl.exp(m_run - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+    return m_new, s_new
+
+
+@triton.jit
+def _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, eps, HAS_THRESHOLDS: tl.constexpr):
+    """Multi-similarity mining: a positive stays iff v - eps < max_neg, a negative iff
+    v + eps > min_pos (thresholds [N, 2] = (max_neg, min_pos)); all pairs without thresholds."""
+    if HAS_THRESHOLDS:
+        row_ok = rows < N
+        max_neg = tl.load(thr_ptr + 2 * rows, mask=row_ok, other=0.0).to(v.dtype)
+        min_pos = tl.load(thr_ptr + 2 * rows + 1, mask=row_ok, other=0.0).to(v.dtype)
+        pos = pos & (v - eps < max_neg[:, None])
+        neg = neg & (v + eps > min_pos[:, None])
+    return pos, neg
+
+
+@triton.jit
+def _split_range(split, blocks_per_split, BLOCK: tl.constexpr, total):
+    """[begin, end): the part of the inner loop over [0, total) that split `split` walks
+    (blocks_per_split blocks of BLOCK)."""
+    begin = split * blocks_per_split * BLOCK
+    return begin, tl.minimum(begin + blocks_per_split * BLOCK, total)
+
+
+@triton.jit
+def _row_column(ptr, rows, N, K: tl.constexpr, k: tl.constexpr, ACC: tl.constexpr):
+    """Column k of a row-major [N, K] matrix, for the given rows, in ACC."""
+    return tl.load(ptr + rows * K + k, mask=rows < N, other=0.0).to(ACC)
+
+
+# ---------------------------------------------------------------------------------------
+# pair_extrema
+
+
+@triton.jit
+def _first_min(run_key, run_idx, key, cols):
+    """Fold the tile `key` (+inf: no candidate) into a running minimum per row and its first
+    column (32-bit): the tile's winner replaces the running one only when strictly smaller, so
+    ties keep the earlier block and, within a block, the smallest column."""
+    tile_min = tl.min(key, axis=1)
+    first = tl.min(tl.where(key == tile_min[:, None], cols.to(tl.int32)[None, :], 2**31 - 1),
+                   axis=1)
+    better = tile_min < run_key
+    return tl.where(better, tile_min, run_key), tl.where(better, first, run_idx)
+
+
+@triton.jit
+def _extrema_kernel(
+    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, key_ptr, index_ptr,
+    N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
+    DISTANCE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Per row and split of the references, the smallest positive key and negated negative
+    key and their first columns: key [SPLIT, N, 2], index [SPLIT, N, 2] (module docstring)."""
+    ACC: tl.constexpr = key_ptr.dtype.element_ty
+    split = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < N
+    row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
+    skip = _excluded_column(rows, M, self_offset)
+    pos_key = tl.full([BLOCK_Q], float("inf"), ACC)
+    neg_key = tl.full([BLOCK_Q], float("inf"), ACC)
+    pos_idx = tl.full([BLOCK_Q], _NO_COLUMN, tl.int32)
+    neg_idx = tl.full([BLOCK_Q], _NO_COLUMN, tl.int32)
+    c_begin, c_end = _split_range(split, blocks_per_split, BLOCK_R, M)
+    for c0 in range(c_begin, c_end, BLOCK_R):
+        cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        key = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride,
+                          ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+        if DISTANCE == 1:
+            key = -key
+        pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
+        pos_key, pos_idx = _first_min(pos_key, pos_idx, tl.where(pos, key, float("inf")), cols)
+        neg_key, neg_idx = _first_min(neg_key, neg_idx, tl.where(neg, -key, float("inf")), cols)
+    out = (split * N + rows) * 2
+    tl.store(key_ptr + out, pos_key, mask=row_ok)
+    tl.store(key_ptr + out + 1, neg_key, mask=row_ok)
+    tl.store(index_ptr + out, pos_idx.to(tl.int64), mask=row_ok)
+    tl.store(index_ptr + out + 1, neg_idx.to(tl.int64), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# pair_row_stats
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, part_ptr,
+    N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
+    h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
+    KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Per row and split of the references, the running state part [SPLIT, N, 4] of loss KIND
+    in one pass (module docstring): kind 0 (m_pos, s_pos, m_neg, s_neg), two log-sum-exps
+    without their "1 +" term; kind 1 (m, s, sum_pos v / t, count); kind 2 the four sums."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    split = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < N
+    row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
+    skip = _excluded_column(rows, M, self_offset)
+    h0 = _scalar(h0_hi, h0_lo, ACC)
+    h1 = _scalar(h1_hi, h1_lo, ACC)
+    h2 = _scalar(h2_hi, h2_lo, ACC)
+    h3 = _scalar(h3_hi, h3_lo, ACC)
+    zero = tl.zeros([BLOCK_Q], ACC)
+    a0 = zero + float("-inf") if KIND != 2 else zero  # a log-sum-exp's running max
+    a1 = zero
+    a2 = zero + float("-inf") if KIND == 0 else zero
+    a3 = zero
+    c_begin, c_end = _split_range(split, blocks_per_split, BLOCK_R, M)
+    for c0 in range(c_begin, c_end, BLOCK_R):
+        cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        v = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride,
+                        ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+        pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
+        if KIND == 0:  # hyper (alpha, beta, base, eps)
+            pos, neg = _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, h3, HAS_THRESHOLDS)
+            a0, a1 = _lse_update(a0, a1, tl.where(pos, -h0 * (v - h2), float("-inf")))
+            a2, a3 = _lse_update(a2, a3, tl.where(neg, h1 * (v - h2), float("-inf")))
+        elif KIND == 1:  # hyper (t)
+            z = v / h0
+            a0, a1 = _lse_update(a0, a1, tl.where(pos | neg, z, float("-inf")))
+            a2 += tl.sum(tl.where(pos, z, 0.0), axis=1)
+            a3 += tl.sum(pos.to(ACC), axis=1)
+        else:  # hyper (m_pos, m_neg)
+            sigma = 1.0 if DISTANCE == 1 else -1.0
+            l_pos = tl.where(pos, tl.maximum(sigma * (v - h0), 0.0), 0.0)
+            l_neg = tl.where(neg, tl.maximum(sigma * (h1 - v), 0.0), 0.0)
+            a0 += tl.sum(l_pos, axis=1)
+            a1 += tl.sum((l_pos > 0).to(ACC), axis=1)
+            a2 += tl.sum(l_neg, axis=1)
+            a3 += tl.sum((l_neg > 0).to(ACC), axis=1)
+    out = part_ptr + (split * N + rows) * 4
+    tl.store(out, a0, mask=row_ok)
+    tl.store(out + 1, a1, mask=row_ok)
+    tl.store(out + 2, a2, mask=row_ok)
+    tl.store(out + 3, a3, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# pair_row_stats_backward
+
+
+@triton.jit
+def _grad_tile(
+    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
+    rows, cols, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
+    KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """(W, a) on the [query, reference] tile: W = dL/dS, a = G / d (DISTANCE 1; for
+    DISTANCE 0 a is W and unused). G = sum_k g_ik dstat_ik / dv_ij, module docstring."""
+    K: tl.constexpr = 2 if KIND == 0 else (3 if KIND == 1 else 4)
+    row_labels = tl.load(labels_ptr + rows, mask=rows < N, other=0)
+    skip = _excluded_column(rows, M, self_offset)
+    v = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+                    DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+    pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
+    g0 = _row_column(gstats_ptr, rows, N, K, 0, ACC)[:, None]
+    if KIND == 0:  # hyper (alpha, beta, base, eps)
+        pos, neg = _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, h3, HAS_THRESHOLDS)
+        g1 = _row_column(gstats_ptr, rows, N, K, 1, ACC)[:, None]
+        lse_pos = _row_column(stats_ptr, rows, N, K, 0, ACC)[:, None]
+        lse_neg = _row_column(stats_ptr, rows, N, K, 1, ACC)[:, None]
+        z_pos = tl.where(pos, -h0 * (v - h2), float("-inf"))  # no exp of a pair left out
+        z_neg = tl.where(neg, h1 * (v - h2), float("-inf"))
+        g = tl.where(pos, -h0 * g0 * tl.exp(z_pos - lse_pos), 0.0)
+        g += tl.where(neg, h1 * g1 * tl.exp(z_neg - lse_neg), 0.0)
+    elif KIND == 1:  # hyper (t)
+        g1 = _row_column(gstats_ptr, rows, N, K, 1, ACC)[:, None]
+        lse = _row_column(stats_ptr, rows, N, K, 0, ACC)[:, None]
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row without pairs: no term to weigh
+        z = tl.where(pos | neg, v / h0, float("-inf"))  # no exp of a pair left out
+        g = tl.where(pos | neg, g0 * tl.exp(z - lse) / h0, 0.0)
+        g += tl.where(pos, g1 / h0, 0.0)
+    else:  # hyper (m_pos, m_neg)
+        g2 = _row_column(gstats_ptr, rows, N, K, 2, ACC)[:, None]
+        sigma = 1.0 if DISTANCE == 1 else -1.0
+        g = tl.where(pos & (sigma * (v - h0) > 0), sigma * g0, 0.0)
+        g += tl.where(neg & (sigma * (h1 - v) > 0), -sigma * g2, 0.0)
+    a = g
+    if DISTANCE == 1:
+        a = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        g = -a
+    return g, a
+
+
+@triton.jit
+def _dot_operand(w, IN_TY: tl.constexpr, UPCAST: tl.constexpr):
+    """The W tile as a tl.dot operand: rounded to the input dtype (widened to fp32 again under
+    the interpreter for bf16)."""
+    w = w.to(IN_TY)
+    if UPCAST:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _grad_x_kernel(
+    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
+    grad_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
+    h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
+    KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """grad[split, rows, d_out] = sum_j W_ij r_j[d_out] (+ x_i[d_out] sum_j a_ij) over the
+    references j of one split, row-tiled; grad is [SPLIT, N, D]."""
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    IN_TY: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    h0 = _scalar(h0_hi, h0_lo, ACC)
+    h1 = _scalar(h1_hi, h1_lo, ACC)
+    h2 = _scalar(h2_hi, h2_lo, ACC)
+    h3 = _scalar(h3_hi, h3_lo, ACC)
+    acc = tl.zeros([BLOCK_Q, BLOCK_DO], ACC)
+    diag = tl.zeros([BLOCK_Q], ACC)
+    c_begin, c_end = _split_range(tl.program_id(2), blocks_per_split, BLOCK_R, M)
+    for c0 in range(c_begin, c_end, BLOCK_R):
+        cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        w, a = _grad_tile(x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr,
+                          stats_ptr, gstats_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+                          self_offset, h0, h1, h2, h3, KIND, DISTANCE, HAS_THRESHOLDS,
+                          BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+        r = _load_rows(ref_ptr, cols, M, d_out, D, ref_stride, UPCAST)
+        acc = tl.dot(_dot_operand(w, IN_TY, UPCAST), r, acc, input_precision=PRECISION,
+                     out_dtype=ACC)
+        if DISTANCE == 1:
+            diag += tl.sum(a, axis=1)
+    if DISTANCE == 1:
+        acc += _load_rows(x_ptr, rows, N, d_out, D, x_stride, False).to(ACC) * diag[:, None]
+    out = grad_ptr + (tl.program_id(2).to(tl.int64) * N + rows[:, None]) * D + d_out[None, :]
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (d_out[None, :] < D))
+
+
+@triton.jit
+def _grad_ref_kernel(
+    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
+    grad_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
+    h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
+    KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """grad[split, cols, d_out] = sum_i W_ij x_i[d_out] (+ r_j[d_out] sum_i a_ij) over the
+    queries i of one split, column-tiled; grad is [SPLIT, M, D]."""
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    IN_TY: tl.constexpr = ref_ptr.dtype.element_ty
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    h0 = _scalar(h0_hi, h0_lo, ACC)
+    h1 = _scalar(h1_hi, h1_lo, ACC)
+    h2 = _scalar(h2_hi, h2_lo, ACC)
+    h3 = _scalar(h3_hi, h3_lo, ACC)
+    acc = tl.zeros([BLOCK_R, BLOCK_DO], ACC)
+    diag = tl.zeros([BLOCK_R], ACC)
+    r_begin, r_end = _split_range(tl.program_id(2), blocks_per_split, BLOCK_Q, N)
+    for r0 in range(r_begin, r_end, BLOCK_Q):
+        rows = r0 + tl.arange(0, BLOCK_Q).to(tl.int64)
+        w, a = _grad_tile(x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr,
+                          stats_ptr, gstats_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+                          self_offset, h0, h1, h2, h3, KIND, DISTANCE, HAS_THRESHOLDS,
+                          BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+        x = _load_rows(x_ptr, rows, N, d_out, D, x_stride, UPCAST)
+        acc = tl.dot(tl.trans(_dot_operand(w, IN_TY, UPCAST)), x, acc, input_precision=PRECISION,
+                     out_dtype=ACC)
+        if DISTANCE == 1:
+            diag += tl.sum(a, axis=0)
+    if DISTANCE == 1:
+        acc += _load_rows(ref_ptr, cols, M, d_out, D, ref_stride, False).to(ACC) * diag[:, None]
+    out = grad_ptr + (tl.program_id(2).to(tl.int64) * M + cols[:, None]) * D + d_out[None, :]
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty),
+             mask=(cols[:, None] < M) & (d_out[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    return min(max(triton.next_power_of_2(n), low), high)
+
+
+def _config(x: Tensor, block_size: int) -> dict:
+    """Block sizes and launch options (module docstring)."""
+    d = x.shape[1]
+    if _interpreted(x.device):
+        cfg = dict(q=16, r=16, d=16, do=16, warps=1, stages=1)
+    elif x.dtype == torch.float64:
+        cfg = dict(q=32, r=32, d=16, do=_pow2(d, 16, 64), warps=4, stages=2)
+    elif x.dtype == torch.float32:
+        cfg = dict(q=64, r=64, d=32, do=_pow2(d, 16, 128), warps=8, stages=3)
+    else:
+        cfg = dict(q=64, r=64, d=64, do=_pow2(d, 16, 128), warps=8, stages=3)
+    if block_size > 0:
+        cfg.update(q=_pow2(block_size, 16, 128), r=_pow2(block_size, 16, 128))
+    return cfg
+
+
+class _Launch:
+    """What every kernel of one call shares: the inputs in kernel layout, squared norms for
+    the euclidean distance, hyperparameters as fp32 pairs, and the launch options."""
+
+    def __init__(self, x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, distance: int,
+                 self_offset: int, block_size: int, hyper: Sequence[float] = ()):
+        self.x = x if x.stride(-1) == 1 else x.contiguous()
+        self.ref = ref if ref.stride(-1) == 1 else ref.contiguous()
+        self.labels = labels.contiguous()
+        self.ref_labels = ref_labels.contiguous()
+        self.n, self.d = self.x.shape
+        self.m = self.ref.shape[0]
+        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if distance == 1:
+            self.nx = self.x.to(self.acc).square().sum(1)
+            self.nr = self.ref.to(self.acc).square().sum(1)
+        else:  # unused: the DISTANCE 1 branches are compiled out
+            self.nx = self.nr = self.labels
+        self.self_offset = self_offset
+        self.cfg = _config(self.x, block_size)
+        self.hyper = [part for h in (list(hyper) + [0.0] * 4)[:4] for part in _hi_lo(float(h))]
+        precision = "tf32" if x.dtype == torch.float32 and _allow_tf32() else "ieee"
+        self.meta = dict(DISTANCE=distance, BLOCK_Q=self.cfg["q"], BLOCK_R=self.cfg["r"],
+                         BLOCK_D=self.cfg["d"], PRECISION=precision,
+                         UPCAST=_interpreted(x.device) and x.dtype == torch.bfloat16,
+                         num_warps=self.cfg["warps"], num_stages=self.cfg["stages"])
+
+    def inputs(self) -> tuple:
+        return self.x, self.labels, self.ref, self.ref_labels, self.nx, self.nr
+
+    def shape_args(self) -> tuple:
+        return (self.n, self.m, self.d, self.x.stride(0), self.ref.stride(0), self.self_offset)
+
+    def row_blocks(self) -> int:
+        return triton.cdiv(self.n, self.cfg["q"])
+
+    def splits(self, outer_programs: int, inner_len: int, inner_block: int) -> tuple[int, int]:
+        """(splits, blocks per split) of an inner loop over inner_len rows in inner_block
+        blocks, so that outer_programs x splits programs fill the device."""
+        inner_blocks = max(triton.cdiv(inner_len, inner_block), 1)
+        return _split(outer_programs, inner_blocks, _target_programs(self.x.device))
+
+
+def pair_extrema(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, distance: int,
+                 self_offset: int, block_size: int) -> tuple[Tensor, Tensor]:
+    """fusedloss::pair_extrema (csrc/ops.cpp): values [N, 2] (fp32, fp64 for fp64) and first
+    indices [N, 2] of each row's hardest positive and negative. Inputs are validated by the
+    caller."""
+    run = _Launch(x, labels, ref, ref_labels, distance, self_offset, block_size)
+    splits, per_split = run.splits(run.row_blocks(), run.m, run.cfg["r"])
+    keys = torch.empty((splits, run.n, 2), dtype=run.acc, device=x.device)
+    index = torch.empty((splits, run.n, 2), dtype=torch.int64, device=x.device)
+    if run.n > 0:
+        torch.library.wrap_triton(_extrema_kernel)[(run.row_blocks(), splits)](
+            *run.inputs(), keys, index, *run.shape_args(), per_split, **run.meta)
+    # Splits hold increasing columns: a later one wins only when strictly harder.
+    best_key, best_index = keys[0], index[0]
+    for key, idx in zip(keys[1:], index[1:]):
+        better = key < best_key
+        best_key = torch.where(better, key, best_key)
+        best_index = torch.where(better, idx, best_index)
+    # Keys back to values: distance 0 (min_pos S, max_neg S), distance 1 (max_pos d, min_neg d).
+    sign = -1.0 if distance == 1 else 1.0
+    values = torch.stack([sign * best_key[:, 0], -sign * best_key[:, 1]], 1)
+    return values, best_index.clone() if splits == 1 else best_index
+
+
+def _combine_lse(m: Tensor, s: Tensor, plus_one: bool) -> Tensor:
+    """log(sum over splits of s exp(m)) from [SPLIT, N] partial log-sum-exps (m = -inf, s = 0
+    for an empty one), with a term exp(0) added when plus_one; -inf when everything is empty."""
+    if plus_one:
+        m = torch.cat([torch.zeros_like(m[:1]), m])
+        s = torch.cat([torch.ones_like(s[:1]), s])
+    top = m.amax(0)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    return shift + torch.log((s * torch.exp(m - shift)).sum(0))
+
+
+def _combine_stats(part: Tensor, kind: int) -> Tensor:
+    """The statistics [N, K] of `kind` from the per-split states part [SPLIT, N, 4]."""
+    if kind == 0:
+        return torch.stack([_combine_lse(part[..., 0], part[..., 1], True),
+                            _combine_lse(part[..., 2], part[..., 3], True)], 1)
+    if kind == 1:
+        return torch.stack([_combine_lse(part[..., 0], part[..., 1], False),
+                            part[..., 2].sum(0), part[..., 3].sum(0)], 1)
+    return part.sum(0)
+
+
+def pair_row_stats(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor,
+                   thresholds: Optional[Tensor], kind: int, distance: int, hyper: Sequence[float],
+                   self_offset: int, block_size: int) -> Tensor:
+    """fusedloss::pair_row_stats (csrc/ops.cpp): per-row statistics [N, K] of loss `kind`
+    (fp32, fp64 for fp64). Inputs are validated by the caller."""
+    run = _Launch(x, labels, ref, ref_labels, distance, self_offset, block_size, hyper)
+    splits, per_split = run.splits(run.row_blocks(), run.m, run.cfg["r"])
+    part = torch.empty((splits, run.n, 4), dtype=run.acc, device=x.device)
+    thr = thresholds.contiguous() if thresholds is not None else part  # unused without
+    if run.n > 0:
+        torch.library.wrap_triton(_row_stats_kernel)[(run.row_blocks(), splits)](
+            *run.inputs(), thr, part, *run.shape_args(), per_split, *run.hyper,
+            KIND=kind, HAS_THRESHOLDS=thresholds is not None, **run.meta)
+    return _combine_stats(part, kind)
+
+
+def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels: Tensor,
+                            ref: Tensor, ref_labels: Tensor, thresholds: Optional[Tensor],
+                            kind: int, distance: int, hyper: Sequence[float], self_offset: int,
+                            block_size: int, x_grad: bool, ref_grad: bool) -> tuple[Tensor, Tensor]:
+    """fusedloss::pair_row_stats_backward (csrc/ops.cpp): the gradients of
+    sum_ik grad_stats_ik stats_ik with respect to x and ref, in their dtypes (an empty tensor
+    for each one not asked for). Inputs are validated by the caller."""
+    run = _Launch(x, labels, ref, ref_labels, distance, self_offset, block_size, hyper)
+    gstats = grad_stats.to(run.acc).contiguous()
+    stats = stats.to(run.acc).contiguous()
+    thr = thresholds.contiguous() if thresholds is not None else stats  # unused without
+    args = (*run.inputs(), thr, stats, gstats)
+    meta = dict(KIND=kind, HAS_THRESHOLDS=thresholds is not None, BLOCK_DO=run.cfg["do"],
+                **run.meta)
+    d_blocks = triton.cdiv(run.d, run.cfg["do"])
+
+    def grad(kernel, outer: Tensor, outer_block: int, inner_len: int, inner_block: int) -> Tensor:
+        """One gradient: written by the kernel in the input dtype (one split), or as per-split
+        partial sums in the accumulation dtype that are added here in split order."""
+        rows = outer.shape[0]
+        if rows == 0 or run.d == 0:
+            return torch.zeros_like(outer, memory_format=torch.contiguous_format)
+        outer_blocks = triton.cdiv(rows, outer_block)
+        splits, per_split = run.splits(outer_blocks * d_blocks, inner_len, inner_block)
+        shape = (rows, run.d) if splits == 1 else (splits, rows, run.d)
+        out = torch.empty(shape, dtype=outer.dtype if splits == 1 else run.acc, device=x.device)
+        torch.library.wrap_triton(kernel)[(outer_blocks, d_blocks, splits)](
+            *args, out, *run.shape_args(), per_split, *run.hyper, **meta)
+        return out if splits == 1 else out.sum(0).to(outer.dtype)
+
+    grad_x = (grad(_grad_x_kernel, run.x, run.cfg["q"], run.m, run.cfg["r"]) if x_grad
+              else x.new_empty(0))
+    grad_ref = (grad(_grad_ref_kernel, run.ref, run.cfg["r"], run.n, run.cfg["q"]) if ref_grad
+                else ref.new_empty(0))
+    return grad_x, grad_ref

@@ -1,0 +1,268 @@
+"""Sharded margin softmax cross-entropy in Triton: the work of one rank on its shard of the
+classes, for fusedloss.sharded_margin_cross_entropy and linear_sharded_margin_cross_entropy.
+
+This rank holds the classes [class_start, class_start + C_local) of every row; target holds
+global class ids. Logits are margin.h's (z_j = s c_j, z_y the margin logit of
+csrc/include/fusedloss/margin.h, computed by triton_kernels/margin.py's `_target_logit`).
+The split of the loss into per-shard partials and of its gradient into per-row coefficients
+is derived in margin.h (section "Sharded rows") and combined across ranks in
+python/fusedloss/sharded.py; the contracts are the schema comments of csrc/ops.cpp. Per row i
+with global target y ("local": class_start <= y < class_start + C_local):
+
+    stats_i = (lse_other = log sum_{local j != y} exp(z_j)     (-inf when there is no such j),
+               z_y if y is local else 0,
+               sum_z = sum_{local j} z_j                        (z_y included when y is local))
+    ignored rows: (-inf, 0, 0)
+
+    with coef_i = (lse, a, b, d), lse the global log-sum-exp:
+    grad_ij = s (a exp(s c_ij - lse) - b)     (local j != y)
+    grad_iy = (dz_y / dc_y) d                 (y local)
+    ignored rows: 0
+
+lse_other is kept max-rescaled: with M = max_{local j != y} z_j,
+lse_other = M + log sum exp(z_j - M), accumulated online chunk by chunk (running max, sum
+rescaled by exp(M_old - M_new)). The running max starts at -inf, since a shard may hold no
+class j != y (C_local = 1 with a local target); the rescaling uses M_ref = 0 while the max is
+still -inf, so no -inf - -inf arises and an empty sum leaves lse_other = 0 + log 0 = -inf.
+
+Logit level (cos [N, C_local]): `_stats_kernel`, one program per row, one pass over the row
+in BLOCK_C chunks (margin.py's sizes: BLOCK_C = next_power_of_2(C_local) capped at 4096 on
+the GPU, 128 under the interpreter). `_grad_kernel`, grid (N, C_local / BLOCK_C): elementwise
+in the row, the target column's slope recomputed from c_y by each program (a few dozen flops).
+Ignored rows read nothing. Targets are validated by the caller; a target that is not local
+only means that its column is elsewhere.
+
+Fused linear (embeddings [N, D], weight shard [C_local, D]): the tiled pipeline of
+triton_kernels/margin_linear.py, on the shard (its docstring describes the tiles and the
+"sharded mode"): `_target_kernel` with SHARDED for z_y and the slope, `_lse_kernel`'s split
+partials combined here into the stats, and `_grad_kernel` for both gradients with
+G given by coef. No N x C_local buffer; deterministic, no atomics. The embedding gradient
+is this shard's contribution (the caller sums it over ranks).
+
+Precision: accumulation in fp32 (fp64 for fp64 inputs); stats in that dtype, gradients in
+the inputs' dtypes; scalars passed as fp32 hi + lo pairs (margin.py `_hi_lo`).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusedloss.triton_kernels import margin_linear as _linear
+from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _target_logit
+
+
+@triton.jit
+def _row_target(cos_row, t, C, class_start, ignore_index):
+    """(live: the row is not ignored, its local target column t - class_start, local: that
+    column is in [0, C) of a live row, c_y: the cosine there, 0 when not local)."""
+    live = t != ignore_index
+    col = t - class_start
+    local = live & (col >= 0) & (col < C)
+    c_y = tl.load(cos_row + tl.where(local, col, 0), mask=local, other=0.0)
+    return live, col, local, c_y
+
+
+@triton.jit
+def _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                 HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, ACC: tl.constexpr):
+    """m2 and m3 of a row: its ElasticFace draws, or the shared scalars."""
+    if HAS_ROW_M2:
+        m2 = tl.load(row_m2_ptr + row).to(ACC)
+    else:
+        m2 = tl.cast(m2_hi, ACC) + tl.cast(m2_lo, ACC)
+    if HAS_ROW_M3:
+        m3 = tl.load(row_m3_ptr + row).to(ACC)
+    else:
+        m3 = tl.cast(m3_hi, ACC) + tl.cast(m3_lo, ACC)
+    return m2, m3
+
+
+@triton.jit
+def _stats_kernel(
+    cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, stats_ptr,
+    C, cos_row_stride, class_start, ignore_index,
+    scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo,
+    HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, USE_ANGLE: tl.constexpr,
+    BLOCK_C: tl.constexpr, ASIN_TERMS: tl.constexpr,
+):
+    """stats [N, 3] of one row; an ignored row reads nothing and keeps (-inf, 0, 0)."""
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    cos_row = cos_ptr + row * cos_row_stride
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
+    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                          HAS_ROW_M2, HAS_ROW_M3, ACC)
+
+    live, col, local, c_y = _row_target(cos_row, tl.load(target_ptr + row), C, class_start,
+                                        ignore_index)
+    z_y, _ = _target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, True, ASIN_TERMS)
+    z_y = tl.where(local, z_y, 0.0)
+
+    offs = tl.arange(0, BLOCK_C)
+    m_run = tl.full([], float("-inf"), ACC)  # max_{j != y} z_j so far
+    s_oth = tl.full([], 0.0, ACC)  # sum_{j != y} exp(z_j - m_ref)
+    z_acc = tl.zeros([BLOCK_C], dtype=ACC)
+    for start in range(0, tl.where(live, C, 0), BLOCK_C):
+        cols = start + offs
+        valid = (cols < C) & (cols != col)
+        z = scale * tl.load(cos_row + cols, mask=valid, other=0.0).to(ACC)
+        z_acc += tl.where(valid, z, 0.0)
+        z = tl.where(valid, z, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(z, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_oth = s_oth * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
+        m_run = m_new
+    lse_other = tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(s_oth)
+    out = stats_ptr + row * 3
+    tl.store(out, lse_other)
+    tl.store(out + 1, z_y)
+    tl.store(out + 2, tl.sum(z_acc, axis=0) + z_y)
+
+
+@triton.jit
+def _grad_kernel(
+    cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, coef_ptr, grad_ptr,
+    C, cos_row_stride, class_start, ignore_index,
+    scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo,
+    HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, USE_ANGLE: tl.constexpr,
+    DETACH_MARGIN: tl.constexpr, BLOCK_C: tl.constexpr, ASIN_TERMS: tl.constexpr,
+):
+    """grad [N, C_local] (contiguous) of one row's block of BLOCK_C columns from coef [N, 4]."""
+    ACC: tl.constexpr = coef_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_row = cols < C
+    cos_row = cos_ptr + row * cos_row_stride
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
+    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                          HAS_ROW_M2, HAS_ROW_M3, ACC)
+
+    live, col, local, c_y = _row_target(cos_row, tl.load(target_ptr + row), C, class_start,
+                                        ignore_index)
+    _, slope = _target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
+    lse = tl.load(coef_ptr + row * 4)
+    a = tl.load(coef_ptr + row * 4 + 1)
+    b = tl.load(coef_ptr + row * 4 + 2)
+    d = tl.load(coef_ptr + row * 4 + 3)
+
+    c = tl.load(cos_row + cols, mask=cols < tl.where(live, C, 0), other=0.0).to(ACC)
+    g = scale * (a * tl.exp(scale * c - lse) - b)
+    g = tl.where(local & (cols == col), slope * d, g)
+    g = tl.where(live, g, 0.0)  # where, not a product: coef of an ignored row may hold inf
+    tl.store(grad_ptr + row * C + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers: the four ops of csrc/ops.cpp, inputs validated by the caller.
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_stride_layout(cos: Tensor) -> Tensor:
+    """cos itself when its rows are contiguous (any row stride), else a contiguous copy."""
+    return cos if cos.stride(1) == 1 or cos.shape[1] <= 1 else cos.contiguous()
+
+
+def _margin_args(row_m2: Optional[Tensor], row_m3: Optional[Tensor], placeholder: Tensor,
+                 scale: float, m1: float, m2: float, m3: float, acc: torch.dtype):
+    """(pointer arguments row_m2, row_m3; scalar arguments; constexprs) shared by the logit
+    kernels. An absent row margin gets `placeholder`, in a branch its constexpr removes."""
+    pointers = (row_m2.contiguous() if row_m2 is not None else placeholder,
+                row_m3.contiguous() if row_m3 is not None else placeholder)
+    scalars = (*_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3))
+    constexprs = dict(HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
+                      USE_ANGLE=row_m2 is not None or m1 != 1.0 or m2 != 0.0,
+                      ASIN_TERMS=25 if acc == torch.float64 else 10)
+    return pointers, scalars, constexprs
+
+
+def _launch_options(num_classes: int, device: torch.device) -> dict:
+    block_c = _block_c(num_classes, device)
+    return dict(BLOCK_C=block_c, num_warps=max(1, min(block_c // 256, 16)))
+
+
+def sharded_margin_stats(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
+                         row_m3: Optional[Tensor], scale: float, m1: float, m2: float, m3: float,
+                         class_start: int, ignore_index: int) -> Tensor:
+    """fusedloss::sharded_margin_stats: the partials [N, 3] (fp32, fp64 for fp64 cos)."""
+    cos = _row_stride_layout(cos)
+    n, c = cos.shape
+    stats = torch.empty((n, 3), dtype=_acc_dtype(cos), device=cos.device)
+    if n == 0:
+        return stats
+    pointers, scalars, constexprs = _margin_args(row_m2, row_m3, stats, scale, m1, m2, m3,
+                                                 stats.dtype)
+    torch.library.wrap_triton(_stats_kernel)[(n,)](
+        cos, target.contiguous(), *pointers, stats, c, cos.stride(0), class_start, ignore_index,
+        *scalars, **constexprs, **_launch_options(c, cos.device),
+    )
+    return stats
+
+
+def sharded_margin_grad(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
+                        row_m3: Optional[Tensor], coef: Tensor, scale: float, m1: float, m2: float,
+                        m3: float, detach_margin: bool, class_start: int,
+                        ignore_index: int) -> Tensor:
+    """fusedloss::sharded_margin_grad: this shard's gradient [N, C_local] in the dtype of cos."""
+    cos = _row_stride_layout(cos)
+    n, c = cos.shape
+    grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device)
+    if grad.numel() == 0:
+        return grad
+    coef = coef.to(_acc_dtype(cos)).contiguous()
+    pointers, scalars, constexprs = _margin_args(row_m2, row_m3, coef, scale, m1, m2, m3,
+                                                 coef.dtype)
+    options = _launch_options(c, cos.device)
+    torch.library.wrap_triton(_grad_kernel)[(n, triton.cdiv(c, options["BLOCK_C"]))](
+        cos, target.contiguous(), *pointers, coef, grad, c, cos.stride(0), class_start,
+        ignore_index, *scalars, DETACH_MARGIN=detach_margin, **constexprs, **options,
+    )
+    return grad
+
+
+def sharded_margin_linear_stats(embeddings: Tensor, weight: Tensor, target: Tensor,
+                                row_m2: Optional[Tensor], row_m3: Optional[Tensor], scale: float,
+                                m1: float, m2: float, m3: float, normalize: bool,
+                                class_start: int, ignore_index: int, block_size: int) -> Tensor:
+    """fusedloss::sharded_margin_linear_stats: the partials [N, 3] of cos = x^ w^T."""
+    p = _linear._pipeline(embeddings, weight, target, normalize, block_size)
+    n = p.x.shape[0]
+    live = p.target != ignore_index
+    if n == 0 or p.w.shape[0] == 0:  # no row, or a shard without classes: (-inf, 0, 0)
+        zero = torch.zeros(n, dtype=p.acc, device=p.x.device)
+        return torch.stack([torch.full_like(zero, float("-inf")), zero, zero], dim=1)
+    z_y, _ = _linear._target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin=True,
+                                    class_start=class_start, sharded=True)
+    part_max, part_oth, part_z = _linear._split_lse(p, scale, class_start, with_sum=True).unbind(0)
+    # lse_other = M + log sum_splits S_o,split exp(M_split - M), with M = 0 while it is -inf.
+    row_max = part_max.amax(0)
+    ref = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    lse_other = ref + torch.log((part_oth * torch.exp(part_max - ref)).sum(0))
+    sum_z = part_z.sum(0) + z_y
+    ignored = torch.tensor([float("-inf"), 0.0, 0.0], dtype=p.acc, device=p.x.device)
+    return torch.where(live[:, None], torch.stack([lse_other, z_y, sum_z], dim=1), ignored)
+
+
+def sharded_margin_linear_grad(embeddings: Tensor, weight: Tensor, target: Tensor,
+                               row_m2: Optional[Tensor], row_m3: Optional[Tensor], coef: Tensor,
+                               scale: float, m1: float, m2: float, m3: float, detach_margin: bool,
+                               normalize: bool, class_start: int, ignore_index: int,
+                               block_size: int) -> tuple[Tensor, Tensor]:
+    """fusedloss::sharded_margin_linear_grad: (this shard's contribution to grad_embeddings,
+    grad_weight_shard), in the inputs' dtypes."""
+    p = _linear._pipeline(embeddings, weight, target, normalize, block_size)
+    if p.x.shape[0] == 0 or p.w.shape[0] == 0:
+        return torch.zeros_like(p.x), torch.zeros_like(p.w)
+    _, slope = _linear._target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin,
+                                      class_start=class_start, sharded=True)
+    # G_ij = s a exp(s cos_ij - lse) - s b, G_iy = slope d: _grad_kernel's coef form. Ignored
+    # rows and rows whose target is elsewhere are told apart by the kernel from the target.
+    lse, a, b, d = coef.to(p.acc).unbind(1)
+    kernel_coef = torch.stack([lse, scale * a, scale * b, slope * d]).contiguous()
+    return _linear._input_grads(p, kernel_coef, scale, class_start, ignore_index)
