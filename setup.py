@@ -75,7 +75,8 @@ def _torch_requirement():
 
 setup(
     install_requires=[_torch_requirement()],
-    packages=["fusedloss", "fusedloss.reference", "fusedloss.triton_kernels"],
+    packages=["fusedloss", "fusedloss.benchmarks", "fusedloss.reference",
+              "fusedloss.triton_kernels"],
     package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

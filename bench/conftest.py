@@ -25,3 +25,21 @@ def fwd_bwd_benchmark(benchmark):
         return benchmark.pedantic(step, setup=clear, rounds=rounds, iterations=1, warmup_rounds=1)
 
     return run
+
+
+@pytest.fixture
+def assert_agrees():
+    """``assert_agrees(loss, leaves, ref_loss, ref_grads)``: the loss agrees with the
+    reference's to 1e-4 relative, as in ``python -m fusedloss.bench``, and each leaf's
+    gradient with the reference's to 1e-4 relative plus 1e-5 of the reference's largest
+    entry (fp32 contenders that sum in different orders). Leaves and gradients in order."""
+
+    def check(loss, leaves, ref_loss, ref_grads):
+        torch.testing.assert_close(float(loss.detach()), ref_loss, rtol=1e-4, atol=0.0)
+        assert len(leaves) == len(ref_grads)
+        for leaf, ref in zip(leaves, ref_grads):
+            assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+            torch.testing.assert_close(leaf.grad, ref, rtol=1e-4,
+                                       atol=1e-5 * float(ref.abs().max()))
+
+    return check

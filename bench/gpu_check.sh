@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU validation of fusedloss in one go: build the CUDA extension, run the GPU and Triton
-# tests, run the tests named *memcheck_subset* under compute-sanitizer (memcheck, then
-# racecheck for shared-memory hazards), run the GPU benchmarks.
+# tests and the sharded ops over a 1-rank NCCL group, run the tests named *memcheck_subset*
+# under compute-sanitizer (memcheck, then racecheck for shared-memory hazards), run the GPU
+# benchmarks.
 #
 #   bash bench/gpu_check.sh [OUT_DIR] [build] [tests] [memcheck] [bench]
 #
@@ -16,20 +17,30 @@
 # the bench stage, bench_cuda.md, bench_cuda.json and bench_cuda.png. Exits 0 only if every
 # stage asked for succeeded.
 #
+# The tests stage also checks the sharded ops at world size 1 over NCCL (row "sharded-nccl"):
+# the `dist` tests of tests/test_sharded.py whose names mention nccl, when it has such tests,
+# else an inline check of sharded_margin_cross_entropy and
+# linear_sharded_margin_cross_entropy under a 1-rank NCCL group against the fp64 reference
+# of the unsharded ops, with the tolerances of tests/conftest.py.
+#
 # The bench stage first installs, offline (--no-index --no-deps), any wheels in bench/wheels/:
 # the peer libraries of the benchmark, downloaded beforehand on a machine with network access
-# (`pip download --no-deps -d bench/wheels cut-cross-entropy liger-kernel`), since the GPU
-# machine has none; it logs which peers are then present. GPU_CHECK_BENCH_ARGS adds
-# arguments to `python -m fusedloss.bench` (e.g. "--family margin_linear"),
-# GPU_CHECK_BENCH_LIMIT_S changes its limit. The benchmark rewrites bench_cuda.md/.json after
-# every case, so a bench stage that times out still leaves its finished cases.
+# (`pip download --no-deps -d bench/wheels cut-cross-entropy liger-kernel
+# pytorch-metric-learning`), since the GPU machine has none (bench/wheels/ is git-ignored:
+# carry it along); it logs which peers are then present. It runs the default families, then
+# those in GPU_CHECK_BENCH_WITH (default "pairs sharded", each passed as --with), in one
+# `python -m fusedloss.bench` run; GPU_CHECK_BENCH_ARGS adds arguments (e.g. "--family
+# margin_linear", which replaces the default families), GPU_CHECK_BENCH_LIMIT_S changes its
+# limit. The benchmark rewrites bench_cuda.md/.json after every case, so a bench stage that
+# times out still leaves its finished cases.
 set -uo pipefail
 
 readonly ALL_STAGES=(build tests memcheck bench)
 readonly BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 readonly PYTHON=${PYTHON:-python}
 # Per-stage limits in seconds (each further capped by the time left).
-readonly BUILD_LIMIT_S=240 TESTS_LIMIT_S=300 MEMCHECK_LIMIT_S=150 RACECHECK_LIMIT_S=120
+readonly BUILD_LIMIT_S=240 TESTS_LIMIT_S=300 NCCL_LIMIT_S=90 MEMCHECK_LIMIT_S=150
+readonly RACECHECK_LIMIT_S=120
 readonly BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-240}
 readonly MIN_STAGE_S=20  # a stage with less time left than this is skipped
 
@@ -193,10 +204,69 @@ stage_build() {
   record build "$step_text" "$seconds" "$step_failed"
 }
 
+# The sharded ops at world size 1 over NCCL, against the fp64 reference of the unsharded ops
+# (loss, and the gradients of cos, embeddings and weight shard), fp32 and bf16.
+read -r -d '' NCCL_CHECK <<'EOF'
+import sys
+import torch
+import torch.distributed as dist
+import fusedloss
+sys.path.insert(0, "tests")
+from conftest import assert_close  # the tolerances of the test suite
+
+dev = torch.device("cuda", torch.cuda.current_device())  # init_process_group needs the index
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=dev)
+try:
+    g = torch.Generator(device=dev).manual_seed(0)
+    N, C, D, kw = 512, 3000, 128, dict(scale=64.0, m2=0.5)
+    t = torch.randint(0, C, (N,), device=dev, generator=g)
+    cos = torch.empty(N, C, device=dev).uniform_(-0.8, 0.8, generator=g)
+    x = torch.randn(N, D, device=dev, generator=g)
+    w = torch.randn(C, D, device=dev, generator=g)
+    sharded = (fusedloss.sharded_margin_cross_entropy,
+               fusedloss.linear_sharded_margin_cross_entropy)
+    single = (fusedloss.margin_cross_entropy, fusedloss.linear_margin_cross_entropy)
+    for form, inputs in enumerate(((cos,), (x, w))):
+        for dtype in (torch.float32, torch.bfloat16):
+            leaves = [a.detach().to(dtype).requires_grad_() for a in inputs]
+            loss = sharded[form](*leaves, t, class_start=0, num_classes=C,
+                                 group=dist.group.WORLD, **kw)
+            loss.backward()
+            ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
+            ref = single[form](*ref_leaves, t, backend="reference", **kw)
+            ref.backward()
+            what = f"{sharded[form].__name__} {dtype}"
+            assert_close(loss.detach(), ref.detach(), dtype, what + " loss")
+            for a, r in zip(leaves, ref_leaves):
+                assert_close(a.grad, r.grad, dtype, what + " grad")
+            print(f"{what} over a 1-rank NCCL group: loss {loss.item():.6g} "
+                  f"(reference {ref.item():.6g}), gradients ok")
+finally:
+    dist.destroy_process_group()
+EOF
+
+stage_sharded_nccl() {
+  if grep -qi nccl tests/test_sharded.py 2>/dev/null; then
+    run_step sharded-nccl "$NCCL_LIMIT_S" "$PYTHON" -m pytest -m dist -k nccl -q \
+      tests/test_sharded.py
+    if ((step_rc != 5)); then
+      describe_rc "$step_rc"
+      record sharded-nccl "$step_text (tests/test_sharded.py -m dist -k nccl)" "$step_s" \
+        "$step_failed"
+      return
+    fi
+    log "   no nccl test selected in tests/test_sharded.py: the inline check instead"
+  fi
+  run_step sharded-nccl "$NCCL_LIMIT_S" "$PYTHON" -c "$NCCL_CHECK"
+  describe_rc "$step_rc"
+  record sharded-nccl "$step_text (inline check)" "$step_s" "$step_failed"
+}
+
 stage_tests() {
   run_step tests "$TESTS_LIMIT_S" "$PYTHON" -m pytest -m "gpu or triton" -q tests/
   describe_rc "$step_rc"
   record tests "$step_text" "$step_s" "$step_failed"
+  stage_sharded_nccl
   if "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fusedloss.info') is None)" \
     2>/dev/null; then
     log "== python -m fusedloss.info"
@@ -260,7 +330,8 @@ bench_peers() {
   "$PYTHON" - 2>&1 <<'EOF'
 import importlib
 import importlib.metadata as md
-for dist, mod in (("cut-cross-entropy", "cut_cross_entropy"), ("liger-kernel", "liger_kernel")):
+for dist, mod in (("cut-cross-entropy", "cut_cross_entropy"), ("liger-kernel", "liger_kernel"),
+                  ("pytorch-metric-learning", "pytorch_metric_learning")):
     try:
         version = md.version(dist)
     except md.PackageNotFoundError:
@@ -281,6 +352,10 @@ stage_bench() {
   log "== bench peers:"
   log "$peers"
   read -ra extra <<<"${GPU_CHECK_BENCH_ARGS:-}"
+  local family
+  for family in ${GPU_CHECK_BENCH_WITH-pairs sharded}; do
+    extra+=(--with "$family")
+  done
   run_step bench "$BENCH_LIMIT_S" "$PYTHON" -m fusedloss.bench --device cuda --out "$OUT" \
     "${extra[@]}"
   describe_rc "$step_rc"

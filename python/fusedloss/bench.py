@@ -2,10 +2,12 @@
 
 Usage::
 
-    python -m fusedloss.bench [--device cpu|cuda] [--large] [--family margin] [--out DIR]
-                              [--repeats 5] [--dtype float32|bfloat16|float16] [--no-memory]
+    python -m fusedloss.bench [--device cpu|cuda] [--large] [--family margin] [--with pairs]
+                              [--out DIR] [--repeats 5] [--dtype float32|bfloat16|float16]
+                              [--no-memory] [--case TEXT]
 
-(``--suite NAME`` is an alias of ``--family NAME``.)
+(``--suite NAME`` is an alias of ``--family NAME``; ``--with NAME`` runs a family after the
+default ones.)
 
 Writes ``bench_<device>.md``, ``bench_<device>.json`` and ``bench_<device>.png`` to ``--out``
 (default ``bench/results``, relative to the working directory) and prints the markdown table.
@@ -16,8 +18,10 @@ The engine knows nothing about any loss. A *family* is one function, registered 
 ``@family("name")``, that returns a :class:`Family`: its cases (plain dicts of shape
 parameters), a function building the inputs of a case, and its contenders (name ->
 function ``(case, inputs) -> step``; ``step()`` runs forward and backward and returns the
-loss). Adding a loss family is one new function; the timing, the memory measurement, the
-ratios, the tables, the json and the plot come from the engine.
+loss). The families live in ``fusedloss.benchmarks`` (one module per op family: margin,
+spherical, pairs, sharded), which :func:`load_families` imports. Adding a loss family is one
+new function there; the timing, the memory measurement, the ratios, the tables, the json and
+the plot come from the engine.
 
 Timing: every contender of a case gets the same inputs, is warmed up (a compiled contender
 compiles during its first warm-up call, which is not timed), and then the contenders run
@@ -51,12 +55,11 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 MiB = 1 << 20
 _MEM_MARK = "FUSEDLOSS_BENCH_MEMORY "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 class Unavailable(Exception):
@@ -84,9 +87,16 @@ class Family:
 
     cases: dicts with at least ``N``, ``C``, ``dtype`` (a key of DTYPES) and ``label``
         (a short human name of the case); the plot draws one line per contender against
-        ``C`` for the cases that agree in everything but ``C``.
+        ``C`` for the cases that agree in everything but ``C`` and the keys in
+        ``plot_along``, titled with the label less its part from " C=" on (or less its
+        last word when it has no " C="); a case with ``plot_x`` (a key of the case) and
+        ``plot_x_label`` is drawn against that key instead of ``C``.
     make_inputs(case, device) -> dict: built once per case and shared by its contenders;
-        ``inputs["leaves"]`` lists the tensors whose ``.grad`` the engine resets to None.
+        ``inputs["leaves"]`` lists the tensors whose ``.grad`` the engine resets to None;
+        ``inputs["report"]``, when present, maps a contender to what its steps measured
+        themselves (``memory`` of processes the engine does not see, ``details``: lines for
+        the notes, any json-able figures), merged into its record after the timing; a record
+        that has ``memory`` then is not measured again.
     contenders: name -> (case, inputs) -> step. ``step()`` runs forward and backward and
         returns the loss. Names in ``fused`` get a bandwidth figure, ``baselines`` =
         (eager name, compiled name) are the references of the ratio columns.
@@ -99,7 +109,11 @@ class Family:
         whose cases differ in inputs or contenders (None: every case sees the family).
     targets: goals to report (never to assert), each a dict with ``case`` (the key/values a
         case must match), ``contender``, and ``time_vs_eager`` / ``memory_vs_eager``: the
-        largest acceptable contender / eager-baseline ratio of time / peak extra memory.
+        largest acceptable contender / eager-baseline ratio of time / peak extra memory;
+        with ``baseline`` (a contender name) the ratios are to that contender instead.
+    x_label: what ``C`` is, for the plot's x axis.
+    plot_along: case keys besides ``C`` that vary along one plotted line (a family whose
+        ``N`` grows with ``C``).
     """
 
     name: str
@@ -114,6 +128,8 @@ class Family:
     mem_factor: float = 8.0
     case_view: Optional[Callable[["Family", dict], "Family"]] = None
     targets: List[dict] = dataclasses.field(default_factory=list)
+    x_label: str = "number of classes C"
+    plot_along: tuple = ()
 
 
 FAMILIES: Dict[str, Callable[..., Family]] = {}
@@ -139,131 +155,14 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _fusedloss():
-    import fusedloss
-
-    return fusedloss
-
-
-def _backend_contender(backend: str, **fixed) -> Contender:
-    """fusedloss.margin_cross_entropy with one backend; Unavailable if it is not here."""
-
-    def build(case, inputs):
-        fl = _fusedloss()
-        if backend != "auto":
-            status = fl.backends().get(backend)
-            if status is None or not status[0]:
-                raise Unavailable(status[1] if status is not None else f"no backend {backend!r}")
-        kwargs = {**fixed, **{k: case[k] for k in ("scale", "m2") if k in case}}
-        cos, t = inputs["cos"], inputs["target"]
-
-        def step():
-            loss = fl.margin_cross_entropy(cos, t, backend=backend, **kwargs)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return build
-
-
-def _loss_contender(fn: Callable, compile_it: bool) -> Contender:
-    """A plain-PyTorch loss ``fn(cos, target, **case params)`` in eager mode or compiled."""
-
-    def build(case, inputs):
-        f = compiled(fn) if compile_it else fn
-        cos, t = inputs["cos"], inputs["target"]
-        kwargs = {k: case[k] for k in ("scale", "m2") if k in case}
-
-        def step():
-            loss = f(cos, t, **kwargs)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return build
-
-
-def _cos_inputs(case: dict, device: str) -> dict:
-    """cos [N, C] uniform in (-0.8, 0.8) (so that theta + 0.5 < pi for every target, where
-    plain cos(theta + m) and fusedloss's continued cosine agree), targets uniform; seeded."""
-    g = torch.Generator(device=device)
-    g.manual_seed(1234 + case["C"] + case["N"])
-    cos = torch.empty(case["N"], case["C"], dtype=DTYPES[case["dtype"]], device=device)
-    cos.uniform_(-0.8, 0.8, generator=g)  # in place: no temporary to inflate the RSS peak
-    target = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
-    cos.requires_grad_(True)
-    return {"cos": cos, "target": target, "leaves": [cos]}
-
-
-def _bytes_row_op(case: dict) -> int:
-    """Forward reads cos and writes the gradient (N*C each); backward reads and writes the
-    gradient once more to scale it: 4 * N * C * itemsize."""
-    return 4 * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
-
-
-# --------------------------------------------------------------------------------------
-# Family: margin softmax cross-entropy (ArcFace)
-# --------------------------------------------------------------------------------------
-
-def arcface_baseline(cos, t, scale=64.0, m2=0.5):
-    """ArcFace as users write it today."""
-    cy = cos.gather(1, t[:, None])
-    theta = torch.acos(cy.clamp(-1 + 1e-7, 1 - 1e-7))
-    return F.cross_entropy(cos.scatter(1, t[:, None], torch.cos(theta + m2)) * scale, t)
-
-
-def _grid(Ns, Cs, dtypes, **params):
+def grid(Ns, Cs, dtypes, **params) -> List[dict]:
+    """Cases: every dtype x N x C, with ``params`` in each."""
     return [dict(N=n, C=c, dtype=d, **params) for d in dtypes for n in Ns for c in Cs]
 
 
-@family("margin")
-def margin_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
-    if device == "cuda":
-        dtypes = dtypes or ["bfloat16", "float32"]
-        Cs = [10_000, 100_000, 300_000] + ([1_000_000] if large else [])
-        cases = _grid([8192], Cs, dtypes)
-    else:
-        dtypes = dtypes or ["float32"]
-        Cs = [10_000, 30_000, 100_000] + ([300_000] if large else [])
-        cases = _grid([1024] + ([2048] if large else []), Cs, dtypes)
-    for c in cases:
-        c.update(variant="arcface", scale=64.0, m2=0.5,
-                 label=f"arcface {_SHORT[c['dtype']]} N={c['N']} C={c['C']:,}")
-    contenders = {
-        "fusedloss": _backend_contender("auto"),
-        "baseline-eager": _loss_contender(arcface_baseline, compile_it=False),
-        "baseline-compile": _loss_contender(arcface_baseline, compile_it=True),
-    }
-    fused = ("fusedloss",)
-    if device == "cuda":
-        contenders["fusedloss-cuda"] = _backend_contender("cuda")
-        contenders["fusedloss-triton"] = _backend_contender("triton")
-        fused += ("fusedloss-cuda", "fusedloss-triton")
-    return Family(
-        name="margin", cases=cases, make_inputs=_cos_inputs, contenders=contenders,
-        fused=fused, bytes_moved=_bytes_row_op, mem_factor=5.0,
-        notes=["margin: ArcFace, scale 64, m2 0.5; baseline = `arcface_baseline` "
-               "(gather, acos, scatter of cos(theta + m), F.cross_entropy), "
-               "eager and under torch.compile(dynamic=False)."])
-
-
-# --------------------------------------------------------------------------------------
-# Family: plain cross-entropy, where the peer libraries (Liger-Kernel, Cut Cross-Entropy)
-# can be compared. On CUDA it joins the default run when a peer library is installed.
-# --------------------------------------------------------------------------------------
-
-def plain_ce_baseline(cos, t):
-    return F.cross_entropy(cos, t)
-
-
-def linear_ce_baseline(e, w, t):
-    return F.cross_entropy(e @ w.T, t)
-
-
-def _peers() -> Dict[str, str]:
-    """Installed peer libraries: name -> version (import-guarded, nothing imported)."""
+def peers() -> Dict[str, str]:
+    """Installed peer libraries of the cross-entropy families: name -> version (import-guarded,
+    nothing imported)."""
     found = {}
     for dist, mod in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
         if importlib.util.find_spec(mod) is not None:
@@ -274,141 +173,17 @@ def _peers() -> Dict[str, str]:
     return found
 
 
-def _liger_contender(case, inputs):
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-    except Exception as e:  # noqa: BLE001 - any import failure means "not here"
-        raise Unavailable(f"liger-kernel not importable: {e}")
-    if inputs["cos"].device.type != "cuda":
-        raise Unavailable("Liger-Kernel needs CUDA")
-    loss_fn = LigerCrossEntropyLoss()
-    cos, t = inputs["cos"], inputs["target"]
+def api(name: str) -> Callable:
+    """The public function ``fusedloss.<name>``; Unavailable where this build lacks it."""
+    import fusedloss
 
-    def step():
-        loss = loss_fn(cos, t)
-        loss.backward()
-        return loss.detach()
-
-    return step
+    fn = getattr(fusedloss, name, None)
+    if fn is None:
+        raise Unavailable(f"fusedloss.{name} is not in this build")
+    return fn
 
 
-def _linear_inputs(case: dict, device: str) -> dict:
-    g = torch.Generator(device=device)
-    g.manual_seed(4321 + case["C"])
-    dt = DTYPES[case["dtype"]]
-    e = torch.empty(case["N"], case["D"], dtype=dt, device=device).normal_(generator=g)
-    w = torch.empty(case["C"], case["D"], dtype=dt, device=device).normal_(generator=g)
-    e.mul_(case["D"] ** -0.5)
-    w.mul_(case["D"] ** -0.5)
-    t = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
-    e.requires_grad_(True)
-    w.requires_grad_(True)
-    return {"e": e, "w": w, "target": t, "leaves": [e, w]}
-
-
-def _linear_contender(kind: str) -> Contender:
-    def build(case, inputs):
-        e, w, t = inputs["e"], inputs["w"], inputs["target"]
-        if kind == "cce":
-            try:
-                from cut_cross_entropy import linear_cross_entropy
-            except Exception as ex:  # noqa: BLE001
-                raise Unavailable(f"cut-cross-entropy not importable: {ex}")
-            f = linear_cross_entropy
-        elif kind == "fusedloss":
-            fl = _fusedloss()
-
-            def f(e, w, t):
-                return fl.margin_cross_entropy(e @ w.T, t, scale=1.0, backend="auto")
-        else:
-            f = compiled(linear_ce_baseline) if kind == "compile" else linear_ce_baseline
-
-        def step():
-            loss = f(e, w, t)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return build
-
-
-@family("ce", default=False)
-def ce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
-    peers = _peers() if device == "cuda" else {}
-    if device == "cuda":
-        dtypes = dtypes or ["bfloat16"]
-        Cs = [32_000, 128_000, 256_000] + ([1_000_000] if large else [])
-        N = 8192
-    else:
-        dtypes = dtypes or ["float32"]
-        Cs = [10_000, 30_000, 100_000] + ([300_000] if large else [])
-        N = 1024
-    cases = _grid([N], Cs, dtypes, variant="plain-ce")
-    for c in cases:
-        c["label"] = f"plain CE {_SHORT[c['dtype']]} N={c['N']} C={c['C']:,}"
-    contenders = {
-        "fusedloss": _backend_contender("auto", scale=1.0),
-        "baseline-eager": _loss_contender(plain_ce_baseline, compile_it=False),
-        "baseline-compile": _loss_contender(plain_ce_baseline, compile_it=True),
-    }
-    fused = ("fusedloss",)
-    if device == "cuda":
-        contenders["fusedloss-cuda"] = _backend_contender("cuda", scale=1.0)
-        contenders["fusedloss-triton"] = _backend_contender("triton", scale=1.0)
-        fused += ("fusedloss-cuda", "fusedloss-triton")
-        if "liger-kernel" in peers:
-            contenders["liger (plain CE)"] = _liger_contender
-    notes = ["ce: plain cross-entropy on logits; fusedloss runs `margin_cross_entropy(x, t, "
-             "scale=1.0)` (m2 = 0), baseline = `F.cross_entropy(x, t)`, eager and compiled. "
-             "Peer libraries compute plain cross-entropy only, so they appear in this family."]
-    fam = Family(name="ce", cases=cases, make_inputs=_cos_inputs, contenders=contenders,
-                 fused=fused, bytes_moved=_bytes_row_op, notes=notes, mem_factor=6.0,
-                 case_view=_ce_case_view)
-    if "cut-cross-entropy" in peers:
-        # Cut Cross-Entropy takes embeddings and classifier, not logits: its own case,
-        # linear layer + cross-entropy, all contenders doing the matmul.
-        D = 2048
-        lin = _grid([N], Cs, dtypes, variant="linear-ce", D=D)
-        for c in lin:
-            c["label"] = f"linear+plain CE {_SHORT[c['dtype']]} N={c['N']} C={c['C']:,} D={D}"
-        fam.cases += lin
-        fam.notes.append(f"ce, linear+plain CE cases: inputs e [N, {D}], w [C, {D}]; every "
-                         "contender computes e @ w.T (fusedloss and the baselines "
-                         "materialise it, Cut Cross-Entropy does not); no GB/s figure.")
-    return fam
-
-
-def _case_family_view(fam: Family, case: dict) -> Family:
-    """The family as `case` sees it (see Family.case_view)."""
-    return fam.case_view(fam, case) if fam.case_view is not None else fam
-
-
-def _ce_case_view(fam: Family, case: dict) -> Family:
-    """The linear-CE cases of the ce family use other inputs and contenders."""
-    if case.get("variant") != "linear-ce":
-        return fam
-    contenders = {"fusedloss": _linear_contender("fusedloss"),
-                  "baseline-eager": _linear_contender("eager"),
-                  "baseline-compile": _linear_contender("compile"),
-                  "cce (plain CE)": _linear_contender("cce")}
-    return dataclasses.replace(fam, make_inputs=_linear_inputs, contenders=contenders,
-                               fused=(), bytes_moved=lambda case: None)
-
-
-# --------------------------------------------------------------------------------------
-# Family: the fused linear margin softmax (fusedloss.linear_margin_cross_entropy) against
-# the chain users run today: normalise, F.linear, clamp, then `arcface_baseline`.
-# --------------------------------------------------------------------------------------
-
-def arcface_linear_baseline(x, w, t, scale=64.0, m2=0.5):
-    """ArcFace on embeddings x [N, D] and class centres w [C, D] as users write it today:
-    the cosine matrix of the normalised rows, then the chain of `arcface_baseline`."""
-    cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
-    return arcface_baseline(cos, t, scale, m2)
-
-
-def _kernel_check(fl, backend: str, op: str, device: torch.device) -> str:
+def kernel_check(backend: str, op: str, device: torch.device) -> str:
     """The backend that `backend` resolves to for `op` on `device`; Unavailable where it
     cannot run there (backend missing, or no kernel of `op` for it)."""
     from fusedloss._ops import resolve_backend
@@ -419,369 +194,31 @@ def _kernel_check(fl, backend: str, op: str, device: torch.device) -> str:
         raise Unavailable(str(exc)) from exc
 
 
-_LINEAR_KW = ("normalize", "scale", "m2")
+def _case_family_view(fam: Family, case: dict) -> Family:
+    """The family as `case` sees it (see Family.case_view)."""
+    return fam.case_view(fam, case) if fam.case_view is not None else fam
 
 
-def _linear_margin_contender(backend: str) -> Contender:
-    """fusedloss.linear_margin_cross_entropy(e, w, target) with one backend."""
-
-    def build(case, inputs):
-        fl = _fusedloss()
-        e, w, t = inputs["e"], inputs["w"], inputs["target"]
-        _kernel_check(fl, backend, "margin_linear_cross_entropy", e.device)
-        kwargs = {k: case[k] for k in _LINEAR_KW}
-
-        def step():
-            loss = fl.linear_margin_cross_entropy(e, w, t, backend=backend, **kwargs)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return build
+# The modules of fusedloss.benchmarks register the families when imported. They import this
+# engine, so the engine imports them only when a run needs the registry (no import cycle).
+_FAMILY_MODULES = ("margin", "spherical", "pairs", "sharded")
+# Names that moved to a family module and are still importable from here.
+_MOVED = {"arcface_baseline": "margin", "arcface_linear_baseline": "margin",
+          "plain_ce_baseline": "margin", "linear_ce_baseline": "margin",
+          "spherical_linear_baseline": "spherical"}
 
 
-def _linear_chain_contender(compile_it: bool) -> Contender:
-    """The unfused chain of the case's variant, eager or compiled: `arcface_linear_baseline`,
-    or for plain linear CE `linear_ce_baseline` (F.cross_entropy(e @ w.T, t))."""
-
-    def build(case, inputs):
-        if case["variant"] == "plain-linear-ce":
-            fn, kwargs = linear_ce_baseline, {}
-        else:
-            fn, kwargs = arcface_linear_baseline, {"scale": case["scale"], "m2": case["m2"]}
-        f = compiled(fn) if compile_it else fn
-        e, w, t = inputs["e"], inputs["w"], inputs["target"]
-
-        def step():
-            loss = f(e, w, t, **kwargs)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return build
+def load_families() -> Dict[str, Callable[..., Family]]:
+    """Import the family modules (registration order = order of the default run)."""
+    for name in _FAMILY_MODULES:
+        importlib.import_module(f"fusedloss.benchmarks.{name}")
+    return FAMILIES
 
 
-def _cce_linear_contender(case, inputs):
-    """Cut Cross-Entropy's linear_cross_entropy(e, c, targets): plain CE of e @ c.T, with its
-    defaults (impl "cce", filter_eps "high": gradient filtering)."""
-    if importlib.util.find_spec("cut_cross_entropy") is None:
-        raise NotInstalled("cut-cross-entropy")
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception as ex:  # noqa: BLE001 - installed but not importable here
-        raise Unavailable(f"cut-cross-entropy not importable: {type(ex).__name__}: {ex}")
-    e, w, t = inputs["e"], inputs["w"], inputs["target"]
-    if e.device.type != "cuda":
-        raise Unavailable("Cut Cross-Entropy needs CUDA")
-
-    def step():
-        loss = linear_cross_entropy(e, w, t)
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def _flops_linear(case: dict) -> int:
-    """Forward + backward of the classifier matmuls: 2·N·C·D for the logits, 2·N·C·D for the
-    gradient of the embeddings, 2·N·C·D for that of the class centres."""
-    return 6 * case["N"] * case["C"] * case["D"]
-
-
-def _margin_linear_view(fam: Family, case: dict) -> Family:
-    """The plain linear CE case adds Cut Cross-Entropy, which computes plain CE only."""
-    if case.get("variant") != "plain-linear-ce":
-        return fam
-    return dataclasses.replace(fam, contenders={**fam.contenders,
-                                                "cce (plain CE)": _cce_linear_contender})
-
-
-@family("margin_linear")
-def margin_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
-    D = 512
-    if device == "cuda":
-        dtypes = dtypes or ["bfloat16"]
-        N, Cs = 8192, [1_000_000]
-    else:
-        dtypes = dtypes or ["float32"]
-        N, Cs = 1024, [10_000, 100_000] + ([300_000] if large else [])
-    cases = _grid([N], Cs, dtypes, D=D, variant="arcface", normalize=True, scale=64.0, m2=0.5)
-    for c in cases:
-        c["label"] = f"linear arcface {_SHORT[c['dtype']]} N={c['N']} D={D} C={c['C']:,}"
-    notes = ["margin_linear: `linear_margin_cross_entropy(x, w, t, scale=64, m2=0.5)` (normalize="
-             "True) on embeddings x [N, D] and class centres w [C, D], both leaves requiring grad; "
-             "baseline = `arcface_linear_baseline`: `F.linear(F.normalize(x), F.normalize(w))"
-             ".clamp(-1, 1)` then `arcface_baseline`, eager and under torch.compile(dynamic=False). "
-             "TFLOP/s (fusedloss contenders) = 6·N·C·D / time: the logits and the two gradient "
-             "matmuls; the normalisations, O((N + C)·D), are not counted. No GB/s: the op is "
-             "matmul-bound. Inputs: x, w normal / sqrt(D), random targets, fixed seed."]
-    contenders = {
-        "fusedloss": _linear_margin_contender("auto"),
-        "baseline-eager": _linear_chain_contender(compile_it=False),
-        "baseline-compile": _linear_chain_contender(compile_it=True),
-    }
-    fused = ("fusedloss",)
-    if device == "cuda":
-        contenders["fusedloss-triton"] = _linear_margin_contender("triton")
-        fused += ("fusedloss-triton",)
-        try:
-            from fusedloss._ops import resolve_backend
-
-            notes.append(f"margin_linear: fusedloss = backend \"auto\", here "
-                         f"{resolve_backend('auto', torch.device('cuda'))!r}.")
-        except Exception:  # noqa: BLE001 - a note only
-            pass
-        plain = _grid([N], Cs, dtypes, D=D, variant="plain-linear-ce", normalize=False,
-                      scale=1.0, m2=0.0)
-        for c in plain:
-            c["label"] = f"plain linear CE {_SHORT[c['dtype']]} N={c['N']} D={D} C={c['C']:,}"
-        cases += plain
-        peers = _peers()
-        notes.append("margin_linear, plain linear CE cases: margins off (`normalize=False, "
-                     "scale=1, m2=0`), baseline `F.cross_entropy(x @ w.T, t)`, so that Cut "
-                     "Cross-Entropy's `linear_cross_entropy(x, w, t)` (plain CE only; its "
-                     "defaults, with gradient filtering, filter_eps=\"high\") computes the same "
-                     "loss; cut-cross-entropy "
-                     + (peers["cut-cross-entropy"] if "cut-cross-entropy" in peers
-                        else "not installed") + ".")
-    return Family(
-        name="margin_linear", cases=cases, make_inputs=_linear_inputs, contenders=contenders,
-        fused=fused, flops=_flops_linear, notes=notes, mem_factor=8.0,
-        case_view=_margin_linear_view,
-        targets=[{"case": {"variant": "arcface", "dtype": "float32", "N": 1024, "D": 512,
-                           "C": 100_000},
-                  "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15}])
-
-
-# --------------------------------------------------------------------------------------
-# Family: the spherical Z-loss of the output layer (fusedloss.linear_spherical_z_loss)
-# against the code users write today: form the logits, then mean, spread, z and softplus.
-# Not in the default run (`--family spherical` / `--suite spherical`).
-# --------------------------------------------------------------------------------------
-
-def spherical_linear_baseline(h, w, t, bias=None, a=1.0, b=0.0):
-    """The linear spherical Z-loss as users write it today, in the inputs' dtype: the
-    N x C outputs, their row mean and (population) spread, z of the target output, then
-    softplus(a (b - z)) / a, mean over rows."""
-    o = h @ w.T
-    if bias is not None:
-        o = o + bias
-    mu = o.mean(1)
-    sigma = (o - mu[:, None]).pow(2).mean(1).sqrt()
-    z = (o.gather(1, t[:, None]).squeeze(1) - mu) / sigma
-    return (F.softplus(a * (b - z)) / a).mean()
-
-
-def _spherical_inputs(case: dict, device: str) -> dict:
-    """hidden [N, d], weight [C, d] normal / sqrt(d), bias [C] normal * 0.1, all leaves;
-    random targets; seeded; built in place (no temporaries to inflate the RSS peak)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(2718 + case["C"] + case["N"])
-    dt = DTYPES[case["dtype"]]
-    h = torch.empty(case["N"], case["D"], dtype=dt, device=device).normal_(generator=g)
-    w = torch.empty(case["C"], case["D"], dtype=dt, device=device).normal_(generator=g)
-    bias = torch.empty(case["C"], dtype=dt, device=device).normal_(generator=g)
-    h.mul_(case["D"] ** -0.5)
-    w.mul_(case["D"] ** -0.5)
-    bias.mul_(0.1)
-    t = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
-    for leaf in (h, w, bias):
-        leaf.requires_grad_(True)
-    return {"h": h, "w": w, "bias": bias, "target": t, "leaves": [h, w, bias]}
-
-
-def _spherical_contender(kind: str) -> Contender:
-    """kind "fusedloss" (linear_spherical_z_loss, backend "auto"), "eager" or "compile"
-    (`spherical_linear_baseline`); forward + backward w.r.t. hidden, weight and bias."""
-
-    def build(case, inputs):
-        if kind == "fusedloss":
-            fl = _fusedloss()
-
-            def f(h, w, t, bias, a, b):
-                return fl.linear_spherical_z_loss(h, w, t, bias, a=a, b=b, backend="auto")
-        else:
-            f = compiled(spherical_linear_baseline) if kind == "compile" else spherical_linear_baseline
-        h, w, bias, t = inputs["h"], inputs["w"], inputs["bias"], inputs["target"]
-        a, b = case["a"], case["b"]
-
-        def step():
-            loss = f(h, w, t, bias, a, b)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return build
-
-
-def _flops_spherical(case: dict) -> int:
-    """The matmul work of the factored op, forward + backward: the Gram matrix of the
-    augmented weight (2·C·D²), the weight-gradient update A [G; p] (2·C·D²), the row
-    quadratic forms and G (about 2·N·D² each); D = d + 2 (bias and the ones column)."""
-    D = case["D"] + 2
-    return 4 * case["C"] * D * D + 4 * case["N"] * D * D
-
-
-# One plain-SGD step of the output layer (issue 6 item 7): forward + backward + update.
-_SGD_LR = 0.1
-
-
-def _sgd_inputs(case: dict, device: str) -> dict:
-    """hidden h [m, d] normal / sqrt(d), a leaf requiring grad (the layer's backward runs as
-    it does under a network), random targets; seeded. Each contender builds its own layer
-    from `_sgd_weights`, so that every one starts from the same weight and bias."""
-    g = torch.Generator(device=device)
-    g.manual_seed(3141 + case["C"] + case["N"])
-    h = torch.empty(case["N"], case["D"], dtype=DTYPES[case["dtype"]], device=device)
-    h.normal_(generator=g).mul_(case["D"] ** -0.5)
-    t = torch.randint(0, case["C"], (case["N"],), generator=g, device=device)
-    h.requires_grad_(True)
-    return {"h": h, "target": t, "leaves": [h]}
-
-
-def _sgd_weights(case: dict, device: str):
-    """weight [C, d] normal / sqrt(d), bias [C] normal * 0.1; seeded, built in place."""
-    g = torch.Generator(device=device)
-    g.manual_seed(1618 + case["C"])
-    dt = DTYPES[case["dtype"]]
-    w = torch.empty(case["C"], case["D"], dtype=dt, device=device).normal_(generator=g)
-    bias = torch.empty(case["C"], dtype=dt, device=device).normal_(generator=g)
-    return w.mul_(case["D"] ** -0.5), bias.mul_(0.1)
-
-
-class _NaiveSphericalLinear(torch.nn.Module):
-    """A dense output layer whose loss forms the logits: `spherical_linear_baseline`."""
-
-    def __init__(self, weight, bias, a, b):
-        super().__init__()
-        self.weight, self.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
-        self.a, self.b = a, b
-
-    def forward(self, h, t):
-        return spherical_linear_baseline(h, self.weight, t, self.bias, self.a, self.b)
-
-
-def _sgd_contender(kind: str) -> Contender:
-    """One training step of the output layer: kind "factored" (`FactoredSphericalLinear`:
-    `layer(h, t).backward()` applies the SGD step itself), "dense" (`SphericalLinear`, loss
-    through `linear_spherical_z_loss`) or "naive" (logits, then the Z-loss in plain torch),
-    the dense ones trained with torch.optim.SGD(lr, no momentum)."""
-
-    def build(case, inputs):
-        device = inputs["h"].device
-        lr, a, b = case["lr"], case["a"], case["b"]
-        w, bias = _sgd_weights(case, str(device))
-        h, t = inputs["h"], inputs["target"]
-        if kind == "factored":
-            from fusedloss.nn import FactoredSphericalLinear
-
-            layer = FactoredSphericalLinear(case["D"], case["C"], lr, a=a, b=b, bias=True,
-                                            device=device, dtype=w.dtype)
-            layer.load_dense(w, bias)
-            del w, bias
-
-            def step():
-                loss = layer(h, t)
-                loss.backward()
-                return loss.detach()
-
-            return step
-        if kind == "dense":
-            from fusedloss.nn import SphericalLinear
-
-            layer = SphericalLinear(case["D"], case["C"], a=a, b=b, device=device, dtype=w.dtype)
-            with torch.no_grad():
-                layer.weight.copy_(w)
-                layer.bias.copy_(bias)
-            del w, bias
-        else:
-            layer = _NaiveSphericalLinear(w, bias, a, b)
-        opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.0)
-
-        def step():
-            loss = layer(h, t)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)  # at the end: no weight gradient held between steps
-            return loss.detach()
-
-        return step
-
-    return build
-
-
-_SGD_NAMES = {"factored": "factored-sgd (FactoredSphericalLinear)",
-              "dense": "dense-sgd (linear_spherical_z_loss)",
-              "naive": "dense-sgd (naive logits)"}
-
-
-def _spherical_case_view(fam: Family, case: dict) -> Family:
-    """The SGD-step cases: their own inputs and contenders; the ratio columns are against
-    the naive dense step ("eager") and the linear_spherical_z_loss dense step ("compile")."""
-    if case.get("variant") != "sgd-step":
-        return fam
-    kinds = ["factored", "dense", "naive"]
-    return dataclasses.replace(
-        fam, make_inputs=_sgd_inputs, fused=(), flops=lambda case: None,
-        contenders={_SGD_NAMES[k]: _sgd_contender(k) for k in kinds},
-        baselines=(_SGD_NAMES["naive"], _SGD_NAMES["dense"]))
-
-
-@family("spherical", default=False)
-def spherical_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
-    dtypes = dtypes or ["float32"]
-    D = 256
-    Cs = [100_000] + ([300_000] if large else [])
-    cases = _grid([2048], Cs, dtypes, D=D, variant="linear-spherical", a=1.0, b=0.0)
-    for c in cases:
-        c["label"] = f"linear spherical Z {_SHORT[c['dtype']]} N={c['N']} d={D} C={c['C']:,}"
-    notes = ["spherical: `linear_spherical_z_loss(h, w, t, bias, a=1, b=0)` (backend \"auto\", "
-             "the factored op: Gram matrix of the centred weight, no N x C outputs) on hidden "
-             "h [N, d], weight w [C, d] and bias [C], all three leaves requiring grad; baseline = "
-             "`spherical_linear_baseline`, the code users write today: `o = h @ w.T + bias; "
-             "mu = o.mean(1); sigma = (o - mu[:, None]).pow(2).mean(1).sqrt()`, "
-             "z = (o_c - mu) / sigma, loss = mean softplus(a (b - z)) / a, fp32, eager and under "
-             "torch.compile(dynamic=False). TFLOP/s (fusedloss) = (4·C·D² + 4·N·D²) / time with "
-             "D = d + 2; the baseline's matmuls are 6·N·C·d. Inputs: h, w normal / sqrt(d), "
-             "bias normal * 0.1, random targets, fixed seed."]
-    sgd = _grid([128], [100_000, 1_000_000], dtypes, D=D, variant="sgd-step", a=1.0, b=0.0,
-                lr=_SGD_LR)
-    for c in sgd:
-        c["label"] = f"SGD step {_SHORT[c['dtype']]} m={c['N']} d={D} C={c['C']:,}"
-    cases += sgd
-    notes.append(
-        "spherical, SGD step cases: ONE plain-SGD training step of the output layer (forward + "
-        f"backward + weight update, lr {_SGD_LR}, no momentum) on hidden h [m, d] (a leaf "
-        "requiring grad, so dL/dh is computed as under a network), fp32. Contenders: "
-        "`factored-sgd (FactoredSphericalLinear)`: `loss = layer(h, t); loss.backward()` (the "
-        "backward applies the exact factored SGD update, O(m D² + m² D + m³), independent of "
-        "C; its periodic O(C D²) stabilisation, every 1000 steps, does not occur in these runs); "
-        "`dense-sgd (linear_spherical_z_loss)`: `fusedloss.nn.SphericalLinear(d, C)`, loss "
-        "through `linear_spherical_z_loss` (no m x C outputs, but the weight gradient and the "
-        "update are O(C d) and its Gram matrix O(C d²)), then `torch.optim.SGD.step()` and "
-        "`zero_grad(set_to_none=True)`; `dense-sgd (naive logits)`: the same with the loss "
-        "`spherical_linear_baseline` (`o = h @ W.T + b`, then the Z-loss in plain torch). All "
-        "three start from the same weight (normal / sqrt(d)) and bias (normal * 0.1); each "
-        "timed run is a further step of the same layer. Columns \"x vs eager\" / \"x vs "
-        "compile\" here = time of the naive / linear_spherical_z_loss dense step over the "
-        "contender's; the loss check is against the naive dense step (first step, same "
-        "weights). Peak extra memory counts the weight gradient and the update's temporaries "
-        "(the layers' weights are built before the base). No memory or time target.")
-    contenders = {
-        "fusedloss": _spherical_contender("fusedloss"),
-        "baseline-eager": _spherical_contender("eager"),
-        "baseline-compile": _spherical_contender("compile"),
-    }
-    return Family(
-        name="spherical", cases=cases, make_inputs=_spherical_inputs, contenders=contenders,
-        fused=("fusedloss",), flops=_flops_spherical, notes=notes, mem_factor=6.0,
-        case_view=_spherical_case_view,
-        targets=[{"case": {"variant": "linear-spherical", "dtype": "float32", "N": 2048,
-                           "D": 256, "C": 100_000},
-                  "contender": "fusedloss", "time_vs_eager": 0.1, "memory_vs_eager": 0.05}])
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"fusedloss.benchmarks.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -897,6 +334,9 @@ def run_case(fam: Family, case: dict, device: str, repeats: int, log) -> Dict[st
         if ts and records[name]["status"] == "ok":
             records[name]["times_ms"] = [t * 1e3 for t in ts]
             records[name]["median_ms"] = statistics.median(ts) * 1e3
+    for name, measured in inputs.get("report", {}).items():  # see Family.make_inputs
+        if records[name]["status"] == "ok":
+            records[name].update(measured)
 
     if device == "cuda":
         for name, step in steps.items():
@@ -977,6 +417,7 @@ def _measure_memory_child(spec: dict) -> dict:
     """
     import fusedloss  # noqa: F401 - count the package in the base
 
+    load_families()
     device = "cpu"
     fam = FAMILIES[spec["family"]](device, spec["large"], [spec["case"]["dtype"]])
     fam = _case_family_view(fam, spec["case"])
@@ -1081,7 +522,7 @@ def machine_info(device: str) -> dict:
         "fusedloss": getattr(fusedloss, "__version__", None) or _version("fusedloss"),
         "fusedloss_git": _git_rev(),
         "backends": {k: [bool(v[0]), str(v[1])] for k, v in fusedloss.backends().items()},
-        "peers": _peers(),
+        "peers": peers(),
     }
     return info
 
@@ -1141,6 +582,7 @@ def markdown(result: dict) -> str:
               "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     skipped = []
     mismatches = []
+    details = []  # a contender's own lines (Family.make_inputs, inputs["report"])
     for row in result["results"]:
         rec, label = row["record"], row["case"]["label"]
         if rec["status"] == "not installed":
@@ -1159,6 +601,7 @@ def markdown(result: dict) -> str:
                      f"{_fmt(rec.get('x_vs_eager'), '.2f')} | {_fmt(rec.get('x_vs_compile'), '.2f')} | "
                      f"{mib} | {_fmt(rec.get('x_nc4'), '.2f')} | {_fmt(rec.get('gbps'), '.1f')} | "
                      f"{_fmt(rec.get('tflops'), '.3g')} |")
+        details += [f"{label} / {row['contender']}: {d}" for d in rec.get("details", ())]
         if rec.get("loss_agrees") is False:
             mismatches.append(f"{label} / {row['contender']}: loss {rec['loss']:.6g}, rel. diff "
                               f"{rec['loss_rel_diff_vs_eager']:.2e} from the eager baseline")
@@ -1166,14 +609,16 @@ def markdown(result: dict) -> str:
             skipped.append(f"{label} / {row['contender']}: memory measurement: {mem['error']}")
     goals = result.get("targets") or []
     if goals:
-        lines += ["", "Targets (reported, not asserted; ratio = contender / eager baseline, "
+        vs = ("eager baseline" if all("vs" not in g for g in goals)
+              else "the baseline named (the eager one where none is)")
+        lines += ["", f"Targets (reported, not asserted; ratio = contender / {vs}, "
                       "lower is better):", ""]
     for g in goals:
         parts = []
         for what in ("time", "memory"):
             if f"{what}_target" in g:
                 met = {True: "met", False: "NOT met", None: "not measured"}[g[f"{what}_met"]]
-                parts.append(f"{what} / eager {_fmt(g[f'{what}_ratio'], '.3f')} "
+                parts.append(f"{what} / {g.get('vs', 'eager')} {_fmt(g[f'{what}_ratio'], '.3f')} "
                              f"(target ≤ {g[f'{what}_target']}: {met})")
         lines.append(f"- {g['family']}, {g['label']}, {g['contender']}: " + "; ".join(parts))
     lines += ["", "Notes:", ""]
@@ -1209,6 +654,8 @@ def markdown(result: dict) -> str:
         lines.append(f"- {note}")
     for s in result.get("notes", []):
         lines.append(f"- {s}")
+    for s in details:
+        lines.append(f"- {s}")
     for s in mismatches:
         lines.append(f"- LOSS MISMATCH: {s}")
     for s in skipped:
@@ -1222,10 +669,13 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    axes_of = result.get("plot", {})  # family -> {"x_label", "along"}
     groups: Dict[tuple, List[dict]] = {}
     for row in result["results"]:
         c = row["case"]
-        key = (row["family"],) + tuple((k, v) for k, v in sorted(c.items()) if k not in ("C", "label"))
+        along = axes_of.get(row["family"], {}).get("along", ())
+        free = ("C", "label", c.get("plot_x", "C"), *along)
+        key = (row["family"],) + tuple((k, v) for k, v in sorted(c.items()) if k not in free)
         groups.setdefault(key, []).append(row)
     names = list(dict.fromkeys(r["contender"] for r in result["results"]))
     colour = {name: f"C{i % 10}" for i, name in enumerate(names)}  # same colour in every panel
@@ -1233,11 +683,14 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(n, 2, figsize=(12, 4.2 * n), squeeze=False)
     for ax_row, (key, rows) in zip(axes, groups.items()):
         c0 = rows[0]["case"]
-        title = c0["label"].split(" C=")[0]
+        label = c0["label"]
+        title = label.split(" C=")[0] if " C=" in label else label.rsplit(" ", 1)[0]
+        x_label = axes_of.get(rows[0]["family"], {}).get("x_label", "number of classes C")
+        x_key, x_label = c0.get("plot_x", "C"), c0.get("plot_x_label", x_label)
         if rows[0]["family"] != "margin":
             title += f" ({rows[0]['family']})"
         for name in dict.fromkeys(r["contender"] for r in rows):
-            pts = sorted(((r["case"]["C"], r["record"]) for r in rows if r["contender"] == name),
+            pts = sorted(((r["case"][x_key], r["record"]) for r in rows if r["contender"] == name),
                          key=lambda p: p[0])
             xs = [p[0] for p in pts]
             t = [p[1].get("median_ms", float("nan")) for p in pts]
@@ -1250,7 +703,7 @@ def plot(result: dict, path: str) -> None:
         for ax, what in zip(ax_row, ("time of forward + backward (ms)", "peak extra memory (MiB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("number of classes C")
+            ax.set_xlabel(x_label)
             ax.set_ylabel(what)
             ax.set_title(title)
             ax.grid(True, which="both", alpha=0.3)
@@ -1273,12 +726,15 @@ def _targets(plan, results) -> List[dict]:
                 continue
             rows = {r["contender"]: r["record"] for r in results
                     if r["family"] == fam.name and r["case"] is case}
-            rec, eager = rows.get(goal["contender"], {}), rows.get(fam.baselines[0], {})
+            baseline = goal.get("baseline", fam.baselines[0])
+            rec, eager = rows.get(goal["contender"], {}), rows.get(baseline, {})
             t, te = rec.get("median_ms"), eager.get("median_ms")
             m, me = ((rec.get("memory") or {}).get("extra_bytes"),
                      (eager.get("memory") or {}).get("extra_bytes"))
             entry = {"family": fam.name, "label": case["label"], "contender": goal["contender"],
-                     "baseline": fam.baselines[0]}
+                     "baseline": baseline}
+            if "baseline" in goal:
+                entry["vs"] = baseline
             for what, num, den in (("time", t, te), ("memory", m, me)):
                 bound = goal.get(f"{what}_vs_eager")
                 if bound is None:
@@ -1307,9 +763,11 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
+    load_families()
     names = args.family or [n for n in DEFAULT_FAMILIES]
-    if args.family is None and device == "cuda" and _peers():
+    if args.family is None and device == "cuda" and peers():
         names.append("ce")
+    names += [n for n in getattr(args, "also", None) or [] if n not in names]
     dtypes = [args.dtype] if args.dtype else None
     log = (lambda s: print(s, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
@@ -1320,7 +778,10 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
     for fname in names:
         fam = FAMILIES[fname](device, args.large, dtypes)
         result["family_notes"] += fam.notes
-        plan += [(fam, case) for case in fam.cases]
+        result.setdefault("plot", {})[fam.name] = {"x_label": fam.x_label,
+                                                   "along": list(fam.plot_along)}
+        plan += [(fam, case) for case in fam.cases
+                 if not getattr(args, "case", None) or any(t in case["label"] for t in args.case)]
     for i, (fam, case) in enumerate(plan):
         log(f"[{i + 1}/{len(plan)}] {fam.name}: {case['label']}")
         need = fam.mem_factor * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
@@ -1343,7 +804,7 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
         log("memory: one fresh subprocess per (case, contender)")
         for row in result["results"]:
             rec = row["record"]
-            if rec["status"] == "ok":
+            if rec["status"] == "ok" and "memory" not in rec:
                 rec["memory"] = _measure_memory_cpu(row["family"], args.large, row["case"],
                                                     row["contender"])
                 mem = rec["memory"]
@@ -1358,6 +819,7 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
 
 
 def main(argv=None) -> int:
+    load_families()
     p = argparse.ArgumentParser(prog="python -m fusedloss.bench",
                                 description="Benchmark fusedloss against the baselines users run "
                                             "today (eager and torch.compile) and peer libraries.")
@@ -1369,11 +831,19 @@ def main(argv=None) -> int:
                         + ", ".join(DEFAULT_FAMILIES)
                         + " (+ ce on CUDA when a peer library is installed); not by default: "
                         + ", ".join(n for n in sorted(FAMILIES) if n not in DEFAULT_FAMILIES))
+    p.add_argument("--with", dest="also", action="append", default=None, metavar="FAMILY",
+                   choices=sorted(FAMILIES),
+                   help="run this family too, after the default ones or those of --family "
+                        "(repeatable), e.g. "
+                        "--with pairs --with sharded")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="default: bench/results")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per contender, at least (default 5)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="only this dtype (default: float32 on CPU, bfloat16 and float32 on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--case", action="append", default=None, metavar="TEXT",
+                   help="only the cases whose label contains TEXT (repeatable: any of them), "
+                        "e.g. --suite sharded --case 'gloo rank'")
     p.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -1407,4 +877,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The families register in the module fusedloss.bench, which `python -m` does not run as
+    # such (it runs this file as __main__): hand over to that module.
+    from fusedloss.bench import main as _main
+
+    sys.exit(_main())
