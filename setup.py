@@ -34,7 +34,11 @@ def _extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: the shift of each exponent must round exactly as the maximum it
     # was taken from, or the largest softmax entry comes out as exp(-ulp) instead of 1.
-    cxx = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fvisibility=hidden"]
+    # -fno-trapping-math -fno-math-errno (as torch itself is built): selects by floating-point
+    # comparison (masks, relu, clamps) become vector blends and sqrt vectorises; no kernel
+    # reads the floating-point exception flags or errno, and no result changes.
+    cxx = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+           "-fvisibility=hidden"]
     if os.environ.get("FUSEDLOSS_SANITIZE") == "1":
         cxx += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                 "-fno-omit-frame-pointer", "-O1"]

@@ -72,20 +72,33 @@ def _cosines(data, n, c, dtype, device):
     return _strided(cos, data.draw(st.booleans())).to(device)
 
 
-def margin_case(data, device, triton):
+def _margin_inputs(data, device, triton):
     n = data.draw(st.sampled_from(SMALL_SIZES[:12]))
     c = data.draw(st.sampled_from(SMALL_SIZES if triton else CLASS_SIZES))
     dtype = data.draw(st.sampled_from(DTYPES))
     cos = _cosines(data, n, c, dtype, device).requires_grad_()
-    target = _targets(data, n, c).to(device)
-    kw = _margin_options(data)
+    return cos, _targets(data, n, c).to(device), _margin_options(data)
+
+
+def margin_case(data, device, triton):
+    cos, target, kw = _margin_inputs(data, device, triton)
 
     def call(backend):
         return fusedloss.margin_cross_entropy(cos, target, backend=backend, **kw)
-    return Case(call, [cos], dtype)
+    return Case(call, [cos], cos.dtype)
 
 
-def margin_linear_case(data, device, triton):
+def sharded_case(data, device, triton):
+    """The sharded op at world size 1 (no process group): the whole class range here."""
+    cos, target, kw = _margin_inputs(data, device, triton)
+
+    def call(backend):
+        return fusedloss.sharded_margin_cross_entropy(
+            cos, target, class_start=0, num_classes=cos.shape[1], backend=backend, **kw)
+    return Case(call, [cos], cos.dtype)
+
+
+def _linear_inputs(data, device):
     n = data.draw(st.sampled_from(SMALL_SIZES[:12]))
     c = data.draw(st.sampled_from(SMALL_SIZES))
     d = data.draw(st.sampled_from([1, 3, 16, 17, 33]))
@@ -100,10 +113,24 @@ def margin_linear_case(data, device, triton):
     kw["normalize"] = data.draw(st.booleans())
     if not kw["normalize"]:
         kw["scale"] = 1.0
+    return x, w, target, kw
+
+
+def margin_linear_case(data, device, triton):
+    x, w, target, kw = _linear_inputs(data, device)
 
     def call(backend):
         return fusedloss.linear_margin_cross_entropy(x, w, target, backend=backend, **kw)
-    return Case(call, [x, w], dtype)
+    return Case(call, [x, w], x.dtype)
+
+
+def linear_sharded_case(data, device, triton):
+    x, w, target, kw = _linear_inputs(data, device)
+
+    def call(backend):
+        return fusedloss.linear_sharded_margin_cross_entropy(
+            x, w, target, class_start=0, num_classes=w.shape[0], backend=backend, **kw)
+    return Case(call, [x, w], x.dtype)
 
 
 def spherical_case(data, device, triton):
@@ -127,11 +154,79 @@ def spherical_case(data, device, triton):
     return Case(call, [logits], dtype)
 
 
-# op name -> (case builder, backends it has besides the reference)
+def _labels(data, n, num_classes):
+    return torch.tensor(data.draw(st.lists(st.integers(0, num_classes - 1), min_size=n,
+                                           max_size=n)), dtype=torch.long)
+
+
+PAIR_LOSSES = {
+    "multi_similarity": lambda data: dict(
+        alpha=data.draw(st.sampled_from([2.0, 0.5])), beta=data.draw(st.sampled_from([50.0, 5.0])),
+        base=data.draw(st.sampled_from([0.5, 0.0])), epsilon=data.draw(st.sampled_from([0.1, 0.5])),
+        mining=data.draw(st.booleans())),
+    "supcon": lambda data: dict(temperature=data.draw(st.sampled_from([0.1, 1.0]))),
+    "contrastive": lambda data: dict(distance=data.draw(st.sampled_from(["euclidean", "cosine"]))),
+    "batch_hard_triplet": lambda data: dict(
+        margin=data.draw(st.sampled_from([0.05, 0.5])),
+        distance=data.draw(st.sampled_from(["euclidean", "cosine"]))),
+}
+
+
+def pair_case(data, device, triton):
+    """One of the pair losses: a batch with few classes (so that rows have positives), with or
+    without a reference set, normalised or raw."""
+    name = data.draw(st.sampled_from(sorted(PAIR_LOSSES)))
+    n = data.draw(st.sampled_from([1, 2, 3, 5, 16, 17, 33] + ([] if triton else [64, 65, 129])))
+    d = data.draw(st.sampled_from([1, 3, 16, 17, 64]))
+    classes = data.draw(st.integers(1, 6))
+    dtype = data.draw(st.sampled_from([torch.float64, torch.float32]))
+    gen = _generator(data)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    x = _strided(x, data.draw(st.booleans())).to(device).requires_grad_()
+    labels = _labels(data, n, classes).to(device)
+    leaves, ref_kw = [x], {}
+    if data.draw(st.booleans()):
+        m = data.draw(st.sampled_from([1, 7, 31, 64]))
+        ref = torch.randn(m, d, dtype=torch.float64, generator=gen).to(dtype).to(device)
+        ref.requires_grad_(data.draw(st.booleans()))
+        ref_kw = dict(ref_embeddings=ref, ref_labels=_labels(data, m, classes).to(device))
+        leaves.append(ref)
+    kw = dict(PAIR_LOSSES[name](data), normalize=data.draw(st.booleans()), **ref_kw)
+    fn = getattr(fusedloss, f"{name}_loss")
+
+    def call(backend):
+        return fn(x, labels, backend=backend, **kw)
+    return Case(call, leaves, dtype)
+
+
+def info_nce_case(data, device, triton):
+    n = data.draw(st.sampled_from([1, 2, 5, 16, 17, 33]))
+    d = data.draw(st.sampled_from([1, 8, 17]))
+    dtype = data.draw(st.sampled_from([torch.float64, torch.float32]))
+    gen = _generator(data)
+    q = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype).to(device).requires_grad_()
+    k = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype).to(device).requires_grad_()
+    kw = dict(temperature=data.draw(st.sampled_from([0.07, 1.0])),
+              symmetric=data.draw(st.booleans()), normalize=data.draw(st.booleans()))
+
+    def call(backend):
+        return fusedloss.info_nce_loss(q, k, backend=backend, **kw)
+    return Case(call, [q, k], dtype)
+
+
+# The ops without a CUDA kernel: on CUDA tensors their "auto" backend is Triton.
+NO_CUDA_KERNEL = {"sharded_margin_cross_entropy", "linear_sharded_margin_cross_entropy",
+                  "pair losses", "info_nce_loss", "linear_margin_cross_entropy"}
+
+# op name -> case builder: the inputs and the call of one drawn case
 OPS: Dict[str, Callable] = {
     "margin_cross_entropy": margin_case,
     "linear_margin_cross_entropy": margin_linear_case,
+    "sharded_margin_cross_entropy": sharded_case,
+    "linear_sharded_margin_cross_entropy": linear_sharded_case,
     "spherical_z_loss": spherical_case,
+    "pair losses": pair_case,
+    "info_nce_loss": info_nce_case,
 }
 
 
@@ -176,6 +271,8 @@ def _fuzz_test(examples: int):
     def body(op, backend, device, data):
         if backend == "cuda" and not HAS_CUDA:
             pytest.skip("needs a CUDA device")
+        if backend == "cuda" and op in NO_CUDA_KERNEL:
+            pytest.skip(f"{op} has no cuda kernel (auto runs triton on CUDA tensors)")
         _check(op, backend, device, data)
     return body
 

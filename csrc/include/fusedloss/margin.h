@@ -210,10 +210,11 @@ FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, const RowSums<acc_
 //   zy_r        = z_y when y in J_r, else 0
 //   sum_z_r     = sum_{j in J_r} z_j
 //
-// lse_other_r is max-rescaled over the non-target columns alone. The single-process kernels
-// seed the running maximum with z_y, harmless there because S holds exp(z_y - M); seeded so,
-// this partial would lose (underflow, or on the CPU hit fast_exp's floor) every term more
-// than ~87 below z_y, and nothing would hide it.
+// lse_other_r is max-rescaled over the non-target columns alone, its running maximum starting
+// at -inf. (The logit-level single-process kernels seed it with z_y, harmless there because S
+// holds exp(z_y - M); seeded so, this partial would lose (underflow, or on the CPU hit
+// fast_exp's floor) every term more than ~87 below z_y, and nothing would hide it. The
+// Triton fused linear kernel starts at -inf for both, so that one kernel serves both.)
 //
 // Every row's target is in exactly one shard and every other column in exactly one, so
 // with shift = max_r lse_other_r (0 when that is -inf: no column j != y anywhere)

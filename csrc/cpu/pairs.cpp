@@ -1,0 +1,829 @@
+// CPU kernels of the pair ops fusedloss::pair_extrema, pair_row_stats and
+// pair_row_stats_backward (contracts: csrc/ops.cpp; per-pair math and its derivatives:
+// csrc/include/fusedloss/pairs.h).
+//
+// Tiles. The N x M similarity matrix is visited one tile of B query rows x T reference rows
+// at a time: S = x_blk r_blk^T by ATen's matmul (MKL) into one reused B x T buffer, then an
+// epilogue over the tile's rows in parallel (at::parallel_for), each row in vectorised
+// loops. Tiles go query block by query block, and within one over the reference blocks in
+// order, so each row meets its columns in increasing order (first index on ties). Nothing
+// of size N x M is ever stored: extra memory is the tile, fp32 copies of x and r for fp16
+// / bf16 inputs (and fp32 gradient accumulators), and O(N + M) per-row / per-column values.
+//
+// Passes.
+//   pair_extrema: one pass over the tiles. Each row keeps its smallest key (pairs.h) and
+//     its first index, for positives and for negatives: per row and tile a vectorised
+//     masked minimum, and only when it beats the running one a scan for its first column.
+//   pair_row_stats: one pass over the tiles. Kinds 0 and 1 fold each tile row into an
+//     online, max-rescaled log-sum-exp: a vectorised maximum of the kept exponents, the
+//     running sum rescaled once when the maximum grows, then a vectorised sum of
+//     exp(exponent - maximum). Kind 0 starts at maximum 0, sum 1 (the "1 +" term); kind 1
+//     at -inf, 0. Kind 1 adds the positives' logits and count in the maximum's loop, kind 2
+//     its sums and counts in a single loop.
+//   pair_row_stats_backward: one pass over the tiles, recomputing S. The epilogue
+//     overwrites the tile with W (dL/dS, or for distance 1 -a with a = (dL/dd) / d, and
+//     the row sums of a), then two more products per tile: grad_x_blk += W r_blk and
+//     grad_r_blk += W^T x_blk. Both accumulate in place in [N, D] / [M, D] buffers, so on
+//     the CPU one pass serves both gradients: a separate column-tiled pass for grad_r (as
+//     a GPU kernel needs, to avoid atomics) would recompute every S and W a second time.
+//     Distance 1 then adds (sum_j a_ij) x_i and (sum_i a_ij) r_j (pairs.h); the column sums
+//     are the tile's column sums, taken after the epilogue.
+//
+// Block sizes: block_size > 0 makes B = T = block_size; 0 picks B = 256, T = 1024 (a 1 MiB
+// fp32 tile, half of it per core with 2 threads, inside L2). Measured on a shared 2-core
+// AVX-512 machine, N = M = 4096, D = 128, fp32, the batch as its own reference, kind 0 with
+// thresholds, best of 5, one thread: pair_extrema 38 ms, pair_row_stats 47 ms, backward
+// 104 ms (3 GEMMs of 4.3 GFLOP each, ~36 ms apiece), 189 ms in all, against 1450 ms for the
+// dense torch oracle (reference/pairs.py: extrema, then stats forward and backward by
+// autograd); square tiles of 256 to 1024 took the same within noise, 128 took 273 ms. Two
+// threads: ~145 ms against ~1830 ms (noisy there).
+//
+// Distance 1: the tile becomes distances right after its GEMM (to_distances), so every
+// epilogue reads scores; the backward's a = w / d then needs no square root.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <fusedloss/pairs.h>
+
+#include "vec_math.h"
+
+namespace fusedloss {
+namespace cpu {
+namespace {
+
+using pairs::Contrastive;
+using pairs::MultiSimilarity;
+using pairs::SupCon;
+
+constexpr const char* kExtremaOp = "pair_extrema";
+constexpr const char* kStatsOp = "pair_row_stats";
+constexpr const char* kBackwardOp = "pair_row_stats_backward";
+
+constexpr int64_t kDefaultRows = 256;   // B: query rows per tile
+constexpr int64_t kDefaultCols = 1024;  // T: reference rows per tile
+
+template <typename acc_t>
+constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+
+// ---- inputs and tiles -------------------------------------------------------------------
+
+// The operands of every op, in the accumulation dtype.
+template <typename acc_t>
+struct PairInputs {
+  at::Tensor x;  // [N, D] contiguous
+  at::Tensor r;  // [M, D] contiguous (the same tensor as x when ref is x)
+  const int64_t* labels;
+  const int64_t* ref_labels;
+  at::Tensor sq_x, sq_r;  // squared row norms, distance 1 only
+  int64_t N, M, self_offset;
+  bool euclidean;
+};
+
+// sum_k v_k^2
+template <typename acc_t>
+FL_CPU_CLONES acc_t sum_squares(const acc_t* v, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += v[k] * v[k];
+  return s;
+}
+
+template <typename acc_t>
+at::Tensor squared_norms(const at::Tensor& v) {
+  const int64_t rows = v.size(0), D = v.size(1);
+  at::Tensor out = at::empty({rows}, v.options());
+  const acc_t* vp = v.data_ptr<acc_t>();
+  acc_t* op = out.data_ptr<acc_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t i = b; i < e; ++i) op[i] = sum_squares(vp + i * D, D);
+                   });
+  return out;
+}
+
+template <typename acc_t>
+PairInputs<acc_t> make_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+                              const at::Tensor& ref_labels, int64_t distance, int64_t self_offset) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  PairInputs<acc_t> in;
+  in.x = x.to(acc_type).contiguous();
+  in.r = ref.is_same(x) ? in.x : ref.to(acc_type).contiguous();
+  in.labels = labels.data_ptr<int64_t>();
+  in.ref_labels = ref_labels.data_ptr<int64_t>();
+  in.N = x.size(0);
+  in.M = ref.size(0);
+  in.self_offset = self_offset;
+  in.euclidean = distance == pairs::kEuclidean;
+  if (in.euclidean) {
+    in.sq_x = squared_norms<acc_t>(in.x);
+    in.sq_r = ref.is_same(x) ? in.sq_x : squared_norms<acc_t>(in.r);
+  }
+  return in;
+}
+
+struct Tiling {
+  int64_t rows, cols;  // B, T
+};
+
+Tiling choose_tiling(int64_t N, int64_t M, int64_t block_size) {
+  const int64_t rows = block_size > 0 ? block_size : kDefaultRows;
+  const int64_t cols = block_size > 0 ? block_size : kDefaultCols;
+  return {std::max<int64_t>(1, std::min(rows, N)), std::max<int64_t>(1, std::min(cols, M))};
+}
+
+// row_j = max(sq_x + sq_r_j - 2 row_j, 0): a tile row of similarities as squared distances.
+template <typename acc_t>
+FL_CPU_CLONES void to_squared_distances(acc_t* row, const acc_t* sq_r, acc_t sq_x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = pairs::squared_distance(sq_x, sq_r[j], row[j]);
+}
+
+// The tile of similarities of rows i0... and columns j0... as distances d (pairs.h), in
+// place. The square roots go through ATen's vectorised sqrt_: GCC keeps std::sqrt scalar
+// where errno may have to be set, as it may under the default -fmath-errno.
+template <typename acc_t>
+void to_distances(const PairInputs<acc_t>& in, at::Tensor& S, int64_t i0, int64_t j0) {
+  const int64_t rows = S.size(0), cols = S.size(1);
+  acc_t* tile = S.data_ptr<acc_t>();
+  const acc_t* sq_x = in.sq_x.template data_ptr<acc_t>() + i0;
+  const acc_t* sq_r = in.sq_r.template data_ptr<acc_t>() + j0;
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) to_squared_distances(tile + r * cols, sq_r, sq_x[r], cols);
+  });
+  S.sqrt_();
+}
+
+// Calls body(i0, rows, j0, cols, S) for every tile, S the rows x cols scores of
+// x[i0 : i0 + rows] and r[j0 : j0 + cols] (similarities, or distances for distance 1;
+// contiguous, in the reused buffer), query blocks outer, reference blocks inner.
+template <typename acc_t, typename Body>
+void for_each_tile(const PairInputs<acc_t>& in, const Tiling& t, Body&& body) {
+  if (in.N == 0 || in.M == 0) return;
+  at::Tensor buffer = at::empty({t.rows * t.cols}, in.x.options());
+  for (int64_t i0 = 0; i0 < in.N; i0 += t.rows) {
+    const int64_t rows = std::min(t.rows, in.N - i0);
+    const at::Tensor x_blk = in.x.narrow(0, i0, rows);
+    for (int64_t j0 = 0; j0 < in.M; j0 += t.cols) {
+      const int64_t cols = std::min(t.cols, in.M - j0);
+      at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(S, x_blk, in.r.narrow(0, j0, cols).t());
+      if (in.euclidean) to_distances(in, S, i0, j0);
+      body(i0, rows, j0, cols, S);
+    }
+  }
+}
+
+// Calls f(b, e) for the column ranges [b, e) of a tile whose columns are pairs of row i:
+// all of [0, cols) but the excluded column, when it lies in the tile.
+template <typename acc_t, typename F>
+void for_pair_ranges(const PairInputs<acc_t>& in, int64_t i, int64_t j0, int64_t cols, F&& f) {
+  const int64_t skip = pairs::excluded_column(i, in.self_offset, in.M) - j0;
+  if (skip < 0 || skip >= cols) {
+    f(int64_t(0), cols);
+    return;
+  }
+  if (skip > 0) f(int64_t(0), skip);
+  if (skip + 1 < cols) f(skip + 1, cols);
+}
+
+// Calls f(r) for each row r of a tile's `rows`, in parallel.
+template <typename F>
+void for_each_row(int64_t rows, F&& f) {
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+
+// ---- pair_extrema -----------------------------------------------------------------------
+
+template <typename acc_t>
+struct Best {
+  acc_t key = kInf<acc_t>;
+  int64_t index = -1;
+};
+
+// Smallest key = sign * s (positives) and -sign * s (negatives) over [b, e) of one row.
+template <typename acc_t>
+FL_CPU_CLONES void smallest_keys(const acc_t* s, const int64_t* lab, int64_t label, acc_t sign,
+                                 int64_t b, int64_t e, acc_t* pos_key, acc_t* neg_key) {
+  acc_t kp = kInf<acc_t>, kn = kInf<acc_t>;
+#pragma omp simd reduction(min : kp, kn)
+  for (int64_t j = b; j < e; ++j) {
+    const acc_t key = sign * s[j];
+    const bool positive = lab[j] == label;
+    kp = positive && key < kp ? key : kp;
+    kn = !positive && -key < kn ? -key : kn;
+  }
+  *pos_key = kp;
+  *neg_key = kn;
+}
+
+// First j in [b, e) of the wanted polarity whose key equals `key` (which one of them has).
+template <typename acc_t>
+int64_t first_with_key(const acc_t* s, const int64_t* lab, int64_t label, acc_t sign,
+                       bool positive, acc_t key, int64_t b, int64_t e) {
+  for (int64_t j = b; j < e; ++j) {
+    if ((lab[j] == label) == positive && sign * s[j] == key) return j;
+  }
+  return -1;  // unreachable: `key` came from these columns
+}
+
+template <typename acc_t>
+void pair_extrema_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, int64_t distance,
+                         at::Tensor& values, at::Tensor& indices) {
+  std::vector<Best<acc_t>> pos(in.N), neg(in.N);
+  const acc_t sign = acc_t(pairs::extrema_sign(distance));
+  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+    const int64_t* lab = in.ref_labels + j0;
+    for_each_row(rows, [&](int64_t r) {
+      const int64_t i = i0 + r;
+      const acc_t* s = S.data_ptr<acc_t>() + r * cols;
+      for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
+        acc_t kp, kn;
+        smallest_keys(s, lab, in.labels[i], sign, b, e, &kp, &kn);
+        if (kp < pos[i].key) {
+          pos[i] = {kp, j0 + first_with_key(s, lab, in.labels[i], sign, true, kp, b, e)};
+        }
+        if (kn < neg[i].key) {
+          neg[i] = {kn, j0 + first_with_key(s, lab, in.labels[i], -sign, false, kn, b, e)};
+        }
+      });
+    });
+  });
+  acc_t* v = values.data_ptr<acc_t>();
+  int64_t* idx = indices.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.N; ++i) {
+    v[2 * i] = sign * pos[i].key;
+    v[2 * i + 1] = -sign * neg[i].key;
+    idx[2 * i] = pos[i].index;
+    idx[2 * i + 1] = neg[i].index;
+  }
+}
+
+// ---- online log-sum-exp -----------------------------------------------------------------
+
+// log sum_j exp(z_j) as max + log(sum), sum = sum_j exp(z_j - max).
+template <typename acc_t>
+struct OnlineLse {
+  acc_t max;
+  acc_t sum;
+
+  // Moves the reference point to `m` when it is larger, rescaling the sum.
+  void raise_to(acc_t m) {
+    if (m > max) {
+      sum *= std::exp(max - m);
+      max = m;
+    }
+  }
+  acc_t value() const { return max + std::log(sum); }
+};
+
+// Exponentials below this are taken as 0: their products with a gradient would be
+// subnormal, which x86 multiplies ~100x slower (see kFlushBelow in vec_math.h).
+template <typename acc_t>
+acc_t flushed_exp(acc_t v) {
+  const acc_t e = fast_exp(v);
+  return e < kFlushBelow<acc_t> ? acc_t(0) : e;
+}
+
+// ---- kind 0, multi-similarity -----------------------------------------------------------
+
+// Whether the miner keeps a pair of one row, by its rule with the row's thresholds
+// (kMined), or always. A template flag rather than a runtime one, which GCC would hoist out
+// of the loops into one vectorised and one scalar copy.
+template <typename acc_t, bool kMined>
+struct MsRowRule {
+  MultiSimilarity<acc_t> ms;
+  acc_t max_neg, min_pos;
+
+  bool keeps_positive(acc_t s) const {
+    if constexpr (kMined) return ms.keeps_positive(s, max_neg);
+    return true;
+  }
+  bool keeps_negative(acc_t s) const {
+    if constexpr (kMined) return ms.keeps_negative(s, min_pos);
+    return true;
+  }
+};
+
+// The loops below test "positive && kept" inside each select rather than through named
+// masks: GCC 12 vectorises the first form and not the second.
+
+// Largest kept exponent of the positives and of the negatives over [b, e).
+template <typename acc_t, bool kMined>
+FL_CPU_CLONES void ms_max_exponents(const acc_t* s, const int64_t* lab, int64_t label,
+                                    MsRowRule<acc_t, kMined> rule, int64_t b, int64_t e,
+                                    acc_t* pos_max, acc_t* neg_max) {
+  acc_t mp = -kInf<acc_t>, mn = -kInf<acc_t>;
+#pragma omp simd reduction(max : mp, mn)
+  for (int64_t j = b; j < e; ++j) {
+    const bool positive = lab[j] == label;
+    const acc_t z = rule.ms.exponent(s[j], positive);
+    const acc_t zp = positive && rule.keeps_positive(s[j]) ? z : -kInf<acc_t>;
+    const acc_t zn = !positive && rule.keeps_negative(s[j]) ? z : -kInf<acc_t>;
+    mp = zp > mp ? zp : mp;
+    mn = zn > mn ? zn : mn;
+  }
+  *pos_max = mp;
+  *neg_max = mn;
+}
+
+// Sums of exp(exponent - max) of the kept positives and of the kept negatives over [b, e).
+template <typename acc_t, bool kMined>
+FL_CPU_CLONES void ms_exp_sums(const acc_t* s, const int64_t* lab, int64_t label,
+                               MsRowRule<acc_t, kMined> rule, int64_t b, int64_t e,
+                               acc_t pos_max, acc_t neg_max, acc_t* pos_sum, acc_t* neg_sum) {
+  acc_t sp = 0, sn = 0;
+#pragma omp simd reduction(+ : sp, sn)
+  for (int64_t j = b; j < e; ++j) {
+    const bool positive = lab[j] == label;
+    const acc_t term = fast_exp(rule.ms.exponent(s[j], positive) - (positive ? pos_max : neg_max));
+    sp += positive && rule.keeps_positive(s[j]) ? term : acc_t(0);
+    sn += !positive && rule.keeps_negative(s[j]) ? term : acc_t(0);
+  }
+  *pos_sum += sp;
+  *neg_sum += sn;
+}
+
+// w = dL/ds = g dstat/ds of the pair's statistic (pairs.h), 0 for pairs not kept. The
+// exponent of a pair that is not kept may exceed its statistic by far, so it is replaced by
+// -inf (exp 0) rather than multiplied by 0 afterwards (0 * inf).
+template <typename acc_t, bool kMined>
+struct MsWeight {
+  MsRowRule<acc_t, kMined> rule;
+  acc_t stat_pos, stat_neg;
+  acc_t grad_pos, grad_neg;
+
+  acc_t operator()(acc_t s, bool positive) const {
+    const acc_t z = rule.ms.exponent(s, positive);
+    const acc_t arg_pos = positive && rule.keeps_positive(s) ? z - stat_pos : -kInf<acc_t>;
+    const acc_t arg = !positive && rule.keeps_negative(s) ? z - stat_neg : arg_pos;
+    return (positive ? grad_pos : grad_neg) * rule.ms.slope(flushed_exp(arg), positive);
+  }
+};
+
+template <typename acc_t, bool kMined>
+struct MultiSimilarityKind {
+  static constexpr int64_t K = 2;
+  struct State {
+    OnlineLse<acc_t> pos{0, 1}, neg{0, 1};  // the "1 +" term: exp(0 - 0)
+  };
+  MultiSimilarity<acc_t> ms;
+  const acc_t* thresholds;  // [N, 2] (max_neg, min_pos) when kMined
+
+  MsRowRule<acc_t, kMined> rule(int64_t i) const {
+    if constexpr (kMined) {
+      return {ms, thresholds[2 * i], thresholds[2 * i + 1]};
+    } else {
+      return {ms, acc_t(0), acc_t(0)};
+    }
+  }
+  void fold(State& st, const acc_t* s, const int64_t* lab, int64_t i, int64_t label, int64_t b,
+            int64_t e) const {
+    const MsRowRule<acc_t, kMined> rr = rule(i);
+    acc_t mp, mn;
+    ms_max_exponents(s, lab, label, rr, b, e, &mp, &mn);
+    st.pos.raise_to(mp);
+    st.neg.raise_to(mn);
+    ms_exp_sums(s, lab, label, rr, b, e, st.pos.max, st.neg.max, &st.pos.sum, &st.neg.sum);
+  }
+  void finish(const State& st, acc_t* out) const {
+    out[0] = st.pos.value();
+    out[1] = st.neg.value();
+  }
+  MsWeight<acc_t, kMined> weight(int64_t i, const acc_t* stats, const acc_t* grad) const {
+    return {rule(i), stats[0], stats[1], grad[0], grad[1]};
+  }
+};
+
+// ---- kind 1, supcon / info-nce ----------------------------------------------------------
+
+template <typename acc_t>
+struct SupConSums {
+  acc_t max;        // largest logit
+  acc_t pos_sum;    // sum of the positives' logits
+  acc_t pos_count;  // number of positives
+};
+
+template <typename acc_t>
+FL_CPU_CLONES SupConSums<acc_t> supcon_max_and_positives(const acc_t* s, const int64_t* lab,
+                                                         int64_t label, SupCon<acc_t> sc,
+                                                         int64_t b, int64_t e) {
+  acc_t m = -kInf<acc_t>, ps = 0, pc = 0;
+#pragma omp simd reduction(max : m) reduction(+ : ps, pc)
+  for (int64_t j = b; j < e; ++j) {
+    const acc_t z = sc.logit(s[j]);
+    const bool positive = lab[j] == label;
+    m = z > m ? z : m;
+    ps += positive ? z : acc_t(0);
+    pc += positive ? acc_t(1) : acc_t(0);
+  }
+  return {m, ps, pc};
+}
+
+template <typename acc_t>
+FL_CPU_CLONES acc_t supcon_exp_sum(const acc_t* s, SupCon<acc_t> sc, acc_t max, int64_t b,
+                                   int64_t e) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = b; j < e; ++j) sum += fast_exp(sc.logit(s[j]) - max);
+  return sum;
+}
+
+template <typename acc_t>
+struct SupConWeight {
+  SupCon<acc_t> sc;
+  acc_t lse;
+  acc_t grad_lse, grad_pos;
+
+  acc_t operator()(acc_t s, bool positive) const {
+    return sc.slope(flushed_exp(sc.logit(s) - lse), positive, grad_lse, grad_pos);
+  }
+};
+
+template <typename acc_t>
+struct SupConKind {
+  static constexpr int64_t K = 3;
+  struct State {
+    OnlineLse<acc_t> lse{-kInf<acc_t>, 0};
+    acc_t pos_sum = 0, pos_count = 0;
+  };
+  SupCon<acc_t> sc;
+
+  void fold(State& st, const acc_t* s, const int64_t* lab, int64_t, int64_t label, int64_t b,
+            int64_t e) const {
+    const SupConSums<acc_t> part = supcon_max_and_positives(s, lab, label, sc, b, e);
+    st.lse.raise_to(part.max);
+    st.lse.sum += supcon_exp_sum(s, sc, st.lse.max, b, e);
+    st.pos_sum += part.pos_sum;
+    st.pos_count += part.pos_count;
+  }
+  void finish(const State& st, acc_t* out) const {
+    out[0] = st.lse.value();  // -inf + log(0) = -inf for a row without pairs
+    out[1] = st.pos_sum;
+    out[2] = st.pos_count;
+  }
+  SupConWeight<acc_t> weight(int64_t, const acc_t* stats, const acc_t* grad) const {
+    return {sc, stats[0], grad[0], grad[1]};
+  }
+};
+
+// ---- kind 2, contrastive ----------------------------------------------------------------
+
+template <typename acc_t>
+struct ContrastiveSums {
+  acc_t pos_loss, pos_count, neg_loss, neg_count;
+};
+
+template <typename acc_t>
+FL_CPU_CLONES ContrastiveSums<acc_t> contrastive_sums(const acc_t* s, const int64_t* lab,
+                                                      int64_t label, Contrastive<acc_t> c,
+                                                      int64_t b, int64_t e) {
+  acc_t pl = 0, pc = 0, nl = 0, nc = 0;
+#pragma omp simd reduction(+ : pl, pc, nl, nc)
+  for (int64_t j = b; j < e; ++j) {
+    const bool positive = lab[j] == label;
+    const acc_t l = c.loss(s[j], positive);
+    const acc_t counted = l > acc_t(0) ? acc_t(1) : acc_t(0);
+    pl += positive ? l : acc_t(0);
+    pc += positive ? counted : acc_t(0);
+    nl += positive ? acc_t(0) : l;
+    nc += positive ? acc_t(0) : counted;
+  }
+  return {pl, pc, nl, nc};
+}
+
+template <typename acc_t>
+struct ContrastiveWeight {
+  Contrastive<acc_t> c;
+  acc_t grad_pos, grad_neg;
+
+  acc_t operator()(acc_t s, bool positive) const {
+    return (positive ? grad_pos : grad_neg) * c.slope(s, positive);
+  }
+};
+
+template <typename acc_t>
+struct ContrastiveKind {
+  static constexpr int64_t K = 4;
+  using State = ContrastiveSums<acc_t>;
+  Contrastive<acc_t> c;
+
+  void fold(State& st, const acc_t* s, const int64_t* lab, int64_t, int64_t label, int64_t b,
+            int64_t e) const {
+    const State part = contrastive_sums(s, lab, label, c, b, e);
+    st.pos_loss += part.pos_loss;
+    st.pos_count += part.pos_count;
+    st.neg_loss += part.neg_loss;
+    st.neg_count += part.neg_count;
+  }
+  void finish(const State& st, acc_t* out) const {
+    out[0] = st.pos_loss;
+    out[1] = st.pos_count;
+    out[2] = st.neg_loss;
+    out[3] = st.neg_count;
+  }
+  ContrastiveWeight<acc_t> weight(int64_t, const acc_t* stats, const acc_t* grad) const {
+    return {c, grad[0], grad[2]};
+  }
+};
+
+// ---- pair_row_stats ---------------------------------------------------------------------
+
+template <typename acc_t, typename Kind>
+void row_stats_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, const Kind& kind,
+                      at::Tensor& stats) {
+  std::vector<typename Kind::State> state(in.N);
+  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+    const int64_t* lab = in.ref_labels + j0;
+    for_each_row(rows, [&](int64_t r) {
+      const int64_t i = i0 + r;
+      const acc_t* s = S.data_ptr<acc_t>() + r * cols;
+      for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
+        kind.fold(state[i], s, lab, i, in.labels[i], b, e);
+      });
+    });
+  });
+  acc_t* out = stats.data_ptr<acc_t>();
+  for (int64_t i = 0; i < in.N; ++i) kind.finish(state[i], out + Kind::K * i);
+}
+
+// ---- pair_row_stats_backward ------------------------------------------------------------
+
+// row_j = w(s_j) over [b, e): the weights of distance 0, in place of S.
+template <typename acc_t, typename Weight>
+FL_CPU_CLONES void write_weights(acc_t* row, const int64_t* lab, int64_t label, Weight w,
+                                 int64_t b, int64_t e) {
+#pragma omp simd
+  for (int64_t j = b; j < e; ++j) row[j] = w(row[j], lab[j] == label);
+}
+
+// row_j = -a_j, a_j = w(d_j) / d_j (0 at d_j = 0) over [b, e), in place of d; returns
+// sum_j a_j.
+template <typename acc_t, typename Weight>
+FL_CPU_CLONES acc_t write_euclidean_coefs(acc_t* row, const int64_t* lab, int64_t label, Weight w,
+                                          int64_t b, int64_t e) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = b; j < e; ++j) {
+    const acc_t d = row[j];
+    const acc_t a = pairs::euclidean_coef(w(d, lab[j] == label), d);
+    row[j] = -a;
+    sum += a;
+  }
+  return sum;
+}
+
+template <typename acc_t, typename Kind>
+void row_stats_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, const Kind& kind,
+                               const at::Tensor& grad_stats, const at::Tensor& stats,
+                               at::Tensor& gx, at::Tensor& gr) {
+  const bool x_grad = gx.defined(), ref_grad = gr.defined();
+  if (!x_grad && !ref_grad) return;
+  const auto opts = in.x.options();
+  at::Tensor row_coef = in.euclidean ? at::zeros({in.N}, opts) : at::Tensor();
+  at::Tensor col_coef = in.euclidean && ref_grad ? at::zeros({in.M}, opts) : at::Tensor();
+  const acc_t* g = grad_stats.data_ptr<acc_t>();
+  const acc_t* st = stats.data_ptr<acc_t>();
+  const int64_t K = Kind::K;
+  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+    const int64_t* lab = in.ref_labels + j0;
+    acc_t* tile = S.data_ptr<acc_t>();
+    for_each_row(rows, [&](int64_t r) {
+      const int64_t i = i0 + r;
+      acc_t* row = tile + r * cols;
+      const auto w = kind.weight(i, st + K * i, g + K * i);
+      const int64_t skip = pairs::excluded_column(i, in.self_offset, in.M) - j0;
+      if (skip >= 0 && skip < cols) row[skip] = acc_t(0);
+      for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
+        if (!in.euclidean) {
+          write_weights(row, lab, in.labels[i], w, b, e);
+          return;
+        }
+        row_coef.data_ptr<acc_t>()[i] += write_euclidean_coefs(row, lab, in.labels[i], w, b, e);
+      });
+    });
+    if (col_coef.defined()) col_coef.narrow(0, j0, cols).sub_(S.sum(at::IntArrayRef{0}));
+    if (x_grad) {
+      gx.narrow(0, i0, rows).addmm_(S, in.r.narrow(0, j0, cols));
+    }
+    if (ref_grad) {
+      gr.narrow(0, j0, cols).addmm_(S.t(), in.x.narrow(0, i0, rows));
+    }
+  });
+  if (x_grad && in.euclidean) gx.addcmul_(in.x, row_coef.unsqueeze(1));
+  if (ref_grad && in.euclidean) gr.addcmul_(in.r, col_coef.unsqueeze(1));
+}
+
+// ---- checks -----------------------------------------------------------------------------
+
+void check_pair_inputs(const char* op, const at::Tensor& x, const at::Tensor& labels,
+                       const at::Tensor& ref, const at::Tensor& ref_labels, int64_t distance,
+                       int64_t self_offset, int64_t block_size) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [N, D], got shape ", x.sizes());
+  TORCH_CHECK(ref.dim() == 2, op, ": ref must be 2-D [M, D], got shape ", ref.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(ref.scalar_type() == x.scalar_type(), op, ": x and ref must share a dtype, got ",
+              x.scalar_type(), " and ", ref.scalar_type());
+  TORCH_CHECK_VALUE(ref.size(1) == x.size(1), op, ": x [N, D] and ref [M, D] must share D, got ",
+                    x.sizes(), " and ", ref.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), op,
+              ": labels must have shape [", x.size(0), "] (one per row of x), got ",
+              labels.sizes());
+  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == ref.size(0), op,
+              ": ref_labels must have shape [", ref.size(0), "] (one per row of ref), got ",
+              ref_labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong, op,
+              ": labels and ref_labels must be int64, got ", labels.scalar_type(), " and ",
+              ref_labels.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && ref.device().is_cpu() && labels.device().is_cpu() &&
+                  ref_labels.device().is_cpu(),
+              op, ": x, labels, ref and ref_labels must be on the CPU, got ", x.device(), ", ",
+              labels.device(), ", ", ref.device(), " and ", ref_labels.device());
+  TORCH_CHECK_VALUE(distance == pairs::kSimilarity || distance == pairs::kEuclidean, op,
+                    ": distance must be 0 (similarity) or 1 (euclidean), got ", distance);
+  TORCH_CHECK_VALUE(self_offset >= -1, op,
+                    ": self_offset must be -1 (no excluded column) or >= 0, got ", self_offset);
+  TORCH_CHECK_VALUE(block_size >= 0, op, ": block_size must be >= 0 (0: the kernel chooses), got ",
+                    block_size);
+}
+
+void check_kind(const char* op, int64_t kind, c10::ArrayRef<double> hyper) {
+  TORCH_CHECK_VALUE(pairs::num_stats(kind) > 0, op,
+                    ": kind must be 0 (multi-similarity), 1 (supcon / info-nce) or 2 "
+                    "(contrastive), got ", kind);
+  static const char* const kHyperNames[] = {"(alpha, beta, base, epsilon)", "(temperature)",
+                                            "(pos_margin, neg_margin)"};
+  TORCH_CHECK_VALUE(static_cast<int64_t>(hyper.size()) == pairs::num_hyper(kind), op, ": kind ",
+                    kind, " takes hyper = ", kHyperNames[kind], ", got ", hyper.size(), " values");
+  for (const double h : hyper) {
+    TORCH_CHECK_VALUE(std::isfinite(h), op, ": hyper ", kHyperNames[kind], " must be finite, got ",
+                      hyper);
+  }
+  if (kind == pairs::kMultiSimilarity) {
+    TORCH_CHECK_VALUE(hyper[0] > 0 && hyper[1] > 0, op,
+                      ": multi-similarity needs alpha > 0 and beta > 0, got alpha = ", hyper[0],
+                      ", beta = ", hyper[1]);
+  } else if (kind == pairs::kSupCon) {
+    TORCH_CHECK_VALUE(hyper[0] > 0, op, ": temperature must be > 0, got ", hyper[0]);
+  }
+}
+
+void check_thresholds(const char* op, const std::optional<at::Tensor>& thresholds, int64_t kind,
+                      int64_t N) {
+  if (!thresholds.has_value()) return;
+  TORCH_CHECK_VALUE(kind == pairs::kMultiSimilarity, op,
+                    ": thresholds apply to kind 0 (multi-similarity) only, got kind ", kind);
+  TORCH_CHECK(thresholds->dim() == 2 && thresholds->size(0) == N && thresholds->size(1) == 2, op,
+              ": thresholds must have shape [", N, ", 2] (max_neg, min_pos per row), got ",
+              thresholds->sizes());
+  TORCH_CHECK(at::isFloatingType(thresholds->scalar_type()), op,
+              ": thresholds must be a floating tensor, got ", thresholds->scalar_type());
+  TORCH_CHECK(thresholds->device().is_cpu(), op, ": thresholds must be on the CPU, got ",
+              thresholds->device());
+}
+
+// grad_stats or stats of backward: [N, K], floating, on the CPU.
+void check_stats_tensor(const char* op, const char* name, const at::Tensor& t, int64_t N,
+                        int64_t K) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == K, op, ": ", name,
+              " must have shape [", N, ", ", K, "], got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+}
+
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Calls f(kind_object) with the kind's kernel description for `kind` and `hyper`.
+template <typename acc_t, typename F>
+void with_kind(int64_t kind, int64_t distance, c10::ArrayRef<double> hyper,
+               const acc_t* thresholds, F&& f) {
+  if (kind == pairs::kMultiSimilarity) {
+    const MultiSimilarity<acc_t> ms{acc_t(hyper[0]), acc_t(hyper[1]), acc_t(hyper[2]),
+                                    acc_t(hyper[3])};
+    if (thresholds) {
+      f(MultiSimilarityKind<acc_t, true>{ms, thresholds});
+    } else {
+      f(MultiSimilarityKind<acc_t, false>{ms, nullptr});
+    }
+  } else if (kind == pairs::kSupCon) {
+    f(SupConKind<acc_t>{SupCon<acc_t>{acc_t(hyper[0])}});
+  } else {
+    f(ContrastiveKind<acc_t>{pairs::make_contrastive(acc_t(hyper[0]), acc_t(hyper[1]), distance)});
+  }
+}
+
+// ---- ops --------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> pair_extrema(const at::Tensor& x, const at::Tensor& labels,
+                                                const at::Tensor& ref, const at::Tensor& ref_labels,
+                                                int64_t distance, int64_t self_offset,
+                                                int64_t block_size) {
+  check_pair_inputs(kExtremaOp, x, labels, ref, ref_labels, distance, self_offset, block_size);
+  const at::NoGradGuard no_grad;  // the inner matmuls are no part of any graph
+  const int64_t N = x.size(0);
+  at::Tensor values = at::empty({N, 2}, x.options().dtype(acc_type_of(x)));
+  at::Tensor indices = at::empty({N, 2}, labels.options());
+  const at::Tensor lab = labels.contiguous(), ref_lab = ref_labels.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kExtremaOp, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
+    pair_extrema_kernel(in, choose_tiling(N, ref.size(0), block_size), distance, values, indices);
+  });
+  return {values, indices};
+}
+
+at::Tensor pair_row_stats(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+                          const at::Tensor& ref_labels, const std::optional<at::Tensor>& thresholds,
+                          int64_t kind, int64_t distance, c10::ArrayRef<double> hyper,
+                          int64_t self_offset, int64_t block_size) {
+  check_pair_inputs(kStatsOp, x, labels, ref, ref_labels, distance, self_offset, block_size);
+  const at::NoGradGuard no_grad;  // the inner matmuls are no part of any graph
+  check_kind(kStatsOp, kind, hyper);
+  const int64_t N = x.size(0);
+  check_thresholds(kStatsOp, thresholds, kind, N);
+  const auto acc_type = acc_type_of(x);
+  at::Tensor stats = at::empty({N, pairs::num_stats(kind)}, x.options().dtype(acc_type));
+  const at::Tensor lab = labels.contiguous(), ref_lab = ref_labels.contiguous();
+  const at::Tensor thr =
+      thresholds.has_value() ? thresholds->to(acc_type).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kStatsOp, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
+    const Tiling tiling = choose_tiling(N, ref.size(0), block_size);
+    with_kind<acc_t>(kind, distance, hyper, thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
+                     [&](const auto& k) { row_stats_kernel(in, tiling, k, stats); });
+  });
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_row_stats_backward(
+    const at::Tensor& grad_stats, const at::Tensor& stats, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    const std::optional<at::Tensor>& thresholds, int64_t kind, int64_t distance,
+    c10::ArrayRef<double> hyper, int64_t self_offset, int64_t block_size, bool x_grad,
+    bool ref_grad) {
+  check_pair_inputs(kBackwardOp, x, labels, ref, ref_labels, distance, self_offset, block_size);
+  const at::NoGradGuard no_grad;  // the inner matmuls are no part of any graph
+  check_kind(kBackwardOp, kind, hyper);
+  const int64_t N = x.size(0), M = ref.size(0), D = x.size(1);
+  check_thresholds(kBackwardOp, thresholds, kind, N);
+  check_stats_tensor(kBackwardOp, "grad_stats", grad_stats, N, pairs::num_stats(kind));
+  check_stats_tensor(kBackwardOp, "stats", stats, N, pairs::num_stats(kind));
+  const auto acc_type = acc_type_of(x);
+  const bool convert = x.scalar_type() != acc_type;
+  // Gradients accumulate in the acc dtype: in the outputs themselves for fp32 / fp64, in
+  // buffers converted at the end for fp16 / bf16. With no pairs at all they stay 0.
+  const auto make_grad = [&](bool wanted, int64_t rows) {
+    if (!wanted) return at::Tensor();
+    return at::zeros({rows, D}, x.options().dtype(acc_type));
+  };
+  at::Tensor gx = make_grad(x_grad, N), gr = make_grad(ref_grad, M);
+  const at::Tensor lab = labels.contiguous(), ref_lab = ref_labels.contiguous();
+  const at::Tensor thr =
+      thresholds.has_value() ? thresholds->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor g = grad_stats.to(acc_type).contiguous(), st = stats.to(acc_type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBackwardOp, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
+    const Tiling tiling = choose_tiling(N, M, block_size);
+    with_kind<acc_t>(kind, distance, hyper, thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
+                     [&](const auto& k) {
+                       row_stats_backward_kernel(in, tiling, k, g, st, gx, gr);
+                     });
+  });
+  const auto finish = [&](const at::Tensor& acc) {
+    if (!acc.defined()) return at::empty({0}, x.options());
+    return convert ? acc.to(x.scalar_type()) : acc;
+  };
+  return {finish(gx), finish(gr)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("pair_extrema", &pair_extrema);
+  m.impl("pair_row_stats", &pair_row_stats);
+  m.impl("pair_row_stats_backward", &pair_row_stats_backward);
+}
+
+}  // namespace cpu
+}  // namespace fusedloss

@@ -1,0 +1,155 @@
+// Per-pair math of the pair losses (ops pair_extrema, pair_row_stats and
+// pair_row_stats_backward; contracts in csrc/ops.cpp), shared by the CPU and CUDA kernels.
+//
+// Row i of the queries x [N, D] meets column j of the references r [M, D] through
+// S_ij = x_i . r_j. Pair (i, j) is positive when the labels agree, negative otherwise, and
+// no pair at all when self_offset >= 0 and j = (self_offset + i) mod M. The score s_ij of a
+// pair is S_ij (distance 0) or the euclidean distance (distance 1)
+//
+//   d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)).
+//
+// Every kind reduces a row to a few statistics of its scores; the kernels fold them tile by
+// tile. The functions below take a score and give the pair's term, or its derivative
+// dstat/ds; exponentials are left to the caller (which may use a vectorised exp), so the
+// derivative functions take e = exp(exponent - stat) as an argument.
+//
+// Kind 0, multi-similarity, hyper (alpha, beta, base, epsilon). Both statistics have the
+// form log(1 + sum_{kept} exp(c (s - base))), with c = -alpha over the positives (stat_0)
+// and c = beta over the negatives (stat_1). The "1 +" is the exponential of a zero term, so
+// a statistic is the lse over {0} u {c (s_j - base)}: a running maximum that starts at 0
+// with a running sum that starts at 1. Thresholds (max_neg, min_pos) of the row are
+// constants: a positive is kept iff s - epsilon < max_neg, a negative iff
+// s + epsilon > min_pos. Derivative, with the exponent never above the statistic:
+//   dstat/ds = c exp(c (s - base) - stat).
+//
+// Kind 1, supcon / info-nce, hyper (t): with z = s / t over every pair of the row,
+//   stat_0 = lse_j z_j (-inf without pairs),  stat_1 = sum_{pos} z_j,  stat_2 = #pos,
+//   dstat_0/ds = exp(z - stat_0) / t,  dstat_1/ds = [pos] / t.
+//
+// Kind 2, contrastive, hyper (pos_margin, neg_margin). The pair loss is
+//   l = relu(tau (s - m)),  tau = sigma, m = pos_margin (positives),
+//                           tau = -sigma, m = neg_margin (negatives),
+// with sigma = +1 for distances and -1 for similarities: relu(d - pos_margin),
+// relu(neg_margin - d), relu(pos_margin - S), relu(S - neg_margin) (tau (s - m) rounds as
+// these do: negating a difference is exact). stats = (sum_pos l, #{pos: l > 0}, sum_neg l,
+// #{neg: l > 0}), and dl/ds = tau [l > 0] (relu' = 0 at 0, as torch's).
+//
+// Backward, all kinds: w_ij = sum_k g_ik dstat_ik/ds_ij with g = grad_stats (count entries
+// ignored) is dL/ds_ij. Distance 0: dL/dS = w, so grad_x = W r and grad_r = W^T x.
+// Distance 1: dd_ij/dx_i = (x_i - r_j) / d_ij, taken as 0 where d_ij = 0 (as torch.cdist's
+// gradient), so with a_ij = w_ij / d_ij (0 at d_ij = 0)
+//   grad_x_i = sum_j a_ij (x_i - r_j) = (sum_j a_ij) x_i - sum_j a_ij r_j,
+//   grad_r_j = sum_i a_ij (r_j - x_i) = (sum_i a_ij) r_j - sum_i a_ij x_i:
+// the products of distance 0 with W = -a, plus a row-sum (column-sum) multiple of x_i (r_j).
+//
+// pair_extrema: distance 0 wants (min pos S, max neg S), distance 1 (max pos d, min neg d).
+// With keys sign * s for positives and -sign * s for negatives, sign = extrema_sign(distance)
+// (+1 for distance 0, -1 for distance 1), all four become "smallest key, first column on
+// ties", and an empty row's key +inf turns into the contract's (+inf, -inf) or (-inf, +inf).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace fusedloss {
+namespace pairs {
+
+using std::sqrt;
+
+enum Kind : int64_t { kMultiSimilarity = 0, kSupCon = 1, kContrastive = 2 };
+enum Distance : int64_t { kSimilarity = 0, kEuclidean = 1 };
+
+// How many statistics a row of `kind` has (K of the contract); 0 for an unknown kind.
+FL_HOST_DEVICE int64_t num_stats(int64_t kind) {
+  return kind == kMultiSimilarity ? 2 : kind == kSupCon ? 3 : kind == kContrastive ? 4 : 0;
+}
+
+// How many hyperparameters `kind` takes; 0 for an unknown kind.
+FL_HOST_DEVICE int64_t num_hyper(int64_t kind) {
+  return kind == kMultiSimilarity ? 4 : kind == kSupCon ? 1 : kind == kContrastive ? 2 : 0;
+}
+
+// The column that is no pair of row i, or -1 (no self_offset, or no columns).
+FL_HOST_DEVICE int64_t excluded_column(int64_t i, int64_t self_offset, int64_t M) {
+  return (self_offset < 0 || M <= 0) ? -1 : (self_offset + i) % M;
+}
+
+// d^2 = max(|x|^2 + |r|^2 - 2 S, 0), and d; NaN stays NaN.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t squared_distance(acc_t sq_x, acc_t sq_r, acc_t dot) {
+  const acc_t squared = sq_x + sq_r - acc_t(2) * dot;
+  return squared < acc_t(0) ? acc_t(0) : squared;
+}
+
+template <typename acc_t>
+FL_HOST_DEVICE acc_t euclidean(acc_t sq_x, acc_t sq_r, acc_t dot) {
+  return sqrt(squared_distance(sq_x, sq_r, dot));
+}
+
+// a = w / d, 0 where d = 0: the coefficient of (x_i - r_j) in the distance-1 gradient.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t euclidean_coef(acc_t w, acc_t d) {
+  return d > acc_t(0) ? w / d : acc_t(0);
+}
+
+// The sign of the positives' keys in pair_extrema (see above).
+FL_HOST_DEVICE int extrema_sign(int64_t distance) { return distance == kSimilarity ? 1 : -1; }
+
+// ---- kind 0, multi-similarity --------------------------------------------------------
+template <typename acc_t>
+struct MultiSimilarity {
+  acc_t alpha, beta, base, epsilon;
+
+  // c of the pair's term exp(c (s - base)).
+  FL_HOST_DEVICE acc_t scale(bool positive) const { return positive ? -alpha : beta; }
+  FL_HOST_DEVICE acc_t exponent(acc_t s, bool positive) const {
+    return scale(positive) * (s - base);
+  }
+  // Whether the miner keeps a positive / a negative, given its row's thresholds.
+  FL_HOST_DEVICE bool keeps_positive(acc_t s, acc_t max_neg) const { return s - epsilon < max_neg; }
+  FL_HOST_DEVICE bool keeps_negative(acc_t s, acc_t min_pos) const { return s + epsilon > min_pos; }
+  // dstat/ds, given e = exp(exponent(s, positive) - stat).
+  FL_HOST_DEVICE acc_t slope(acc_t e, bool positive) const { return scale(positive) * e; }
+};
+
+// ---- kind 1, supcon / info-nce -------------------------------------------------------
+template <typename acc_t>
+struct SupCon {
+  acc_t temperature;
+
+  FL_HOST_DEVICE acc_t logit(acc_t s) const { return s / temperature; }
+  // g_lse dstat_0/ds + g_pos dstat_1/ds, given e = exp(logit(s) - stat_0).
+  FL_HOST_DEVICE acc_t slope(acc_t e, bool positive, acc_t g_lse, acc_t g_pos) const {
+    return (g_lse * e + (positive ? g_pos : acc_t(0))) / temperature;
+  }
+};
+
+// ---- kind 2, contrastive -------------------------------------------------------------
+template <typename acc_t>
+struct Contrastive {
+  acc_t pos_margin, neg_margin;
+  acc_t sigma;  // +1 for distance 1, -1 for distance 0
+
+  FL_HOST_DEVICE acc_t direction(bool positive) const { return positive ? sigma : -sigma; }
+  FL_HOST_DEVICE acc_t margin(bool positive) const { return positive ? pos_margin : neg_margin; }
+  // relu that keeps NaN, as torch's.
+  FL_HOST_DEVICE acc_t loss(acc_t s, bool positive) const {
+    const acc_t v = direction(positive) * (s - margin(positive));
+    return v < acc_t(0) ? acc_t(0) : v;
+  }
+  FL_HOST_DEVICE acc_t slope(acc_t s, bool positive) const {
+    const acc_t tau = direction(positive);
+    return tau * (s - margin(positive)) > acc_t(0) ? tau : acc_t(0);
+  }
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE Contrastive<acc_t> make_contrastive(acc_t pos_margin, acc_t neg_margin,
+                                                   int64_t distance) {
+  return {pos_margin, neg_margin, distance == kEuclidean ? acc_t(1) : acc_t(-1)};
+}
+
+}  // namespace pairs
+}  // namespace fusedloss
