@@ -138,3 +138,55 @@ def test_opcheck_margin_linear_triton(sample):
     fusedloss.margin_linear.OP.triton  # defines the Triton op
     torch.library.opcheck(torch.ops.fusedloss.margin_linear_cross_entropy_triton,
                           margin_linear_samples("cuda")[sample])
+
+
+def pair_samples(device):
+    """(op, args) of the three pair ops: every kind, both distances, with and without a
+    reference set and mining thresholds."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=g).to(device).requires_grad_()
+    ref = torch.randn(9, 8, generator=g).to(device).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 2, 1, 0], device=device)
+    ref_labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2], device=device)
+    ops = torch.ops.fusedloss
+    thresholds, _ = ops.pair_extrema(x.detach(), labels, x.detach(), labels, 0, 0, 0)
+    thresholds = thresholds.flip(1).contiguous()
+    samples = [(ops.pair_extrema, (x, labels, ref, ref_labels, d, -1, 0)) for d in (0, 1)]
+    samples.append((ops.pair_extrema, (x, labels, x, labels, 0, 0, 4)))
+    stats_args = [
+        (x, labels, x, labels, thresholds, 0, 0, [2.0, 50.0, 0.5, 0.1], 0, 0),
+        (x, labels, ref, ref_labels, None, 0, 0, [2.0, 50.0, 0.5, 0.1], -1, 3),
+        (x, labels, ref, ref_labels, None, 1, 0, [0.1], -1, 0),
+        (x, labels, ref, ref_labels, None, 2, 1, [0.0, 1.0], 4, 0),
+        (x, labels, x, labels, None, 2, 0, [1.0, 0.0], 0, 0),
+    ]
+    samples += [(ops.pair_row_stats, args) for args in stats_args]
+    for args in stats_args[1:3]:
+        stats = ops.pair_row_stats(*(a.detach() if torch.is_tensor(a) else a for a in args))
+        grad_stats = torch.ones_like(stats)
+        samples.append((ops.pair_row_stats_backward,
+                        (grad_stats, stats, *(a.detach() if torch.is_tensor(a) else a
+                                              for a in args), True, True)))
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(10))
+def test_opcheck_pairs_cpu(sample):
+    op, args = pair_samples("cpu")[sample]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_pairs_cpu():
+    torch._dynamo.reset()
+
+    def step(x, labels):
+        return fusedloss.supcon_loss(x, labels, backend="cpu")
+
+    x = torch.randn(12, 8, requires_grad=True)
+    labels = torch.arange(12) % 4
+    loss = torch.compile(step, fullgraph=True)(x, labels)
+    loss.backward()
+    grad = x.grad.clone()
+    x.grad = None
+    step(x, labels).backward()
+    assert_close(grad, x.grad.double(), torch.float32, "grad embeddings")

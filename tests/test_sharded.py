@@ -226,33 +226,6 @@ def test_linear_world_size_one(backend, reduction):
     close(mw.grad, ow.grad, torch.float64, "grad weight")
 
 
-def _op_samples():
-    """(op name, args) of each sharded op on a shard [2, 5) of 6 classes, with per-row
-    margins in one sample each."""
-    cos, target = make_problem(4, 6, torch.float32)
-    x, w, _ = make_problem(4, 6, torch.float32, d=3)
-    coef = torch.rand(4, 4)
-    row_m2 = torch.full((4,), 0.4)
-    margins = (16.0, 1.2, 0.3, 0.1)
-    return [
-        ("sharded_margin_stats", (cos[:, 2:5], target, None, None, *margins, 2, -100)),
-        ("sharded_margin_grad", (cos[:, 2:5], target, row_m2, None, coef, *margins, False, 2,
-                                 -100)),
-        ("sharded_margin_linear_stats", (x, w[2:5], target, None, row_m2, *margins, True, 2,
-                                         -100, 0)),
-        ("sharded_margin_linear_grad", (x, w[2:5], target, None, None, coef, *margins, True,
-                                        True, 2, -100, 0)),
-    ]
-
-
-@pytest.mark.skipif(not _has_cpu_kernels(), reason="no kernel")
-@pytest.mark.parametrize("sample", range(4))
-def test_opcheck_cpu(sample):
-    """The fake kernels registered in fusedloss.sharded agree with the CPU kernels."""
-    name, args = _op_samples()[sample]
-    torch.library.opcheck(getattr(torch.ops.fusedloss, name), args)
-
-
 def test_bad_input_without_process_group():
     cos, target = make_problem(4, 6)
     call = fusedloss.sharded_margin_cross_entropy

@@ -133,10 +133,13 @@ class Op:
 
     def _register_autograd(self, qualname: str, op) -> None:
         """Autograd for `op`; its setup_context leaves `op` on ctx for backward to recompute with.
-        An op made without backward has none: callers give it tensors that need no gradient
-        (its gradient comes from another op, or its outputs are not differentiable)."""
+        An op made without backward is not differentiable: its outputs never require grad
+        (indices, statistics whose gradient another op computes)."""
         if self._backward is None:
+            torch.library.register_autograd(qualname, _no_gradient,
+                                            setup_context=_outputs_not_differentiable)
             return
+
         def setup_context(ctx, inputs, output):
             ctx.op = op
             self._setup_context(ctx, inputs, output)
@@ -165,6 +168,16 @@ class Op:
 
     def for_backend(self, backend: str):
         return self.triton if backend == "triton" else self.cpp
+
+
+def _outputs_not_differentiable(ctx, inputs, output):
+    ctx.num_inputs = len(inputs)
+    outputs = output if isinstance(output, tuple) else (output,)
+    ctx.mark_non_differentiable(*(t for t in outputs if isinstance(t, torch.Tensor)))
+
+
+def _no_gradient(ctx, *grads):
+    return (None,) * ctx.num_inputs
 
 
 def compiling() -> bool:
