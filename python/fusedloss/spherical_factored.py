@@ -83,6 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _checks
 from .reference.spherical import SIGMA_FLOOR
 
 _BLOCK_ROWS = 1 << 16
@@ -109,8 +110,9 @@ class FactoredSphericalLinear(torch.nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"FactoredSphericalLinear: reduction must be 'mean' or 'sum', got "
                              f"{reduction!r}")
-        if not a > 0:
-            raise ValueError(f"FactoredSphericalLinear: a must be > 0, got {a}")
+        _checks.at_least("FactoredSphericalLinear", 0.0, lr=lr)  # as torch.optim.SGD
+        _checks.positive("FactoredSphericalLinear", a=a)
+        _checks.finite("FactoredSphericalLinear", b=b)
         if stabilize_every < 1:
             raise ValueError(f"FactoredSphericalLinear: stabilize_every must be >= 1, got "
                              f"{stabilize_every}")
