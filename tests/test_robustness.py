@@ -156,6 +156,13 @@ def _ops_for(backend, device):
         "linear_margin_cross_entropy": (fusedloss.linear_margin_cross_entropy, [x, w, target],
                                         dict(m2=0.5)),
         "spherical_z_loss": (fusedloss.spherical_z_loss, [cos, target], {}),
+        "sharded_margin_cross_entropy": (fusedloss.sharded_margin_cross_entropy, [cos, target],
+                                         dict(m2=0.5, class_start=0, num_classes=300)),
+        "linear_sharded_margin_cross_entropy": (fusedloss.linear_sharded_margin_cross_entropy,
+                                                [x, w, target],
+                                                dict(m3=0.35, class_start=0, num_classes=300)),
+        "multi_similarity_loss": (fusedloss.multi_similarity_loss, [x, target % 4], {}),
+        "supcon_loss": (fusedloss.supcon_loss, [x, target % 4], {}),
     }
     return {name: (lambda fn=fn, t=t, kw=kw: _loss_and_grads(fn, t, backend, **kw))
             for name, (fn, t, kw) in calls.items()}
