@@ -127,7 +127,9 @@ def test_more_than_2_31_elements(backend, device):
     """bf16 cos [160, 2^24] (2^31.3 elements, 5 GiB): every row's loss and a gradient entry
     far past 2^31 agree with the reference of the same rows, so no index wrapped."""
     n, c = 160, 1 << 24
-    cos = torch.empty(n, c, dtype=torch.bfloat16, device=device).uniform_(-1, 1)
+    cos = torch.empty(n, c, dtype=torch.bfloat16, device=device)
+    for row in cos:  # row by row: a whole-tensor uniform_ may draw in fp32 first (10 GiB)
+        row.uniform_(-1, 1)
     target = torch.randint(0, c, (n,), device=device)
     target[-1] = c - 1
     cos.requires_grad_()
@@ -215,3 +217,30 @@ def test_repeated_calls_do_not_grow_memory(backend, device):
     grown = _resident_bytes() - before
     # One call's tensors are ~40 KiB; a leak of one of them per call would be 40 MiB.
     assert grown < 8 << 20, f"resident memory grew by {grown / 2**20:.1f} MiB over 1000 calls"
+
+
+def _reset_peak_resident() -> int:
+    """Resets the resident high-water mark (Linux) and returns the current resident set."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _resident_bytes()
+
+
+def _peak_resident() -> int:
+    with open("/proc/self/status") as f:
+        line = next(l for l in f if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_backward_scales_a_bf16_gradient_without_a_full_size_copy():
+    """Regression: an in-place mul_ of a bf16 gradient by the fp32 incoming gradient made a
+    temporary of the whole gradient in fp32 (twice its size), so that the > 2^31 test ran
+    out of memory in backward. The scaling goes in row chunks now."""
+    cos = torch.rand(64, 1 << 21, dtype=torch.bfloat16).requires_grad_()  # 256 MiB
+    target = torch.randint(0, cos.shape[1], (64,))
+    loss = fusedloss.margin_cross_entropy(cos, target, m2=0.5, reduction="none", backend="cpu")
+    before = _reset_peak_resident()
+    loss.backward(torch.rand(64))
+    grown = _peak_resident() - before
+    # The full-size temporary alone was 512 MiB; the process noise of one backward is ~40 MiB.
+    assert grown < 128 << 20, f"backward used {grown / 2**20:.0f} MiB beyond the gradient"

@@ -217,7 +217,26 @@ def fused_grads(ctx):
 
 def scale_fused(ctx, grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad * scale: in place in eager mode, out of place (in grad's dtype) when traced."""
-    return grad.mul_(scale) if ctx.in_place else (grad * scale).to(grad.dtype)
+    return scale_in_place(grad, scale) if ctx.in_place else (grad * scale).to(grad.dtype)
+
+
+_SCALE_CHUNK_BYTES = 4 << 20
+
+
+def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale (a scalar or one entry per row), in place, rounded once to grad's dtype.
+
+    When the dtypes differ (an fp16 / bf16 gradient, an fp32 scale), an in-place mul_ on CPU
+    computes into a temporary of the common dtype as large as grad (twice its bytes) and
+    copies it back; rows go in chunks of about 4 MiB instead, so the temporary stays small."""
+    if grad.dtype == scale.dtype or grad.numel() == 0:
+        return grad.mul_(scale)
+    rows = max(1, _SCALE_CHUNK_BYTES // max(1, grad[0].numel() * grad.element_size()))
+    per_row = scale.dim() > 0 and scale.shape[0] == grad.shape[0] and scale.shape[0] > 1
+    for start in range(0, grad.shape[0], rows):
+        part = scale[start:start + rows] if per_row else scale
+        grad[start:start + rows].mul_(part)
+    return grad
 
 
 def row_grad_autograd(num_tensors: int):
@@ -237,7 +256,7 @@ def row_grad_autograd(num_tensors: int):
         saved, grads = fused_grads(ctx)
         scale = grad_loss.unsqueeze(1)
         if grads is None or grads[0].shape != saved[0].shape:
-            grad = ctx.op(*saved, *ctx.hyper, True)[1].mul_(scale)
+            grad = scale_in_place(ctx.op(*saved, *ctx.hyper, True)[1], scale)
         else:
             grad = scale_fused(ctx, grads[0], scale)
         return (grad,) + nones
