@@ -28,6 +28,10 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SMALL_SIZES = [1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 127, 128, 129]
 CLASS_SIZES = SMALL_SIZES + [255, 256, 257, 2047, 2048, 2049]
 
+# Normalisation only for D > 1: a 1-D row normalises to +-1 whatever its value, so the
+# gradient through F.normalize is 0 in exact arithmetic and rounding noise of size
+# eps |g| / |x| in fp32, which no comparison with the fp64 oracle can judge.
+
 
 @dataclass
 class Case:
@@ -110,7 +114,7 @@ def _linear_inputs(data, device):
     x, w = x.to(device).requires_grad_(), w.to(device).requires_grad_()
     target = _targets(data, n, c).to(device)
     kw = _margin_options(data)
-    kw["normalize"] = data.draw(st.booleans())
+    kw["normalize"] = d > 1 and data.draw(st.booleans())  # D > 1: see the top
     if not kw["normalize"]:
         kw["scale"] = 1.0
     return x, w, target, kw
@@ -191,7 +195,7 @@ def pair_case(data, device, triton):
         ref.requires_grad_(data.draw(st.booleans()))
         ref_kw = dict(ref_embeddings=ref, ref_labels=_labels(data, m, classes).to(device))
         leaves.append(ref)
-    kw = dict(PAIR_LOSSES[name](data), normalize=data.draw(st.booleans()), **ref_kw)
+    kw = dict(PAIR_LOSSES[name](data), normalize=d > 1 and data.draw(st.booleans()), **ref_kw)
     fn = getattr(fusedloss, f"{name}_loss")
 
     def call(backend):
@@ -207,7 +211,7 @@ def info_nce_case(data, device, triton):
     q = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype).to(device).requires_grad_()
     k = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype).to(device).requires_grad_()
     kw = dict(temperature=data.draw(st.sampled_from([0.07, 1.0])),
-              symmetric=data.draw(st.booleans()), normalize=data.draw(st.booleans()))
+              symmetric=data.draw(st.booleans()), normalize=d > 1 and data.draw(st.booleans()))
 
     def call(backend):
         return fusedloss.info_nce_loss(q, k, backend=backend, **kw)
