@@ -148,8 +148,8 @@ def test_partialfc_ranks(benchmark, fwd_bwd_benchmark, assert_agrees, rank_pool)
     assert small["combining"] == [4 * N_MULTI * fp32, 2]  # all_reduce max of N, sum of 3N
     assert small["embedding all-gather"] == [N_MULTI // WORLD * D_MULTI * fp32, 1]
     assert small["embedding-grad reduction"] == [N_MULTI * D_MULTI * fp32, 1]
-    assert small["agreement"][0] > 0
-    assert set(small) == {"agreement", "combining", "embedding all-gather", "label all-gather",
+    assert small["error agreement"][0] > 0
+    assert set(small) == {"error agreement", "combining", "embedding all-gather", "label all-gather",
                           "embedding-grad reduction"}  # none bypassing fusedloss.distributed
 
     benchmark.group = f"{case['label']} fwd+bwd"

@@ -207,7 +207,7 @@ def _chain_contender(compile_it: bool) -> Contender:
 
 PARTIALFC = "partialfc"  # the variant of the multi-rank cases
 _HEAD = "fusedloss.nn.MarginSoftmaxHead (1 process)"
-GROUP_TIMEOUT_S = 300.0  # the process groups' timeout; a step of W = 4 on 2 cores takes ~10 s
+GROUP_TIMEOUT_S = 300.0  # the process groups' timeout (steps at C = 1M take seconds here)
 _SEED = 4242
 MULTI_RANK_N, MULTI_RANK_C, MULTI_RANK_WORLDS = 128, 1_000_000, (1, 2, 4)
 _WEIGHT_BLOCK = 8192  # rows of the global classifier drawn from one seed
@@ -260,13 +260,13 @@ _PAYLOAD_ARG = {"all_reduce": (0, "tensor"), "reduce": (0, "tensor"), "broadcast
                 "reduce_scatter_tensor": (1, "input"), "all_to_all_single": (1, "input")}
 # a function of fusedloss on the call stack (innermost first) -> the kind of traffic
 _KIND_OF_CALLER = {
-    "gather_counts": "agreement", "gather_table": "agreement",
+    "gather_counts": "error agreement", "gather_table": "error agreement",
     "combine_partials": "combining",
     "_AllGatherRows.forward": "all-gather",
     "_AllGatherRows.backward": "embedding-grad reduction",
     "_LinearShardedMarginLoss.backward": "embedding-grad reduction",
 }
-KINDS = ("agreement", "combining", "embedding all-gather", "label all-gather",
+KINDS = ("error agreement", "combining", "embedding all-gather", "label all-gather",
          "embedding-grad reduction", "other", "bypassing fusedloss.distributed")
 
 
