@@ -124,6 +124,21 @@ def _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE: tl.constexpr, DETACH_MARGIN
 
 
 @triton.jit
+def _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                 HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, ACC: tl.constexpr):
+    """m2 and m3 of a row: its ElasticFace draws, or the shared scalars (fp32 hi + lo)."""
+    if HAS_ROW_M2:
+        m2 = tl.load(row_m2_ptr + row).to(ACC)
+    else:
+        m2 = tl.cast(m2_hi, ACC) + tl.cast(m2_lo, ACC)
+    if HAS_ROW_M3:
+        m3 = tl.load(row_m3_ptr + row).to(ACC)
+    else:
+        m3 = tl.cast(m3_hi, ACC) + tl.cast(m3_lo, ACC)
+    return m2, m3
+
+
+@triton.jit
 def _margin_ce_kernel(
     cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, loss_ptr, grad_ptr,
     C, cos_row_stride, ignore_index,
@@ -140,14 +155,8 @@ def _margin_ce_kernel(
     scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
     m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
-    if HAS_ROW_M2:
-        m2 = tl.load(row_m2_ptr + row).to(ACC)
-    else:
-        m2 = tl.cast(m2_hi, ACC) + tl.cast(m2_lo, ACC)
-    if HAS_ROW_M3:
-        m3 = tl.load(row_m3_ptr + row).to(ACC)
-    else:
-        m3 = tl.cast(m3_hi, ACC) + tl.cast(m3_lo, ACC)
+    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                          HAS_ROW_M2, HAS_ROW_M3, ACC)
 
     t = tl.load(target_ptr + row)
     ignored = t == ignore_index

@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss.triton_kernels import margin_linear as _linear
-from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _target_logit
+from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _row_margins, _target_logit
 
 
 @triton.jit
@@ -62,21 +62,6 @@ def _row_target(cos_row, t, C, class_start, ignore_index):
     local = live & (col >= 0) & (col < C)
     c_y = tl.load(cos_row + tl.where(local, col, 0), mask=local, other=0.0)
     return live, col, local, c_y
-
-
-@triton.jit
-def _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
-                 HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, ACC: tl.constexpr):
-    """m2 and m3 of a row: its ElasticFace draws, or the shared scalars."""
-    if HAS_ROW_M2:
-        m2 = tl.load(row_m2_ptr + row).to(ACC)
-    else:
-        m2 = tl.cast(m2_hi, ACC) + tl.cast(m2_lo, ACC)
-    if HAS_ROW_M3:
-        m3 = tl.load(row_m3_ptr + row).to(ACC)
-    else:
-        m3 = tl.cast(m3_hi, ACC) + tl.cast(m3_lo, ACC)
-    return m2, m3
 
 
 @triton.jit

@@ -108,16 +108,7 @@ def linear_margin_cross_entropy(
 
 
 def _check_inputs(embeddings, weight, target, block_size):
-    _checks.floating_tensor(_FN, "embeddings", embeddings, ndim=2)
-    _checks.floating_tensor(_FN, "weight", weight, ndim=2)
-    _checks.target_tensor(_FN, target, embeddings.shape[0])
-    _checks.same_device(_FN, embeddings=embeddings, weight=weight, target=target)
-    if weight.dtype != embeddings.dtype:
-        raise TypeError(f"{_FN}: embeddings and weight must share a dtype, got "
-                        f"{embeddings.dtype} and {weight.dtype}")
-    if weight.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"{_FN}: embeddings [N, D] and weight [C, D] must share D, got "
-                         f"{tuple(embeddings.shape)} and {tuple(weight.shape)}")
+    _checks.embeddings_and_weight(_FN, embeddings, weight, target)
     if weight.shape[0] == 0:
         raise ValueError(f"{_FN}: weight must have at least one class (C >= 1)")
     if block_size is not None:

@@ -403,7 +403,8 @@ def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start
 
     def prepare():
         opts = _options(fn, kwargs)
-        _check_linear_inputs(fn, embeddings, weight_shard, target)
+        _checks.embeddings_and_weight(fn, embeddings, weight_shard, target, "weight_shard",
+                                      "C_local")
         _check_class_range(fn, class_start, num_classes)
         _checks.integer(fn, block_size=block_size)
         if block_size < 0:
@@ -424,16 +425,3 @@ def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start
                                           p.shard)
     return reduce_rows(rows, p.target != p.shard.opts.ignore_index, p.shard.opts.reduction,
                        result_dtype(embeddings))
-
-
-def _check_linear_inputs(fn, embeddings, weight_shard, target):
-    _checks.floating_tensor(fn, "embeddings", embeddings, ndim=2)
-    _checks.floating_tensor(fn, "weight_shard", weight_shard, ndim=2)
-    _checks.target_tensor(fn, target, embeddings.shape[0])
-    _checks.same_device(fn, embeddings=embeddings, weight_shard=weight_shard, target=target)
-    if weight_shard.dtype != embeddings.dtype:
-        raise TypeError(f"{fn}: embeddings and weight_shard must share a dtype, got "
-                        f"{embeddings.dtype} and {weight_shard.dtype}")
-    if weight_shard.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"{fn}: embeddings [N, D] and weight_shard [C_local, D] must share D, "
-                         f"got {tuple(embeddings.shape)} and {tuple(weight_shard.shape)}")
