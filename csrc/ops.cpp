@@ -91,6 +91,9 @@ TORCH_LIBRARY(fusedloss, m) {
   //    (sum of positive losses, number of them > 0, sum of negative losses, number > 0).
   // row_stats_backward: given grad_stats [N, K] (the counts' entries are ignored) and the
   // stats of forward, the gradients with respect to x and ref (empty when not asked for).
+  // When ref is x (the same data) and both gradients are asked for, a backend may return the
+  // whole gradient in grad_x and zeros in grad_ref: only their sum, which autograd forms for
+  // the one tensor, is specified.
   m.def(
       "pair_row_stats(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? thresholds, "
       "int kind, int distance, float[] hyper, int self_offset, int block_size) -> Tensor");

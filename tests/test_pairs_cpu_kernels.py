@@ -347,6 +347,153 @@ def test_gradcheck_fp64(kind, mined, distance):
                                      2, 3), (x, r))
 
 
+# ---- the batch as its own reference (ref is x: the symmetric path) ----------------------
+
+def all_three_ops(x, labels, r, ref_labels, kind, mined, distance, offset, block, grads=(True, True)):
+    """(extrema values, indices, stats, grad_x, grad_ref, thresholds, grad_stats) of the CPU
+    ops; thresholds (when mined) from the fp64 oracle, so that runs to be compared mine
+    the same pairs; grad_stats fixed by a seed."""
+    values, indices = ops.pair_extrema(x, labels, r, ref_labels, distance, offset, block)
+    thresholds = oracle_thresholds(x, labels, r, ref_labels, offset) if mined else None
+    hyper = hyper_of(kind, distance)
+    stats = ops.pair_row_stats(x, labels, r, ref_labels, thresholds, kind, distance, hyper,
+                               offset, block)
+    torch.manual_seed(5)
+    grad_stats = random_grad_stats(x.shape[0], kind, x.dtype)
+    gx, gr = ops.pair_row_stats_backward(grad_stats, stats, x, labels, r, ref_labels, thresholds,
+                                         kind, distance, hyper, offset, block, *grads)
+    return values, indices, stats, gx, gr, thresholds, grad_stats
+
+
+# Any self offset (or none) with ref = x: each row still drops its own excluded column. Not
+# for distances: a row's pair with itself, d = 0 up to rounding, has an ill-conditioned
+# gradient (a = w / d of rounding noise), which two summation orders do not share.
+OWN_OFFSETS = [(0, 0), (0, -1), (0, 5), (1, 0)]
+
+
+@pytest.mark.parametrize("block", [0, 4, 16])
+@pytest.mark.parametrize("distance,offset", OWN_OFFSETS)
+@pytest.mark.parametrize("kind,mined", list(stats_cases()))
+def test_own_reference_matches_a_separate_copy_and_the_reference(kind, mined, distance, offset,
+                                                                   block):
+    # 37 rows over several tiles of blocks 4 and 16 (the last one partial). ref = x takes the
+    # symmetric path, ref = a copy of x the general one: equal within fp32 tolerance, and
+    # both as the fp64 oracle; extrema indices on the same (tie-free) columns.
+    torch.manual_seed(1)
+    x, labels, _, _, _ = make_case(37, 0, torch.float32, True, classes=5, d=8)
+    own = all_three_ops(x, labels, x, labels, kind, mined, distance, offset, block)
+    copy = all_three_ops(x, labels, x.clone(), labels.clone(), kind, mined, distance, offset, block)
+    assert torch.equal(own[1], copy[1])
+    assert_with_infinities(own[0], copy[0], torch.float32, "extrema")
+    assert_with_infinities(own[2], copy[2], torch.float32, "stats")
+    assert_close(own[3] + own[4], copy[3] + copy[4], torch.float32, "grad, own vs copy")
+    want_values, _ = ref.pair_extrema(x.double(), labels, x.double(), labels, distance, offset)
+    assert_with_infinities(own[0], want_values, torch.float32, "extrema vs oracle")
+    thresholds, grad_stats = copy[5], copy[6]
+    hyper = hyper_of(kind, distance)
+    want = ref.pair_row_stats(x.double(), labels, x.double(), labels, thresholds, kind, distance,
+                              hyper, offset)
+    assert_with_infinities(own[2], want, torch.float32, "stats vs oracle")
+    want_x, _ = reference_grads(x, labels, x, labels, thresholds, kind, distance, hyper, offset,
+                                grad_stats, True)
+    assert_close(own[3] + own[4], want_x, torch.float32, "grad vs oracle")
+
+
+@pytest.mark.parametrize("distance", [0, 1])
+def test_own_reference_over_default_tiles(distance):
+    # More rows than two default square tiles (the last partial), fp32, kind 0 mined with
+    # ties broken towards the first column: values, indices and the gradient.
+    torch.manual_seed(2)
+    x, labels, _, _, offset = make_case(600, 0, torch.float32, True, classes=150, d=8)
+    values, indices, stats, gx, gr, thresholds, grad_stats = all_three_ops(
+        x, labels, x, labels, 0, True, distance, offset, 0)
+    want_values, want_indices = ref.pair_extrema(x.double(), labels, x.double(), labels, distance,
+                                                 offset)
+    assert_with_infinities(values, want_values, torch.float32, "extrema")
+    assert torch.equal(indices == -1, want_indices == -1)
+    hyper = hyper_of(0, distance)
+    want = ref.pair_row_stats(x.double(), labels, x.double(), labels, thresholds, 0, distance,
+                              hyper, offset)
+    assert_with_infinities(stats, want, torch.float32, "stats")
+    want_x, _ = reference_grads(x, labels, x, labels, thresholds, 0, distance, hyper, offset,
+                                grad_stats, True)
+    assert_close(gx + gr, want_x, torch.float32, "grad")
+
+
+def test_own_reference_first_index_on_exact_ties():
+    # Integer coordinates, duplicated rows: exact ties between columns of different tiles,
+    # some met by a row through a transposed tile; the first column wins, as in the oracle.
+    base = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 2.0]])
+    x = base[torch.tensor([0, 1, 2, 3, 2, 1, 0, 3, 1, 2, 0])]
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1])
+    for distance in (0, 1):
+        want = ref.pair_extrema(x, labels, x, labels, distance, 0)
+        for block in (0, 2, 3, 4):
+            got = ops.pair_extrema(x, labels, x, labels, distance, 0, block)
+            assert torch.equal(got[1], want[1]), f"distance {distance}, block {block}"
+            assert torch.equal(got[0], want[0]), f"distance {distance}, block {block}"
+
+
+@pytest.mark.parametrize("kind,mined", list(stats_cases()))
+def test_ref_is_x_with_other_ref_labels(kind, mined):
+    # The symmetric path needs only ref to be x: with ref_labels not the labels, the masks
+    # are not symmetric, and each row still takes its own label against the columns' ones.
+    torch.manual_seed(6)
+    x, labels, _, _, _ = make_case(29, 0, torch.float64, True, classes=4)
+    ref_labels = labels.roll(3)
+    own = all_three_ops(x, labels, x, ref_labels, kind, mined, 0, 0, 8)
+    copy = all_three_ops(x, labels, x.clone(), ref_labels, kind, mined, 0, 0, 8)
+    assert torch.equal(own[1], copy[1])
+    assert_with_infinities(own[0], copy[0], torch.float64, "extrema")
+    assert_with_infinities(own[2], copy[2], torch.float64, "stats")
+    assert_close(own[3] + own[4], copy[3] + copy[4], torch.float64, "grad")
+
+
+@pytest.mark.parametrize("distance", [0, 1])
+def test_own_reference_single_gradient_is_the_row_part(distance):
+    # ref shares x's data but only one gradient is asked for (e.g. ref = x.detach()): that
+    # gradient alone, the same as for a separate copy, not the combined one.
+    torch.manual_seed(3)
+    x, labels, _, _, offset = make_case(23, 0, torch.float64, True, classes=4)
+    for grads in ((True, False), (False, True)):
+        own = all_three_ops(x, labels, x, labels, 1, False, distance, offset, 4, grads)
+        copy = all_three_ops(x, labels, x.clone(), labels, 1, False, distance, offset, 4, grads)
+        assert_close(own[3], copy[3], torch.float64, "grad x")
+        assert_close(own[4], copy[4], torch.float64, "grad ref")
+
+
+def test_own_reference_is_deterministic_across_thread_counts():
+    # Tiles in a fixed order and each row folded by one thread: the same bits with 1 and 2
+    # threads, for all three ops, both distances.
+    torch.manual_seed(4)
+    x, labels, _, _, offset = make_case(300, 0, torch.float32, True, classes=60, d=16)
+    threads = torch.get_num_threads()
+    try:
+        for distance in (0, 1):
+            results = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                results.append(all_three_ops(x, labels, x, labels, 0, True, distance, offset, 64))
+            for one, two in zip(*results):
+                assert torch.equal(one, two), f"distance {distance}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("distance", [0, 1])
+@pytest.mark.parametrize("kind,mined", list(stats_cases()))
+def test_gradcheck_own_reference_fp64(kind, mined, distance):
+    # One tensor as x and ref: autograd adds the two gradients the op returns (all of it in
+    # grad_x on the symmetric path).
+    x, labels, _, _, offset = make_case(7, 0, torch.float64, True, classes=2, d=3)
+    thresholds = oracle_thresholds(x, labels, x, labels, offset) if mined else None
+    hyper = {0: [2.0, 5.0, 0.5, 0.3], 1: [0.5], 2: [0.2, 0.6] if distance == 0 else [0.5, 1.3]}[kind]
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a: _RowStats.apply(a, a, labels, labels, thresholds, kind, distance, hyper,
+                                  offset, 3), (x,))
+
+
 # ---- input checks -----------------------------------------------------------------------
 
 def _good():

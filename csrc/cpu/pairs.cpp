@@ -30,13 +30,35 @@
 //     are the tile's column sums, taken after the epilogue.
 //
 // Block sizes: block_size > 0 makes B = T = block_size; 0 picks B = 256, T = 1024 (a 1 MiB
-// fp32 tile, half of it per core with 2 threads, inside L2). Measured on a shared 2-core
+// fp32 tile, half of it per core with 2 threads, inside L2), or B = T = 512 when ref is x.
+// For that choice, N = 2048, D = 512, kind 0 mined, extrema + stats + backward, best of 9:
+// one thread, 97 ms with B = 512 (10 of 16 tiles), 96 ms with 256 (36 of 64), 143 ms with
+// 1024 (3 of 4), against 160 ms for the general path on a separate copy of x; two threads
+// on a quiet machine ~61 ms with 256, 60-90 ms with 512 (noisy). But with another process
+// busy on one of the 2 cores every parallel region waits for a time slice of the
+// descheduled thread: 346 ms with 512, 1390 ms with 256, 202 ms with 1024. 512 keeps the
+// tile count (and so the regions) low at little cost in products.
+// Measured (before the symmetric path) on a shared 2-core
 // AVX-512 machine, N = M = 4096, D = 128, fp32, the batch as its own reference, kind 0 with
 // thresholds, best of 5, one thread: pair_extrema 38 ms, pair_row_stats 47 ms, backward
 // 104 ms (3 GEMMs of 4.3 GFLOP each, ~36 ms apiece), 189 ms in all, against 1450 ms for the
 // dense torch oracle (reference/pairs.py: extrema, then stats forward and backward by
 // autograd); square tiles of 256 to 1024 took the same within noise, 128 took 273 ms. Two
 // threads: ~145 ms against ~1830 ms (noisy there).
+//
+// Own reference (ref is x: the same data, sizes and strides, as the functions pass the
+// batch without a reference set). Then S = x x^T is symmetric and S_JI = S_IJ^T, so with
+// square blocks only the tiles I <= J are multiplied: pair_extrema and pair_row_stats fold
+// S_IJ into the rows of block I and its transpose into the rows of block J, in one parallel
+// pass per tile whose threads transpose their share of the columns into a second tile
+// buffer (for_each_score_row, for_rows_of_both_blocks; the labels and the excluded column
+// are still each row's own, so nothing else about symmetry is assumed). The backward combines
+// both gradients into one product pass (symmetric_backward_kernel, derived there). With
+// nb = N / B blocks that is nb (nb + 1) / 2 of the nb^2 products: 36 / 64 at N = 2048.
+// Order, hence determinism: tiles go I = 0, 1, ... outer and J = I, I + 1, ... inner, so
+// block K's rows meet column blocks 0 .. K - 1 (as transposes of (I, K), increasing I),
+// then K, K + 1, ...: every row folds its columns in increasing order, the same order as
+// the general path, whatever the thread count (each row is folded by one thread).
 //
 // Distance 1: the tile becomes distances right after its GEMM (to_distances), so every
 // epilogue reads scores; the backward's a = w / d then needs no square root.
@@ -75,9 +97,16 @@ constexpr const char* kBackwardOp = "pair_row_stats_backward";
 
 constexpr int64_t kDefaultRows = 256;   // B: query rows per tile
 constexpr int64_t kDefaultCols = 1024;  // T: reference rows per tile
+constexpr int64_t kDefaultSymmetricBlock = 512;  // B = T when ref is x
 
 template <typename acc_t>
 constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+
+// The vectorised loops of this file: one clone per instruction set (vec_math.h), with every
+// call inside inlined (flatten). Without it GCC's inliner, at its unit-growth limit in a
+// file of this many instantiations, leaves fast_exp an out-of-line call, which keeps the
+// loops that take exponentials scalar (measured: ~3x slower epilogues).
+#define FL_PAIR_LOOP FL_CPU_CLONES __attribute__((flatten))
 
 // ---- inputs and tiles -------------------------------------------------------------------
 
@@ -91,11 +120,20 @@ struct PairInputs {
   at::Tensor sq_x, sq_r;  // squared row norms, distance 1 only
   int64_t N, M, self_offset;
   bool euclidean;
+  bool symmetric;  // ref is x (refers_to_x): S = x x^T is symmetric, see "Own reference"
 };
+
+// Whether ref is x itself: the same dtype, data, sizes and strides (the functions pass the
+// batch as both when it is its own reference).
+bool refers_to_x(const at::Tensor& x, const at::Tensor& ref) {
+  return ref.is_same(x) ||
+         (ref.scalar_type() == x.scalar_type() && ref.data_ptr() == x.data_ptr() &&
+          ref.sizes() == x.sizes() && ref.strides() == x.strides());
+}
 
 // sum_k v_k^2
 template <typename acc_t>
-FL_CPU_CLONES acc_t sum_squares(const acc_t* v, int64_t n) {
+FL_PAIR_LOOP acc_t sum_squares(const acc_t* v, int64_t n) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < n; ++k) s += v[k] * v[k];
@@ -121,7 +159,8 @@ PairInputs<acc_t> make_inputs(const at::Tensor& x, const at::Tensor& labels, con
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   PairInputs<acc_t> in;
   in.x = x.to(acc_type).contiguous();
-  in.r = ref.is_same(x) ? in.x : ref.to(acc_type).contiguous();
+  in.symmetric = refers_to_x(x, ref);
+  in.r = in.symmetric ? in.x : ref.to(acc_type).contiguous();
   in.labels = labels.data_ptr<int64_t>();
   in.ref_labels = ref_labels.data_ptr<int64_t>();
   in.N = x.size(0);
@@ -130,7 +169,7 @@ PairInputs<acc_t> make_inputs(const at::Tensor& x, const at::Tensor& labels, con
   in.euclidean = distance == pairs::kEuclidean;
   if (in.euclidean) {
     in.sq_x = squared_norms<acc_t>(in.x);
-    in.sq_r = ref.is_same(x) ? in.sq_x : squared_norms<acc_t>(in.r);
+    in.sq_r = in.symmetric ? in.sq_x : squared_norms<acc_t>(in.r);
   }
   return in;
 }
@@ -139,15 +178,18 @@ struct Tiling {
   int64_t rows, cols;  // B, T
 };
 
-Tiling choose_tiling(int64_t N, int64_t M, int64_t block_size) {
-  const int64_t rows = block_size > 0 ? block_size : kDefaultRows;
-  const int64_t cols = block_size > 0 ? block_size : kDefaultCols;
+// Square tiles when ref is x: one partition serves as row and as column blocks.
+Tiling choose_tiling(int64_t N, int64_t M, int64_t block_size, bool symmetric) {
+  const int64_t rows =
+      block_size > 0 ? block_size : symmetric ? kDefaultSymmetricBlock : kDefaultRows;
+  const int64_t cols =
+      block_size > 0 ? block_size : symmetric ? kDefaultSymmetricBlock : kDefaultCols;
   return {std::max<int64_t>(1, std::min(rows, N)), std::max<int64_t>(1, std::min(cols, M))};
 }
 
 // row_j = max(sq_x + sq_r_j - 2 row_j, 0): a tile row of similarities as squared distances.
 template <typename acc_t>
-FL_CPU_CLONES void to_squared_distances(acc_t* row, const acc_t* sq_r, acc_t sq_x, int64_t n) {
+FL_PAIR_LOOP void to_squared_distances(acc_t* row, const acc_t* sq_r, acc_t sq_x, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = pairs::squared_distance(sq_x, sq_r[j], row[j]);
 }
@@ -167,22 +209,117 @@ void to_distances(const PairInputs<acc_t>& in, at::Tensor& S, int64_t i0, int64_
   S.sqrt_();
 }
 
+// The scores of x[i0 : i0 + rows] and r[j0 : j0 + cols] (similarities, or distances for
+// distance 1) into the front of `buffer`, as a contiguous rows x cols tile.
+template <typename acc_t>
+at::Tensor score_tile(const PairInputs<acc_t>& in, at::Tensor& buffer, int64_t i0, int64_t rows,
+                      int64_t j0, int64_t cols) {
+  at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+  at::mm_out(S, in.x.narrow(0, i0, rows), in.r.narrow(0, j0, cols).t());
+  if (in.euclidean) to_distances(in, S, i0, j0);
+  return S;
+}
+
+// Calls f(r) for each row r of a tile's `rows`, in parallel.
+template <typename F>
+void for_each_row(int64_t rows, F&& f) {
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+
+// St rows [b, e) = S columns [b, e): part of the transpose of the rows x cols tile S, in
+// strips of 16 columns (one cache line of fp32 read per row of S).
+template <typename acc_t>
+void transpose_columns(const acc_t* S, int64_t rows, int64_t cols, int64_t b, int64_t e,
+                       acc_t* St) {
+  constexpr int64_t kStrip = 16;
+  for (int64_t c0 = b; c0 < e; c0 += kStrip) {
+    const int64_t c1 = std::min(c0 + kStrip, e);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = c0; c < c1; ++c) St[c * rows + r] = S[r * cols + c];
+    }
+  }
+}
+
+// One parallel pass over the rows of both blocks of a tile S (rows x cols, rows of x from
+// i0, columns from j0) of a symmetric matrix: f(i0 + r, j0, cols, S row r) for its rows
+// and, unless the tile is diagonal, f_t(j0 + c, i0, rows, St row c) for its columns, each
+// thread first transposing its own columns of S into St (cols x rows). S stays as it is
+// (other threads read it); f_t may overwrite the St rows it gets.
+template <typename acc_t, typename F, typename FT>
+void for_rows_of_both_blocks(const acc_t* S, acc_t* St, int64_t i0, int64_t rows, int64_t j0,
+                             int64_t cols, F&& f, FT&& f_t) {
+  const int64_t total = i0 == j0 ? rows : rows + cols;
+  at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < std::min(e, rows); ++k) f(i0 + k, j0, cols, S + k * cols);
+    const int64_t cb = std::max(b, rows) - rows, ce = std::max(e, rows) - rows;
+    if (cb >= ce) return;
+    transpose_columns(S, rows, cols, cb, ce, St);
+    for (int64_t c = cb; c < ce; ++c) f_t(j0 + c, i0, rows, St + c * rows);
+  });
+}
+
 // Calls body(i0, rows, j0, cols, S) for every tile, S the rows x cols scores of
-// x[i0 : i0 + rows] and r[j0 : j0 + cols] (similarities, or distances for distance 1;
-// contiguous, in the reused buffer), query blocks outer, reference blocks inner.
+// x[i0 : i0 + rows] and r[j0 : j0 + cols] (contiguous, in a reused buffer that body may
+// overwrite), query blocks outer, reference blocks inner.
 template <typename acc_t, typename Body>
 void for_each_tile(const PairInputs<acc_t>& in, const Tiling& t, Body&& body) {
   if (in.N == 0 || in.M == 0) return;
   at::Tensor buffer = at::empty({t.rows * t.cols}, in.x.options());
   for (int64_t i0 = 0; i0 < in.N; i0 += t.rows) {
     const int64_t rows = std::min(t.rows, in.N - i0);
-    const at::Tensor x_blk = in.x.narrow(0, i0, rows);
     for (int64_t j0 = 0; j0 < in.M; j0 += t.cols) {
       const int64_t cols = std::min(t.cols, in.M - j0);
-      at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(S, x_blk, in.r.narrow(0, j0, cols).t());
-      if (in.euclidean) to_distances(in, S, i0, j0);
+      at::Tensor S = score_tile(in, buffer, i0, rows, j0, cols);
       body(i0, rows, j0, cols, S);
+    }
+  }
+}
+
+// out = A + Bt^T over a rows x cols tile (Bt cols x rows), in parallel over rows, in
+// strips of 16 rows (one cache line of fp32 read per row of Bt).
+template <typename acc_t>
+void add_transposed(const acc_t* A, const acc_t* Bt, acc_t* out, int64_t rows, int64_t cols) {
+  constexpr int64_t kStrip = 16;
+  at::parallel_for(0, (rows + kStrip - 1) / kStrip, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r0 = b * kStrip; r0 < std::min(e * kStrip, rows); r0 += kStrip) {
+      const int64_t r1 = std::min(r0 + kStrip, rows);
+      for (int64_t c = 0; c < cols; ++c) {
+        for (int64_t r = r0; r < r1; ++r) out[r * cols + c] = A[r * cols + c] + Bt[c * rows + r];
+      }
+    }
+  });
+}
+
+// Calls f(i, j0, cols, s) for every row i of x and every tile of its columns,
+// s = S[i, j0 : j0 + cols] (similarities, or distances for distance 1), the tiles of each
+// row in increasing j0, in parallel over the rows of a tile; f only reads s.
+// General: for_each_tile. Ref is x: the upper tiles (I, J), I <= J, of the symmetric S,
+// each serving the rows of block I and, transposed, those of block J
+// (for_rows_of_both_blocks). Block K's rows thus meet the column blocks 0, 1, ..., K - 1
+// (from the tiles (I, K), I < K, met in increasing I), then K, K + 1, ... (their own tiles):
+// in increasing order, as in the general path.
+template <typename acc_t, typename F>
+void for_each_score_row(const PairInputs<acc_t>& in, const Tiling& t, F&& f) {
+  if (in.N == 0 || in.M == 0) return;
+  if (!in.symmetric) {
+    for_each_tile(in, t, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+      acc_t* tile = S.data_ptr<acc_t>();
+      for_each_row(rows, [&](int64_t r) { f(i0 + r, j0, cols, tile + r * cols); });
+    });
+    return;
+  }
+  const int64_t B = t.rows;
+  at::Tensor buffer = at::empty({B * B}, in.x.options());
+  at::Tensor transposed = at::empty({B * B}, in.x.options());
+  for (int64_t i0 = 0; i0 < in.N; i0 += B) {
+    const int64_t rows = std::min(B, in.N - i0);
+    for (int64_t j0 = i0; j0 < in.N; j0 += B) {
+      const int64_t cols = std::min(B, in.N - j0);
+      at::Tensor S = score_tile(in, buffer, i0, rows, j0, cols);
+      for_rows_of_both_blocks(S.data_ptr<acc_t>(), transposed.data_ptr<acc_t>(), i0, rows, j0,
+                              cols, f, f);
     }
   }
 }
@@ -200,14 +337,6 @@ void for_pair_ranges(const PairInputs<acc_t>& in, int64_t i, int64_t j0, int64_t
   if (skip + 1 < cols) f(skip + 1, cols);
 }
 
-// Calls f(r) for each row r of a tile's `rows`, in parallel.
-template <typename F>
-void for_each_row(int64_t rows, F&& f) {
-  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) f(r);
-  });
-}
-
 // ---- pair_extrema -----------------------------------------------------------------------
 
 template <typename acc_t>
@@ -218,7 +347,7 @@ struct Best {
 
 // Smallest key = sign * s (positives) and -sign * s (negatives) over [b, e) of one row.
 template <typename acc_t>
-FL_CPU_CLONES void smallest_keys(const acc_t* s, const int64_t* lab, int64_t label, acc_t sign,
+FL_PAIR_LOOP void smallest_keys(const acc_t* s, const int64_t* lab, int64_t label, acc_t sign,
                                  int64_t b, int64_t e, acc_t* pos_key, acc_t* neg_key) {
   acc_t kp = kInf<acc_t>, kn = kInf<acc_t>;
 #pragma omp simd reduction(min : kp, kn)
@@ -247,21 +376,17 @@ void pair_extrema_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, int6
                          at::Tensor& values, at::Tensor& indices) {
   std::vector<Best<acc_t>> pos(in.N), neg(in.N);
   const acc_t sign = acc_t(pairs::extrema_sign(distance));
-  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+  for_each_score_row(in, tiling, [&](int64_t i, int64_t j0, int64_t cols, const acc_t* s) {
     const int64_t* lab = in.ref_labels + j0;
-    for_each_row(rows, [&](int64_t r) {
-      const int64_t i = i0 + r;
-      const acc_t* s = S.data_ptr<acc_t>() + r * cols;
-      for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
-        acc_t kp, kn;
-        smallest_keys(s, lab, in.labels[i], sign, b, e, &kp, &kn);
-        if (kp < pos[i].key) {
-          pos[i] = {kp, j0 + first_with_key(s, lab, in.labels[i], sign, true, kp, b, e)};
-        }
-        if (kn < neg[i].key) {
-          neg[i] = {kn, j0 + first_with_key(s, lab, in.labels[i], -sign, false, kn, b, e)};
-        }
-      });
+    for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
+      acc_t kp, kn;
+      smallest_keys(s, lab, in.labels[i], sign, b, e, &kp, &kn);
+      if (kp < pos[i].key) {
+        pos[i] = {kp, j0 + first_with_key(s, lab, in.labels[i], sign, true, kp, b, e)};
+      }
+      if (kn < neg[i].key) {
+        neg[i] = {kn, j0 + first_with_key(s, lab, in.labels[i], -sign, false, kn, b, e)};
+      }
     });
   });
   acc_t* v = values.data_ptr<acc_t>();
@@ -325,7 +450,7 @@ struct MsRowRule {
 
 // Largest kept exponent of the positives and of the negatives over [b, e).
 template <typename acc_t, bool kMined>
-FL_CPU_CLONES void ms_max_exponents(const acc_t* s, const int64_t* lab, int64_t label,
+FL_PAIR_LOOP void ms_max_exponents(const acc_t* s, const int64_t* lab, int64_t label,
                                     MsRowRule<acc_t, kMined> rule, int64_t b, int64_t e,
                                     acc_t* pos_max, acc_t* neg_max) {
   acc_t mp = -kInf<acc_t>, mn = -kInf<acc_t>;
@@ -344,7 +469,7 @@ FL_CPU_CLONES void ms_max_exponents(const acc_t* s, const int64_t* lab, int64_t 
 
 // Sums of exp(exponent - max) of the kept positives and of the kept negatives over [b, e).
 template <typename acc_t, bool kMined>
-FL_CPU_CLONES void ms_exp_sums(const acc_t* s, const int64_t* lab, int64_t label,
+FL_PAIR_LOOP void ms_exp_sums(const acc_t* s, const int64_t* lab, int64_t label,
                                MsRowRule<acc_t, kMined> rule, int64_t b, int64_t e,
                                acc_t pos_max, acc_t neg_max, acc_t* pos_sum, acc_t* neg_sum) {
   acc_t sp = 0, sn = 0;
@@ -420,7 +545,7 @@ struct SupConSums {
 };
 
 template <typename acc_t>
-FL_CPU_CLONES SupConSums<acc_t> supcon_max_and_positives(const acc_t* s, const int64_t* lab,
+FL_PAIR_LOOP SupConSums<acc_t> supcon_max_and_positives(const acc_t* s, const int64_t* lab,
                                                          int64_t label, SupCon<acc_t> sc,
                                                          int64_t b, int64_t e) {
   acc_t m = -kInf<acc_t>, ps = 0, pc = 0;
@@ -436,7 +561,7 @@ FL_CPU_CLONES SupConSums<acc_t> supcon_max_and_positives(const acc_t* s, const i
 }
 
 template <typename acc_t>
-FL_CPU_CLONES acc_t supcon_exp_sum(const acc_t* s, SupCon<acc_t> sc, acc_t max, int64_t b,
+FL_PAIR_LOOP acc_t supcon_exp_sum(const acc_t* s, SupCon<acc_t> sc, acc_t max, int64_t b,
                                    int64_t e) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -490,7 +615,7 @@ struct ContrastiveSums {
 };
 
 template <typename acc_t>
-FL_CPU_CLONES ContrastiveSums<acc_t> contrastive_sums(const acc_t* s, const int64_t* lab,
+FL_PAIR_LOOP ContrastiveSums<acc_t> contrastive_sums(const acc_t* s, const int64_t* lab,
                                                       int64_t label, Contrastive<acc_t> c,
                                                       int64_t b, int64_t e) {
   acc_t pl = 0, pc = 0, nl = 0, nc = 0;
@@ -548,14 +673,10 @@ template <typename acc_t, typename Kind>
 void row_stats_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, const Kind& kind,
                       at::Tensor& stats) {
   std::vector<typename Kind::State> state(in.N);
-  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+  for_each_score_row(in, tiling, [&](int64_t i, int64_t j0, int64_t cols, const acc_t* s) {
     const int64_t* lab = in.ref_labels + j0;
-    for_each_row(rows, [&](int64_t r) {
-      const int64_t i = i0 + r;
-      const acc_t* s = S.data_ptr<acc_t>() + r * cols;
-      for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
-        kind.fold(state[i], s, lab, i, in.labels[i], b, e);
-      });
+    for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
+      kind.fold(state[i], s, lab, i, in.labels[i], b, e);
     });
   });
   acc_t* out = stats.data_ptr<acc_t>();
@@ -566,7 +687,7 @@ void row_stats_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, const K
 
 // row_j = w(s_j) over [b, e): the weights of distance 0, in place of S.
 template <typename acc_t, typename Weight>
-FL_CPU_CLONES void write_weights(acc_t* row, const int64_t* lab, int64_t label, Weight w,
+FL_PAIR_LOOP void write_weights(acc_t* row, const int64_t* lab, int64_t label, Weight w,
                                  int64_t b, int64_t e) {
 #pragma omp simd
   for (int64_t j = b; j < e; ++j) row[j] = w(row[j], lab[j] == label);
@@ -575,7 +696,7 @@ FL_CPU_CLONES void write_weights(acc_t* row, const int64_t* lab, int64_t label, 
 // row_j = -a_j, a_j = w(d_j) / d_j (0 at d_j = 0) over [b, e), in place of d; returns
 // sum_j a_j.
 template <typename acc_t, typename Weight>
-FL_CPU_CLONES acc_t write_euclidean_coefs(acc_t* row, const int64_t* lab, int64_t label, Weight w,
+FL_PAIR_LOOP acc_t write_euclidean_coefs(acc_t* row, const int64_t* lab, int64_t label, Weight w,
                                           int64_t b, int64_t e) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -588,6 +709,30 @@ FL_CPU_CLONES acc_t write_euclidean_coefs(acc_t* row, const int64_t* lab, int64_
   return sum;
 }
 
+// Overwrites row i of a tile (its scores at columns j0 ... j0 + cols) with the weights of
+// its pairs: w = dL/ds for distance 0, -a = -(dL/dd) / d for distance 1, 0 where no pair.
+// Returns the row's sum of a for distance 1 (0 for distance 0).
+template <typename acc_t, typename Kind>
+acc_t row_to_weights(const PairInputs<acc_t>& in, const Kind& kind, const acc_t* grad_stats,
+                     const acc_t* stats, int64_t i, int64_t j0, int64_t cols, acc_t* row) {
+  const int64_t* lab = in.ref_labels + j0;
+  const int64_t K = Kind::K;
+  const auto w = kind.weight(i, stats + K * i, grad_stats + K * i);
+  const int64_t skip = pairs::excluded_column(i, in.self_offset, in.M) - j0;
+  if (skip >= 0 && skip < cols) row[skip] = acc_t(0);
+  acc_t sum = 0;
+  for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
+    if (in.euclidean) {
+      sum += write_euclidean_coefs(row, lab, in.labels[i], w, b, e);
+    } else {
+      write_weights(row, lab, in.labels[i], w, b, e);
+    }
+  });
+  return sum;
+}
+
+// The general backward: grad_x_blk += W r_blk and grad_r_blk += W^T x_blk per tile, plus
+// the distance-1 row / column sum terms (see "Passes" above).
 template <typename acc_t, typename Kind>
 void row_stats_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, const Kind& kind,
                                const at::Tensor& grad_stats, const at::Tensor& stats,
@@ -599,23 +744,11 @@ void row_stats_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling
   at::Tensor col_coef = in.euclidean && ref_grad ? at::zeros({in.M}, opts) : at::Tensor();
   const acc_t* g = grad_stats.data_ptr<acc_t>();
   const acc_t* st = stats.data_ptr<acc_t>();
-  const int64_t K = Kind::K;
   for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
-    const int64_t* lab = in.ref_labels + j0;
     acc_t* tile = S.data_ptr<acc_t>();
     for_each_row(rows, [&](int64_t r) {
-      const int64_t i = i0 + r;
-      acc_t* row = tile + r * cols;
-      const auto w = kind.weight(i, st + K * i, g + K * i);
-      const int64_t skip = pairs::excluded_column(i, in.self_offset, in.M) - j0;
-      if (skip >= 0 && skip < cols) row[skip] = acc_t(0);
-      for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
-        if (!in.euclidean) {
-          write_weights(row, lab, in.labels[i], w, b, e);
-          return;
-        }
-        row_coef.data_ptr<acc_t>()[i] += write_euclidean_coefs(row, lab, in.labels[i], w, b, e);
-      });
+      const acc_t sum = row_to_weights(in, kind, g, st, i0 + r, j0, cols, tile + r * cols);
+      if (in.euclidean) row_coef.data_ptr<acc_t>()[i0 + r] += sum;
     });
     if (col_coef.defined()) col_coef.narrow(0, j0, cols).sub_(S.sum(at::IntArrayRef{0}));
     if (x_grad) {
@@ -627,6 +760,70 @@ void row_stats_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling
   });
   if (x_grad && in.euclidean) gx.addcmul_(in.x, row_coef.unsqueeze(1));
   if (ref_grad && in.euclidean) gr.addcmul_(in.r, col_coef.unsqueeze(1));
+}
+
+// The backward when ref is x and both gradients are asked for: the whole gradient of the
+// one tensor, returned as grad_x (grad_r stays 0; autograd adds the two, x and ref being
+// one tensor). With W the N x N weights of the general pass (rows of W are rows' own
+// weights, from their own statistics: W is not symmetric),
+//   grad_x = W x  (x as the queries)   and   grad_r = W^T x  (x as the references),
+// so the total is G x with G = W + W^T, symmetric. Per block pair I <= J of the square
+// tiling, G_IJ = W_IJ + (W_JI)^T, where W_IJ comes from S_IJ with the rows of I and W_JI
+// from S_JI = S_IJ^T with the rows of J (for_rows_of_both_blocks transposes), so
+// one product S_IJ gives both, and
+//   grad_I += G_IJ x_J,   and for I != J   grad_J += G_IJ^T x_I   (= G_JI x_I).
+// That is 3 products of B x B x D per upper tile, against 6 for the two tiles (I, J) and
+// (J, I) of the general pass. Distance 1: with W = -a the total is
+//   grad_k = sum_j (a_kj + a_jk) x_k - sum_j (a_kj + a_jk) x_j = -(sum_j G_kj) x_k + (G x)_k,
+// so the diagonal coefficient of row k is minus the row sums of G: of G_IJ for the rows
+// of I and of G_IJ^T (the column sums of G_IJ) for the rows of J when I != J.
+// Per tile: S_IJ; one parallel pass writing W_IJ into a third buffer W (S stays intact for
+// the threads that transpose it) and W_JI in place of S_JI in the transposed buffer; one
+// pass forming G = W + (W_JI)^T (W + W^T on the diagonal) over S's buffer; the products.
+// Deterministic: tiles in a fixed order, each product accumulated in place in that order.
+template <typename acc_t, typename Kind>
+void symmetric_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling,
+                               const Kind& kind, const at::Tensor& grad_stats,
+                               const at::Tensor& stats, at::Tensor& gx) {
+  if (in.N == 0) return;
+  const int64_t B = tiling.rows;
+  at::Tensor coef = in.euclidean ? at::zeros({in.N}, in.x.options()) : at::Tensor();
+  const acc_t* g = grad_stats.data_ptr<acc_t>();
+  const acc_t* st = stats.data_ptr<acc_t>();
+  at::Tensor buffer = at::empty({B * B}, in.x.options());
+  at::Tensor transposed = at::empty({B * B}, in.x.options());
+  at::Tensor weights = at::empty({B * B}, in.x.options());
+  acc_t* W = weights.data_ptr<acc_t>();
+  acc_t* St = transposed.data_ptr<acc_t>();
+  for (int64_t i0 = 0; i0 < in.N; i0 += B) {
+    const int64_t rows = std::min(B, in.N - i0);
+    const at::Tensor x_i = in.x.narrow(0, i0, rows);
+    for (int64_t j0 = i0; j0 < in.N; j0 += B) {
+      const int64_t cols = std::min(B, in.N - j0);
+      const at::Tensor x_j = in.x.narrow(0, j0, cols);
+      at::Tensor G = score_tile(in, buffer, i0, rows, j0, cols);
+      acc_t* tile = G.data_ptr<acc_t>();
+      const auto weights_of_row = [&](int64_t i, int64_t c0, int64_t n, acc_t* row) {
+        row_to_weights(in, kind, g, st, i, c0, n, row);
+      };
+      for_rows_of_both_blocks(
+          tile, St, i0, rows, j0, cols,
+          [&](int64_t i, int64_t c0, int64_t n, const acc_t* s) {  // W_IJ into W
+            acc_t* w = W + (i - i0) * n;
+            std::copy(s, s + n, w);
+            weights_of_row(i, c0, n, w);
+          },
+          weights_of_row);  // W_JI in place of S_JI
+      add_transposed(W, j0 != i0 ? St : W, tile, rows, cols);
+      if (in.euclidean) {
+        coef.narrow(0, i0, rows).sub_(G.sum(at::IntArrayRef{1}));
+        if (j0 != i0) coef.narrow(0, j0, cols).sub_(G.sum(at::IntArrayRef{0}));
+      }
+      gx.narrow(0, i0, rows).addmm_(G, x_j);
+      if (j0 != i0) gx.narrow(0, j0, cols).addmm_(G.t(), x_i);
+    }
+  }
+  if (in.euclidean) gx.addcmul_(in.x, coef.unsqueeze(1));
 }
 
 // ---- checks -----------------------------------------------------------------------------
@@ -746,7 +943,7 @@ std::tuple<at::Tensor, at::Tensor> pair_extrema(const at::Tensor& x, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kExtremaOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
-    pair_extrema_kernel(in, choose_tiling(N, ref.size(0), block_size), distance, values, indices);
+    pair_extrema_kernel(in, choose_tiling(N, ref.size(0), block_size, in.symmetric), distance, values, indices);
   });
   return {values, indices};
 }
@@ -768,13 +965,18 @@ at::Tensor pair_row_stats(const at::Tensor& x, const at::Tensor& labels, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kStatsOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
-    const Tiling tiling = choose_tiling(N, ref.size(0), block_size);
+    const Tiling tiling = choose_tiling(N, ref.size(0), block_size, in.symmetric);
     with_kind<acc_t>(kind, distance, hyper, thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
                      [&](const auto& k) { row_stats_kernel(in, tiling, k, stats); });
   });
   return stats;
 }
 
+// When ref is x (refers_to_x) and both gradients are asked for, the whole gradient comes
+// back as grad_x and grad_ref is zeros: x and ref are then one tensor, whose gradient
+// autograd forms as the sum of the two. Only the sum is the contract there. (Two distinct
+// tensors over the same memory, both requiring grad, would each see the sum's split
+// differently; their total is still right.)
 std::tuple<at::Tensor, at::Tensor> pair_row_stats_backward(
     const at::Tensor& grad_stats, const at::Tensor& stats, const at::Tensor& x,
     const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
@@ -804,10 +1006,14 @@ std::tuple<at::Tensor, at::Tensor> pair_row_stats_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBackwardOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
-    const Tiling tiling = choose_tiling(N, M, block_size);
+    const Tiling tiling = choose_tiling(N, M, block_size, in.symmetric);
     with_kind<acc_t>(kind, distance, hyper, thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
                      [&](const auto& k) {
-                       row_stats_backward_kernel(in, tiling, k, g, st, gx, gr);
+                       if (in.symmetric && x_grad && ref_grad) {
+                         symmetric_backward_kernel(in, tiling, k, g, st, gx);
+                       } else {
+                         row_stats_backward_kernel(in, tiling, k, g, st, gx, gr);
+                       }
                      });
   });
   const auto finish = [&](const at::Tensor& acc) {
