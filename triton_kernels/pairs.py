@@ -114,6 +114,13 @@ def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride, r
 
 
 @triton.jit
+def _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC: tl.constexpr):
+    """The four hyperparameters of a kind (unused ones 0), rebuilt from fp32 hi + lo pairs."""
+    return (_scalar(h0_hi, h0_lo, ACC), _scalar(h1_hi, h1_lo, ACC), _scalar(h2_hi, h2_lo, ACC),
+            _scalar(h3_hi, h3_lo, ACC))
+
+
+@triton.jit
 def _excluded_column(rows, M, self_offset):
     """Per row, the column that is no pair of it: (self_offset + i) mod M, or -1 for none
     (32-bit, as the column compares of the tiles are)."""
@@ -241,10 +248,7 @@ def _row_stats_kernel(
     row_ok = rows < N
     row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
     skip = _excluded_column(rows, M, self_offset)
-    h0 = _scalar(h0_hi, h0_lo, ACC)
-    h1 = _scalar(h1_hi, h1_lo, ACC)
-    h2 = _scalar(h2_hi, h2_lo, ACC)
-    h3 = _scalar(h3_hi, h3_lo, ACC)
+    h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
     zero = tl.zeros([BLOCK_Q], ACC)
     a0 = zero + float("-inf") if KIND != 2 else zero  # a log-sum-exp's running max
     a1 = zero
@@ -354,10 +358,7 @@ def _grad_x_kernel(
     IN_TY: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    h0 = _scalar(h0_hi, h0_lo, ACC)
-    h1 = _scalar(h1_hi, h1_lo, ACC)
-    h2 = _scalar(h2_hi, h2_lo, ACC)
-    h3 = _scalar(h3_hi, h3_lo, ACC)
+    h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
     acc = tl.zeros([BLOCK_Q, BLOCK_DO], ACC)
     diag = tl.zeros([BLOCK_Q], ACC)
     c_begin, c_end = _split_range(tl.program_id(2), blocks_per_split, BLOCK_R, M)
@@ -394,10 +395,7 @@ def _grad_ref_kernel(
     IN_TY: tl.constexpr = ref_ptr.dtype.element_ty
     cols = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    h0 = _scalar(h0_hi, h0_lo, ACC)
-    h1 = _scalar(h1_hi, h1_lo, ACC)
-    h2 = _scalar(h2_hi, h2_lo, ACC)
-    h3 = _scalar(h3_hi, h3_lo, ACC)
+    h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
     acc = tl.zeros([BLOCK_R, BLOCK_DO], ACC)
     diag = tl.zeros([BLOCK_R], ACC)
     r_begin, r_end = _split_range(tl.program_id(2), blocks_per_split, BLOCK_Q, N)
