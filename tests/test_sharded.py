@@ -6,6 +6,7 @@ function the collectives use). With process groups (marker `dist`): gloo on 127.
 spawn per world size (1, 2, 3, 4) that runs every check, uneven shards, and the error cases
 timed against the group's timeout.
 """
+import contextlib
 import datetime
 import importlib
 import importlib.util
@@ -322,9 +323,29 @@ def _num_classes(world):
     return {1: 7, 2: 9, 3: 10, 4: 10}[world]  # uneven shards from world size 2 on
 
 
+def compare_logit_shard(cos, target, shard, backend, what, **kw):
+    """sharded_margin_cross_entropy on this rank's columns of cos (shard = class_start,
+    C_local, C) against margin_cross_entropy of the reference on all of cos in fp64: the loss
+    and this shard's gradient, within the tolerance of cos's dtype. ElasticFace draws come
+    from a generator seeded alike on every rank."""
+    start, count, c = shard
+    reduction = kw.get("reduction", "mean")
+    mine = cos[:, start:start + count].clone().requires_grad_()
+    oracle = cos.double().requires_grad_()
+    loss = fusedloss.sharded_margin_cross_entropy(
+        mine, target, class_start=start, num_classes=c, backend=backend,
+        generator=torch.Generator().manual_seed(3), **kw)
+    expected = fusedloss.margin_cross_entropy(
+        oracle, target, backend="reference", generator=torch.Generator().manual_seed(3), **kw)
+    backward_of(loss, reduction)
+    backward_of(expected, reduction)
+    close(loss, expected, cos.dtype, f"loss {what}")
+    close(mine.grad, oracle.grad[:, start:start + count], cos.dtype, f"grad {what}")
+
+
 def check_logit_level(rank, world):
     c = _num_classes(world)
-    start, count = fdist.shard_range(c, world, rank)
+    shard = (*fdist.shard_range(c, world, rank), c)
     for backend in _dist_backends():
         cases = [(v, kw, "none") for v, kw in {**VARIANTS, **ELASTIC}.items()]
         cases += [("arcface", VARIANTS["arcface"], r) for r in ("mean", "sum")]
@@ -334,30 +355,11 @@ def check_logit_level(rank, world):
                 continue  # the kernels meet every variant in test_simulated_split
             kw = dict(kw, scale=16.0, reduction=reduction)
             cos, target = make_problem(6, c, ignore_index=kw.get("ignore_index", -100))
-            mine = cos[:, start:start + count].clone().requires_grad_()
-            oracle = cos.clone().requires_grad_()
-            loss = fusedloss.sharded_margin_cross_entropy(
-                mine, target, class_start=start, num_classes=c, backend=backend,
-                generator=torch.Generator().manual_seed(3), **kw)
-            expected = fusedloss.margin_cross_entropy(
-                oracle, target, backend="reference", generator=torch.Generator().manual_seed(3),
-                **kw)
-            backward_of(loss, reduction)
-            backward_of(expected, reduction)
-            what = f"{backend} {variant} {reduction} rank {rank}/{world}"
-            close(loss, expected, torch.float64, f"loss {what}")
-            close(mine.grad, oracle.grad[:, start:start + count], torch.float64, f"grad {what}")
+            compare_logit_shard(cos, target, shard, backend,
+                                f"{backend} {variant} {reduction} rank {rank}/{world}", **kw)
         if backend != "reference":  # fp32 kernels against the fp64 oracle on the same inputs
             cos, target = make_problem(6, c, torch.float32)
-            mine = cos[:, start:start + count].clone().requires_grad_()
-            oracle = cos.double().requires_grad_()
-            loss = fusedloss.sharded_margin_cross_entropy(mine, target, class_start=start,
-                                                          num_classes=c, backend=backend, m2=0.5)
-            expected = fusedloss.margin_cross_entropy(oracle, target, backend="reference", m2=0.5)
-            loss.backward()
-            expected.backward()
-            close(loss, expected, torch.float32, "fp32 loss")
-            close(mine.grad, oracle.grad[:, start:start + count], torch.float32, "fp32 grad")
+            compare_logit_shard(cos, target, shard, backend, f"fp32 {backend}", m2=0.5)
 
 
 def check_linear(rank, world):
@@ -422,6 +424,60 @@ def check_partial_fc(rank, world):
                       f"grad embeddings {what}")
 
 
+@contextlib.contextmanager
+def recorded_collectives():
+    """[(collective, shape of the tensor this rank hands it)] of every all_reduce, all_gather,
+    all_to_all_single and reduce-scatter called through torch.distributed while inside."""
+    where = {"all_reduce": 0, "all_gather": 1, "all_to_all_single": 1,
+             "reduce_scatter_single": 1, "reduce_scatter_tensor": 1}
+    calls, saved = [], {}
+
+    def recording(name, original):
+        def collective(*args, **kwargs):
+            calls.append((name, tuple(args[where[name]].shape)))
+            return original(*args, **kwargs)
+        return collective
+
+    for name in where:
+        if hasattr(dist, name):
+            saved[name] = getattr(dist, name)
+            setattr(dist, name, recording(name, saved[name]))
+    try:
+        yield calls
+    finally:
+        for name, original in saved.items():
+            setattr(dist, name, original)
+
+
+def check_partial_fc_backward_traffic(rank, world):
+    """PartialFC's backward moves the gathered N x D embedding gradient once, as a
+    reduce-scatter of its W blocks padded to the largest batch (on gloo, whose reduce_scatter
+    is a whole all_reduce underneath, an all_to_all of the blocks): no all_reduce of N x D."""
+    c = _num_classes(world)
+    x, w, labels, mine_rows = _local_batch(rank, world, c)
+    head = fusedloss.nn.PartialFC(6, c, dtype=torch.float64)
+    loss = head(x[mine_rows].clone().requires_grad_(), labels[mine_rows])
+    with recorded_collectives() as calls:
+        loss.backward()
+    longest = 1 + world  # the batch sizes are 2, 3, ..., world + 1
+    assert calls == [("all_to_all_single", (world * longest, 6))], calls
+
+
+def check_reduce_scatter_rows(rank, world):
+    """Each rank gets the sum over ranks of its own rows, from reduce_scatter_rows and from
+    both ways of summing the padded blocks: the backend's reduce-scatter (NCCL's path) and
+    the all_to_all with a local sum (gloo's)."""
+    sizes = [2 + r for r in range(world)]
+    base = torch.arange(sum(sizes) * 3, dtype=torch.float64).view(-1, 3)
+    first = sum(sizes[:rank])
+    expected = base[first:first + sizes[rank]] * (world * (world + 1) // 2)
+    rows = base * (rank + 1)
+    assert torch.equal(fdist.reduce_scatter_rows(rows, sizes), expected)
+    padded = fdist._padded_blocks(rows, sizes)
+    for way in (fdist.reduce_scatter, fdist.exchange_and_sum):
+        assert torch.equal(way(padded, world)[: sizes[rank]], expected), way.__name__
+
+
 def check_sampling(rank, world):
     c = 7 * world + 1
     start, count = fdist.shard_range(c, world, rank)
@@ -463,17 +519,9 @@ def check_sampling(rank, world):
 
 def check_empty_shards(rank, world):
     """C = 3 on 4 ranks: the last rank holds no class."""
-    start, count = fdist.shard_range(3, world, rank)
     cos, target = make_problem(4, 3)
-    mine = cos[:, start:start + count].clone().requires_grad_()
-    oracle = cos.clone().requires_grad_()
-    loss = fusedloss.sharded_margin_cross_entropy(mine, target, class_start=start, num_classes=3,
-                                                  backend="reference", m2=0.5)
-    expected = fusedloss.margin_cross_entropy(oracle, target, backend="reference", m2=0.5)
-    loss.backward()
-    expected.backward()
-    close(loss, expected, torch.float64, "loss with an empty shard")
-    close(mine.grad, oracle.grad[:, start:start + count], torch.float64, "grad")
+    compare_logit_shard(cos, target, (*fdist.shard_range(3, world, rank), 3), "reference",
+                        "with an empty shard", m2=0.5)
 
 
 def check_reshard_two_to_three(rank, world):
@@ -554,7 +602,8 @@ def check_errors(rank, world):
                  torch.float64, "loss after the errors")
 
 
-_CHECKS = ["check_logit_level", "check_linear", "check_partial_fc", "check_sampling",
+_CHECKS = ["check_logit_level", "check_linear", "check_partial_fc",
+           "check_partial_fc_backward_traffic", "check_reduce_scatter_rows", "check_sampling",
            "check_errors"]
 
 

@@ -3,7 +3,12 @@ the dense contracts of python/fusedloss/reference/sharded.py in fp64: the partia
 and the gradients from coef, at the logit level and fused with the linear layer. Margin
 variants (ArcFace, CosFace, SphereFace, combined, per-row m2 / m3), targets in this shard, in
 another one or ignored, class_start > 0, C_local = 1 and 0, odd sizes and several row blocks,
-fp64 / fp32 / fp16 / bf16, non-contiguous inputs, and every bad input's error."""
+fp64 / fp32 / fp16 / bf16, non-contiguous inputs, and every bad input's error.
+
+The checks (check_logits, check_linear, check_empty_shard) take the kernels they test as a
+`Kernels`: test_sharded_triton_kernels.py runs the same checks on the Triton kernels."""
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -12,9 +17,20 @@ from fusedloss.reference import sharded as ref
 
 from conftest import assert_close
 
-ops = torch.ops.fusedloss
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 IGNORE = -100
+
+
+class Kernels(NamedTuple):
+    """The four sharded ops of one backend (attributes named as in csrc/ops.cpp, taking the
+    schema's keywords) and the device of their tensors."""
+
+    ops: object
+    device: str
+
+
+CPU = Kernels(torch.ops.fusedloss, "cpu")
+ops = CPU.ops
 
 # (scale, m1, m2, m3), and the spread of per-row ElasticFace margins around m2 / m3.
 VARIANTS = {
@@ -33,17 +49,18 @@ def acc_dtype(dtype):
 
 
 def fp64(t):
-    return None if t is None else t.detach().double()
+    return None if t is None else t.detach().double().cpu()
 
 
-def variant_args(variant, n, dtype):
+def variant_args(variant, n, dtype, device="cpu"):
     """(row_m2, row_m3 in the accumulation dtype, the scalar hyperparameters)."""
     hyper = dict(VARIANTS[variant])
     rows = []
     for base in ("m2", "m3"):
         std = hyper.pop("std_" + base, None)
         rows.append(None if std is None else
-                    (hyper[base] + std * torch.randn(n, dtype=torch.float64)).to(acc_dtype(dtype)))
+                    (hyper[base] + std * torch.randn(n, dtype=torch.float64)).to(acc_dtype(dtype))
+                    .to(device))
     return rows[0], rows[1], hyper
 
 
@@ -92,6 +109,7 @@ def assert_stats(got, want, dtype, what):
     """Stats in the accumulation dtype; -inf exactly where the oracle has it; the rest column
     by column (lse_other, z_y, sum_z differ in size) within the accumulation dtype's tolerance."""
     assert got.dtype == acc_dtype(dtype) and got.shape == want.shape, what
+    got = got.cpu()
     infinite = want.isinf()
     assert torch.equal(got.isinf(), infinite), f"{what}: -inf at the wrong places"
     assert torch.equal(got[infinite].double(), want[infinite]), what
@@ -104,37 +122,38 @@ def assert_stats(got, want, dtype, what):
 # Logit level
 
 
-def check_logits(n, c_local, class_start, classes_after, variant, dtype, layout="contiguous",
-                 detach_margin=False):
+def check_logits(kernels, n, c_local, class_start, classes_after, variant, dtype,
+                 layout="contiguous", detach_margin=False):
     target = shard_targets(n, c_local, class_start, classes_after)
-    cos = make_cos(n, c_local, dtype, target, class_start, layout)
-    row_m2, row_m3, hyper = variant_args(variant, n, dtype)
+    cos = make_cos(n, c_local, dtype, target, class_start, layout).to(kernels.device)
+    row_m2, row_m3, hyper = variant_args(variant, n, dtype, kernels.device)
     shard = dict(class_start=class_start, ignore_index=IGNORE)
+    on_device = target.to(kernels.device)
 
-    stats = ops.sharded_margin_stats(cos, target, row_m2, row_m3, **hyper, **shard)
+    stats = kernels.ops.sharded_margin_stats(cos, on_device, row_m2, row_m3, **hyper, **shard)
     want = ref.sharded_margin_stats(fp64(cos), target, fp64(row_m2), fp64(row_m3), **hyper,
                                     **shard)
     assert_stats(stats, want, dtype, "stats")
 
-    lse = hyper["scale"] * fp64(cos).abs().amax(1) + 1.0
-    coef = make_coef(target, lse)
-    grad = ops.sharded_margin_grad(cos, target, row_m2, row_m3, coef.to(acc_dtype(dtype)),
-                                   **hyper, detach_margin=detach_margin, **shard)
+    coef = make_coef(target, hyper["scale"] * fp64(cos).abs().amax(1) + 1.0)
+    grad = kernels.ops.sharded_margin_grad(cos, on_device, row_m2, row_m3,
+                                           coef.to(acc_dtype(dtype)).to(kernels.device), **hyper,
+                                           detach_margin=detach_margin, **shard)
     want = ref.sharded_margin_grad(fp64(cos), target, fp64(row_m2), fp64(row_m3), coef, **hyper,
                                    detach_margin=detach_margin, **shard)
     assert grad.dtype == dtype and grad.shape == cos.shape and grad.is_contiguous()
-    assert_close(grad, want, dtype, "grad")
+    assert_close(grad.cpu(), want, dtype, "grad")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logit_variants(variant):
-    check_logits(9, 53, 20, 30, variant, torch.float32)
+    check_logits(CPU, 9, 53, 20, 30, variant, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", ["arcface", "combined", "elastic_cos"])
 def test_logit_dtypes(dtype, variant):
-    check_logits(7, 41, 3, 11, variant, dtype)
+    check_logits(CPU, 7, 41, 3, 11, variant, dtype)
 
 
 @pytest.mark.parametrize("n,c_local,class_start,classes_after", [
@@ -146,17 +165,17 @@ def test_logit_dtypes(dtype, variant):
     (0, 8, 0, 0),      # no rows
 ])
 def test_logit_odd_shapes(n, c_local, class_start, classes_after):
-    check_logits(n, c_local, class_start, classes_after, "arcface", torch.float32)
+    check_logits(CPU, n, c_local, class_start, classes_after, "arcface", torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
 def test_logit_non_contiguous(layout):
-    check_logits(6, 33, 4, 6, "combined", torch.float32, layout=layout)
+    check_logits(CPU, 6, 33, 4, 6, "combined", torch.float32, layout=layout)
 
 
 @pytest.mark.parametrize("variant", ["arcface", "sphereface", "combined"])
 def test_logit_detached_margin(variant):
-    check_logits(6, 29, 2, 7, variant, torch.float64, detach_margin=True)
+    check_logits(CPU, 6, 29, 2, 7, variant, torch.float64, detach_margin=True)
 
 
 def test_lse_other_far_below_the_target():
@@ -188,47 +207,47 @@ def test_targets_of_other_shards_are_legal():
 # Fused linear
 
 
-def check_linear(n, c_local, d, class_start, classes_after, variant, dtype, normalize=True,
-                 block_size=0, detach_margin=False, transposed=False):
+def check_linear(kernels, n, c_local, d, class_start, classes_after, variant, dtype,
+                 normalize=True, block_size=0, detach_margin=False, transposed=False):
     target = shard_targets(n, c_local, class_start, classes_after)
-    x = torch.randn(n, d, dtype=torch.float64).to(dtype)
-    w = torch.randn(c_local, d, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, d, dtype=torch.float64).to(dtype).to(kernels.device)
+    w = torch.randn(c_local, d, dtype=torch.float64).to(dtype).to(kernels.device)
     if transposed:
         x, w = x.t().contiguous().t(), w.t().contiguous().t()
-    row_m2, row_m3, hyper = variant_args(variant, n, dtype)
+    row_m2, row_m3, hyper = variant_args(variant, n, dtype, kernels.device)
     opts = dict(normalize=normalize, class_start=class_start, ignore_index=IGNORE,
                 block_size=block_size)
+    on_device = target.to(kernels.device)
 
-    stats = ops.sharded_margin_linear_stats(x, w, target, row_m2, row_m3, **hyper, **opts)
+    stats = kernels.ops.sharded_margin_linear_stats(x, w, on_device, row_m2, row_m3, **hyper,
+                                                    **opts)
     want = ref.sharded_margin_linear_stats(fp64(x), fp64(w), target, fp64(row_m2), fp64(row_m3),
                                            **hyper, **opts)
     assert_stats(stats, want, dtype, "linear stats")
 
-    cos = fp64(x) @ fp64(w).t()
-    if normalize:
-        cos = torch.nn.functional.normalize(fp64(x)) @ torch.nn.functional.normalize(fp64(w)).t()
-    lse = hyper["scale"] * cos.abs().amax(1) + 1.0
-    coef = make_coef(target, lse)
-    gx, gw = ops.sharded_margin_linear_grad(x, w, target, row_m2, row_m3,
-                                            coef.to(acc_dtype(dtype)), **hyper,
-                                            detach_margin=detach_margin, **opts)
+    cos = ref._cosines(fp64(x), fp64(w), normalize)
+    coef = make_coef(target, hyper["scale"] * cos.abs().amax(1) + 1.0)
+    gx, gw = kernels.ops.sharded_margin_linear_grad(x, w, on_device, row_m2, row_m3,
+                                                    coef.to(acc_dtype(dtype)).to(kernels.device),
+                                                    **hyper, detach_margin=detach_margin, **opts)
     want_x, want_w = ref.sharded_margin_linear_grad(fp64(x), fp64(w), target, fp64(row_m2),
                                                     fp64(row_m3), coef, **hyper,
                                                     detach_margin=detach_margin, **opts)
     assert gx.dtype == dtype and gw.dtype == dtype and gx.shape == x.shape and gw.shape == w.shape
-    assert_close(gx, want_x, dtype, "grad embeddings")
-    assert_close(gw, want_w, dtype, "grad weight")
+    assert_close(gx.cpu(), want_x, dtype, "grad embeddings")
+    assert_close(gw.cpu(), want_w, dtype, "grad weight")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_linear_variants(variant):
-    check_linear(7, 45, 19, 13, 20, variant, torch.float32, normalize=variant != "plain")
+    check_linear(CPU, 7, 45, 19, 13, 20, variant, torch.float32, normalize=variant != "plain")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_dtypes(dtype, normalize):
-    check_linear(6, 37, 16, 6, 9, "arcface" if normalize else "plain", dtype, normalize=normalize)
+    variant = "arcface" if normalize else "plain"
+    check_linear(CPU, 6, 37, 16, 6, 9, variant, dtype, normalize=normalize)
 
 
 @pytest.mark.parametrize("n,c_local,d,class_start,classes_after,block_size", [
@@ -239,41 +258,45 @@ def test_linear_dtypes(dtype, normalize):
     (9, 70, 33, 30, 2, 0),
 ])
 def test_linear_odd_shapes(n, c_local, d, class_start, classes_after, block_size):
-    check_linear(n, c_local, d, class_start, classes_after, "combined", torch.float32,
+    check_linear(CPU, n, c_local, d, class_start, classes_after, "combined", torch.float32,
                  block_size=block_size)
 
 
 def test_linear_half_weight_in_slices():
     """fp16: the weight is converted to fp32 a 4 MiB slice at a time (here 512 of 600 rows)."""
-    check_linear(3, 600, 2048, 5, 5, "arcface", torch.float16)
+    check_linear(CPU, 3, 600, 2048, 5, 5, "arcface", torch.float16)
 
 
 def test_linear_non_contiguous_detached():
-    check_linear(5, 27, 18, 3, 4, "elastic_arc", torch.float32, detach_margin=True,
+    check_linear(CPU, 5, 27, 18, 3, 4, "elastic_arc", torch.float32, detach_margin=True,
                  transposed=True)
 
 
-def test_empty_shard():
+def check_empty_shard(kernels):
     """More ranks than classes: a shard of no class has lse_other = -inf, z_y = sum_z = 0 and
     empty gradients (zero for the embeddings)."""
-    target = torch.tensor([0, 3, IGNORE, 5])
+    target = torch.tensor([0, 3, IGNORE, 5], device=kernels.device)
     hyper = VARIANTS["arcface"]
     shard = dict(class_start=3, ignore_index=IGNORE)
     nothing = torch.tensor([[float("-inf"), 0.0, 0.0]] * 4)
-    coef = torch.ones(4, 4)
-    cos = torch.empty(4, 0)
-    assert torch.equal(ops.sharded_margin_stats(cos, target, None, None, **hyper, **shard),
-                       nothing)
-    grad = ops.sharded_margin_grad(cos, target, None, None, coef, **hyper, detach_margin=False,
-                                   **shard)
+    coef = torch.ones(4, 4, device=kernels.device)
+    cos = torch.empty(4, 0, device=kernels.device)
+    stats = kernels.ops.sharded_margin_stats(cos, target, None, None, **hyper, **shard)
+    assert torch.equal(stats.cpu(), nothing)
+    grad = kernels.ops.sharded_margin_grad(cos, target, None, None, coef, **hyper,
+                                           detach_margin=False, **shard)
     assert grad.shape == (4, 0)
-    x, w = torch.randn(4, 8), torch.empty(0, 8)
+    x, w = torch.randn(4, 8, device=kernels.device), torch.empty(0, 8, device=kernels.device)
     opts = dict(normalize=True, block_size=0, **shard)
-    assert torch.equal(ops.sharded_margin_linear_stats(x, w, target, None, None, **hyper, **opts),
-                       nothing)
-    gx, gw = ops.sharded_margin_linear_grad(x, w, target, None, None, coef, **hyper,
-                                            detach_margin=False, **opts)
+    stats = kernels.ops.sharded_margin_linear_stats(x, w, target, None, None, **hyper, **opts)
+    assert torch.equal(stats.cpu(), nothing)
+    gx, gw = kernels.ops.sharded_margin_linear_grad(x, w, target, None, None, coef, **hyper,
+                                                    detach_margin=False, **opts)
     assert torch.equal(gx, torch.zeros_like(x)) and gw.shape == (0, 8)
+
+
+def test_empty_shard():
+    check_empty_shard(CPU)
 
 
 # ---------------------------------------------------------------------------------------

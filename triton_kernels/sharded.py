@@ -65,6 +65,45 @@ def _row_target(cos_row, t, C, class_start, ignore_index):
 
 
 @triton.jit
+def _row_prologue(row, cos_ptr, cos_row_stride, target_ptr, row_m2_ptr, row_m3_ptr, C,
+                  class_start, ignore_index, scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo,
+                  m3_hi, m3_lo, HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr,
+                  USE_ANGLE: tl.constexpr, DETACH_MARGIN: tl.constexpr,
+                  ASIN_TERMS: tl.constexpr, ACC: tl.constexpr):
+    """What both logit kernels know of a row before its columns: (the row's cosines, scale,
+    live, col, local (as _row_target), z_y and dz_y / dc_y), the scalars in ACC from their
+    fp32 hi + lo pairs, m2 and m3 the row's ElasticFace draws where given."""
+    cos_row = cos_ptr + row * cos_row_stride
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
+    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                          HAS_ROW_M2, HAS_ROW_M3, ACC)
+    live, col, local, c_y = _row_target(cos_row, tl.load(target_ptr + row), C, class_start,
+                                        ignore_index)
+    z_y, slope = _target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN,
+                               ASIN_TERMS)
+    return cos_row, scale, live, col, local, z_y, slope
+
+
+@triton.jit
+def _other_logits(cos_row, cols, col, C, scale, ACC: tl.constexpr):
+    """The logits z_j = s c_j of a chunk's columns j in [0, C) other than the target column
+    col: (z with -inf elsewhere, for the log-sum-exp; z with 0 elsewhere, for the sum)."""
+    valid = (cols < C) & (cols != col)
+    z = scale * tl.load(cos_row + cols, mask=valid, other=0.0).to(ACC)
+    return tl.where(valid, z, float("-inf")), tl.where(valid, z, 0.0)
+
+
+@triton.jit
+def _add_to_lse(m_run, s_run, z):
+    """The running (max M, sum of exp(z - M_ref)) with a chunk z added (the rescaling of the
+    module docstring; M_ref = M, or 0 while M is still -inf)."""
+    m_new = tl.maximum(m_run, tl.max(z, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s_run * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
+
+
+@triton.jit
 def _stats_kernel(
     cos_ptr, target_ptr, row_m2_ptr, row_m3_ptr, stats_ptr,
     C, cos_row_stride, class_start, ignore_index,
@@ -75,15 +114,10 @@ def _stats_kernel(
     """stats [N, 3] of one row; an ignored row reads nothing and keeps (-inf, 0, 0)."""
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    cos_row = cos_ptr + row * cos_row_stride
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
-    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
-                          HAS_ROW_M2, HAS_ROW_M3, ACC)
-
-    live, col, local, c_y = _row_target(cos_row, tl.load(target_ptr + row), C, class_start,
-                                        ignore_index)
-    z_y, _ = _target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, True, ASIN_TERMS)
+    cos_row, scale, live, col, local, z_y, _ = _row_prologue(
+        row, cos_ptr, cos_row_stride, target_ptr, row_m2_ptr, row_m3_ptr, C, class_start,
+        ignore_index, scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo,
+        HAS_ROW_M2, HAS_ROW_M3, USE_ANGLE, True, ASIN_TERMS, ACC)  # the stats need no slope
     z_y = tl.where(local, z_y, 0.0)
 
     offs = tl.arange(0, BLOCK_C)
@@ -91,15 +125,9 @@ def _stats_kernel(
     s_oth = tl.full([], 0.0, ACC)  # sum_{j != y} exp(z_j - m_ref)
     z_acc = tl.zeros([BLOCK_C], dtype=ACC)
     for start in range(0, tl.where(live, C, 0), BLOCK_C):
-        cols = start + offs
-        valid = (cols < C) & (cols != col)
-        z = scale * tl.load(cos_row + cols, mask=valid, other=0.0).to(ACC)
-        z_acc += tl.where(valid, z, 0.0)
-        z = tl.where(valid, z, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_oth = s_oth * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
-        m_run = m_new
+        z, z_or_zero = _other_logits(cos_row, start + offs, col, C, scale, ACC)
+        z_acc += z_or_zero
+        m_run, s_oth = _add_to_lse(m_run, s_oth, z)
     lse_other = tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(s_oth)
     out = stats_ptr + row * 3
     tl.store(out, lse_other)
@@ -120,15 +148,10 @@ def _grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_row = cols < C
-    cos_row = cos_ptr + row * cos_row_stride
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
-    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
-                          HAS_ROW_M2, HAS_ROW_M3, ACC)
-
-    live, col, local, c_y = _row_target(cos_row, tl.load(target_ptr + row), C, class_start,
-                                        ignore_index)
-    _, slope = _target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
+    cos_row, scale, live, col, local, _, slope = _row_prologue(
+        row, cos_ptr, cos_row_stride, target_ptr, row_m2_ptr, row_m3_ptr, C, class_start,
+        ignore_index, scale_hi, scale_lo, m1_hi, m1_lo, m2_hi, m2_lo, m3_hi, m3_lo,
+        HAS_ROW_M2, HAS_ROW_M3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS, ACC)
     lse = tl.load(coef_ptr + row * 4)
     a = tl.load(coef_ptr + row * 4 + 1)
     b = tl.load(coef_ptr + row * 4 + 2)

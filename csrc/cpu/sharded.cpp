@@ -176,19 +176,45 @@ void check_coef(const at::Tensor& coef, int64_t N, at::ScalarType acc_type, cons
   TORCH_CHECK(coef.device().is_cpu(), op, ": coef must be on the CPU, got ", coef.device());
 }
 
-template <typename acc_t>
-Shard<acc_t> make_shard(const at::Tensor& target, const std::optional<at::Tensor>& row_m2,
-                        const std::optional<at::Tensor>& row_m3, double scale, double m1,
-                        double m2, double m3, bool detach_margin, int64_t class_start,
-                        int64_t num_local, int64_t ignore_index) {
-  const bool use_angle = !(m1 == 1.0 && m2 == 0.0 && !row_m2.has_value());
-  return {target.data_ptr<int64_t>(),
-          optional_data<acc_t>(row_m2),
-          optional_data<acc_t>(row_m3),
-          {acc_t(scale), acc_t(m1), acc_t(m2), acc_t(m3), use_angle, detach_margin},
-          class_start,
-          num_local,
-          ignore_index};
+// What the four ops share besides their matrices, checked and contiguous.
+struct ShardInputs {
+  at::ScalarType acc_type;  // of stats, coef and the row margins: fp64 for fp64 input, else fp32
+  at::Tensor target;
+  std::optional<at::Tensor> row_m2, row_m3;
+  double scale, m1, m2, m3;
+  int64_t class_start, ignore_index;
+
+  // The row kernels' view of a shard of num_local classes.
+  template <typename acc_t>
+  Shard<acc_t> shard(bool detach_margin, int64_t num_local) const {
+    const bool use_angle = !(m1 == 1.0 && m2 == 0.0 && !row_m2.has_value());
+    return {target.data_ptr<int64_t>(),
+            optional_data<acc_t>(row_m2),
+            optional_data<acc_t>(row_m3),
+            {acc_t(scale), acc_t(m1), acc_t(m2), acc_t(m3), use_angle, detach_margin},
+            class_start,
+            num_local,
+            ignore_index};
+  }
+};
+
+// The checks every op makes after those of its matrix `rows` (cos or the embeddings, whose
+// N rows and dtype the other inputs follow); coef only for the grad ops.
+ShardInputs checked_shard_inputs(const at::Tensor& rows, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& row_m2,
+                                 const std::optional<at::Tensor>& row_m3, const at::Tensor* coef,
+                                 double scale, double m1, double m2, double m3,
+                                 int64_t class_start, int64_t ignore_index, const char* op) {
+  const int64_t N = rows.size(0);
+  const at::ScalarType acc_type = acc_type_of(rows);
+  check_row_tensor(row_m2, "row_m2", N, acc_type, op);
+  check_row_tensor(row_m3, "row_m3", N, acc_type, op);
+  if (coef != nullptr) check_coef(*coef, N, acc_type, op);
+  ShardInputs in{acc_type, target.contiguous(), contiguous_or_none(row_m2),
+                 contiguous_or_none(row_m3), scale, m1, m2, m3, class_start, ignore_index};
+  check_shard(in.target, class_start, ignore_index, op);
+  check_scale(scale, op);
+  return in;
 }
 
 int64_t rows_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
@@ -196,32 +222,23 @@ int64_t rows_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int
 // ---------------------------------------------------------------------------------------
 // Logit level.
 
-at::Tensor sharded_margin_stats(const at::Tensor& cos_in, const at::Tensor& target_in,
-                                const std::optional<at::Tensor>& row_m2_in,
-                                const std::optional<at::Tensor>& row_m3_in, double scale,
+at::Tensor sharded_margin_stats(const at::Tensor& cos_in, const at::Tensor& target,
+                                const std::optional<at::Tensor>& row_m2,
+                                const std::optional<at::Tensor>& row_m3, double scale,
                                 double m1, double m2, double m3, int64_t class_start,
                                 int64_t ignore_index) {
   constexpr const char* kOp = "sharded_margin_stats";
-  check_cos(cos_in, target_in, kOp);
+  check_cos(cos_in, target, kOp);
+  const ShardInputs in = checked_shard_inputs(cos_in, target, row_m2, row_m3, nullptr, scale, m1,
+                                              m2, m3, class_start, ignore_index, kOp);
   const int64_t N = cos_in.size(0), C = cos_in.size(1);
-  const auto acc_type = acc_type_of(cos_in);
-  check_row_tensor(row_m2_in, "row_m2", N, acc_type, kOp);
-  check_row_tensor(row_m3_in, "row_m3", N, acc_type, kOp);
-  const at::Tensor target = target_in.contiguous();
-  check_shard(target, class_start, ignore_index, kOp);
-  check_scale(scale, kOp);
-
   const at::Tensor cos = cos_in.stride(1) == 1 ? cos_in : cos_in.contiguous();
-  const auto row_m2 = contiguous_or_none(row_m2_in);
-  const auto row_m3 = contiguous_or_none(row_m3_in);
-  at::Tensor stats = at::empty({N, 3}, cos.options().dtype(acc_type));
+  at::Tensor stats = at::empty({N, 3}, cos.options().dtype(in.acc_type));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(), kOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The stats need no margin slope: detach_margin skips it.
-    const Shard<acc_t> shard = make_shard<acc_t>(target, row_m2, row_m3, scale, m1, m2, m3,
-                                                 /*detach_margin=*/true, class_start, C,
-                                                 ignore_index);
+    const Shard<acc_t> shard = in.shard<acc_t>(/*detach_margin=*/true, C);
     const scalar_t* cp = cos.data_ptr<scalar_t>();
     const int64_t stride = cos.stride(0);
     acc_t* out = stats.data_ptr<acc_t>();
@@ -232,34 +249,25 @@ at::Tensor sharded_margin_stats(const at::Tensor& cos_in, const at::Tensor& targ
   return stats;
 }
 
-at::Tensor sharded_margin_grad(const at::Tensor& cos_in, const at::Tensor& target_in,
-                               const std::optional<at::Tensor>& row_m2_in,
-                               const std::optional<at::Tensor>& row_m3_in,
+at::Tensor sharded_margin_grad(const at::Tensor& cos_in, const at::Tensor& target,
+                               const std::optional<at::Tensor>& row_m2,
+                               const std::optional<at::Tensor>& row_m3,
                                const at::Tensor& coef_in, double scale, double m1, double m2,
                                double m3, bool detach_margin, int64_t class_start,
                                int64_t ignore_index) {
   constexpr const char* kOp = "sharded_margin_grad";
-  check_cos(cos_in, target_in, kOp);
+  check_cos(cos_in, target, kOp);
+  const ShardInputs in = checked_shard_inputs(cos_in, target, row_m2, row_m3, &coef_in, scale,
+                                              m1, m2, m3, class_start, ignore_index, kOp);
   const int64_t N = cos_in.size(0), C = cos_in.size(1);
-  const auto acc_type = acc_type_of(cos_in);
-  check_row_tensor(row_m2_in, "row_m2", N, acc_type, kOp);
-  check_row_tensor(row_m3_in, "row_m3", N, acc_type, kOp);
-  check_coef(coef_in, N, acc_type, kOp);
-  const at::Tensor target = target_in.contiguous();
-  check_shard(target, class_start, ignore_index, kOp);
-  check_scale(scale, kOp);
-
   const at::Tensor cos = cos_in.stride(1) == 1 ? cos_in : cos_in.contiguous();
   const at::Tensor coef = coef_in.contiguous();
-  const auto row_m2 = contiguous_or_none(row_m2_in);
-  const auto row_m3 = contiguous_or_none(row_m3_in);
   at::Tensor grad = at::empty({N, C}, cos.options());
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(), kOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Shard<acc_t> shard = make_shard<acc_t>(target, row_m2, row_m3, scale, m1, m2, m3,
-                                                 detach_margin, class_start, C, ignore_index);
+    const Shard<acc_t> shard = in.shard<acc_t>(detach_margin, C);
     const scalar_t* cp = cos.data_ptr<scalar_t>();
     const int64_t stride = cos.stride(0);
     const acc_t* kp = coef.data_ptr<acc_t>();
@@ -294,35 +302,26 @@ struct GradEpilogue {
 };
 
 at::Tensor sharded_margin_linear_stats(const at::Tensor& x_in, const at::Tensor& w_in,
-                                       const at::Tensor& target_in,
-                                       const std::optional<at::Tensor>& row_m2_in,
-                                       const std::optional<at::Tensor>& row_m3_in, double scale,
+                                       const at::Tensor& target,
+                                       const std::optional<at::Tensor>& row_m2,
+                                       const std::optional<at::Tensor>& row_m3, double scale,
                                        double m1, double m2, double m3, bool normalize,
                                        int64_t class_start, int64_t ignore_index,
                                        int64_t block_size) {
   constexpr const char* kOp = "sharded_margin_linear_stats";
-  linear::check_inputs(x_in, w_in, target_in, block_size, kOp);
+  linear::check_inputs(x_in, w_in, target, block_size, kOp);
+  const ShardInputs in = checked_shard_inputs(x_in, target, row_m2, row_m3, nullptr, scale, m1,
+                                              m2, m3, class_start, ignore_index, kOp);
   const int64_t N = x_in.size(0), C = w_in.size(0);
-  const auto acc_type = acc_type_of(x_in);
-  check_row_tensor(row_m2_in, "row_m2", N, acc_type, kOp);
-  check_row_tensor(row_m3_in, "row_m3", N, acc_type, kOp);
-  const at::Tensor target = target_in.contiguous();
-  check_shard(target, class_start, ignore_index, kOp);
-  check_scale(scale, kOp);
-
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = w_in.contiguous();
-  const auto row_m2 = contiguous_or_none(row_m2_in);
-  const auto row_m3 = contiguous_or_none(row_m3_in);
-  at::Tensor stats = at::empty({N, 3}, x.options().dtype(acc_type));
+  at::Tensor stats = at::empty({N, 3}, x.options().dtype(in.acc_type));
   if (N == 0) return stats;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const StatsEpilogue<acc_t> epilogue{
-        make_shard<acc_t>(target, row_m2, row_m3, scale, m1, m2, m3, /*detach_margin=*/true,
-                          class_start, C, ignore_index),
-        stats.data_ptr<acc_t>()};
+    const StatsEpilogue<acc_t> epilogue{in.shard<acc_t>(/*detach_margin=*/true, C),
+                                        stats.data_ptr<acc_t>()};
     at::Tensor no_grad_x, no_grad_w;
     linear::run_blocks<scalar_t, false>(x, w, normalize, block_size, epilogue, no_grad_x,
                                         no_grad_w);
@@ -331,36 +330,25 @@ at::Tensor sharded_margin_linear_stats(const at::Tensor& x_in, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> sharded_margin_linear_grad(
-    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& target_in,
-    const std::optional<at::Tensor>& row_m2_in, const std::optional<at::Tensor>& row_m3_in,
+    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& target,
+    const std::optional<at::Tensor>& row_m2, const std::optional<at::Tensor>& row_m3,
     const at::Tensor& coef_in, double scale, double m1, double m2, double m3, bool detach_margin,
     bool normalize, int64_t class_start, int64_t ignore_index, int64_t block_size) {
   constexpr const char* kOp = "sharded_margin_linear_grad";
-  linear::check_inputs(x_in, w_in, target_in, block_size, kOp);
+  linear::check_inputs(x_in, w_in, target, block_size, kOp);
+  const ShardInputs in = checked_shard_inputs(x_in, target, row_m2, row_m3, &coef_in, scale, m1,
+                                              m2, m3, class_start, ignore_index, kOp);
   const int64_t N = x_in.size(0), C = w_in.size(0);
-  const auto acc_type = acc_type_of(x_in);
-  check_row_tensor(row_m2_in, "row_m2", N, acc_type, kOp);
-  check_row_tensor(row_m3_in, "row_m3", N, acc_type, kOp);
-  check_coef(coef_in, N, acc_type, kOp);
-  const at::Tensor target = target_in.contiguous();
-  check_shard(target, class_start, ignore_index, kOp);
-  check_scale(scale, kOp);
-
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = w_in.contiguous();
   const at::Tensor coef = coef_in.contiguous();
-  const auto row_m2 = contiguous_or_none(row_m2_in);
-  const auto row_m3 = contiguous_or_none(row_m3_in);
   at::Tensor grad_x, grad_w;
   std::tie(grad_x, grad_w) = linear::gradient_outputs(x, w, /*grad=*/true);
   if (N == 0) return {grad_x, grad_w};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const GradEpilogue<acc_t> epilogue{
-        make_shard<acc_t>(target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, class_start,
-                          C, ignore_index),
-        coef.data_ptr<acc_t>()};
+    const GradEpilogue<acc_t> epilogue{in.shard<acc_t>(detach_margin, C), coef.data_ptr<acc_t>()};
     linear::run_blocks<scalar_t, true>(x, w, normalize, block_size, epilogue, grad_x, grad_w);
   });
   return {grad_x, grad_w};

@@ -110,7 +110,11 @@ class PartialFC(torch.nn.Module):
     forward all-gathers the embeddings and labels (ranks may hold different batch sizes; the
     gather is padded to the largest), then each rank does its shard's fused work and two
     all_reduces of O(N) floats combine the rows. The all-gather is autograd-aware: each rank
-    gets the gradient of its own embeddings, summed over the shards. With
+    gets the gradient of its own embeddings, summed over the shards by one reduce-scatter of
+    the gathered N x D gradient (padded to W equal blocks), in which a rank receives only the
+    sum of its own rows: (W - 1) / W of the N x D on each rank's wire, half of an all_reduce's
+    2 (W - 1) / W (on gloo, whose reduce_scatter is an all_reduce underneath, an all_to_all of
+    the blocks and a local sum does it). With
     ``ddp_grad_scale=True`` (the default, insightface's convention) that gradient is the exact
     derivative of the loss times W, so that DistributedDataParallel's averaging of the
     backbone's gradients over the W ranks gives the exact gradient of the global loss;

@@ -385,7 +385,9 @@ def linear_sharded_margin_cross_entropy(
     Traffic per call: forward as :func:`sharded_margin_cross_entropy` (16 N bytes combined,
     independent of the number of classes, plus the agreement on errors, which also compares
     a checksum of the embeddings); backward all_reduces the N x D embedding gradient (N D
-    elements of the embeddings' dtype), independent of the number of classes too.
+    elements of the embeddings' dtype), independent of the number of classes too, since every
+    rank gets all of it (:class:`fusedloss.nn.PartialFC`, whose ranks need only their own
+    rows, reduce-scatters it instead: half the traffic).
     """
     fn = "linear_sharded_margin_cross_entropy"
     return _linear_sharded(fn, embeddings, weight_shard, target, kwargs, class_start=class_start,
@@ -397,9 +399,10 @@ def linear_sharded_margin_cross_entropy(
 def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start, num_classes,
                     group, normalize, block_size, backend, generator, reduce_embedding_grad):
     """linear_sharded_margin_cross_entropy; with reduce_embedding_grad=False every rank's
-    embedding gradient is its shard's contribution alone (PartialFC sums it in the backward
-    of its all-gather instead, and its gathered embeddings are the same on every rank by
-    construction, so they are not compared)."""
+    embedding gradient is its shard's contribution alone: PartialFC sums it in the backward
+    of its all-gather instead, by a reduce-scatter that hands each rank the sum of its own
+    rows only (fusedloss.distributed.reduce_scatter_rows), and its gathered embeddings are the
+    same on every rank by construction, so they are not compared."""
 
     def prepare():
         opts = _options(fn, kwargs)

@@ -24,8 +24,12 @@ torch.distributed collectives and files each call by where it came from: the agr
 errors (batch sizes and input checks, the table of every rank's shard and input digests),
 the combining all_reduces (4 N floats: independent of C), the embedding all-gather
 (N / W x D per rank: O(N D)), the label all-gather (N / W int64) and the embedding-gradient
-reduction (N x D). A machine with 2 cores runs the W ranks on the same 2 cores, so the time
-there shows what the collectives and the split cost, not the speed-up of W machines.
+reduction (a reduce-scatter of the N x D gathered gradient, padded to W equal blocks: each
+rank receives the sum of its own N / W rows), each as its payload and as the bytes the
+collective puts on the rank's wire (a reduce-scatter (W - 1) / W of its payload, half of an
+all_reduce's 2 (W - 1) / W). A machine with 2 cores runs the W ranks on the same 2 cores,
+so the time there shows what the collectives and the split cost, not the speed-up of W
+machines.
 
 **A multi-machine run** (the same per-rank measurement, over NCCL on GPUs, or gloo on CPU
 machines): ``python -m fusedloss.benchmarks.sharded`` is the script each rank of
@@ -39,7 +43,7 @@ address, reachable from the other; any free port)::
 Every rank builds its shard of PartialFC(512, 10M) and 128 rows of its own (a global batch
 of 16 x 128), runs 2 warm-up and 10 timed steps, and rank 0 prints each rank's median step
 time, peak memory beyond its inputs (CUDA: ``max_memory_allocated``) and bytes sent per
-step by kind. The script is, in short::
+step by kind (payloads, and the bytes on the wire of a ring algorithm). The script is, in short::
 
     dist.init_process_group("nccl")                        # torchrun sets RANK, WORLD_SIZE, ...
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -49,7 +53,7 @@ step by kind. The script is, in short::
     y = torch.randint(0, 10_000_000, (128,), device="cuda")        # and labels
     for _ in range(12):
         loss = head(x, y)          # all-gathers x and y, the shard's fused work, 2 all_reduces
-        loss.backward()            # the embedding gradient comes back to each rank
+        loss.backward()            # one reduce-scatter: each rank gets its rows' gradient
         head.weight.grad = x.grad = None
 
 (one machine: ``torchrun --standalone --nproc-per-node 8 -m fusedloss.benchmarks.sharded``).
@@ -254,10 +258,21 @@ def global_batch(case: dict, device="cpu"):
 
 # --- counting the bytes of the collectives ----------------------------------------------------
 
-# collective -> (position, keyword) of the tensor this rank contributes
-_PAYLOAD_ARG = {"all_reduce": (0, "tensor"), "reduce": (0, "tensor"), "broadcast": (0, "tensor"),
-                "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input_tensor"),
-                "reduce_scatter_tensor": (1, "input"), "all_to_all_single": (1, "input")}
+# collective -> (position, keyword) of the tensor this rank contributes, and the bytes one rank
+# puts on the wire per byte of it at world size W by the usual algorithm: ring all_reduce
+# (a reduce-scatter, then an all-gather) 2 (W - 1) / W; ring all-gather W - 1; all_to_all and
+# ring reduce-scatter (W - 1) / W (NCCL's; gloo's reduce_scatter runs an all_reduce, which is
+# why fusedloss.distributed uses all_to_all there); broadcast from the source and reduce: 1.
+_COLLECTIVES = {
+    "all_reduce": (0, "tensor", lambda w: 2 * (w - 1) / w),
+    "reduce": (0, "tensor", lambda w: 1.0),
+    "broadcast": (0, "tensor", lambda w: 1.0),
+    "all_gather": (1, "tensor", lambda w: w - 1),
+    "all_gather_into_tensor": (1, "input_tensor", lambda w: w - 1),
+    "reduce_scatter_tensor": (1, "input", lambda w: (w - 1) / w),
+    "reduce_scatter_single": (1, "input", lambda w: (w - 1) / w),
+    "all_to_all_single": (1, "input", lambda w: (w - 1) / w),
+}
 # a function of fusedloss on the call stack (innermost first) -> the kind of traffic
 _KIND_OF_CALLER = {
     "gather_counts": "error agreement", "gather_table": "error agreement",
@@ -289,22 +304,27 @@ def _kind_of_call(payload: torch.Tensor) -> str:
 class CollectiveCounter:
     """While installed, every collective called through the ``torch.distributed`` namespace
     (as fusedloss.distributed calls them) adds the bytes of the tensor this rank contributes
-    (all_reduce / reduce: the tensor; all_gather: this rank's input; broadcast: the tensor on
-    the source rank) to ``sent[kind] = [bytes, calls]``, kind from the fusedloss function that
-    asked for it (KINDS; "bypassing fusedloss.distributed" for a collective called from
-    anywhere else). These are payloads: a ring all_reduce puts about 2 (W - 1) / W times its
-    payload on each rank's wire, an all-gather (W - 1) / W of its output."""
+    (all_reduce / reduce: the tensor; all_gather: this rank's input; reduce-scatter and
+    all_to_all: the whole input; broadcast: the tensor on the source rank) to
+    ``sent[kind] = [bytes, calls]``, kind from the fusedloss function that asked for it
+    (KINDS; "bypassing fusedloss.distributed" for a collective called from anywhere else), and
+    the bytes the collective's usual algorithm puts on this rank's wire (_COLLECTIVES) to
+    ``wire[kind]``. The payloads do not tell an all_reduce of N x D from a reduce-scatter of
+    N x D; the wire bytes do (2 (W - 1) / W against (W - 1) / W of it)."""
 
     def __init__(self):
         self.sent: Dict[str, List[int]] = {}
+        self.wire: Dict[str, List[int]] = {}
         self._saved = {}
 
     def install(self) -> "CollectiveCounter":
         import torch.distributed as dist
 
-        for name, (pos, key) in _PAYLOAD_ARG.items():
-            self._saved[name] = original = getattr(dist, name)
-            setattr(dist, name, self._counting(name, original, pos, key))
+        for name, (pos, key, per_byte) in _COLLECTIVES.items():
+            if hasattr(dist, name):  # reduce_scatter_single: torch 2.13 on
+                self._saved[name] = original = getattr(dist, name)
+                setattr(dist, name, self._counting(original, pos, key, per_byte,
+                                                   name == "broadcast"))
         return self
 
     def uninstall(self) -> None:
@@ -314,23 +334,27 @@ class CollectiveCounter:
             setattr(dist, name, original)
         self._saved = {}
 
-    def take(self) -> Dict[str, List[int]]:
-        """The counts since the last take, reset."""
-        sent, self.sent = self.sent, {}
-        return sent
+    def take(self):
+        """(sent, wire) since the last take, reset."""
+        taken = self.sent, self.wire
+        self.sent, self.wire = {}, {}
+        return taken
 
-    def _counting(self, name, original, pos, key):
+    def _counting(self, original, pos, key, per_byte, from_source):
         import torch.distributed as dist
 
         def collective(*args, **kwargs):
             payload = args[pos] if len(args) > pos else kwargs[key]
             nbytes = payload.numel() * payload.element_size()
-            if name == "broadcast":
+            if from_source:
                 src = args[1] if len(args) > 1 else kwargs["src"]
                 nbytes = nbytes if dist.get_rank() == src else 0
-            entry = self.sent.setdefault(_kind_of_call(payload), [0, 0])
-            entry[0] += nbytes
-            entry[1] += 1
+            kind = _kind_of_call(payload)
+            wire = round(nbytes * per_byte(dist.get_world_size(kwargs.get("group"))))
+            for table, count in ((self.sent, nbytes), (self.wire, wire)):
+                entry = table.setdefault(kind, [0, 0])
+                entry[0] += count
+                entry[1] += 1
             return original(*args, **kwargs)
 
         return collective
@@ -362,7 +386,7 @@ class RankBench:
     """One rank's part of a multi-rank case: its shard of PartialFC (filled with its rows of
     the global classifier) and its rows of the global batch. ``step()`` runs forward +
     backward and reports the loss, the step time, the peak memory beyond the inputs and the
-    bytes sent, by kind (from `counter`, installed by the caller)."""
+    bytes sent (payload and wire), by kind (from `counter`, installed by the caller)."""
 
     def __init__(self, case: dict, device: torch.device, counter: CollectiveCounter, group=None):
         self.device, self.counter = device, counter
@@ -394,8 +418,9 @@ class RankBench:
             return loss.detach(), time.perf_counter() - t0
 
         (loss, seconds), memory = _peak_memory_of(forward_backward, self.device)
-        report = {"loss": float(loss), "step_s": seconds, "memory": memory,
-                  "sent": self.counter.take()}
+        sent, wire = self.counter.take()
+        report = {"loss": float(loss), "step_s": seconds, "memory": memory, "sent": sent,
+                  "wire": wire}
         if with_grads:  # numpy arrays: plain pickles through a pipe
             report["grad_x"] = self.x.grad.detach().cpu().numpy()
             report["grad_w"] = self.head.weight.grad.detach().cpu().numpy()
@@ -511,11 +536,12 @@ class RankPool:
 
 # --- the contenders of a multi-rank case -----------------------------------------------------
 
-def sent_summary(reports: List[dict]) -> Dict[str, List[int]]:
-    """kind -> [the most bytes any rank sent, its calls], in KINDS order, from rank reports."""
+def sent_summary(reports: List[dict], key: str = "sent") -> Dict[str, List[int]]:
+    """kind -> [the most bytes any rank sent, its calls], in KINDS order, from rank reports:
+    the payloads (key "sent") or the wire bytes (key "wire")."""
     out = {}
     for kind in KINDS:
-        entries = [r["sent"][kind] for r in reports if kind in r["sent"]]
+        entries = [r[key][kind] for r in reports if kind in r[key]]
         if entries:
             out[kind] = [max(e[0] for e in entries), max(e[1] for e in entries)]
     return out
@@ -538,7 +564,7 @@ def _partialfc_record(first: List[dict], last: List[dict]) -> dict:
     of the last one (the bytes by kind)."""
     extra = [r["memory"]["extra_bytes"] for r in first]
     peak = [r["memory"]["peak_bytes"] for r in first]
-    sent = sent_summary(last)
+    sent, wire = sent_summary(last), sent_summary(last, "wire")
     same = all(r["sent"] == last[0]["sent"] for r in last)
     losses = {r["loss"] for r in last}
     details = [f"per rank (rank 0 / 1 / ...): peak extra MiB {_per_rank(extra, MiB)}; peak RSS "
@@ -546,6 +572,8 @@ def _partialfc_record(first: List[dict], last: List[dict]) -> dict:
                f"(last step) ms {_per_rank([r['step_s'] for r in last], 1e-3)}"]
     who = "the same on every rank" if same else "the most of any rank"
     details.append(f"bytes sent per rank per step ({who}): {sent_text(sent)}")
+    details.append(f"bytes on the wire per rank per step (the most of any rank; ring model): "
+                   f"{sent_text(wire)}")
     if len(losses) > 1:
         details.append(f"THE RANKS' LOSSES DIFFER: {sorted(losses)}")
     return {"memory": {"method": "per rank: VmHWM after its first step - RSS before it "
@@ -555,6 +583,7 @@ def _partialfc_record(first: List[dict], last: List[dict]) -> dict:
                        "per_rank_peak_bytes": peak},
             "world": len(last), "sent_bytes_per_step": {k: v[0] for k, v in sent.items()},
             "calls_per_step": {k: v[1] for k, v in sent.items()},
+            "wire_bytes_per_step": {k: v[0] for k, v in wire.items()},
             "rank_step_ms": [r["step_s"] * 1e3 for r in last], "details": details}
 
 
@@ -713,9 +742,12 @@ def sharded_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Fam
         "(VmHWM after it, the high-water mark reset to the RSS before it: beyond the module "
         "and the inputs, the weight gradient included; the column: the largest rank), the "
         "head the engine's way (a fresh process, its first step). Bytes: the payload each "
-        "rank hands to each collective (all_reduce: its tensor; all_gather: its input), "
-        "counted by wrapping torch.distributed and filed by the fusedloss function that "
-        "called it; the notes below list them per case. On this 2-core machine the W ranks "
+        "rank hands to each collective (all_reduce: its tensor; all_gather: its input; "
+        "reduce-scatter and all_to_all: the whole input), counted by wrapping "
+        "torch.distributed and filed by the fusedloss function that called it, and the bytes "
+        "a ring algorithm puts on each rank's wire (all_reduce 2 (W - 1) / W of the payload, "
+        "all-gather W - 1 times, reduce-scatter and all_to_all (W - 1) / W); the notes below "
+        "list them per case. On this 2-core machine the W ranks "
         "share the 2 cores: the time shows the cost of the split and the collectives, not "
         "the speed-up of W machines.",
     ]
@@ -771,7 +803,7 @@ def torchrun_main(argv=None) -> int:
     # one that takes fresh pages; the allocator reuses them later); time: the timed steps
     mine = {"ms": statistics.median(r["step_s"] for r in reports[args.warmup:]) * 1e3,
             "extra": max(r["memory"]["extra_bytes"] for r in reports),
-            "loss": reports[-1]["loss"], "sent": reports[-1]["sent"]}
+            "loss": reports[-1]["loss"], "sent": reports[-1]["sent"], "wire": reports[-1]["wire"]}
     every = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:
@@ -782,6 +814,8 @@ def torchrun_main(argv=None) -> int:
                   f"loss {rec['loss']:.6g}")
         print("bytes sent per rank per step (the most of any rank): "
               + sent_text(sent_summary(every)))
+        print("bytes on the wire per rank per step (ring model): "
+              + sent_text(sent_summary(every, "wire")))
     dist.destroy_process_group()
     return 0
 
