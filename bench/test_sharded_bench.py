@@ -13,19 +13,34 @@ same at both C (the combining all_reduces are 16 N bytes, the embedding all-gath
 floats, the embedding-gradient reduction N x D), none bypassing fusedloss.distributed. The
 full-size case (C = 1,000,000, D = 512, W = 1, 2, 4) is `python -m fusedloss.bench --suite
 sharded --case "gloo rank"`."""
+import dataclasses
+
 import pytest
 import torch
 
-fusedloss = pytest.importorskip("fusedloss")
+pytest.importorskip("fusedloss")
 # the inputs and the contenders of `python -m fusedloss.bench --family sharded`
-from fusedloss.benchmarks.sharded import (RankPool, cases_of, loss_function,  # noqa: E402
-                                          one_rank_group, partialfc_case, partialfc_inputs,
-                                          sent_summary, shard_args, shard_inputs)
+from fusedloss.benchmarks.sharded import (RankPool, cases_of, one_rank_group,  # noqa: E402
+                                          partialfc_case, partialfc_inputs, sent_summary,
+                                          sharded_family)
 
 N, D, C_LOCAL = 256, 128, 20_000
 CASES = {form: cases_of(form, N, [C_LOCAL], ["float32"], D)[0] for form in ("logit", "linear")}
-CONTENDERS = ("fusedloss-sharded", "fusedloss-sharded (1-rank gloo group)",
-              "fusedloss (unsharded op)", "baseline-eager", "baseline-compile")
+IN_GROUP = "fusedloss-sharded (1-rank gloo group)"
+CONTENDERS = ("fusedloss-sharded", IN_GROUP, "fusedloss (unsharded op)", "baseline-eager",
+              "baseline-compile")
+
+
+def _with_group_contender(fam, case):
+    """The family with one more contender, the one its 1-rank group cases time: IN_GROUP,
+    the sharded function over the default process group (`gloo_group`'s, in this test)."""
+    group_case = dict(case, variant=f"{case['variant']}-group", group_backend="gloo")
+    in_group = fam.seen_by(group_case).contenders[IN_GROUP]
+    return dataclasses.replace(fam, contenders={**fam.contenders, IN_GROUP: in_group})
+
+
+FAMILY = sharded_family("cpu", False, ["float32"])
+FAMILIES = {form: _with_group_contender(FAMILY, case) for form, case in CASES.items()}
 
 
 @pytest.fixture
@@ -41,61 +56,14 @@ def gloo_group():
     dist.destroy_process_group()
 
 
-def _loss_of(case, contender, request):
-    if contender == "fusedloss-sharded":
-        return loss_function(case, "sharded")
-    if contender == "fusedloss-sharded (1-rank gloo group)":
-        return loss_function(case, "sharded", request.getfixturevalue("gloo_group"))
-    if contender == "fusedloss (unsharded op)":
-        return loss_function(case, "unsharded")
-    chain = loss_function(case, "chain")
-    return torch.compile(chain, dynamic=False) if contender == "baseline-compile" else chain
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return {form: shard_inputs(case, "cpu") for form, case in CASES.items()}
-
-
-@pytest.fixture(scope="module")
-def reference(inputs):
-    """form -> (loss, gradients of the leaves) of the eager chain."""
-    out = {}
-    for form, case in CASES.items():
-        leaves = inputs[form]["leaves"]
-        for leaf in leaves:
-            leaf.grad = None
-        loss = loss_function(case, "chain")(*shard_args(case, inputs[form]))
-        loss.backward()
-        out[form] = (loss.item(), [leaf.grad.clone() for leaf in leaves])
-        for leaf in leaves:
-            leaf.grad = None
-    return out
-
-
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("form", list(CASES))
-def test_sharded(benchmark, fwd_bwd_benchmark, assert_agrees, inputs, reference, request, form,
-                 contender):
+def test_sharded(bench_contender, request, form, contender):
+    if contender == IN_GROUP:
+        request.getfixturevalue("gloo_group")  # the group that the contender's step joins
     case = CASES[form]
-    benchmark.group = f"{case['label']} fwd+bwd"
-    benchmark.extra_info.update({k: v for k, v in case.items() if k != "label"})
-    args, leaves = shard_args(case, inputs[form]), inputs[form]["leaves"]
-    loss_of = _loss_of(case, contender, request)
-
-    def clear():
-        for leaf in leaves:
-            leaf.grad = None
-
-    def step():
-        loss = loss_of(*args)
-        loss.backward()
-        return loss
-
-    clear()
-    loss = step()  # compiles, for the compiled baseline; and checks the work is the same
-    assert_agrees(loss, leaves, *reference[form])
-    fwd_bwd_benchmark(step, clear)
+    bench_contender(FAMILIES[form], case, contender, f"{case['label']} fwd+bwd",
+                    {k: v for k, v in case.items() if k != "label"})
 
 
 # --- PartialFC over W gloo processes -----------------------------------------------------------
@@ -149,8 +117,9 @@ def test_partialfc_ranks(benchmark, fwd_bwd_benchmark, assert_agrees, rank_pool)
     assert small["embedding all-gather"] == [N_MULTI // WORLD * D_MULTI * fp32, 1]
     assert small["embedding-grad reduction"] == [N_MULTI * D_MULTI * fp32, 1]
     assert small["error agreement"][0] > 0
-    assert set(small) == {"error agreement", "combining", "embedding all-gather", "label all-gather",
-                          "embedding-grad reduction"}  # none bypassing fusedloss.distributed
+    assert set(small) == {"error agreement", "combining", "embedding all-gather",
+                          "label all-gather", "embedding-grad reduction"}  # none bypassing
+    # fusedloss.distributed
 
     benchmark.group = f"{case['label']} fwd+bwd"
     benchmark.extra_info.update(world=WORLD, N=N_MULTI, D=D_MULTI, C=C_MULTI[-1])

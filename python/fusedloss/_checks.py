@@ -98,3 +98,10 @@ def embeddings_and_weight(fn: str, embeddings, weight, target, weight_name: str 
     if weight.shape[1] != embeddings.shape[1]:
         raise ValueError(f"{fn}: embeddings [N, D] and {weight_name} [{rows}, D] must share D, "
                          f"got {tuple(embeddings.shape)} and {tuple(weight.shape)}")
+
+
+def rows_and_target(fn: str, name: str, rows, target) -> None:
+    """rows [N, C] of a floating dtype and target [N] of class indices, on one device."""
+    floating_tensor(fn, name, rows, ndim=2)
+    target_tensor(fn, target, rows.shape[0])
+    same_device(fn, **{name: rows, "target": target})

@@ -283,3 +283,32 @@ def result_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         return torch.float32
     return x.dtype
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate in: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def row_grad_op(family: str, name: str, num_tensors: int) -> Op:
+    """The Op of a kernel `(rows [N, C], t_2, ..., t_k, hyper..., compute_grad) -> (loss [N],
+    grad)` that writes the gradient of each row's loss with respect to `rows` during forward
+    (autograd: row_grad_autograd(k), k = num_tensors). Its fake outputs: the loss in the
+    accumulation dtype, the gradient shaped like `rows`, or empty when not computed."""
+
+    def fake(rows, *inputs):
+        compute_grad = inputs[-1]
+        grad = rows.new_empty(rows.shape) if compute_grad else rows.new_empty(0)
+        return rows.new_empty(rows.shape[0], dtype=accumulation_dtype(rows)), grad
+
+    setup_context, backward = row_grad_autograd(num_tensors)
+    return Op(family, name, fake=fake, setup_context=setup_context, backward=backward)
+
+
+def row_grad_loss(op: Op, backend: str, rows: torch.Tensor, target: torch.Tensor, hyper: tuple,
+                  ignore_index: int, reduction: str) -> torch.Tensor:
+    """The reduced loss of a row_grad_op's kernel on `rows` and `target` (then the other
+    inputs, `hyper`); the kernel writes the gradient only when autograd will ask for it."""
+    compute_grad = rows.requires_grad and torch.is_grad_enabled()
+    loss_rows, _ = op.for_backend(backend)(rows, target, *hyper, compute_grad)
+    return reduce_rows(loss_rows, target != ignore_index, reduction, result_dtype(rows))

@@ -131,6 +131,10 @@ class Family:
     x_label: str = "number of classes C"
     plot_along: tuple = ()
 
+    def seen_by(self, case: dict) -> "Family":
+        """The family as `case` sees it (see case_view)."""
+        return self.case_view(self, case) if self.case_view is not None else self
+
 
 FAMILIES: Dict[str, Callable[..., Family]] = {}
 # A family in DEFAULT_FAMILIES runs when --family is not given; others run when asked.
@@ -192,11 +196,6 @@ def kernel_check(backend: str, op: str, device: torch.device) -> str:
         return resolve_backend(backend, device, op)
     except (RuntimeError, ValueError) as exc:
         raise Unavailable(str(exc)) from exc
-
-
-def _case_family_view(fam: Family, case: dict) -> Family:
-    """The family as `case` sees it (see Family.case_view)."""
-    return fam.case_view(fam, case) if fam.case_view is not None else fam
 
 
 # The modules of fusedloss.benchmarks register the families when imported. They import this
@@ -262,20 +261,25 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def _mem_available() -> Optional[int]:
+def _proc_kib_field(path: str, field: str) -> Optional[int]:
+    """The bytes of a ``<field>: <n> kB`` line of a /proc file; None where it cannot be read."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def _mem_available() -> Optional[int]:
+    return _proc_kib_field("/proc/meminfo", "MemAvailable")
+
+
 def run_case(fam: Family, case: dict, device: str, repeats: int, log) -> Dict[str, dict]:
     """Time every contender of one case, interleaved. Returns name -> record."""
-    fam = _case_family_view(fam, case)
+    fam = fam.seen_by(case)
     records: Dict[str, dict] = {name: {"status": "ok"} for name in fam.contenders}
     torch._dynamo.reset()  # each case compiles its own static graph
     _free(device)
@@ -388,14 +392,7 @@ def _reset_peak_rss() -> bool:
 
 def _vmhwm_bytes() -> Optional[int]:
     """The same high-water mark as /proc/self/status reports it (per address space)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib_field("/proc/self/status", "VmHWM")
 
 
 def _maxrss_bytes() -> int:
@@ -420,7 +417,7 @@ def _measure_memory_child(spec: dict) -> dict:
     load_families()
     device = "cpu"
     fam = FAMILIES[spec["family"]](device, spec["large"], [spec["case"]["dtype"]])
-    fam = _case_family_view(fam, spec["case"])
+    fam = fam.seen_by(spec["case"])
     case, name = spec["case"], spec["contender"]
     inputs = fam.make_inputs(case, device)
     step = fam.contenders[name](case, inputs)
@@ -533,7 +530,7 @@ def _fmt(x, spec, missing="–"):
 
 def _derive(fam: Family, case: dict, records: Dict[str, dict]) -> None:
     """Ratios, memory multiples, bandwidth and loss agreement, in place."""
-    fam = _case_family_view(fam, case)
+    fam = fam.seen_by(case)
     eager, comp = (records.get(b, {}).get("median_ms") for b in fam.baselines)
     nc4 = case["N"] * case["C"] * 4
     ref_loss = records.get(fam.baselines[0], {}).get("loss")
@@ -586,7 +583,8 @@ def markdown(result: dict) -> str:
     for row in result["results"]:
         rec, label = row["record"], row["case"]["label"]
         if rec["status"] == "not installed":
-            lines.append(f"| {label} | {row['contender']} | not installed | – | – | – | – | – | – |")
+            lines.append(f"| {label} | {row['contender']} | not installed "
+                         "| – | – | – | – | – | – |")
             continue
         if rec["status"] != "ok":
             skipped.append(f"{label} / {row['contender']}: {rec['status']}")
@@ -598,7 +596,8 @@ def markdown(result: dict) -> str:
                       rec["status"] if rec["status"] == "OOM" else "error"
                       if rec["status"] != "ok" else "–")
         lines.append(f"| {label} | {row['contender']} | {time_s} | "
-                     f"{_fmt(rec.get('x_vs_eager'), '.2f')} | {_fmt(rec.get('x_vs_compile'), '.2f')} | "
+                     f"{_fmt(rec.get('x_vs_eager'), '.2f')} | "
+                     f"{_fmt(rec.get('x_vs_compile'), '.2f')} | "
                      f"{mib} | {_fmt(rec.get('x_nc4'), '.2f')} | {_fmt(rec.get('gbps'), '.1f')} | "
                      f"{_fmt(rec.get('tflops'), '.3g')} |")
         details += [f"{label} / {row['contender']}: {d}" for d in rec.get("details", ())]
@@ -637,19 +636,20 @@ def markdown(result: dict) -> str:
         lines.append("- peak extra memory: a fresh subprocess per (case, contender) imports, "
                      "builds the inputs (in place, no temporaries), resets the RSS high-water mark "
                      "(/proc/self/clear_refs; else the peak so far is the base), then runs ONE "
-                     "forward + backward: `ru_maxrss` after it minus `ru_maxrss` before it. For the "
-                     "eager contenders that step is their first; the compiled baseline first runs "
-                     "one untimed step to compile (with the mark reset after it). The input gradient "
-                     "the step leaves behind counts. \"x N·C·4B\" = that figure / one N x C fp32 "
-                     "buffer.")
+                     "forward + backward: `ru_maxrss` after it minus `ru_maxrss` before it. "
+                     "For the eager contenders that step is their first; the compiled baseline "
+                     "first runs one untimed step to compile (with the mark reset after it). "
+                     "The input gradient the step leaves behind counts. \"x N·C·4B\" = that "
+                     "figure / one N x C fp32 buffer.")
     lines.append("- GB/s (fusedloss contenders of the families on cos: margin, ce): bytes counted "
-                 "= forward reads cos and writes the gradient (N·C each), backward reads and writes "
-                 "the gradient once more to scale it: 4·N·C·itemsize bytes / time. Target gathers, "
-                 "per-row statistics and the targets are not counted. TFLOP/s: for the matmul-bound "
-                 "families (margin_linear), see their note.")
+                 "= forward reads cos and writes the gradient (N·C each), backward reads and "
+                 "writes the gradient once more to scale it: 4·N·C·itemsize bytes / time. Target "
+                 "gathers, per-row statistics and the targets are not counted. TFLOP/s: for the "
+                 "matmul-bound families (margin_linear), see their note.")
     lines.append("- inputs (margin, ce): cos uniform in (-0.8, 0.8), random targets, fixed seed. "
                  "In every family the losses of all contenders are checked against the eager "
-                 "baseline (rel. tolerance 1e-4 fp32, 3e-2 bf16/fp16): " + ("all agree." if not mismatches else "MISMATCHES below."))
+                 "baseline (rel. tolerance 1e-4 fp32, 3e-2 bf16/fp16): "
+                 + ("all agree." if not mismatches else "MISMATCHES below."))
     for note in result["family_notes"]:
         lines.append(f"- {note}")
     for s in result.get("notes", []):
@@ -769,7 +769,10 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
         names.append("ce")
     names += [n for n in getattr(args, "also", None) or [] if n not in names]
     dtypes = [args.dtype] if args.dtype else None
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
     t_start = time.perf_counter()
     result = {"device": device, "repeats": args.repeats, "large": args.large,
               "command": " ".join(["python -m fusedloss.bench"] + sys.argv[1:]),
@@ -788,7 +791,7 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
         avail = _mem_available() if device == "cpu" else None
         if avail is not None and need > 0.9 * avail:
             why = f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-            records = {n: {"status": why} for n in _case_family_view(fam, case).contenders}
+            records = {n: {"status": why} for n in fam.seen_by(case).contenders}
         else:
             records = run_case(fam, case, device, args.repeats, log)
         for name, rec in records.items():
@@ -837,7 +840,8 @@ def main(argv=None) -> int:
                         "(repeatable), e.g. "
                         "--with pairs --with sharded")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="default: bench/results")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per contender, at least (default 5)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per contender, at least (default 5)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="only this dtype (default: float32 on CPU, bfloat16 and float32 on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")

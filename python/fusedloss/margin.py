@@ -7,21 +7,13 @@ from typing import Optional
 import torch
 
 from . import _checks
-from ._ops import Op, reduce_rows, resolve_backend, result_dtype, row_grad_autograd
+from ._ops import accumulation_dtype, resolve_backend, result_dtype, row_grad_loss, row_grad_op
 from .reference import margin as reference
 
 _FN = "margin_cross_entropy"
-
-
-def _fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, label_smoothing,
-          lse_square_scale, ignore_index, compute_grad):
-    acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
-    grad = cos.new_empty(cos.shape) if compute_grad else cos.new_empty(0)
-    return cos.new_empty(cos.shape[0], dtype=acc), grad
-
-
-_SETUP_CONTEXT, _BACKWARD = row_grad_autograd(4)
-OP = Op("margin", _FN, fake=_fake, setup_context=_SETUP_CONTEXT, backward=_BACKWARD)
+# fusedloss::margin_cross_entropy(cos, target, row_m2, row_m3, scale, m1, m2, m3,
+# detach_margin, label_smoothing, lse_square_scale, ignore_index, compute_grad)
+OP = row_grad_op("margin", _FN, num_tensors=4)
 
 
 def margin_cross_entropy(
@@ -98,23 +90,18 @@ def margin_cross_entropy(
     check_generator(_FN, generator, cos.device)
     backend = resolve_backend(backend, cos.device, OP.name)
     _checks.target_values(_FN, target, cos.shape[1], ignore_index)
-    acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
-    row_m2, row_m3 = elastic_margins(opts, target, lambda: target_cosines(cos, target, ignore_index),
-                                     acc, generator)
+    row_m2, row_m3 = elastic_margins(opts, target,
+                                     lambda: target_cosines(cos, target, ignore_index),
+                                     accumulation_dtype(cos), generator)
     if backend == "reference":
         return reference.margin_cross_entropy(
             cos, target, **opts.reference_kwargs(row_m2, row_m3)).to(result_dtype(cos))
-    target = target.long()
-    compute_grad = cos.requires_grad and torch.is_grad_enabled()
-    loss_rows, _ = OP.for_backend(backend)(cos, target, row_m2, row_m3, *opts.kernel_args(),
-                                           compute_grad)
-    return reduce_rows(loss_rows, target != ignore_index, reduction, result_dtype(cos))
+    return row_grad_loss(OP, backend, cos, target.long(), (row_m2, row_m3, *opts.kernel_args()),
+                         ignore_index, reduction)
 
 
 def _check_inputs(cos, target):
-    _checks.floating_tensor(_FN, "cos", cos, ndim=2)
-    _checks.target_tensor(_FN, target, cos.shape[0])
-    _checks.same_device(_FN, cos=cos, target=target)
+    _checks.rows_and_target(_FN, "cos", cos, target)
     if cos.shape[1] == 0:
         raise ValueError(f"{_FN}: cos must have at least one class (C >= 1), got shape "
                          f"{tuple(cos.shape)}")
@@ -201,7 +188,8 @@ def elastic_margins(opts: MarginOptions, target, target_cosines, acc_dtype, gene
 
 def _rows_by_target_cosine(cos_y, valid):
     """Row indices, not-ignored rows first by ascending target cosine, then ignored rows."""
-    key = torch.where(valid, cos_y.detach().float(), torch.full_like(cos_y, float("inf"), dtype=torch.float32))
+    last = torch.full_like(cos_y, float("inf"), dtype=torch.float32)
+    key = torch.where(valid, cos_y.detach().float(), last)
     return torch.sort(key, stable=True).indices
 
 

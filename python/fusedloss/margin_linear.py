@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._ops import (Op, fused_grads, keep_fused_grads, reduce_rows, resolve_backend, result_dtype,
-                   scale_fused)
+from ._ops import (Op, accumulation_dtype, fused_grads, keep_fused_grads, reduce_rows,
+                   resolve_backend, result_dtype, scale_fused)
 from .margin import check_generator, elastic_margins, margin_options
 from .reference import margin as reference
 
@@ -20,8 +20,7 @@ _NUM_INPUTS = 18  # of the schema fusedloss::margin_linear_cross_entropy
 def _fake(x, w, target, row_m2, row_m3, row_grad, scale, m1, m2, m3, detach_margin,
           label_smoothing, lse_square_scale, ignore_index, normalize, block_size, deterministic,
           compute_grad):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    loss = x.new_empty(x.shape[0], dtype=acc)
+    loss = x.new_empty(x.shape[0], dtype=accumulation_dtype(x))
     if compute_grad:
         return loss, x.new_empty(x.shape), w.new_empty(w.shape)
     return loss, x.new_empty(0), w.new_empty(0)
@@ -46,9 +45,8 @@ def _backward(ctx, grad_loss, _grad_x, _grad_w):
     if ctx.reusable and grads is not None and grads[0].shape == x.shape and same_on_every_row:
         grad_x, grad_w = (scale_fused(ctx, g, grad_loss[0]) for g in grads)
     else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        _, grad_x, grad_w = ctx.op(x, w, target, row_m2, row_m3, grad_loss.to(acc).contiguous(),
-                                   *ctx.hyper, True)
+        row_grad = grad_loss.to(accumulation_dtype(x)).contiguous()
+        _, grad_x, grad_w = ctx.op(x, w, target, row_m2, row_m3, row_grad, *ctx.hyper, True)
     return (grad_x, grad_w) + (None,) * (_NUM_INPUTS - 2)
 
 
@@ -68,8 +66,9 @@ def linear_margin_cross_entropy(
     generator: Optional[torch.Generator] = None,
     **kwargs,
 ) -> torch.Tensor:
-    """:func:`fusedloss.margin_cross_entropy` of ``cos = normalize(embeddings) @ normalize(weight).T``,
-    without storing the ``N x C`` matrix in forward or backward.
+    """:func:`fusedloss.margin_cross_entropy` of
+    ``cos = normalize(embeddings) @ normalize(weight).T``, without storing the ``N x C`` matrix
+    in forward or backward.
 
     ``embeddings [N, D]`` and ``weight [C, D]`` share one floating dtype. With
     ``normalize=True`` both are L2-normalised exactly as ``F.normalize`` does
@@ -82,7 +81,8 @@ def linear_margin_cross_entropy(
     :func:`fusedloss.margin_cross_entropy` (scale, m1, m2, m3, m2_std, m3_std, elastic_plus,
     margin_grad, label_smoothing, lse_square_scale, ignore_index, reduction), with the same
     defaults and meaning (``lse_square_scale``: PaLM's auxiliary term
-    ``lambda * logsumexp(z)^2`` per row, not :func:`fusedloss.linear_spherical_z_loss`); ElasticFace+ orders rows by their target cosine ``x_hat_i . w_hat_{y_i}``.
+    ``lambda * logsumexp(z)^2`` per row, not :func:`fusedloss.linear_spherical_z_loss`);
+    ElasticFace+ orders rows by their target cosine ``x_hat_i . w_hat_{y_i}``.
     """
     opts = margin_options(_FN, kwargs)
     _check_inputs(embeddings, weight, target, block_size)
@@ -90,13 +90,14 @@ def linear_margin_cross_entropy(
     check_generator(_FN, generator, embeddings.device)
     backend = resolve_backend(backend, embeddings.device, OP.name)
     _checks.target_values(_FN, target, weight.shape[0], opts.ignore_index)
-    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     row_m2, row_m3 = elastic_margins(
-        opts, target, lambda: _target_cosines(embeddings, weight, target, opts.ignore_index, normalize),
-        acc, generator)
+        opts, target,
+        lambda: _target_cosines(embeddings, weight, target, opts.ignore_index, normalize),
+        accumulation_dtype(embeddings), generator)
     if backend == "reference":
         return reference.linear_margin_cross_entropy(
-            embeddings, weight, target, normalize=normalize, **opts.reference_kwargs(row_m2, row_m3),
+            embeddings, weight, target, normalize=normalize,
+            **opts.reference_kwargs(row_m2, row_m3),
         ).to(result_dtype(embeddings))
     target = target.long()
     compute_grad = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)

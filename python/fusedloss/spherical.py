@@ -4,21 +4,14 @@ fusedloss.reference.spherical."""
 import torch
 
 from . import _checks
-from ._ops import Op, reduce_rows, resolve_backend, result_dtype, row_grad_autograd
+from ._ops import resolve_backend, result_dtype, row_grad_loss, row_grad_op
 from .reference import spherical as reference
 
 _FN = "spherical_z_loss"
 SIGMA_FLOOR = reference.SIGMA_FLOOR  # spherical.h kSigmaFloor
 
-
-def _fake(logits, target, a, b, ignore_index, compute_grad):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
-    return logits.new_empty(logits.shape[0], dtype=acc), grad
-
-
-_SETUP_CONTEXT, _BACKWARD = row_grad_autograd(2)
-OP = Op("spherical", _FN, fake=_fake, setup_context=_SETUP_CONTEXT, backward=_BACKWARD)
+# fusedloss::spherical_z_loss(logits, target, a, b, ignore_index, compute_grad)
+OP = row_grad_op("spherical", _FN, num_tensors=2)
 
 
 def spherical_z_loss(
@@ -76,26 +69,28 @@ def spherical_z_loss(
     "auto", "reference", "cpu", "cuda" or "triton" (see :func:`fusedloss.backends`).
     """
     _check_inputs(logits, target)
-    _checks.positive(_FN, a=a)
-    _checks.finite(_FN, b=b)
-    _checks.integer(_FN, ignore_index=ignore_index)
-    _checks.choice(_FN, "reduction", reduction, _checks.REDUCTIONS)
+    check_options(_FN, a, b, ignore_index, reduction)
     backend = resolve_backend(backend, logits.device, OP.name)
     _checks.target_values(_FN, target, logits.shape[1], ignore_index)
     target = target.long()
     if backend == "reference":
         return reference.spherical_z_loss(logits, target, a=a, b=b, ignore_index=ignore_index,
                                           reduction=reduction).to(result_dtype(logits))
-    compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    loss_rows, _ = OP.for_backend(backend)(logits, target, float(a), float(b), ignore_index,
-                                           compute_grad)
-    return reduce_rows(loss_rows, target != ignore_index, reduction, result_dtype(logits))
+    return row_grad_loss(OP, backend, logits, target, (float(a), float(b), ignore_index),
+                         ignore_index, reduction)
+
+
+def check_options(fn: str, a, b, ignore_index, reduction) -> None:
+    """The keywords of every spherical Z-loss op: a > 0, b finite, an int ignore_index and
+    a known reduction."""
+    _checks.positive(fn, a=a)
+    _checks.finite(fn, b=b)
+    _checks.integer(fn, ignore_index=ignore_index)
+    _checks.choice(fn, "reduction", reduction, _checks.REDUCTIONS)
 
 
 def _check_inputs(logits, target):
-    _checks.floating_tensor(_FN, "logits", logits, ndim=2)
-    _checks.target_tensor(_FN, target, logits.shape[0])
-    _checks.same_device(_FN, logits=logits, target=target)
+    _checks.rows_and_target(_FN, "logits", logits, target)
     if logits.shape[1] < 2:
         raise ValueError(f"{_FN}: needs C >= 2 classes (the spread of one output is zero by "
                          f"definition), got logits of shape {tuple(logits.shape)}")

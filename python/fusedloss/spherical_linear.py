@@ -68,8 +68,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._ops import reduce_rows, result_dtype
+from ._ops import accumulation_dtype, reduce_rows, result_dtype
 from .reference import spherical as reference
+from .spherical import check_options
 
 _FN = "linear_spherical_z_loss"
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -149,10 +150,7 @@ def _check_inputs(hidden, weight, target, bias, a, b, ignore_index, reduction, b
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{_FN}: bias must have shape [C] = [{weight.shape[0]}] (one entry per "
                          f"row of weight), got {tuple(bias.shape)}")
-    _checks.positive(_FN, a=a)
-    _checks.finite(_FN, b=b)
-    _checks.integer(_FN, ignore_index=ignore_index)
-    _checks.choice(_FN, "reduction", reduction, _checks.REDUCTIONS)
+    check_options(_FN, a, b, ignore_index, reduction)
     _checks.choice(_FN, "backend", backend, _BACKENDS)
     if backend == "triton":
         raise ValueError(f"{_FN}: no Triton kernel for linear_spherical_z_loss; the factored "
@@ -161,10 +159,6 @@ def _check_inputs(hidden, weight, target, bias, a, b, ignore_index, reduction, b
     if backend in ("cpu", "cuda") and hidden.device.type != backend:
         raise ValueError(f"{_FN}: backend {backend!r} runs on {backend} tensors, got tensors on "
                          f"{hidden.device}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Classes:
@@ -237,7 +231,7 @@ class _LinearSphericalZLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, a, b, ignore_index):
         with torch.autocast(hidden.device.type, enabled=False):
-            acc = _acc_dtype(hidden.dtype)
+            acc = accumulation_dtype(hidden)
             classes = _Classes(weight, bias, acc)
             num_classes, D = classes.num_classes, classes.D
             M = classes.gram()

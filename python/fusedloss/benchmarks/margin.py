@@ -346,7 +346,8 @@ def margin_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) 
     notes = ["margin_linear: `linear_margin_cross_entropy(x, w, t, scale=64, m2=0.5)` (normalize="
              "True) on embeddings x [N, D] and class centres w [C, D], both leaves requiring grad; "
              "baseline = `arcface_linear_baseline`: `F.linear(F.normalize(x), F.normalize(w))"
-             ".clamp(-1, 1)` then `arcface_baseline`, eager and under torch.compile(dynamic=False). "
+             ".clamp(-1, 1)` then `arcface_baseline`, eager and under "
+             "torch.compile(dynamic=False). "
              "TFLOP/s (fusedloss contenders) = 6·N·C·D / time: the logits and the two gradient "
              "matmuls; the normalisations, O((N + C)·D), are not counted. No GB/s: the op is "
              "matmul-bound. Inputs: x, w normal / sqrt(D), random targets, fixed seed."]

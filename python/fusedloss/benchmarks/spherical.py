@@ -57,7 +57,9 @@ def _spherical_contender(kind: str) -> Contender:
             def f(h, w, t, bias, a, b):
                 return fusedloss.linear_spherical_z_loss(h, w, t, bias, a=a, b=b, backend="auto")
         else:
-            f = compiled(spherical_linear_baseline) if kind == "compile" else spherical_linear_baseline
+            f = spherical_linear_baseline
+            if kind == "compile":
+                f = compiled(f)
         h, w, bias, t = inputs["h"], inputs["w"], inputs["bias"], inputs["target"]
         a, b = case["a"], case["b"]
 
