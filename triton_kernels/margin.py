@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedloss._ops import accumulation_dtype
+
 _PI = tl.constexpr(math.pi)
 _THETA_EPS = tl.constexpr(0.01)  # margin.h kThetaEps
 _SIN_THETA_EPS = tl.constexpr(math.sin(0.01))
@@ -236,7 +238,7 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
         cos = cos.contiguous()
     target = target.contiguous()
     n, c = cos.shape
-    acc_dtype = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(cos)
     loss = torch.empty(n, dtype=acc_dtype, device=cos.device)
     grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device) if compute_grad else cos.new_empty(0)
     # Unused pointer arguments get `loss`: they sit in branches that the constexprs remove.

@@ -118,6 +118,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedloss._ops import accumulation_dtype
 from fusedloss.triton_kernels.margin import _hi_lo, _target_logit
 
 _NORM_EPS = 1e-12  # F.normalize's eps
@@ -449,7 +450,7 @@ def _pipeline(embeddings: Tensor, weight: Tensor, target: Tensor, normalize: boo
     x = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     dev = x.device
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x)
     if normalize:
         norm_x = torch.linalg.vector_norm(x, dim=1, dtype=acc)
         norm_w = torch.linalg.vector_norm(w, dim=1, dtype=acc)

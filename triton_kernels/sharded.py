@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedloss._ops import accumulation_dtype
 from fusedloss.triton_kernels import margin_linear as _linear
 from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _row_margins, _target_logit
 
@@ -168,10 +169,6 @@ def _grad_kernel(
 # Launchers: the four ops of csrc/ops.cpp, inputs validated by the caller.
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _row_stride_layout(cos: Tensor) -> Tensor:
     """cos itself when its rows are contiguous (any row stride), else a contiguous copy."""
     return cos if cos.stride(1) == 1 or cos.shape[1] <= 1 else cos.contiguous()
@@ -201,7 +198,7 @@ def sharded_margin_stats(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
     """fusedloss::sharded_margin_stats: the partials [N, 3] (fp32, fp64 for fp64 cos)."""
     cos = _row_stride_layout(cos)
     n, c = cos.shape
-    stats = torch.empty((n, 3), dtype=_acc_dtype(cos), device=cos.device)
+    stats = torch.empty((n, 3), dtype=accumulation_dtype(cos), device=cos.device)
     if n == 0:
         return stats
     pointers, scalars, constexprs = _margin_args(row_m2, row_m3, stats, scale, m1, m2, m3,
@@ -223,7 +220,7 @@ def sharded_margin_grad(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
     grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device)
     if grad.numel() == 0:
         return grad
-    coef = coef.to(_acc_dtype(cos)).contiguous()
+    coef = coef.to(accumulation_dtype(cos)).contiguous()
     pointers, scalars, constexprs = _margin_args(row_m2, row_m3, coef, scale, m1, m2, m3,
                                                  coef.dtype)
     options = _launch_options(c, cos.device)

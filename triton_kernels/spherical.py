@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedloss._ops import accumulation_dtype
 from fusedloss.triton_kernels.margin import _block_c, _hi_lo
 
 _SIGMA_FLOOR = tl.constexpr(1e-12)  # spherical.h kSigmaFloor
@@ -163,7 +164,7 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, ignore_
         logits = logits.contiguous()
     target = target.contiguous()
     n, c = logits.shape
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(logits)
     loss = torch.empty(n, dtype=acc_dtype, device=logits.device)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if compute_grad \
         else logits.new_empty(0)

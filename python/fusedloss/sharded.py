@@ -31,17 +31,13 @@ import torch.nn.functional as F
 
 from . import _checks
 from . import distributed as fdist
-from ._ops import Op, reduce_rows, resolve_backend, result_dtype
+from ._ops import Op, accumulation_dtype, reduce_rows, resolve_backend, result_dtype
 from .margin import MarginOptions, check_generator, elastic_margins, margin_options
 from .reference import sharded as reference
 
 
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _stats_fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, class_start, ignore_index):
-    return cos.new_empty(cos.shape[0], 3, dtype=_acc(cos))
+    return cos.new_empty(cos.shape[0], 3, dtype=accumulation_dtype(cos))
 
 
 def _grad_fake(cos, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_margin,
@@ -51,7 +47,7 @@ def _grad_fake(cos, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_marg
 
 def _linear_stats_fake(x, w, target, row_m2, row_m3, scale, m1, m2, m3, normalize, class_start,
                        ignore_index, block_size):
-    return x.new_empty(x.shape[0], 3, dtype=_acc(x))
+    return x.new_empty(x.shape[0], 3, dtype=accumulation_dtype(x))
 
 
 def _linear_grad_fake(x, w, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_margin,
@@ -171,7 +167,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cos, target, row_m2, row_m3, shard: Shard):
         if cos.shape[1] == 0:
-            stats = _empty_shard_stats(cos.shape[0], _acc(cos), cos.device)
+            stats = _empty_shard_stats(cos.shape[0], accumulation_dtype(cos), cos.device)
         else:
             stats = kernel(STATS, shard.backend)(cos, target, row_m2, row_m3, *shard.margins(),
                                                  shard.class_start, shard.opts.ignore_index)
@@ -196,7 +192,7 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, target, row_m2, row_m3, shard: Shard):
         if w.shape[0] == 0:
-            stats = _empty_shard_stats(x.shape[0], _acc(x), x.device)
+            stats = _empty_shard_stats(x.shape[0], accumulation_dtype(x), x.device)
         else:
             stats = kernel(LINEAR_STATS, shard.backend)(
                 x, w, target, row_m2, row_m3, *shard.margins(), shard.normalize,
@@ -341,7 +337,8 @@ def sharded_margin_cross_entropy(
         _check_class_range(fn, class_start, num_classes)
         check_generator(fn, generator, local_cos.device)
         chosen = resolve_backend(backend, local_cos.device, STATS.name)
-        row_m2, row_m3 = elastic_margins(opts, target, None, _acc(local_cos), generator)
+        row_m2, row_m3 = elastic_margins(opts, target, None, accumulation_dtype(local_cos),
+                                         generator)
         shared = _shared_values(opts, (str(local_cos.dtype),), target, row_m2, row_m3)
         return _Prepared(Shard(opts, chosen, group, class_start, num_classes), target.long(),
                          row_m2, row_m3, local_cos.shape[1], shared)
@@ -415,7 +412,8 @@ def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start
                              f"{block_size}")
         check_generator(fn, generator, embeddings.device)
         chosen = resolve_backend(backend, embeddings.device, LINEAR_STATS.name)
-        row_m2, row_m3 = elastic_margins(opts, target, None, _acc(embeddings), generator)
+        row_m2, row_m3 = elastic_margins(opts, target, None, accumulation_dtype(embeddings),
+                                         generator)
         shared = _shared_values(opts, (str(embeddings.dtype), bool(normalize)), target, row_m2,
                                 row_m3, embeddings if reduce_embedding_grad else None,
                                 embeddings.shape[1])

@@ -11,11 +11,8 @@ fusedloss.reference.margin.target_logit, so nothing here depends on the kernels'
 import torch
 import torch.nn.functional as F
 
+from .._ops import accumulation_dtype
 from .margin import target_logit
-
-
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _local_target(target, num_local, class_start, ignore_index):
@@ -47,7 +44,7 @@ def _logits(cos, target, row_m2, row_m3, scale, m1, m2, m3, detach_margin, class
 def sharded_margin_stats(cos, target, row_m2, row_m3, scale, m1, m2, m3, class_start,
                          ignore_index):
     """[N, 3] = (lse_other, z_y or 0, sum_z) of this shard; ignored rows (-inf, 0, 0)."""
-    cos = cos.detach().to(_acc(cos))
+    cos = cos.detach().to(accumulation_dtype(cos))
     z, is_target, here = _logits(cos, target, row_m2, row_m3, scale, m1, m2, m3, False,
                                  class_start, ignore_index)
     ninf = torch.full_like(z, -float("inf"))
@@ -80,7 +77,7 @@ def sharded_margin_grad(cos, target, row_m2, row_m3, coef, scale, m1, m2, m3, de
                         class_start, ignore_index):
     """d/d cos of the combined loss for this shard, given coef [N, 4] = (lse, a, b, d)."""
     with torch.enable_grad():
-        c = cos.detach().to(_acc(cos)).requires_grad_(True)
+        c = cos.detach().to(accumulation_dtype(cos)).requires_grad_(True)
         objective = _coef_objective(c, target, row_m2, row_m3, coef, scale, m1, m2, m3,
                                     detach_margin, class_start, ignore_index)
         (grad,) = torch.autograd.grad(objective, c)
@@ -97,7 +94,7 @@ def sharded_margin_linear_stats(embeddings, weight, target, row_m2, row_m3, scal
                                 normalize, class_start, ignore_index, block_size):
     """sharded_margin_stats of cos = normalize(embeddings) @ normalize(weight)^T (without
     normalize: embeddings @ weight^T); block_size has no meaning here."""
-    acc = _acc(embeddings)
+    acc = accumulation_dtype(embeddings)
     cos = _cosines(embeddings.detach().to(acc), weight.detach().to(acc), normalize)
     return sharded_margin_stats(cos, target, row_m2, row_m3, scale, m1, m2, m3, class_start,
                                 ignore_index)
@@ -107,7 +104,7 @@ def sharded_margin_linear_grad(embeddings, weight, target, row_m2, row_m3, coef,
                                m3, detach_margin, normalize, class_start, ignore_index,
                                block_size):
     """(this shard's contribution to grad_embeddings, grad_weight), in the inputs' dtypes."""
-    acc = _acc(embeddings)
+    acc = accumulation_dtype(embeddings)
     with torch.enable_grad():
         x = embeddings.detach().to(acc).requires_grad_(True)
         w = weight.detach().to(acc).requires_grad_(True)
