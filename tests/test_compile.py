@@ -4,7 +4,7 @@ import torch
 
 import fusedloss
 
-from conftest import HAS_CUDA, assert_close
+from conftest import assert_compiled_matches_eager, cpu_and_gpu_backends
 
 
 def margin_samples(device):
@@ -29,52 +29,15 @@ def margin_samples(device):
     return samples
 
 
-@pytest.mark.parametrize("sample", range(8))
-def test_opcheck_margin_cpu(sample):
-    torch.library.opcheck(torch.ops.fusedloss.margin_cross_entropy, margin_samples("cpu")[sample])
-
-
-def _margin_step(backend):
+@pytest.mark.parametrize("backend,device", cpu_and_gpu_backends())
+def test_compile_fullgraph_margin(backend, device):
     def step(cos, target):
-        return fusedloss.margin_cross_entropy(cos, target, m2=0.5, label_smoothing=0.1, backend=backend)
-    return step
+        return fusedloss.margin_cross_entropy(cos, target, m2=0.5, label_smoothing=0.1,
+                                              backend=backend)
 
-
-def _check_compiled(backend, device):
     cos = (torch.rand(8, 50, device=device) * 2 - 1).requires_grad_()
     target = torch.randint(0, 50, (8,), device=device)
-    compiled = torch.compile(_margin_step(backend), fullgraph=True)
-    loss = compiled(cos, target)
-    loss.backward()
-    grad = cos.grad.clone()
-    cos.grad = None
-    eager = _margin_step(backend)(cos, target)
-    eager.backward()
-    assert_close(loss.detach(), eager.detach().double(), torch.float32, "loss")
-    assert_close(grad, cos.grad.double(), torch.float32, "grad")
-
-
-def test_compile_fullgraph_margin_cpu():
-    torch._dynamo.reset()
-    _check_compiled("cpu", "cpu")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_compile_fullgraph_margin_gpu(backend):
-    torch._dynamo.reset()
-    _check_compiled(backend, "cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("sample", range(8))
-def test_opcheck_margin_gpu(sample):
-    args = margin_samples("cuda")[sample]
-    torch.library.opcheck(torch.ops.fusedloss.margin_cross_entropy, args)
-    fusedloss.margin.OP.triton  # defines the Triton twin
-    torch.library.opcheck(torch.ops.fusedloss.margin_cross_entropy_triton, args)
+    assert_compiled_matches_eager(step, (cos, target), ("loss", "grad"))
 
 
 def margin_linear_samples(device):
@@ -95,49 +58,82 @@ def margin_linear_samples(device):
     return samples
 
 
-@pytest.mark.parametrize("sample", range(8))
-def test_opcheck_margin_linear_cpu(sample):
-    torch.library.opcheck(torch.ops.fusedloss.margin_linear_cross_entropy,
-                          margin_linear_samples("cpu")[sample])
-
-
-def _check_linear_compiled(backend, device):
+@pytest.mark.parametrize("backend,device", cpu_and_gpu_backends(["triton"]))
+def test_compile_fullgraph_margin_linear(backend, device):
     def step(x, w, target):
         return fusedloss.linear_margin_cross_entropy(x, w, target, m2=0.5, backend=backend)
 
     x = torch.randn(8, 16, device=device, requires_grad=True)
     w = torch.randn(40, 16, device=device, requires_grad=True)
     target = torch.randint(0, 40, (8,), device=device)
-    loss = torch.compile(step, fullgraph=True)(x, w, target)
-    loss.backward()
-    grads = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
-    eager = step(x, w, target)
-    eager.backward()
-    assert_close(loss.detach(), eager.detach().double(), torch.float32, "loss")
-    assert_close(grads[0], x.grad.double(), torch.float32, "grad embeddings")
-    assert_close(grads[1], w.grad.double(), torch.float32, "grad weight")
+    assert_compiled_matches_eager(step, (x, w, target),
+                                  ("loss", "grad embeddings", "grad weight"))
 
 
-def test_compile_fullgraph_margin_linear_cpu():
-    torch._dynamo.reset()
-    _check_linear_compiled("cpu", "cpu")
+def spherical_samples(device):
+    """Argument tuples of fusedloss::spherical_z_loss covering its branches."""
+    samples = []
+    for dtype, grad, a, b in [(torch.float32, True, 1.0, 0.0), (torch.float32, False, 2.0, 0.5),
+                              (torch.float64, True, 0.5, -1.0), (torch.bfloat16, True, 1.0, 0.0),
+                              (torch.float16, True, 3.0, 1.0)]:
+        logits = (torch.randn(5, 33, device=device) * 2 + 1).to(dtype).requires_grad_(grad)
+        target = torch.randint(0, 33, (5,), device=device)
+        target[0] = -100
+        samples.append((logits, target, a, b, -100, grad))
+    wide = torch.randn(6, 40, device=device)[:, :33].requires_grad_()  # row stride 40
+    samples.append((wide, torch.randint(0, 33, (6,), device=device), 1.0, 0.0, -100, True))
+    return samples
+
+
+@pytest.mark.parametrize("backend,device", cpu_and_gpu_backends())
+def test_compile_fullgraph_spherical(backend, device):
+    def step(logits, target):
+        return fusedloss.spherical_z_loss(logits, target, a=2.0, b=0.5, backend=backend)
+
+    logits = (torch.randn(8, 50, device=device) + 3).requires_grad_()
+    target = torch.randint(0, 50, (8,), device=device)
+    target[2] = -100
+    assert_compiled_matches_eager(step, (logits, target), ("loss", "grad"))
+
+
+# The ops whose CPU kernels opcheck tests: the builder of their sample arguments, and how many
+# samples it builds.
+CPU_OPCHECK = {
+    "margin_cross_entropy": (margin_samples, 8),
+    "margin_linear_cross_entropy": (margin_linear_samples, 8),
+    "spherical_z_loss": (spherical_samples, 6),
+}
+
+
+@pytest.mark.parametrize("op,sample", [(op, sample) for op, (_, count) in CPU_OPCHECK.items()
+                                       for sample in range(count)])
+def test_opcheck_cpu(op, sample):
+    samples = CPU_OPCHECK[op][0]
+    torch.library.opcheck(getattr(torch.ops.fusedloss, op), samples("cpu")[sample])
+
+
+# Per family with GPU kernels: its module (whose OP.triton defines the Triton twin op), the
+# builder of its sample arguments, how many samples it builds, and the ops run on each sample.
+GPU_OPCHECK = {
+    "margin": (fusedloss.margin, margin_samples, 8,
+               ["margin_cross_entropy", "margin_cross_entropy_triton"]),
+    "margin_linear": (fusedloss.margin_linear, margin_linear_samples, 8,
+                      ["margin_linear_cross_entropy_triton"]),
+    "spherical": (fusedloss.spherical, spherical_samples, 6,
+                  ["spherical_z_loss", "spherical_z_loss_triton"]),
+}
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_compile_fullgraph_margin_linear_triton():
-    torch._dynamo.reset()
-    _check_linear_compiled("triton", "cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("sample", range(8))
-def test_opcheck_margin_linear_triton(sample):
-    fusedloss.margin_linear.OP.triton  # defines the Triton op
-    torch.library.opcheck(torch.ops.fusedloss.margin_linear_cross_entropy_triton,
-                          margin_linear_samples("cuda")[sample])
+@pytest.mark.parametrize("family,sample", [(family, sample)
+                                           for family, (_, _, count, _) in GPU_OPCHECK.items()
+                                           for sample in range(count)])
+def test_opcheck_gpu(family, sample):
+    module, samples, _, ops = GPU_OPCHECK[family]
+    module.OP.triton  # defines the Triton twin
+    args = samples("cuda")[sample]
+    for op in ops:
+        torch.library.opcheck(getattr(torch.ops.fusedloss, op), args)
 
 
 def pair_samples(device):
@@ -177,16 +173,8 @@ def test_opcheck_pairs_cpu(sample):
 
 
 def test_compile_fullgraph_pairs_cpu():
-    torch._dynamo.reset()
-
     def step(x, labels):
         return fusedloss.supcon_loss(x, labels, backend="cpu")
 
     x = torch.randn(12, 8, requires_grad=True)
-    labels = torch.arange(12) % 4
-    loss = torch.compile(step, fullgraph=True)(x, labels)
-    loss.backward()
-    grad = x.grad.clone()
-    x.grad = None
-    step(x, labels).backward()
-    assert_close(grad, x.grad.double(), torch.float32, "grad embeddings")
+    assert_compiled_matches_eager(step, (x, torch.arange(12) % 4), ("loss", "grad embeddings"))

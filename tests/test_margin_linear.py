@@ -9,21 +9,10 @@ import torch
 import fusedloss
 from fusedloss.nn import PRESETS, MarginCrossEntropy, MarginSoftmaxHead
 
-from conftest import assert_close, device_backends
+from conftest import (MARGIN_VARIANTS, assert_curves_agree, assert_matches_oracle, bad_input_params,
+                      clustered_data, device_backends, loss_and_grads, sgd_loss_curve, small_mlp)
 
-VARIANTS = {
-    "arcface": dict(m2=0.5),
-    "cosface": dict(m3=0.35),
-    "sphereface": dict(m1=1.35),
-    "combined": dict(m1=1.0, m2=0.3, m3=0.2),
-    "arcface_detached": dict(m2=0.5, margin_grad="detached"),
-    "elastic_arc_plus": dict(m2=0.5, m2_std=0.0175, elastic_plus=True),
-    "elastic_cos": dict(m3=0.35, m3_std=0.05),
-    "smoothing": dict(m2=0.5, label_smoothing=0.1),
-    "z_loss_term": dict(m2=0.5, lse_square_scale=1e-4),
-    "z_loss_term_smoothing": dict(m3=0.35, label_smoothing=0.1, lse_square_scale=1e-2),
-    "plain_linear_ce": dict(scale=1.0, normalize=False),
-}
+VARIANTS = {**MARGIN_VARIANTS, "plain_linear_ce": dict(scale=1.0, normalize=False)}
 
 
 def make_inputs(n, c, d, dtype, device="cpu", ignore=(), zero_rows=False):
@@ -38,21 +27,28 @@ def make_inputs(n, c, d, dtype, device="cpu", ignore=(), zero_rows=False):
     return x.to(dtype).to(device), w.to(dtype).to(device), target.to(device)
 
 
+def linear_margin(**options):
+    """call(backend, x, w, target) of linear_margin_cross_entropy with `options`; elastic
+    margins are drawn from a fresh generator with the same seed for every backend."""
+    def call(backend, x, w, target):
+        gen = torch.Generator(device=x.device).manual_seed(99)
+        return fusedloss.linear_margin_cross_entropy(x, w, target, backend=backend,
+                                                     generator=gen, **options)
+    return call
+
+
+def rising_weights(loss):
+    """Incoming gradient 1, 2, 3, ... over the per-row losses (1 for a reduced loss)."""
+    return torch.arange(1.0, loss.numel() + 1, device=loss.device).reshape(loss.shape)
+
+
 def run(x, w, target, backend, **kw):
-    xg, wg = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    gen = torch.Generator(device=x.device).manual_seed(99)
-    loss = fusedloss.linear_margin_cross_entropy(xg, wg, target, backend=backend, generator=gen, **kw)
-    loss.backward(torch.arange(1.0, loss.numel() + 1, device=x.device).reshape(loss.shape))
-    return loss.detach(), xg.grad, wg.grad
+    return loss_and_grads(linear_margin(**kw), backend, (x, w, target), rising_weights)
 
 
 def check(x, w, target, backend, **kw):
-    loss, gx, gw = run(x, w, target, backend, **kw)
-    want = run(x.double().cpu(), w.double().cpu(), target.cpu(), "reference", **kw)
-    dtype = x.dtype
-    assert loss.dtype == dtype and gx.dtype == dtype and gw.dtype == dtype
-    for got, expected, what in zip((loss, gx, gw), want, ("loss", "grad embeddings", "grad weight")):
-        assert_close(got.cpu(), expected, dtype, what)
+    assert_matches_oracle(linear_margin(**kw), backend, (x, w, target),
+                          ("loss", "grad embeddings", "grad weight"), rising_weights)
 
 
 @pytest.mark.parametrize("backend,device", device_backends())
@@ -129,37 +125,25 @@ print(hwm() - base - (x.numel() + w.numel()) * 4)
 def test_convergence_of_head_matches_reference(backend, device):
     """A small embedding network with MarginSoftmaxHead, 100 steps, same seed: the losses
     of the fused head and of the reference head agree."""
-    gen = torch.Generator().manual_seed(0)
-    classes, dim, n = 12, 10, 48
-    centres = torch.randn(classes, dim, generator=gen) * 2
-    labels = torch.randint(0, classes, (n,), generator=gen)
-    data = centres[labels] + 0.5 * torch.randn(n, dim, generator=gen)
+    classes, dim = 12, 10
+    x, y = clustered_data(classes, dim, 48, centre_scale=2, noise=0.5, device=device)
 
     def train(backend_name):
         torch.manual_seed(3)
-        net = torch.nn.Sequential(torch.nn.Linear(dim, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
-        head = MarginSoftmaxHead(16, classes, "arcface", scale=16.0, m2=0.2, backend=backend_name)
-        net, head = net.double().to(device), head.double().to(device)
-        opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.1)
-        x, y = data.double().to(device), labels.to(device)
-        curve = []
-        for _ in range(100):
-            loss = head(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curve.append(loss.item())
-        return torch.tensor(curve)
+        net = small_mlp(dim, 16, device)
+        head = MarginSoftmaxHead(16, classes, "arcface", scale=16.0, m2=0.2,
+                                 backend=backend_name).double().to(device)
+        return sgd_loss_curve(lambda: head(net(x), y),
+                              list(net.parameters()) + list(head.parameters()), lr=0.1, steps=100)
 
-    fused, reference = train(backend), train("reference")
-    assert fused[-1] < 0.5 * fused[0]
-    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    assert_curves_agree(train(backend), train("reference"), tol=1e-6)
 
 
 def test_presets_and_overrides():
     assert PRESETS["arcface"] == dict(scale=64.0, m2=0.5)
     assert PRESETS["cosface"] == dict(scale=64.0, m3=0.4)
-    assert PRESETS["elastic_cosface_plus"] == dict(scale=64.0, m3=0.35, m3_std=0.02, elastic_plus=True)
+    assert PRESETS["elastic_cosface_plus"] == dict(scale=64.0, m3=0.35, m3_std=0.02,
+                                                   elastic_plus=True)
     module = MarginCrossEntropy("cosface", m3=0.35, label_smoothing=0.1)
     assert module.kwargs == dict(scale=64.0, m3=0.35, label_smoothing=0.1)
     cos = torch.rand(4, 9) * 2 - 1
@@ -183,28 +167,27 @@ def test_head_holds_one_weight_initialised_like_insightface():
     assert torch.equal(head(emb, target), want)
 
 
+def _inputs(x=(2, 4), w=(3, 4), target=None, w_dtype=torch.float32):
+    """Embeddings and weight of the given shapes, and `target` (class 0 for every row if None)."""
+    return lambda: (torch.randn(*x), torch.randn(*w, dtype=w_dtype),
+                    torch.zeros(x[0], dtype=torch.long) if target is None else target)
+
+
 BAD = [
-    ("1-D embeddings", lambda: (torch.randn(4), torch.randn(3, 4), torch.zeros(4, dtype=torch.long)),
-     {}, ValueError, "embeddings must be 2-D"),
-    ("dtype mismatch", lambda: (torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64),
-                                torch.zeros(2, dtype=torch.long)), {}, TypeError, "must share a dtype"),
-    ("D mismatch", lambda: (torch.randn(2, 4), torch.randn(3, 5), torch.zeros(2, dtype=torch.long)),
-     {}, ValueError, "must share D"),
-    ("target out of range", lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 3])),
-     {}, ValueError, r"target\[1\] = 3 is outside \[0, 3\)"),
-    ("zero block", lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2, dtype=torch.long)),
-     dict(block_size=0), ValueError, "block_size must be a positive int"),
-    ("negative scale", lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2, dtype=torch.long)),
-     dict(scale=-1.0), ValueError, "scale must be > 0"),
-    ("negative lse_square_scale", lambda: (torch.randn(2, 4), torch.randn(3, 4),
-                                           torch.zeros(2, dtype=torch.long)),
-     dict(lse_square_scale=-1.0), ValueError, "lse_square_scale must be >= 0"),
-    ("no classes", lambda: (torch.randn(2, 4), torch.randn(0, 4), torch.zeros(2, dtype=torch.long)),
-     {}, ValueError, r"C >= 1"),
+    ("1-D embeddings", _inputs(x=(4,)), {}, ValueError, "embeddings must be 2-D"),
+    ("dtype mismatch", _inputs(w_dtype=torch.float64), {}, TypeError, "must share a dtype"),
+    ("D mismatch", _inputs(w=(3, 5)), {}, ValueError, "must share D"),
+    ("target out of range", _inputs(target=torch.tensor([0, 3])), {}, ValueError,
+     r"target\[1\] = 3 is outside \[0, 3\)"),
+    ("zero block", _inputs(), dict(block_size=0), ValueError, "block_size must be a positive int"),
+    ("negative scale", _inputs(), dict(scale=-1.0), ValueError, "scale must be > 0"),
+    ("negative lse_square_scale", _inputs(), dict(lse_square_scale=-1.0), ValueError,
+     "lse_square_scale must be >= 0"),
+    ("no classes", _inputs(w=(0, 4)), {}, ValueError, r"C >= 1"),
 ]
 
 
-@pytest.mark.parametrize("args,kwargs,exc,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("args,kwargs,exc,message", bad_input_params(BAD))
 def test_bad_input_raises_clear_error(args, kwargs, exc, message):
     with pytest.raises(exc, match=message):
         fusedloss.linear_margin_cross_entropy(*args(), **kwargs)

@@ -7,24 +7,21 @@ import torch
 
 import fusedloss
 
-from conftest import HAS_CUDA, assert_close
+from conftest import assert_close, loss_and_grads
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu
 
 
 def _against_reference(call, tensors, dtype):
-    """call(backend, *leaves) on CUDA against the reference on fp64 CPU copies."""
-    def run(backend, device, cast):
-        leaves = [t.detach().to(device=device, dtype=cast).requires_grad_()
-                  if t.is_floating_point() else t.to(device) for t in tensors]
-        loss = call(backend, *leaves)
-        loss.sum().backward()
-        return [loss.detach().cpu()] + [t.grad.cpu() for t in leaves if t.is_floating_point()]
+    """call(backend, *tensors) on CUDA in `dtype` against the reference on fp64 CPU copies of
+    the same (unrounded) tensors."""
+    def cast(t, device, float_dtype):
+        return t.to(device=device, dtype=float_dtype) if t.is_floating_point() else t.to(device)
 
-    got = run(call.backend, "cuda", dtype)
-    want = run("reference", "cpu", torch.float64)
+    got = loss_and_grads(call, call.backend, [cast(t, "cuda", dtype) for t in tensors])
+    want = loss_and_grads(call, "reference", [cast(t, "cpu", torch.float64) for t in tensors])
     for g, w in zip(got, want):
-        assert_close(g, w, dtype, call.__name__)
+        assert_close(g.cpu(), w, dtype, call.__name__)
 
 
 def _case(backend):

@@ -14,16 +14,14 @@ import torch
 
 import fusedloss
 
-from conftest import assert_close, device_backends
+from conftest import assert_close, device_backends, loss_and_grads, oracle
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
-def _loss_and_grads(fn, tensors, backend, **kw):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors[:-1]]
-    loss = fn(*leaves, tensors[-1], backend=backend, **kw)
-    loss.sum().backward()
-    return [loss.detach()] + [leaf.grad for leaf in leaves]
+def _call(fn, **kw):
+    """call(backend, *tensors) of the public op `fn` with options `kw`."""
+    return lambda backend, *tensors: fn(*tensors, backend=backend, **kw)
 
 
 def _against_fp64_reference(fn, tensors, backend, **kw):
@@ -31,9 +29,8 @@ def _against_fp64_reference(fn, tensors, backend, **kw):
     dtype's tolerance of it there, and an overflow (+-inf) exactly where the reference's
     value exceeds the dtype's range (a spherical Z-loss gradient of 1e11 in fp16)."""
     dtype = tensors[0].dtype
-    got = _loss_and_grads(fn, tensors, backend, **kw)
-    want = _loss_and_grads(fn, [t.double().cpu() if t.is_floating_point() else t.cpu()
-                                for t in tensors], "reference", **kw)
+    got = loss_and_grads(_call(fn, **kw), backend, tensors)
+    want = oracle(_call(fn, **kw), tensors)
     for g, w, what in zip(got, want, ("loss", "grad 0", "grad 1")):
         g = g.cpu()
         assert torch.isfinite(w).all(), f"{what}: the reference itself is not finite"
@@ -166,7 +163,7 @@ def _ops_for(backend, device):
         "multi_similarity_loss": (fusedloss.multi_similarity_loss, [x, target % 4], {}),
         "supcon_loss": (fusedloss.supcon_loss, [x, target % 4], {}),
     }
-    return {name: (lambda fn=fn, t=t, kw=kw: _loss_and_grads(fn, t, backend, **kw))
+    return {name: (lambda fn=fn, t=t, kw=kw: loss_and_grads(_call(fn, **kw), backend, t))
             for name, (fn, t, kw) in calls.items()}
 
 
@@ -228,7 +225,7 @@ def _reset_peak_resident() -> int:
 
 def _peak_resident() -> int:
     with open("/proc/self/status") as f:
-        line = next(l for l in f if l.startswith("VmHWM:"))
+        line = next(row for row in f if row.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
 
 

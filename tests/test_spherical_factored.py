@@ -29,6 +29,17 @@ def _effective_dense(dense):
     return torch.cat([W, dense.bias.detach()[:, None]], 1) if dense.bias is not None else W
 
 
+def _step_both(dense, fac, opt, h, t, rel_tol, step):
+    """One SGD step of the dense layer (by `opt`) and of the factored one (in its backward) on
+    the same batch, whose losses agree within `rel_tol`."""
+    l1, l2 = dense(h, t), fac(h, t)
+    assert abs(l1.item() - l2.item()) <= rel_tol * abs(l1.item()), step
+    opt.zero_grad()
+    l1.backward()
+    l2.backward()
+    opt.step()
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_tracks_dense_sgd_with_network_below(bias):
     """Same losses, hidden gradients and effective W (and bias) within 1e-4 relative over 200
@@ -88,13 +99,7 @@ def test_tracks_dense_fixed_hidden_without_grad_sum_reduction_ignore_index():
         h = torch.randn(m, d, dtype=DT)
         t = torch.randint(0, C, (m,))
         t[::5] = -100
-        l1 = dense(h, t)
-        l2 = fac(h, t)
-        assert abs(l1.item() - l2.item()) <= 1e-4 * abs(l1.item()), step
-        opt.zero_grad()
-        l1.backward()
-        l2.backward()
-        opt.step()
+        _step_both(dense, fac, opt, h, t, 1e-4, step)
     assert fac.steps == 200
     assert _rel(fac.weight(), dense.weight.detach()) < 1e-4
     assert _rel(fac.weight(), fac.V) > 1e-3  # never folded: the factors carry the update
@@ -168,13 +173,7 @@ def test_fallback_fold_on_ill_conditioned_step_stays_exact():
     opt = torch.optim.SGD(dense.parameters(), lr=lr)
     for step in range(20):
         h = torch.randn(m, d, dtype=DT, requires_grad=True)
-        t = torch.randint(0, C, (m,))
-        l1, l2 = dense(h, t), fac(h, t)
-        assert abs(l1.item() - l2.item()) <= 1e-9 * abs(l1.item())
-        opt.zero_grad()
-        l1.backward()
-        l2.backward()
-        opt.step()
+        _step_both(dense, fac, opt, h, torch.randint(0, C, (m,)), 1e-9, step)
     assert fac.refolds == 20
     assert torch.equal(fac.U, torch.eye(fac.D, dtype=DT))
     assert _rel(fac.effective(), _effective_dense(dense)) < 1e-9

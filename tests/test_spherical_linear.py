@@ -9,11 +9,12 @@ from fusedloss import spherical_linear
 from fusedloss.reference import spherical as reference
 from fusedloss.spherical_linear import linear_spherical_z_loss
 
-from conftest import HAS_CUDA, assert_close
+from conftest import (assert_close, assert_gradcheck, assert_matches_oracle,
+                      loss_and_grads, oracle)
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=[
-               pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])]
+               pytest.mark.gpu])]
 
 
 def make_inputs(n, c, d, dtype=torch.float32, bias=True, ignore=(), device="cpu"):
@@ -27,37 +28,33 @@ def make_inputs(n, c, d, dtype=torch.float32, bias=True, ignore=(), device="cpu"
     return cast(h), cast(w), target.to(device), cast(q)
 
 
-def run(h, w, target, q, backend="auto", grad_weights=True, **kw):
-    """Loss and gradients of (hidden, weight, bias), with distinct weights on the rows for
-    reduction "none"."""
-    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
-    h, w, q = leaf(h), leaf(w), leaf(q)
-    loss = linear_spherical_z_loss(h, w, target, q, backend=backend, **kw)
-    if loss.dim() and grad_weights:
-        loss.backward(torch.linspace(0.5, 2.0, loss.numel(), device=h.device, dtype=loss.dtype))
-    else:
-        loss.backward(torch.ones_like(loss))
-    return loss.detach(), h.grad, w.grad, None if q is None else q.grad
+def linear_spherical(**options):
+    """call(backend, h, w, target, q) of linear_spherical_z_loss with `options`."""
+    return lambda backend, h, w, target, q: linear_spherical_z_loss(h, w, target, q,
+                                                                    backend=backend, **options)
 
 
-def oracle(h, w, target, q, **kw):
-    up = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
-    return run(up(h), up(w), target.cpu(), up(q), backend="reference", **kw)
+def row_weights(loss):
+    """Distinct incoming gradients on the rows for reduction "none" (1 for a reduced loss)."""
+    if loss.dim():
+        return torch.linspace(0.5, 2.0, loss.numel(), device=loss.device, dtype=loss.dtype)
+    return torch.ones_like(loss)
+
+
+def run(h, w, target, q, backend="auto", **kw):
+    """Loss and gradients of (hidden, weight, bias)."""
+    return loss_and_grads(linear_spherical(**kw), backend, (h, w, target, q), row_weights)
+
+
+def fp64_oracle(h, w, target, q, **kw):
+    return oracle(linear_spherical(**kw), (h, w, target, q), row_weights)
 
 
 WHAT = ("loss", "grad hidden", "grad weight", "grad bias")
 
 
-def check(h, w, target, q, dtype=None, **kw):
-    dtype = dtype or h.dtype
-    got = run(h, w, target, q, **kw)
-    want = oracle(h, w, target, q, **kw)
-    for g, e, what in zip(got, want, WHAT):
-        if e is None:
-            assert g is None, what
-            continue
-        assert g.dtype == h.dtype, what
-        assert_close(g.cpu(), e, dtype, what)
+def check(h, w, target, q, **kw):
+    assert_matches_oracle(linear_spherical(**kw), "auto", (h, w, target, q), WHAT, row_weights)
 
 
 def rel_err(got, want):
@@ -183,7 +180,7 @@ def test_cancellation(source, ratio, reduction):
     inputs) when the outputs' mean is 100 (and 10,000) times their spread."""
     h, w, target, q = cancellation_inputs(source, ratio)
     got = run(h, w, target, q, reduction=reduction)
-    want = oracle(h, w, target, q, reduction=reduction)
+    want = fp64_oracle(h, w, target, q, reduction=reduction)
     errors = {what: rel_err(g, e) for g, e, what in zip(got, want, WHAT)}
     assert max(errors.values()) < 1e-4, errors
 
@@ -207,21 +204,15 @@ def test_cancellation_test_has_teeth():
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_gradcheck(bias, reduction):
     h, w, target, q = make_inputs(5, 7, 3, torch.float64, bias=bias, ignore=(2,))
-    inputs = tuple(t.requires_grad_() for t in (h, w, q) if t is not None)
-
-    def fn(*args):
-        hh, ww = args[:2]
-        qq = args[2] if bias else None
-        return linear_spherical_z_loss(hh, ww, target, qq, a=2.0, b=0.5, reduction=reduction)
-
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert_gradcheck(linear_spherical(a=2.0, b=0.5, reduction=reduction), "auto",
+                     (h, w, target, q))
 
 
 def test_no_grad_and_partial_grads():
     h, w, target, q = make_inputs(6, 10, 4, ignore=(1,))
     with torch.no_grad():
         loss = linear_spherical_z_loss(h, w, target, q)
-    want = oracle(h, w, target, q)
+    want = fp64_oracle(h, w, target, q)
     assert_close(loss, want[0], torch.float32, "loss")
     # Only the weight needs a gradient.
     w_leaf = w.clone().requires_grad_()
@@ -238,7 +229,7 @@ def test_autocast_keeps_fp32_accuracy():
     h, w, target, q = make_inputs(8, 25, 6, ignore=(2,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = run(h, w, target, q, reduction="none")
-    want = oracle(h, w, target, q, reduction="none")
+    want = fp64_oracle(h, w, target, q, reduction="none")
     for g, e, what in zip(got, want, WHAT):
         assert g.dtype == torch.float32, what
         assert_close(g, e, torch.float32, what)
@@ -334,6 +325,6 @@ def test_compile_fullgraph(dtype):
     leaves = [t.clone().requires_grad_() for t in (h, w, q)]
     loss = fn(leaves[0], leaves[1], target, leaves[2])
     loss.backward()
-    want = oracle(h, w, target, q, a=2.0, b=0.5)
+    want = fp64_oracle(h, w, target, q, a=2.0, b=0.5)
     for got, expected, what in zip([loss.detach()] + [t.grad for t in leaves], want, WHAT):
         assert_close(got, expected, dtype, what)
