@@ -24,23 +24,22 @@ from fusedloss import sharded
 from fusedloss._ops import _KERNELS
 from fusedloss.margin import MarginOptions
 
-from conftest import assert_close
+from conftest import MARGIN_VARIANTS, assert_close
 
 OPS = ("sharded_margin_stats", "sharded_margin_grad", "sharded_margin_linear_stats",
        "sharded_margin_linear_grad")
 GROUP_TIMEOUT_S = 60.0
 SPAWN_DEADLINE_S = 170.0
 
+# The shared margin variants, a combined one with a SphereFace factor, and the sharded cases.
 VARIANTS = {
-    "arcface": dict(m2=0.5),
-    "cosface": dict(m3=0.35),
-    "sphereface": dict(m1=1.35),
+    **{name: MARGIN_VARIANTS[name]
+       for name in ("arcface", "cosface", "sphereface", "arcface_detached")},
     "combined": dict(m1=1.2, m2=0.3, m3=0.2),
-    "arcface_detached": dict(m2=0.5, margin_grad="detached"),
     "smoothing_lse_square": dict(m2=0.5, label_smoothing=0.1, lse_square_scale=1e-3),
     "ignore_minus_one": dict(m3=0.35, ignore_index=-1),
 }
-ELASTIC = {"elastic_arc": dict(m2=0.5, m2_std=0.05), "elastic_cos": dict(m3=0.35, m3_std=0.05)}
+ELASTIC = {"elastic_arc": dict(m2=0.5, m2_std=0.05), "elastic_cos": MARGIN_VARIANTS["elastic_cos"]}
 
 
 def close(actual, expected, dtype, what):
