@@ -20,9 +20,10 @@ g = 2 lambda (m + log S):
     grad_j = s ((1 + g) exp(z_j - m) / S - eps / C)            (j != y)
     grad_y += dz_y/dc_y g exp(z_y - m) / S
 
-These are margin.h's formulas rearranged so that fp32 does not lose digits: lse is never
-formed for the cross-entropy (only for the auxiliary term, where its rounding is harmless) (it would round at the size of z, ~64) and 1 - p_y is a ratio, not 1 minus ~1,
-because the margin slope (up to ~100 s m1) amplifies any error in it.
+These are margin.h's formulas rearranged so that fp32 does not lose digits: lse, which would
+round at the size of z (~64), is never formed for the cross-entropy (only for the auxiliary
+term, where its rounding is harmless), and 1 - p_y is a ratio, not 1 minus ~1, because the
+margin slope (up to ~100 s m1) amplifies any error in it.
 
 Kernel: one program per row. Pass 1 walks the row in BLOCK_C chunks with an online
 log-sum-exp (block max, S_o rescaled by exp(m_old - m_new)); the target column is left
@@ -227,6 +228,25 @@ def _block_c(num_classes: int, device: torch.device) -> int:
     return max(min(triton.next_power_of_2(num_classes), cap), 16)
 
 
+def _row_kernel_io(rows: Tensor, target: Tensor, compute_grad: bool):
+    """The operands and outputs of a row kernel (one program per row of `rows` [N, C]):
+    `rows` with unit column stride, a contiguous `target`, the per-row loss in the
+    accumulation dtype, the gradient in the dtype of `rows` (empty unless compute_grad), and
+    the pointer to pass for the gradient: `loss` when there is none, since the COMPUTE_GRAD
+    constexpr removes every use of it."""
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    n, c = rows.shape
+    loss = torch.empty(n, dtype=accumulation_dtype(rows), device=rows.device)
+    grad = torch.empty((n, c), dtype=rows.dtype, device=rows.device) if compute_grad \
+        else rows.new_empty(0)
+    return rows, target.contiguous(), loss, grad, grad if compute_grad else loss
+
+
+def _row_num_warps(block_c: int) -> int:
+    return max(1, min(block_c // 256, 16))
+
+
 def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], row_m3: Optional[Tensor],
                          scale: float, m1: float, m2: float, m3: float, detach_margin: bool,
                          label_smoothing: float, lse_square_scale: float, ignore_index: int,
@@ -234,17 +254,11 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
     """fusedloss::margin_cross_entropy (csrc/ops.cpp): per-row loss, and d loss_i / d cos_ij
     in the dtype of `cos` when compute_grad (else an empty tensor). Inputs are validated
     by the caller."""
-    if cos.stride(1) != 1:
-        cos = cos.contiguous()
-    target = target.contiguous()
+    cos, target, loss, grad, grad_arg = _row_kernel_io(cos, target, compute_grad)
     n, c = cos.shape
-    acc_dtype = accumulation_dtype(cos)
-    loss = torch.empty(n, dtype=acc_dtype, device=cos.device)
-    grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device) if compute_grad else cos.new_empty(0)
     # Unused pointer arguments get `loss`: they sit in branches that the constexprs remove.
     m2_arg = row_m2.contiguous() if row_m2 is not None else loss
     m3_arg = row_m3.contiguous() if row_m3 is not None else loss
-    grad_arg = grad if compute_grad else loss
     use_angle = row_m2 is not None or m1 != 1.0 or m2 != 0.0
     block_c = _block_c(c, cos.device)
     if n > 0:
@@ -256,7 +270,7 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
             HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
             HAS_LSE_SQUARE=lse_square_scale != 0.0, USE_ANGLE=use_angle,
             DETACH_MARGIN=detach_margin, COMPUTE_GRAD=compute_grad, BLOCK_C=block_c,
-            ASIN_TERMS=25 if acc_dtype == torch.float64 else 10,
-            num_warps=max(1, min(block_c // 256, 16)),
+            ASIN_TERMS=25 if loss.dtype == torch.float64 else 10,
+            num_warps=_row_num_warps(block_c),
         )
     return loss, grad

@@ -135,6 +135,23 @@ def _load_rows(ptr, rows, n_rows, cols, n_cols, row_stride, UPCAST: tl.constexpr
 
 
 @triton.jit
+def _embedding_row_coefs(rows, ok, target_ptr, coef_ptr, N, num_classes, class_start,
+                         ignore_index):
+    """For embedding rows `rows` (valid where `ok`): whether each is live (not ignored), its
+    target's column among the `num_classes` local classes (-1 when not local), and its four
+    gradient coefficients (max, a, b, g_y), read from the [4, N] coef buffer."""
+    t = tl.load(target_ptr + rows, mask=ok, other=ignore_index)
+    live = ok & (t != ignore_index)
+    t = t - class_start
+    t = tl.where((t >= 0) & (t < num_classes), t, -1).to(tl.int32)
+    row_max = tl.load(coef_ptr + rows, mask=ok, other=0.0)
+    a = tl.load(coef_ptr + N + rows, mask=ok, other=0.0)
+    b = tl.load(coef_ptr + 2 * N + rows, mask=ok, other=0.0)
+    g_y = tl.load(coef_ptr + 3 * N + rows, mask=ok, other=0.0)
+    return live, t, row_max, a, b, g_y
+
+
+@triton.jit
 def _dot_tile(a_ptr, b_ptr, a_rows, b_rows, n_a, n_b, D, a_stride, b_stride,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
               ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -292,14 +309,8 @@ def _grad_kernel(
     if NORMALIZE:
         r_o = tl.load(r_out_ptr + o_rows, mask=o_ok, other=0.0)
     if OUTER_IS_X:
-        t_o = tl.load(target_ptr + o_rows, mask=o_ok, other=ignore_index)
-        live_o = o_ok & (t_o != ignore_index)
-        t_o = t_o - class_start
-        t_o = tl.where((t_o >= 0) & (t_o < N_IN), t_o, -1).to(tl.int32)
-        max_o = tl.load(coef_ptr + o_rows, mask=o_ok, other=0.0)
-        a_o = tl.load(coef_ptr + N + o_rows, mask=o_ok, other=0.0)
-        b_o = tl.load(coef_ptr + 2 * N + o_rows, mask=o_ok, other=0.0)
-        gy_o = tl.load(coef_ptr + 3 * N + o_rows, mask=o_ok, other=0.0)
+        live_o, t_o, max_o, a_o, b_o, gy_o = _embedding_row_coefs(
+            o_rows, o_ok, target_ptr, coef_ptr, N, N_IN, class_start, ignore_index)
 
     acc = tl.zeros([BLOCK_O, BLOCK_DO], ACC)
     proj = tl.zeros([BLOCK_O], ACC)
@@ -321,14 +332,8 @@ def _grad_kernel(
             g = tl.where(i_idx[None, :] == t_o[:, None], gy_o[:, None], g)
             g = tl.where(live_o[:, None] & i_ok[None, :], g, 0.0)
         else:
-            t_i = tl.load(target_ptr + i_rows, mask=i_ok, other=ignore_index)
-            live_i = i_ok & (t_i != ignore_index)
-            t_i = t_i - class_start
-            t_i = tl.where((t_i >= 0) & (t_i < N_OUT), t_i, -1).to(tl.int32)
-            max_i = tl.load(coef_ptr + i_rows, mask=i_ok, other=0.0)
-            a_i = tl.load(coef_ptr + N + i_rows, mask=i_ok, other=0.0)
-            b_i = tl.load(coef_ptr + 2 * N + i_rows, mask=i_ok, other=0.0)
-            gy_i = tl.load(coef_ptr + 3 * N + i_rows, mask=i_ok, other=0.0)
+            live_i, t_i, max_i, a_i, b_i, gy_i = _embedding_row_coefs(
+                i_rows, i_ok, target_ptr, coef_ptr, N, N_OUT, class_start, ignore_index)
             g = a_i[None, :] * tl.exp(scale * cos - max_i[None, :]) - b_i[None, :]
             g = tl.where(o_idx[:, None] == t_i[None, :], gy_i[None, :], g)
             g = tl.where(o_ok[:, None] & live_i[None, :], g, 0.0)

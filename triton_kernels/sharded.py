@@ -51,7 +51,8 @@ from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
 from fusedloss.triton_kernels import margin_linear as _linear
-from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _row_margins, _target_logit
+from fusedloss.triton_kernels.margin import (_block_c, _hi_lo, _row_margins, _row_num_warps,
+                                             _target_logit)
 
 
 @triton.jit
@@ -189,7 +190,7 @@ def _margin_args(row_m2: Optional[Tensor], row_m3: Optional[Tensor], placeholder
 
 def _launch_options(num_classes: int, device: torch.device) -> dict:
     block_c = _block_c(num_classes, device)
-    return dict(BLOCK_C=block_c, num_warps=max(1, min(block_c // 256, 16)))
+    return dict(BLOCK_C=block_c, num_warps=_row_num_warps(block_c))
 
 
 def sharded_margin_stats(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],

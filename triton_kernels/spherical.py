@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels.margin import _block_c, _hi_lo
+from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _row_kernel_io, _row_num_warps
 
 _SIGMA_FLOOR = tl.constexpr(1e-12)  # spherical.h kSigmaFloor
 
@@ -160,15 +159,8 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, ignore_
     """fusedloss::spherical_z_loss (csrc/ops.cpp): per-row loss, and d loss_i / d logits_ij
     in the dtype of `logits` when compute_grad (else an empty tensor). Inputs are validated
     by the caller."""
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    target = target.contiguous()
+    logits, target, loss, grad, grad_arg = _row_kernel_io(logits, target, compute_grad)
     n, c = logits.shape
-    acc_dtype = accumulation_dtype(logits)
-    loss = torch.empty(n, dtype=acc_dtype, device=logits.device)
-    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if compute_grad \
-        else logits.new_empty(0)
-    grad_arg = grad if compute_grad else loss  # unused when not COMPUTE_GRAD
     block_c = _block_c(c, logits.device)
     if n > 0:
         torch.library.wrap_triton(_spherical_z_loss_kernel)[(n,)](
@@ -176,7 +168,7 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, ignore_
             c, logits.stride(0), ignore_index,
             *_hi_lo(a), *_hi_lo(b),
             COMPUTE_GRAD=compute_grad, ONE_CHUNK=c <= block_c, BLOCK_C=block_c,
-            ATANH_TERMS=17 if acc_dtype == torch.float64 else 9,
-            num_warps=max(1, min(block_c // 256, 16)),
+            ATANH_TERMS=17 if loss.dtype == torch.float64 else 9,
+            num_warps=_row_num_warps(block_c),
         )
     return loss, grad
