@@ -143,6 +143,22 @@ FL_CPU_CLONES void project_row(const acc_t* v, const src_t* src, acc_t src_div, 
   }
 }
 
+// How the gradient through the F.normalize of a row with norm norms[i] is projected (header
+// comment): the radial term applies when ||x|| >= eps, and the row was divided by
+// max(||x||, eps). Without normalisation: no radial term and a divisor of 1.
+template <typename acc_t>
+struct RowNormalisation {
+  bool radial;
+  acc_t divisor;
+};
+
+template <typename acc_t>
+inline RowNormalisation<acc_t> row_normalisation(bool normalize, const acc_t* norms, int64_t i,
+                                                  acc_t eps) {
+  if (!normalize) return {false, acc_t(1)};
+  return {norms[i] >= eps, std::max(norms[i], eps)};
+}
+
 // Rows per block: block_size, or a B x C block of about kBlockBytes but at least
 // kMinBlockRows rows; then the same number of blocks with rows evened out over them (e.g.
 // 1000 rows, at most 128 each: 8 blocks of 125 rows, not 7 of 128 and one of 104).
@@ -256,7 +272,7 @@ void run_blocks(const at::Tensor& x, const at::Tensor& w, bool normalize, int64_
         for (int64_t r = b; r < e; ++r) {
           const scalar_t* xi = xp + (i0 + r) * D;
           xn[r] = normalize ? std::sqrt(sum_squares<scalar_t, acc_t>(xi, D)) : acc_t(1);
-          divide_row(xi, xbp + r * D, D, normalize ? std::max(xn[r], eps) : acc_t(1));
+          divide_row(xi, xbp + r * D, D, row_normalisation(normalize, xn, r, eps).divisor);
         }
       });
       x_src = xb.narrow(0, 0, rows);
@@ -322,9 +338,9 @@ void run_blocks(const at::Tensor& x, const at::Tensor& w, bool normalize, int64_
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
-          const bool radial = normalize && xn[r] >= eps;
-          const acc_t m = normalize ? std::max(xn[r], eps) : acc_t(1);
-          project_row(vxp + r * D, xbp + r * D, acc_t(1), radial, m, gxp + (i0 + r) * D, D);
+          const RowNormalisation<acc_t> x_r = row_normalisation(normalize, xn, r, eps);
+          project_row(vxp + r * D, xbp + r * D, acc_t(1), x_r.radial, x_r.divisor,
+                      gxp + (i0 + r) * D, D);
         }
       });
     }
@@ -343,9 +359,8 @@ void run_blocks(const at::Tensor& x, const at::Tensor& w, bool normalize, int64_
     scalar_t* gwp = grad_w.data_ptr<scalar_t>();
     at::parallel_for(0, C, row_grain, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
-        const bool radial = normalize && w_norm_p[j] >= eps;
-        const acc_t n = normalize ? std::max(w_norm_p[j], eps) : acc_t(1);
-        project_row(up + j * D, wp + j * D, n, radial, acc_t(1), gwp + j * D, D);
+        const RowNormalisation<acc_t> w_j = row_normalisation(normalize, w_norm_p, j, eps);
+        project_row(up + j * D, wp + j * D, w_j.divisor, w_j.radial, acc_t(1), gwp + j * D, D);
       }
     });
   }

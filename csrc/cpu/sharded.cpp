@@ -92,15 +92,14 @@ void stats_row(const Shard<acc_t>& shard, const scalar_t* row, int64_t i, acc_t*
   out[2] = p.scale * st.sum_cos + z_y;
 }
 
-// grad_j = sharded_grad_other(exp(scale x_j - lse), scale, a, b) of margin.h; entries below
-// kFlushBelow (vec_math.h) are flushed to 0 first, as in write_softmax_grad.
+// grad_j = sharded_grad_other(flushed_softmax(x_j), scale, a, b) of margin.h (flushed_softmax:
+// vec_math.h, as in write_softmax_grad).
 template <typename scalar_t, typename acc_t, typename out_t>
 FL_CPU_CLONES void write_coef_grad(const scalar_t* x, out_t* grad, int64_t n, acc_t scale,
                                    acc_t lse, acc_t a, acc_t b) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    acc_t e = fast_exp(scale * static_cast<acc_t>(x[j]) - lse);
-    e = e < kFlushBelow<acc_t> ? acc_t(0) : e;
+    const acc_t e = flushed_softmax(static_cast<acc_t>(x[j]), scale, lse);
     grad[j] = static_cast<out_t>(margin::sharded_grad_other(e, scale, a, b));
   }
 }

@@ -3,8 +3,9 @@
 // `#pragma omp simd reduction` (compiled with -fopenmp-simd: no OpenMP runtime) lets the
 // compiler split a sum or a max over vector lanes, which it may not do for floats on its
 // own; the order of the additions is then fixed per instruction set, so results are
-// deterministic run to run. FL_CPU_CLONES compiles a function once per instruction set and picks the
-// best at load time, so the wheel runs on any x86-64 and still uses AVX-512 where present.
+// deterministic run to run. FL_CPU_CLONES compiles a function once per instruction set and
+// picks the best at load time, so the wheel runs on any x86-64 and still uses AVX-512
+// where present.
 #pragma once
 
 #include <cmath>
@@ -14,7 +15,8 @@
 
 #include <fusedloss/margin.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__)
 #define FL_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FL_CPU_CLONES
@@ -86,16 +88,23 @@ FL_CPU_CLONES ExpSum<acc_t> exp_sum(const scalar_t* x, int64_t n, acc_t scale, a
 // assist of ~100 cycles: a 1024 x 100k backward took 14x longer. The flush changes a
 // gradient entry by less than 1e-31 * scale, far below the rounding of any entry that matters.
 template <typename acc_t>
-constexpr acc_t kFlushBelow = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
+constexpr acc_t kFlushBelow =
+    std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
 
-// grad_j = grad_other(exp(scale * x_j - lse), 1, ..., z_grad) of fusedloss/margin.h
+// The softmax entry exp(scale * x - lse) of a logit scale * x, flushed to 0 below kFlushBelow.
+template <typename acc_t>
+inline acc_t flushed_softmax(acc_t x, acc_t scale, acc_t lse) {
+  const acc_t p = fast_exp(scale * x - lse);
+  return p < kFlushBelow<acc_t> ? acc_t(0) : p;
+}
+
+// grad_j = grad_other(flushed_softmax(x_j), 1, ..., z_grad) of fusedloss/margin.h
 template <typename scalar_t, typename acc_t>
 FL_CPU_CLONES void write_softmax_grad(const scalar_t* x, scalar_t* grad, int64_t n, acc_t scale,
                                       acc_t lse, acc_t uniform, acc_t z_grad) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    acc_t p = fast_exp(scale * static_cast<acc_t>(x[i]) - lse);
-    p = p < kFlushBelow<acc_t> ? acc_t(0) : p;
+    const acc_t p = flushed_softmax(static_cast<acc_t>(x[i]), scale, lse);
     grad[i] = static_cast<scalar_t>(margin::grad_other(p, acc_t(1), scale, uniform, z_grad));
   }
 }

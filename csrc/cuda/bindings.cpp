@@ -17,16 +17,70 @@ namespace fusedloss {
 namespace cuda {
 namespace {
 
-ScalarKind scalar_kind(const at::Tensor& t, const char* op) {
+ScalarKind scalar_kind(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return ScalarKind::kFloat;
     case at::kDouble: return ScalarKind::kDouble;
     case at::kHalf: return ScalarKind::kHalf;
     case at::kBFloat16: return ScalarKind::kBFloat16;
     default:
-      TORCH_CHECK(false, op, ": cos must be float32, float64, float16 or bfloat16, got ",
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
                   t.scalar_type());
   }
+}
+
+at::ScalarType accumulation_type(ScalarKind kind) {
+  return kind == ScalarKind::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The checks that every row op makes of its [N, C] input (named `name`) and its [N] int64
+// target; returns the element type of the input.
+ScalarKind check_row_loss_inputs(const at::Tensor& input, const char* name,
+                                 const at::Tensor& target, const char* op) {
+  TORCH_CHECK(input.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", input.device());
+  TORCH_CHECK(input.dim() == 2, op, ": ", name, " must have shape [N, C], got ", input.sizes());
+  const ScalarKind kind = scalar_kind(input, op, name);
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(), " but ",
+              name, " is on ", input.device());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0), op,
+              ": target must have shape [N] = [", input.size(0), "], got ", target.sizes());
+  return kind;
+}
+
+// The tensors that a row kernel reads and writes, and the launcher arguments that point
+// into them.
+struct RowLossTensors {
+  at::Tensor input;   // unit column stride; any row stride is used as it is
+  at::Tensor target;  // contiguous
+  at::Tensor loss;    // [N] of the accumulation type
+  at::Tensor grad;    // [N, C] of the input's dtype, or empty without gradient
+  RowLossArgs args;
+};
+
+// Call under a device guard for the input's device: the copies and outputs are made there.
+RowLossTensors row_loss_tensors(ScalarKind kind, const at::Tensor& input_in,
+                                const at::Tensor& target_in, int64_t ignore_index,
+                                bool compute_grad) {
+  RowLossTensors t;
+  t.input = input_in.size(1) > 1 && input_in.stride(1) != 1 ? input_in.contiguous() : input_in;
+  t.target = target_in.contiguous();
+  const int64_t rows = t.input.size(0);
+  const int64_t cols = t.input.size(1);
+  t.loss = at::empty({rows}, t.input.options().dtype(accumulation_type(kind)));
+  t.grad = compute_grad ? at::empty({rows, cols}, t.input.options())
+                        : at::empty({0}, t.input.options());
+  t.args.kind = kind;
+  t.args.input = t.input.data_ptr();
+  t.args.rows = rows;
+  t.args.cols = cols;
+  t.args.row_stride = t.input.stride(0);
+  t.args.target = t.target.data_ptr<int64_t>();
+  t.args.ignore_index = ignore_index;
+  t.args.loss = t.loss.data_ptr();
+  t.args.grad = compute_grad && t.grad.numel() > 0 ? t.grad.data_ptr() : nullptr;
+  return t;
 }
 
 // The optional per-row margin as a contiguous [N] tensor of the accumulation type, or an
@@ -50,42 +104,18 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
     double scale, double m1, double m2, double m3, bool detach_margin,
     double label_smoothing, double lse_square_scale, int64_t ignore_index, bool compute_grad) {
   constexpr const char* kOp = "margin_cross_entropy";
-  TORCH_CHECK(cos_in.is_cuda(), kOp, ": cos must be a CUDA tensor, got ", cos_in.device());
-  TORCH_CHECK(cos_in.dim() == 2, kOp, ": cos must have shape [N, C], got ", cos_in.sizes());
-  const ScalarKind kind = scalar_kind(cos_in, kOp);
-  TORCH_CHECK(target_in.device() == cos_in.device(), kOp, ": target is on ",
-              target_in.device(), " but cos is on ", cos_in.device());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong, kOp, ": target must be int64, got ",
-              target_in.scalar_type());
-  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == cos_in.size(0), kOp,
-              ": target must have shape [N] = [", cos_in.size(0), "], got ",
-              target_in.sizes());
+  const ScalarKind kind = check_row_loss_inputs(cos_in, "cos", target_in, kOp);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp,
               ": label_smoothing must lie in [0, 1], got ", label_smoothing);
 
   const c10::cuda::CUDAGuard device_guard(cos_in.device());
-  // Unit column stride is required; any row stride is used as it is.
-  const at::Tensor cos = cos_in.size(1) > 1 && cos_in.stride(1) != 1 ? cos_in.contiguous()
-                                                                      : cos_in;
-  const at::Tensor target = target_in.contiguous();
-  const at::ScalarType acc_type = kind == ScalarKind::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor row_m2 = per_row_margin(row_m2_in, "row_m2", cos, acc_type);
-  const at::Tensor row_m3 = per_row_margin(row_m3_in, "row_m3", cos, acc_type);
-
-  const int64_t rows = cos.size(0);
-  const int64_t cols = cos.size(1);
-  at::Tensor loss = at::empty({rows}, cos.options().dtype(acc_type));
-  at::Tensor grad = compute_grad ? at::empty({rows, cols}, cos.options())
-                                 : at::empty({0}, cos.options());
-  if (rows == 0) return {loss, grad};
+  const at::Tensor row_m2 = per_row_margin(row_m2_in, "row_m2", cos_in, accumulation_type(kind));
+  const at::Tensor row_m3 = per_row_margin(row_m3_in, "row_m3", cos_in, accumulation_type(kind));
+  const RowLossTensors t = row_loss_tensors(kind, cos_in, target_in, ignore_index, compute_grad);
+  if (t.args.rows == 0) return {t.loss, t.grad};
 
   MarginArgs args;
-  args.kind = kind;
-  args.cos = cos.data_ptr();
-  args.rows = rows;
-  args.cols = cols;
-  args.row_stride = cos.stride(0);
-  args.target = target.data_ptr<int64_t>();
+  args.matrix = t.args;
   args.row_m2 = row_m2.defined() ? row_m2.data_ptr() : nullptr;
   args.row_m3 = row_m3.defined() ? row_m3.data_ptr() : nullptr;
   args.scale = scale;
@@ -96,64 +126,25 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
   args.detach_margin = detach_margin;
   args.label_smoothing = label_smoothing;
   args.lse_square_scale = lse_square_scale;
-  args.ignore_index = ignore_index;
-  args.loss = loss.data_ptr();
-  args.grad = compute_grad && grad.numel() > 0 ? grad.data_ptr() : nullptr;
   C10_CUDA_CHECK(launch_margin_cross_entropy(args, c10::cuda::getCurrentCUDAStream()));
-  return {loss, grad};
+  return {t.loss, t.grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> spherical_z_loss_cuda(const at::Tensor& logits_in,
                                                          const at::Tensor& target_in, double a,
                                                          double b, int64_t ignore_index,
                                                          bool compute_grad) {
-  constexpr const char* kOp = "spherical_z_loss";
-  TORCH_CHECK(logits_in.is_cuda(), kOp, ": logits must be a CUDA tensor, got ",
-              logits_in.device());
-  TORCH_CHECK(logits_in.dim() == 2, kOp, ": logits must have shape [N, C], got ",
-              logits_in.sizes());
-  TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kDouble ||
-                  logits_in.scalar_type() == at::kHalf ||
-                  logits_in.scalar_type() == at::kBFloat16,
-              kOp, ": logits must be float32, float64, float16 or bfloat16, got ",
-              logits_in.scalar_type());
-  const ScalarKind kind = scalar_kind(logits_in, kOp);
-  TORCH_CHECK(target_in.device() == logits_in.device(), kOp, ": target is on ",
-              target_in.device(), " but logits is on ", logits_in.device());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong, kOp, ": target must be int64, got ",
-              target_in.scalar_type());
-  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0), kOp,
-              ": target must have shape [N] = [", logits_in.size(0), "], got ",
-              target_in.sizes());
-
+  const ScalarKind kind = check_row_loss_inputs(logits_in, "logits", target_in, "spherical_z_loss");
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
-  // Unit column stride is required; any row stride is used as it is.
-  const at::Tensor logits =
-      logits_in.size(1) > 1 && logits_in.stride(1) != 1 ? logits_in.contiguous() : logits_in;
-  const at::Tensor target = target_in.contiguous();
-  const at::ScalarType acc_type = kind == ScalarKind::kDouble ? at::kDouble : at::kFloat;
-
-  const int64_t rows = logits.size(0);
-  const int64_t cols = logits.size(1);
-  at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_type));
-  at::Tensor grad = compute_grad ? at::empty({rows, cols}, logits.options())
-                                 : at::empty({0}, logits.options());
-  if (rows == 0) return {loss, grad};
+  const RowLossTensors t = row_loss_tensors(kind, logits_in, target_in, ignore_index, compute_grad);
+  if (t.args.rows == 0) return {t.loss, t.grad};
 
   SphericalArgs args;
-  args.kind = kind;
-  args.logits = logits.data_ptr();
-  args.rows = rows;
-  args.cols = cols;
-  args.row_stride = logits.stride(0);
-  args.target = target.data_ptr<int64_t>();
+  args.matrix = t.args;
   args.a = a;
   args.b = b;
-  args.ignore_index = ignore_index;
-  args.loss = loss.data_ptr();
-  args.grad = compute_grad && grad.numel() > 0 ? grad.data_ptr() : nullptr;
   C10_CUDA_CHECK(launch_spherical_z_loss(args, c10::cuda::getCurrentCUDAStream()));
-  return {loss, grad};
+  return {t.loss, t.grad};
 }
 
 }  // namespace

@@ -46,11 +46,12 @@
 // Numerics: fp32 accumulation (fp64 for fp64 input), no fast-math; loss and gradient
 // come from margin.h (row_sums, row_loss, grad_other, grad_target), which never rounds
 // lse = M + log S for the cross-entropy (only the optional auxiliary term lambda lse^2
-// uses it, through the factor g = 2 lambda lse that thread 0 publishes with M and 1 / S). Both passes evaluate exp(z - M) as 2^((z - M) log2 e) (exp_shifted):
-// exactly 1 at the maximum and within ~1e-6 relative elsewhere. NaN anywhere in a row
-// reaches S (fmax may drop it from the running max, never from the sum), so the loss of
-// that row is NaN. A target outside [0, C) that is not ignore_index gives a NaN loss and
-// a NaN gradient row and is never used as an index.
+// uses it, through the factor g = 2 lambda lse that thread 0 publishes with M and 1 / S).
+// Both passes evaluate exp(z - M) as 2^((z - M) log2 e) (exp_shifted): exactly 1 at the
+// maximum and within ~1e-6 relative elsewhere. NaN anywhere in a row reaches S (fmax may
+// drop it from the running max, never from the sum), so the loss of that row is NaN. A
+// target outside [0, C) that is not ignore_index gives a NaN loss and a NaN gradient row
+// and is never used as an index.
 #include "launchers.h"
 
 #include <cuda_runtime.h>
@@ -219,28 +220,21 @@ enum class RowMode { kLossOnly, kGradCachedRow, kGradRereadRow };
 template <typename scalar_t>
 struct KernelArgs {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* cos;
-  int64_t rows;
-  int64_t cols;
-  int64_t row_stride;
-  const int64_t* target;
+  RowLoss<scalar_t> matrix;  // input: the cosines
   const acc_t* row_m2;
   const acc_t* row_m3;
   margin::Params<acc_t> params;  // m2 and m3 replaced per row when row_m2 / row_m3 are set
   acc_t smoothing;
   acc_t lse_square_scale;
-  int64_t ignore_index;
-  acc_t* loss;
-  scalar_t* grad;
 };
 
 template <typename scalar_t>
 __device__ RowConstants<acc_type<scalar_t>> row_constants(const KernelArgs<scalar_t>& args,
                                                           int64_t row) {
   using acc_t = acc_type<scalar_t>;
-  RowConstants<acc_t> out{args.params, args.smoothing,
-                          args.smoothing / static_cast<acc_t>(args.cols), args.lse_square_scale,
-                          args.cols};
+  const int64_t cols = args.matrix.cols;
+  RowConstants<acc_t> out{args.params, args.smoothing, args.smoothing / static_cast<acc_t>(cols),
+                          args.lse_square_scale, cols};
   if (args.row_m2 != nullptr) out.params.m2 = args.row_m2[row];
   if (args.row_m3 != nullptr) out.params.m3 = args.row_m3[row];
   return out;
@@ -321,39 +315,27 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
     margin_cross_entropy_kernel(const KernelArgs<scalar_t> args) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kGrad = kMode != RowMode::kLossOnly;
-  constexpr int kSize = Vec<scalar_t>::kSize;
+  constexpr bool kCached = kMode == RowMode::kGradCachedRow;
+  const int64_t cols = args.matrix.cols;
   __shared__ BlockScratch<acc_t> scratch;
 
-  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
-    const scalar_t* in = args.cos + row * args.row_stride;
-    scalar_t* grad = kGrad ? args.grad + row * args.cols : nullptr;
-    const int64_t target = args.target[row];
-    if (target == args.ignore_index) {
-      fill_row(acc_t(0), args.loss + row, grad, args.cols);
-    } else if (target < 0 || target >= args.cols) {
-      fill_row(quiet_nan<acc_t>(), args.loss + row, grad, args.cols);
-    } else {
-      const RowConstants<acc_t> constants = row_constants(args, row);
-      const RowSplit split = split_row<scalar_t>(in, grad, args.cols);
-      // cache[j] holds column j; the offset puts every vector's slots on a 16-byte boundary.
-      scalar_t* cache = reinterpret_cast<scalar_t*>(row_cache_bytes) +
-                        (kSize - split.head % kSize) % kSize;
-      margin::TargetLogit<acc_t> z_target{};
-      OnlineLse<acc_t> state = empty_lse<acc_t>();
-      if (threadIdx.x == 0) {
-        z_target = margin::target_logit(to_acc(in[target]), constants.params);
-        state = {z_target.value, acc_t(0), z_target.value};
-      }
-      scan_row<kMode>(in, cache, split, args.cols, target, constants.params.scale, state);
-      const RowResult<acc_t> result =
-          finish_row(state, z_target, constants, args.loss + row, scratch);
-      if (kGrad) {
-        write_gradient_row<kMode>(in, cache, grad, split, args.cols, target, result,
-                                  constants.params.scale, constants.uniform);
-      }
+  for_each_row<kGrad, kCached>(args.matrix, row_cache_bytes, [&](const Row<scalar_t>& row) {
+    const RowConstants<acc_t> constants = row_constants(args, row.index);
+    margin::TargetLogit<acc_t> z_target{};
+    OnlineLse<acc_t> state = empty_lse<acc_t>();
+    if (threadIdx.x == 0) {
+      z_target = margin::target_logit(to_acc(row.in[row.target]), constants.params);
+      state = {z_target.value, acc_t(0), z_target.value};
     }
-    if (kMode == RowMode::kGradCachedRow) __syncthreads();
-  }
+    scan_row<kMode>(row.in, row.cache, row.split, cols, row.target, constants.params.scale,
+                    state);
+    const RowResult<acc_t> result =
+        finish_row(state, z_target, constants, args.matrix.loss + row.index, scratch);
+    if (kGrad) {
+      write_gradient_row<kMode>(row.in, row.cache, row.grad, row.split, cols, row.target,
+                                result, constants.params.scale, constants.uniform);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -363,51 +345,36 @@ template <typename scalar_t>
 KernelArgs<scalar_t> kernel_args(const MarginArgs& a) {
   using acc_t = acc_type<scalar_t>;
   KernelArgs<scalar_t> k;
-  k.cos = static_cast<const scalar_t*>(a.cos);
-  k.rows = a.rows;
-  k.cols = a.cols;
-  k.row_stride = a.row_stride;
-  k.target = a.target;
+  k.matrix = typed_row_loss<scalar_t>(a.matrix);
   k.row_m2 = static_cast<const acc_t*>(a.row_m2);
   k.row_m3 = static_cast<const acc_t*>(a.row_m3);
   k.params = {static_cast<acc_t>(a.scale), static_cast<acc_t>(a.m1), static_cast<acc_t>(a.m2),
               static_cast<acc_t>(a.m3),    a.use_angle,               a.detach_margin};
   k.smoothing = static_cast<acc_t>(a.label_smoothing);
   k.lse_square_scale = static_cast<acc_t>(a.lse_square_scale);
-  k.ignore_index = a.ignore_index;
-  k.loss = static_cast<acc_t*>(a.loss);
-  k.grad = static_cast<scalar_t*>(a.grad);
   return k;
 }
 
 template <typename scalar_t>
 cudaError_t launch_typed(const MarginArgs& a, cudaStream_t stream) {
-  if (a.rows == 0) return cudaSuccess;
+  if (a.matrix.rows == 0) return cudaSuccess;
   const KernelArgs<scalar_t> args = kernel_args<scalar_t>(a);
-  const int threads = threads_per_row<scalar_t>(a.cols);
-  const int grid = static_cast<int>(a.rows < kMaxGrid ? a.rows : kMaxGrid);
-  if (a.grad == nullptr) {
-    margin_cross_entropy_kernel<scalar_t, RowMode::kLossOnly><<<grid, threads, 0, stream>>>(args);
+  const RowGrid grid = row_grid<scalar_t>(a.matrix);
+  if (a.matrix.grad == nullptr) {
+    margin_cross_entropy_kernel<scalar_t, RowMode::kLossOnly>
+        <<<grid.blocks, grid.threads, 0, stream>>>(args);
     return cudaGetLastError();
   }
-  auto cached = margin_cross_entropy_kernel<scalar_t, RowMode::kGradCachedRow>;
-  size_t available = 0;
-  const cudaError_t err = opt_in_row_cache(cached, &available);
-  if (err != cudaSuccess) return err;
-  size_t cache_bytes = 0;
-  if (row_cache_fits<scalar_t>(a.cols, available, &cache_bytes)) {
-    cached<<<grid, threads, cache_bytes, stream>>>(args);
-  } else {
-    margin_cross_entropy_kernel<scalar_t, RowMode::kGradRereadRow>
-        <<<grid, threads, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
+  return launch_cached_or_reread<scalar_t>(
+      margin_cross_entropy_kernel<scalar_t, RowMode::kGradCachedRow>,
+      margin_cross_entropy_kernel<scalar_t, RowMode::kGradRereadRow>, args, a.matrix.cols, grid,
+      stream);
 }
 
 }  // namespace
 
 cudaError_t launch_margin_cross_entropy(const MarginArgs& args, cudaStream_t stream) {
-  return rows::dispatch_scalar(args.kind, [&](auto tag) {
+  return rows::dispatch_scalar(args.matrix.kind, [&](auto tag) {
     return launch_typed<decltype(tag)>(args, stream);
   });
 }

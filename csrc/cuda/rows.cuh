@@ -1,6 +1,7 @@
 // Building blocks of the CUDA row kernels (one thread block per row of a [rows, cols]
 // matrix): element types and their accumulation types, 16-byte vector access to a row
-// with an arbitrary row stride, the shared-memory row cache, block-wide sums. Shared by
+// with an arbitrary row stride, the shared-memory row cache, block-wide sums, the loop over
+// the rows of a block and the launch with or without the row cache. Shared by
 // csrc/cuda/margin.cu and csrc/cuda/spherical.cu; no torch headers.
 //
 // Vectorisation with an arbitrary row stride: a row is split into a scalar head (up to
@@ -221,6 +222,62 @@ __device__ void fill_row(acc_type<scalar_t> value, acc_type<scalar_t>* loss, sca
 }
 
 // ---------------------------------------------------------------------------------------
+// Rows of a row loss
+
+// RowLossArgs (launchers.h) with its pointers typed.
+template <typename scalar_t>
+struct RowLoss {
+  const scalar_t* input;
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;
+  const int64_t* target;
+  int64_t ignore_index;
+  acc_type<scalar_t>* loss;
+  scalar_t* grad;
+};
+
+// One row with a target in [0, cols), as the body of a row kernel sees it.
+template <typename scalar_t>
+struct Row {
+  int64_t index;
+  const scalar_t* in;
+  scalar_t* grad;  // nullptr without gradient
+  int64_t target;
+  RowSplit split;
+  scalar_t* cache;  // cache[j] holds column j when the kernel keeps the row in shared memory
+};
+
+// Calls body(Row) for each row of this block's grid-stride share that has a target in
+// [0, cols); the other rows are filled here. `cache_bytes` is the dynamic shared memory,
+// which the cached kernels use as row cache: it is offset so that every vector's slots lie
+// on a 16-byte boundary. The barrier after each row in those kernels keeps the next row
+// (whose head, hence slot ownership, may differ) from overwriting slots that a slower
+// thread is still reading.
+template <bool kGrad, bool kCached, typename scalar_t, typename Body>
+__device__ __forceinline__ void for_each_row(const RowLoss<scalar_t>& matrix,
+                                             unsigned char* cache_bytes, Body body) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  for (int64_t row = blockIdx.x; row < matrix.rows; row += gridDim.x) {
+    const scalar_t* in = matrix.input + row * matrix.row_stride;
+    scalar_t* grad = kGrad ? matrix.grad + row * matrix.cols : nullptr;
+    const int64_t target = matrix.target[row];
+    if (target == matrix.ignore_index) {
+      fill_row(acc_t(0), matrix.loss + row, grad, matrix.cols);
+    } else if (target < 0 || target >= matrix.cols) {
+      fill_row(quiet_nan<acc_t>(), matrix.loss + row, grad, matrix.cols);
+    } else {
+      const RowSplit split = split_row<scalar_t>(in, grad, matrix.cols);
+      scalar_t* cache =
+          reinterpret_cast<scalar_t*>(cache_bytes) + (kSize - split.head % kSize) % kSize;
+      body(Row<scalar_t>{row, in, grad, target, split, cache});
+    }
+    if (kCached) __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Block-wide sums
 
 template <typename acc_t, int N>
@@ -311,6 +368,49 @@ bool row_cache_fits(int64_t cols, size_t available, size_t* cache_bytes) {
   *cache_bytes = static_cast<size_t>(cols + kSize) * sizeof(scalar_t);
   return cols <= static_cast<int64_t>(available / sizeof(scalar_t)) &&
          *cache_bytes <= available;
+}
+
+// The typed view of the shared kernel arguments.
+template <typename scalar_t>
+RowLoss<scalar_t> typed_row_loss(const RowLossArgs& a) {
+  return {static_cast<const scalar_t*>(a.input),
+          a.rows,
+          a.cols,
+          a.row_stride,
+          a.target,
+          a.ignore_index,
+          static_cast<acc_type<scalar_t>*>(a.loss),
+          static_cast<scalar_t*>(a.grad)};
+}
+
+// One block per row, grid-stride past kMaxGrid rows; threads_per_row threads per block.
+struct RowGrid {
+  int blocks;
+  int threads;
+};
+
+template <typename scalar_t>
+RowGrid row_grid(const RowLossArgs& a) {
+  return {static_cast<int>(a.rows < kMaxGrid ? a.rows : kMaxGrid),
+          threads_per_row<scalar_t>(a.cols)};
+}
+
+// Launches `cached` with the row cache in dynamic shared memory when a row of `cols`
+// elements fits there, else `reread`, which reads the row again in each later pass.
+template <typename scalar_t, typename KernelArgs>
+cudaError_t launch_cached_or_reread(void (*cached)(KernelArgs), void (*reread)(KernelArgs),
+                                    const KernelArgs& args, int64_t cols, RowGrid grid,
+                                    cudaStream_t stream) {
+  size_t available = 0;
+  const cudaError_t err = opt_in_row_cache(cached, &available);
+  if (err != cudaSuccess) return err;
+  size_t cache_bytes = 0;
+  if (row_cache_fits<scalar_t>(cols, available, &cache_bytes)) {
+    cached<<<grid.blocks, grid.threads, cache_bytes, stream>>>(args);
+  } else {
+    reread<<<grid.blocks, grid.threads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace rows

@@ -55,16 +55,9 @@ using namespace rows;  // NOLINT: the row building blocks shared with the other 
 template <typename scalar_t>
 struct KernelArgs {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* logits;
-  int64_t rows;
-  int64_t cols;
-  int64_t row_stride;
-  const int64_t* target;
+  RowLoss<scalar_t> matrix;  // input: the logits
   acc_t a;
   acc_t b;
-  int64_t ignore_index;
-  acc_t* loss;
-  scalar_t* grad;
 };
 
 // One pass over this thread's part of a row: vector_fn(first_column, Vec) for each of its
@@ -108,31 +101,16 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
   constexpr int kSize = Vec<scalar_t>::kSize;
   __shared__ BlockSumScratch<acc_t, 1> sum_scratch;
   __shared__ BlockSumScratch<acc_t, 2> deviation_scratch;
-  const int64_t cols = args.cols;
+  const int64_t cols = args.matrix.cols;
   const acc_t num_classes = static_cast<acc_t>(cols);
 
-  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
-    const scalar_t* in = args.logits + row * args.row_stride;
-    scalar_t* grad = kGrad ? args.grad + row * cols : nullptr;
-    const int64_t target = args.target[row];
-    if (target == args.ignore_index) {
-      fill_row(acc_t(0), args.loss + row, grad, cols);
-      continue;
-    }
-    if (target < 0 || target >= cols) {
-      fill_row(quiet_nan<acc_t>(), args.loss + row, grad, cols);
-      continue;
-    }
-    const RowSplit split = split_row<scalar_t>(in, grad, cols);
-    // cache[j] holds column j; the offset puts every vector's slots on a 16-byte boundary.
-    scalar_t* cache =
-        reinterpret_cast<scalar_t*>(row_cache_bytes) + (kSize - split.head % kSize) % kSize;
-    const acc_t o_target = to_acc(in[target]);  // the same address in every thread
+  for_each_row<kGrad, kCached>(args.matrix, row_cache_bytes, [&](const Row<scalar_t>& row) {
+    const acc_t o_target = to_acc(row.in[row.target]);  // the same address in every thread
 
     // Pass 1: the mean.
     acc_t sum[1] = {acc_t(0)};
     read_row</*kFromCache=*/false, /*kToCache=*/kCached, /*kKeep=*/!kCached>(
-        in, cache, split, cols,
+        row.in, row.cache, row.split, cols,
         [&](int64_t, const Vec<scalar_t>& vec) {
 #pragma unroll
           for (int e = 0; e < kSize; ++e) sum[0] += to_acc(vec.v[e]);
@@ -149,7 +127,7 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
       dev[1] += d * d;
     };
     read_row</*kFromCache=*/kCached, /*kToCache=*/false, /*kKeep=*/kGrad>(
-        in, cache, split, cols,
+        row.in, row.cache, row.split, cols,
         [&](int64_t, const Vec<scalar_t>& vec) {
 #pragma unroll
           for (int e = 0; e < kSize; ++e) add_deviation(to_acc(vec.v[e]));
@@ -161,7 +139,9 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
     const acc_t sigma = spherical::floored_sigma(sum_sq_dev, cols);
     // o_c - mu as (o_c - m) - D / C: the first difference is exact next to the mean.
     const acc_t z_target = ((o_target - mean) - dev[0] / num_classes) / sigma;
-    if (threadIdx.x == 0) args.loss[row] = spherical::z_loss(z_target, args.a, args.b);
+    if (threadIdx.x == 0) {
+      args.matrix.loss[row.index] = spherical::z_loss(z_target, args.a, args.b);
+    }
 
     // Pass 3: d loss / d o_k = alpha + beta (o_k - m) + gamma [k = c].
     if constexpr (kGrad) {
@@ -170,20 +150,19 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
           z_target, dev[0] / num_classes, sigma, floored, args.a, args.b, cols);
       auto gradient = [&](acc_t x, int64_t col) {
         const acc_t g = coef.alpha + coef.beta * (x - mean);
-        return from_acc<scalar_t>(col == target ? g + coef.gamma : g);
+        return from_acc<scalar_t>(col == row.target ? g + coef.gamma : g);
       };
       read_row</*kFromCache=*/kCached, /*kToCache=*/false, /*kKeep=*/false>(
-          in, cache, split, cols,
+          row.in, row.cache, row.split, cols,
           [&](int64_t col, const Vec<scalar_t>& vec) {
             Vec<scalar_t> out;
 #pragma unroll
             for (int e = 0; e < kSize; ++e) out.v[e] = gradient(to_acc(vec.v[e]), col + e);
-            store_streaming(grad + col, raw_bits(out));
+            store_streaming(row.grad + col, raw_bits(out));
           },
-          [&](int64_t col, scalar_t x) { grad[col] = gradient(to_acc(x), col); });
+          [&](int64_t col, scalar_t x) { row.grad[col] = gradient(to_acc(x), col); });
     }
-    if constexpr (kCached) __syncthreads();
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -192,52 +171,32 @@ __global__ void __launch_bounds__(max_threads<scalar_t>(), 1)
 template <typename scalar_t>
 KernelArgs<scalar_t> kernel_args(const SphericalArgs& a) {
   using acc_t = acc_type<scalar_t>;
-  KernelArgs<scalar_t> k;
-  k.logits = static_cast<const scalar_t*>(a.logits);
-  k.rows = a.rows;
-  k.cols = a.cols;
-  k.row_stride = a.row_stride;
-  k.target = a.target;
-  k.a = static_cast<acc_t>(a.a);
-  k.b = static_cast<acc_t>(a.b);
-  k.ignore_index = a.ignore_index;
-  k.loss = static_cast<acc_t*>(a.loss);
-  k.grad = static_cast<scalar_t*>(a.grad);
-  return k;
+  return {typed_row_loss<scalar_t>(a.matrix), static_cast<acc_t>(a.a),
+          static_cast<acc_t>(a.b)};
 }
 
-// The row-cached kernel when the row fits in shared memory, else the re-reading one.
+// The kernels without and with the row cache for the gradient mode kGrad.
 template <typename scalar_t, bool kGrad>
-cudaError_t launch_mode(const KernelArgs<scalar_t>& args, int grid, int threads,
-                        cudaStream_t stream) {
-  auto cached = spherical_z_loss_kernel<scalar_t, kGrad, /*kCached=*/true>;
-  size_t available = 0;
-  const cudaError_t err = opt_in_row_cache(cached, &available);
-  if (err != cudaSuccess) return err;
-  size_t cache_bytes = 0;
-  if (row_cache_fits<scalar_t>(args.cols, available, &cache_bytes)) {
-    cached<<<grid, threads, cache_bytes, stream>>>(args);
-  } else {
-    spherical_z_loss_kernel<scalar_t, kGrad, /*kCached=*/false>
-        <<<grid, threads, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
+cudaError_t launch_mode(const KernelArgs<scalar_t>& args, RowGrid grid, cudaStream_t stream) {
+  return launch_cached_or_reread<scalar_t>(
+      spherical_z_loss_kernel<scalar_t, kGrad, /*kCached=*/true>,
+      spherical_z_loss_kernel<scalar_t, kGrad, /*kCached=*/false>, args, args.matrix.cols, grid,
+      stream);
 }
 
 template <typename scalar_t>
 cudaError_t launch_typed(const SphericalArgs& a, cudaStream_t stream) {
-  if (a.rows == 0) return cudaSuccess;
+  if (a.matrix.rows == 0) return cudaSuccess;
   const KernelArgs<scalar_t> args = kernel_args<scalar_t>(a);
-  const int threads = threads_per_row<scalar_t>(a.cols);
-  const int grid = static_cast<int>(a.rows < kMaxGrid ? a.rows : kMaxGrid);
-  return a.grad == nullptr ? launch_mode<scalar_t, false>(args, grid, threads, stream)
-                           : launch_mode<scalar_t, true>(args, grid, threads, stream);
+  const RowGrid grid = row_grid<scalar_t>(a.matrix);
+  return a.matrix.grad == nullptr ? launch_mode<scalar_t, false>(args, grid, stream)
+                                  : launch_mode<scalar_t, true>(args, grid, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_spherical_z_loss(const SphericalArgs& args, cudaStream_t stream) {
-  return rows::dispatch_scalar(args.kind, [&](auto tag) {
+  return rows::dispatch_scalar(args.matrix.kind, [&](auto tag) {
     return launch_typed<decltype(tag)>(args, stream);
   });
 }
