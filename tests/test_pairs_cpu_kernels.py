@@ -7,7 +7,7 @@ import torch
 
 from fusedloss.reference import pairs as ref
 
-from conftest import TOLERANCE, assert_close
+from conftest import assert_close
 
 ops = torch.ops.fusedloss
 
@@ -73,7 +73,8 @@ def test_extrema_match_reference(dtype, distance, own_reference, block):
         scores = ref.scores(x.double(), r.double(), distance)
         found = indices >= 0
         rows = torch.arange(x.shape[0])[:, None].expand_as(indices)
-        assert_close(scores[rows[found], indices[found]], want_values[found], dtype, "value at index")
+        assert_close(scores[rows[found], indices[found]], want_values[found], dtype,
+                     "value at index")
 
 
 @pytest.mark.parametrize("distance", [0, 1])
@@ -112,17 +113,34 @@ def stats_cases():
             yield pytest.param(kind, mined, id=f"kind{kind}" + ("-mined" if mined else ""))
 
 
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("own_reference", [True, False], ids=["self", "reference"])
-@pytest.mark.parametrize("distance", [0, 1])
-@pytest.mark.parametrize("kind,mined", list(stats_cases()))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_row_stats_match_reference(dtype, kind, mined, distance, own_reference, block):
+def over_every_variant(test):
+    """Parametrises `test` over dtype, kind (mined or not), distance, the batch as its own
+    reference or a separate one, and block size."""
+    marks = [pytest.mark.parametrize("block", BLOCKS),
+             pytest.mark.parametrize("own_reference", [True, False], ids=["self", "reference"]),
+             pytest.mark.parametrize("distance", [0, 1]),
+             pytest.mark.parametrize("kind,mined", list(stats_cases())),
+             pytest.mark.parametrize("dtype", DTYPES, ids=str)]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def stats_of_variant(dtype, kind, mined, distance, own_reference, block):
+    """(x, labels, r, ref_labels, offset, thresholds, hyper, stats): a 9 x 14 case and the
+    statistics of the CPU kernel; thresholds (when mined) from the fp64 oracle."""
     x, labels, r, ref_labels, offset = make_case(9, 14, dtype, own_reference)
     thresholds = oracle_thresholds(x, labels, r, ref_labels, offset) if mined else None
     hyper = hyper_of(kind, distance)
     stats = ops.pair_row_stats(x, labels, r, ref_labels, thresholds, kind, distance, hyper,
                                offset, block)
+    return x, labels, r, ref_labels, offset, thresholds, hyper, stats
+
+
+@over_every_variant
+def test_row_stats_match_reference(dtype, kind, mined, distance, own_reference, block):
+    x, labels, r, ref_labels, offset, thresholds, hyper, stats = stats_of_variant(
+        dtype, kind, mined, distance, own_reference, block)
     want = ref.pair_row_stats(x.double(), labels, r.double(), ref_labels, thresholds, kind,
                               distance, hyper, offset)
     assert stats.dtype == ref.accumulation_dtype(x)
@@ -146,7 +164,8 @@ def test_row_stats_of_rows_without_pairs(kind):
     grad_stats = torch.ones(1, ref.NUM_STATS[kind])
     for rs, rls, offset in ((x, labels, 0), (x[:0], labels[:0], -1)):
         for distance in (0, 1):
-            stats = ops.pair_row_stats(x, labels, rs, rls, None, kind, distance, HYPER[kind], offset, 0)
+            stats = ops.pair_row_stats(x, labels, rs, rls, None, kind, distance, HYPER[kind],
+                                       offset, 0)
             gx, gr = ops.pair_row_stats_backward(grad_stats, stats, x, labels, rs, rls, None, kind,
                                                  distance, HYPER[kind], offset, 0, True, True)
             assert torch.equal(gx, torch.zeros_like(x)) and torch.equal(gr, torch.zeros_like(rs))
@@ -192,20 +211,14 @@ def reference_grads(x, labels, r, ref_labels, thresholds, kind, distance, hyper,
 
 
 def random_grad_stats(n, kind, dtype):
-    return torch.randn(n, ref.NUM_STATS[kind], dtype=ref.accumulation_dtype(torch.empty(0, dtype=dtype)))
+    acc = ref.accumulation_dtype(torch.empty(0, dtype=dtype))
+    return torch.randn(n, ref.NUM_STATS[kind], dtype=acc)
 
 
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("own_reference", [True, False], ids=["self", "reference"])
-@pytest.mark.parametrize("distance", [0, 1])
-@pytest.mark.parametrize("kind,mined", list(stats_cases()))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@over_every_variant
 def test_backward_matches_reference_autograd(dtype, kind, mined, distance, own_reference, block):
-    x, labels, r, ref_labels, offset = make_case(9, 14, dtype, own_reference)
-    thresholds = oracle_thresholds(x, labels, r, ref_labels, offset) if mined else None
-    hyper = hyper_of(kind, distance)
-    stats = ops.pair_row_stats(x, labels, r, ref_labels, thresholds, kind, distance, hyper,
-                               offset, block)
+    x, labels, r, ref_labels, offset, thresholds, hyper, stats = stats_of_variant(
+        dtype, kind, mined, distance, own_reference, block)
     grad_stats = random_grad_stats(x.shape[0], kind, dtype)
     gx, gr = ops.pair_row_stats_backward(grad_stats, stats, x, labels, r, ref_labels, thresholds,
                                          kind, distance, hyper, offset, block, True, True)
@@ -298,7 +311,8 @@ def test_odd_shapes_and_non_contiguous_inputs(kind):
     labels = torch.randint(0, 2, (10,))[::2]
     ref_labels = torch.randint(0, 2, (7,))
     hyper = HYPER[kind]
-    for xs, ls, rs, rls, offset in ((x, labels, r, ref_labels, 4), (x[:1], labels[:1], r, ref_labels, -1),
+    for xs, ls, rs, rls, offset in ((x, labels, r, ref_labels, 4),
+                                    (x[:1], labels[:1], r, ref_labels, -1),
                                     (x, labels, r[:1], ref_labels[:1], -1)):
         for distance in (0, 1):
             stats = ops.pair_row_stats(xs, ls, rs, rls, None, kind, distance, hyper, offset, 2)
@@ -311,6 +325,12 @@ def test_odd_shapes_and_non_contiguous_inputs(kind):
                                              grad_stats, False)
             assert_close(gx, want_x, torch.float64, "grad x")
             assert_close(gr, want_r, torch.float64, "grad ref")
+
+
+def gradcheck_hyper(kind, distance):
+    """Hyperparameters that keep the pairs of the small gradcheck cases away from the kinks."""
+    contrastive = [0.2, 0.6] if distance == 0 else [0.5, 1.3]
+    return {0: [2.0, 5.0, 0.5, 0.3], 1: [0.5], 2: contrastive}[kind]
 
 
 class _RowStats(torch.autograd.Function):
@@ -334,22 +354,32 @@ class _RowStats(torch.autograd.Function):
         return (gx, gr) + (None,) * 8
 
 
+def assert_gradcheck(kind, mined, distance, x, labels, r, ref_labels, mining_offset, offset):
+    """gradcheck of _RowStats (blocks of 3) in x and r, or in x alone when r is x (autograd
+    then adds the two gradients the op returns); thresholds mined with `mining_offset`."""
+    thresholds = oracle_thresholds(x, labels, r, ref_labels, mining_offset) if mined else None
+    hyper = gradcheck_hyper(kind, distance)
+    own = r is x
+    leaves = (x.requires_grad_(),) if own else (x.requires_grad_(), r.requires_grad_())
+
+    def stats_of(*t):
+        return _RowStats.apply(t[0], t[-1], labels, ref_labels, thresholds, kind, distance,
+                               hyper, offset, 3)
+
+    assert torch.autograd.gradcheck(stats_of, leaves)
+
+
 @pytest.mark.parametrize("distance", [0, 1])
 @pytest.mark.parametrize("kind,mined", list(stats_cases()))
 def test_gradcheck_fp64(kind, mined, distance):
     x, labels, r, ref_labels, offset = make_case(5, 7, torch.float64, False, classes=2, d=3)
-    thresholds = oracle_thresholds(x, labels, r, ref_labels, offset) if mined else None
-    hyper = {0: [2.0, 5.0, 0.5, 0.3], 1: [0.5], 2: [0.2, 0.6] if distance == 0 else [0.5, 1.3]}[kind]
-    x.requires_grad_()
-    r.requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda a, b: _RowStats.apply(a, b, labels, ref_labels, thresholds, kind, distance, hyper,
-                                     2, 3), (x, r))
+    assert_gradcheck(kind, mined, distance, x, labels, r, ref_labels, offset, 2)
 
 
 # ---- the batch as its own reference (ref is x: the symmetric path) ----------------------
 
-def all_three_ops(x, labels, r, ref_labels, kind, mined, distance, offset, block, grads=(True, True)):
+def all_three_ops(x, labels, r, ref_labels, kind, mined, distance, offset, block,
+                  grads=(True, True)):
     """(extrema values, indices, stats, grad_x, grad_ref, thresholds, grad_stats) of the CPU
     ops; thresholds (when mined) from the fp64 oracle, so that runs to be compared mine
     the same pairs; grad_stats fixed by a seed."""
@@ -365,10 +395,10 @@ def all_three_ops(x, labels, r, ref_labels, kind, mined, distance, offset, block
     return values, indices, stats, gx, gr, thresholds, grad_stats
 
 
-# Any self offset (or none) with ref = x: each row still drops its own excluded column. Not
-# for distances: a row's pair with itself, d = 0 up to rounding, has an ill-conditioned
-# gradient (a = w / d of rounding noise), which two summation orders do not share.
-OWN_OFFSETS = [(0, 0), (0, -1), (0, 5), (1, 0)]
+# Any self offset (or none) with ref = x: each row still drops its own excluded column. For
+# distances too: a row's pair with itself is at d = 0 exactly (not Gram rounding noise, whose
+# a = w / d two summation orders would not share), with the zero gradient of d at 0.
+OWN_OFFSETS = [(0, 0), (0, -1), (0, 5), (1, 0), (1, -1), (1, 5)]
 
 
 @pytest.mark.parametrize("block", [0, 4, 16])
@@ -486,12 +516,7 @@ def test_gradcheck_own_reference_fp64(kind, mined, distance):
     # One tensor as x and ref: autograd adds the two gradients the op returns (all of it in
     # grad_x on the symmetric path).
     x, labels, _, _, offset = make_case(7, 0, torch.float64, True, classes=2, d=3)
-    thresholds = oracle_thresholds(x, labels, x, labels, offset) if mined else None
-    hyper = {0: [2.0, 5.0, 0.5, 0.3], 1: [0.5], 2: [0.2, 0.6] if distance == 0 else [0.5, 1.3]}[kind]
-    x.requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda a: _RowStats.apply(a, a, labels, labels, thresholds, kind, distance, hyper,
-                                  offset, 3), (x,))
+    assert_gradcheck(kind, mined, distance, x, labels, x, labels, offset, offset)
 
 
 # ---- input checks -----------------------------------------------------------------------
@@ -532,28 +557,33 @@ BAD_INPUTS = [
     (_extrema, dict(x=torch.randn(4)), RuntimeError, r"x must be 2-D \[N, D\]"),
     (_extrema, dict(ref=torch.randn(5, 3, 1)), RuntimeError, r"ref must be 2-D \[M, D\]"),
     (_extrema, dict(ref=torch.randn(5, 2)), ValueError, "must share D"),
-    (_extrema, dict(ref=torch.randn(5, 3, dtype=torch.float64)), RuntimeError, "must share a dtype"),
+    (_extrema, dict(ref=torch.randn(5, 3, dtype=torch.float64)), RuntimeError,
+     "must share a dtype"),
     (_extrema, dict(x=torch.ones(4, 3, dtype=torch.long), ref=torch.ones(5, 3, dtype=torch.long)),
      RuntimeError, "x must be a floating tensor"),
     (_extrema, dict(labels=torch.tensor([0, 1, 0])), RuntimeError, r"labels must have shape \[4\]"),
-    (_extrema, dict(ref_labels=torch.tensor([0, 1])), RuntimeError, r"ref_labels must have shape \[5\]"),
+    (_extrema, dict(ref_labels=torch.tensor([0, 1])), RuntimeError,
+     r"ref_labels must have shape \[5\]"),
     (_extrema, dict(labels=torch.tensor([0.0, 1.0, 0.0, 1.0])), RuntimeError, "must be int64"),
     (_extrema, dict(distance=2), ValueError, "distance must be 0 .* or 1"),
     (_extrema, dict(self_offset=-2), ValueError, "self_offset must be -1"),
     (_extrema, dict(block_size=-1), ValueError, "block_size must be >= 0"),
     (_stats, dict(kind=3), ValueError, "kind must be 0 .*, 1 .* or 2"),
-    (_stats, dict(hyper=[2.0, 50.0, 0.5]), ValueError, r"kind 0 takes hyper = \(alpha, beta, base, epsilon\)"),
+    (_stats, dict(hyper=[2.0, 50.0, 0.5]), ValueError,
+     r"kind 0 takes hyper = \(alpha, beta, base, epsilon\)"),
     (_stats, dict(kind=1, hyper=[0.1, 0.2]), ValueError, r"kind 1 takes hyper = \(temperature\)"),
     (_stats, dict(hyper=[0.0, 50.0, 0.5, 0.1]), ValueError, "alpha > 0 and beta > 0"),
     (_stats, dict(hyper=[2.0, -1.0, 0.5, 0.1]), ValueError, "alpha > 0 and beta > 0"),
     (_stats, dict(hyper=[2.0, 50.0, float("nan"), 0.1]), ValueError, "must be finite"),
     (_stats, dict(kind=1, hyper=[0.0]), ValueError, "temperature must be > 0"),
-    (_stats, dict(thresholds=torch.zeros(4, 3)), RuntimeError, r"thresholds must have shape \[4, 2\]"),
+    (_stats, dict(thresholds=torch.zeros(4, 3)), RuntimeError,
+     r"thresholds must have shape \[4, 2\]"),
     (_stats, dict(thresholds=torch.zeros(4, 2, dtype=torch.long)), RuntimeError,
      "thresholds must be a floating tensor"),
     (_stats, dict(kind=1, hyper=[0.1], thresholds=torch.zeros(4, 2)), ValueError,
      "thresholds apply to kind 0"),
-    (_backward, dict(grad_stats=torch.zeros(4, 3)), RuntimeError, r"grad_stats must have shape \[4, 2\]"),
+    (_backward, dict(grad_stats=torch.zeros(4, 3)), RuntimeError,
+     r"grad_stats must have shape \[4, 2\]"),
     (_backward, dict(stats=torch.zeros(3, 2)), RuntimeError, r"stats must have shape \[4, 2\]"),
     (_backward, dict(kind=2, hyper=[0.1, 0.5], grad_stats=torch.zeros(4, 2)), RuntimeError,
      r"grad_stats must have shape \[4, 4\]"),

@@ -10,6 +10,13 @@ S_ij (DISTANCE 0) or d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)) (DISTANCE 1
 pair unless self_offset >= 0 and j = (self_offset + i) mod M; positive when the labels agree,
 negative otherwise. The kinds write their formulas in v, so S for distance 0.
 
+Near pairs (DISTANCE 1; derivation and error bounds in pairs.h, "Near-duplicate pairs"): where
+d^2 < kappa (|x_i|^2 + |r_j|^2), kappa = 2^-6, the Gram form cancels, so `_score_tile` takes d^2
+= sum_k (x_ik - r_jk)^2 from the differences instead: one compare per entry, and only in a
+tile with such a pair a 3-D [BLOCK_Q, BLOCK_R, BLOCK_K] broadcast of differences over chunks
+of BLOCK_K coordinates. The backward takes the near pairs out of W and of the sums of a (their
+entries 0 there) and adds a_ij (x_i - r_j) from the differences (`_add_near_pair_terms`).
+
 Per-row statistics and their derivatives dstat/dv_ij (zero outside the pairs named):
   KIND 0, multi-similarity, hyper (alpha, beta, base, eps), with zp = -alpha (v - base) and
     zn = beta (v - base), over the kept pairs (with thresholds (max_neg_i, min_pos_i): a
@@ -50,20 +57,22 @@ under the interpreter, so that tests take several splits); torch combines the sp
     reference blocks writing the running state per row, [SPLIT, N, 4]: (m, s) of each
     log-sum-exp (kinds 0, 1) and plain sums; the combine rescales the (m, s) pairs to their
     common max, adds exp(0) for kind 0's "1 +" term, and adds the sums.
-  pair_row_stats_backward: `_grad_x_kernel`, grid (N / BLOCK_Q, D / BLOCK_DO, SPLIT): a block
-    of query rows and a block of output columns of D loops over the split's reference blocks,
-    acc += W r (tl.dot), and sums a for the x_i term; `_grad_ref_kernel`, grid (M / BLOCK_R,
-    D / BLOCK_DO, SPLIT): a block of references loops over the query blocks, acc += W^T x
-    (skipped when not ref_grad). Both build the W tile with `_grad_tile` in the [query,
-    reference] orientation. One split writes the gradient in the input dtype; more write
-    [SPLIT, rows, D] partial sums in the accumulation dtype, added in split order.
+  pair_row_stats_backward: `_grad_kernel` once per gradient asked for. grad_x, grid
+    (N / BLOCK_Q, D / BLOCK_DO, SPLIT): a block of query rows and a block of output columns of
+    D loops over the split's reference blocks, acc += W r (tl.dot), and sums a for the x_i
+    term; grad_ref (REF_SIDE), grid (M / BLOCK_R, D / BLOCK_DO, SPLIT): a block of references
+    loops over the query blocks, acc += W^T x. Both build the W tile with `_grad_tile` in the
+    [query, reference] orientation. One split writes the gradient in the input dtype; more
+    write [SPLIT, rows, D] partial sums in the accumulation dtype, added in split order.
 Memory: O((N + M) D) for the inputs and gradients, O(SPLIT N) for the forward partials and
 O(SPLIT (N or M) D) for split gradients; never O(N M).
 
 Precision: S and every statistic accumulate in fp32 (fp64 for fp64 inputs); 16-bit tiles enter
 tl.dot as they are (fp32 accumulate), and the W tile is rounded to the input dtype for the
 backward product, as a 16-bit autograd graph rounds dL/dS. fp32 inputs follow
-torch.backends.cuda.matmul.allow_tf32 as triton_kernels/margin_linear.py does. Under
+torch.backends.cuda.matmul.allow_tf32 as triton_kernels/margin_linear.py does; with tf32 the
+Gram form's error is ~2^-11 (|x|^2 + |r|^2) rather than ~D 2^-24 of it, so the distances of
+the pairs that are not near carry up to ~2^-11 / kappa = 3% (near pairs stay exact). Under
 TRITON_INTERPRET=1, bf16 dot operands are widened to fp32 first (the interpreter multiplies
 bf16 as raw bits; the widening is exact). Hyperparameters go to the kernels as fp32 hi + lo.
 
@@ -75,6 +84,14 @@ shows no register spills at distance 1, the heavier variant; not yet timed on a 
     fp16, bf16   64 x 64             64        <= 128                8
     fp32         64 x 64             32        <= 128                8
     fp64         32 x 32             16        <= 64                 4
+
+BLOCK_K (near pairs only) keeps their 3-D tile at about 16 values per thread: 1 for 64 x 64 and
+8 warps, 2 for 32 x 32 and 4 warps. Compiled offline for sm_90 (Triton 3.9, num_stages 3) the
+forward kernels then spill nothing at distance 1 (194-254 registers), while 32 values per
+thread spilled 8-32 bytes. The backward at distance 1, which holds the near pairs' terms as
+well, spills: fp32 ~3.1 KB of stack per thread, fp64 ~0.3-0.4 KB, bf16 ~0.6 KB, where it spilled
+40-48 bytes (fp32) and nothing (fp64, bf16) before near pairs were handled. Not yet timed on a
+GPU; the first thing to look at there.
 
 block_size > 0 sets BLOCK_Q = BLOCK_R (a power of two in [16, 128]; above the table's sizes
 the GPU kernels may spill registers).
@@ -92,6 +109,7 @@ from fusedloss.triton_kernels.margin_linear import (_allow_tf32, _dot_tile, _int
                                                     _target_programs)
 
 _NO_COLUMN = tl.constexpr(-1)  # the index of an empty extremum
+_NEAR_FRACTION = tl.constexpr(2.0 ** -6)  # kappa of pairs.h: the Gram form serves above it
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,18 +117,47 @@ _NO_COLUMN = tl.constexpr(-1)  # the index of an empty extremum
 
 
 @triton.jit
-def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+def _direct_squared_distances(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+                              BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_Q, BLOCK_R] of sum_k (x_ik - r_jk)^2 from the differences, in ACC: a 3-D
+    [BLOCK_Q, BLOCK_R, BLOCK_K] broadcast per chunk of BLOCK_K coordinates."""
+    d2 = tl.zeros([BLOCK_Q, BLOCK_R], ACC)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xk = _load_rows(x_ptr, rows, N, ks, D, x_stride, False).to(ACC)
+        rk = _load_rows(ref_ptr, cols, M, ks, D, ref_stride, False).to(ACC)
+        diff = xk[:, None, :] - rk[None, :, :]
+        d2 += tl.sum(diff * diff, axis=2)
+    return d2
+
+
+@triton.jit
+def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride, ref_stride,
                 DISTANCE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
-    """The [BLOCK_Q, BLOCK_R] tile of scores v: S, or the euclidean distance built from S."""
+                BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(v, near) on the [BLOCK_Q, BLOCK_R] tile: the scores v, S or the euclidean distance,
+    and the mask of the near pairs (module docstring; all False for DISTANCE 0). The Gram
+    form serves unless a pair of the tile is near; then the tile's near entries are redone
+    from the differences."""
     v = _dot_tile(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref_stride,
                   BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+    near = tl.zeros([BLOCK_Q, BLOCK_R], tl.int1)
     if DISTANCE == 1:
         nx = tl.load(nx_ptr + rows, mask=rows < N, other=0.0)
         nr = tl.load(nr_ptr + cols, mask=cols < M, other=0.0)
-        v = tl.sqrt(tl.maximum(nx[:, None] + nr[None, :] - 2.0 * v, 0.0))
-    return v
+        norms = nx[:, None] + nr[None, :]
+        d2 = tl.maximum(norms - 2.0 * v, 0.0)
+        paired = ((rows[:, None] < N) & (cols[None, :] < M)
+                  & (cols.to(tl.int32)[None, :] != skip[:, None]))
+        near = paired & (d2 < _NEAR_FRACTION * norms)
+        if tl.max(near.to(tl.int32)) > 0:
+            direct = _direct_squared_distances(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride,
+                                               ref_stride, BLOCK_Q, BLOCK_R, BLOCK_K, ACC)
+            d2 = tl.where(near, direct, d2)
+        v = tl.sqrt(d2)
+    return v, near
 
 
 @triton.jit
@@ -145,6 +192,16 @@ def _lse_update(m_run, s_run, z):
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     s_new = s_run * tl.exp(m_run - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
     return m_new, s_new
+
+
+@triton.jit
+def _row_block(labels_ptr, N, M, self_offset, BLOCK_Q: tl.constexpr):
+    """(split, rows, row_ok, row_labels, skip) of a forward program: grid (N / BLOCK_Q, SPLIT)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < N
+    row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
+    return (tl.program_id(1).to(tl.int64), rows, row_ok, row_labels,
+            _excluded_column(rows, M, self_offset))
 
 
 @triton.jit
@@ -195,16 +252,12 @@ def _extrema_kernel(
     x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, key_ptr, index_ptr,
     N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
     DISTANCE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per row and split of the references, the smallest positive key and negated negative
     key and their first columns: key [SPLIT, N, 2], index [SPLIT, N, 2] (module docstring)."""
     ACC: tl.constexpr = key_ptr.dtype.element_ty
-    split = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < N
-    row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
-    skip = _excluded_column(rows, M, self_offset)
+    split, rows, row_ok, row_labels, skip = _row_block(labels_ptr, N, M, self_offset, BLOCK_Q)
     pos_key = tl.full([BLOCK_Q], float("inf"), ACC)
     neg_key = tl.full([BLOCK_Q], float("inf"), ACC)
     pos_idx = tl.full([BLOCK_Q], _NO_COLUMN, tl.int32)
@@ -212,8 +265,9 @@ def _extrema_kernel(
     c_begin, c_end = _split_range(split, blocks_per_split, BLOCK_R, M)
     for c0 in range(c_begin, c_end, BLOCK_R):
         cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        key = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride,
-                          ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+        key, _ = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
+                             ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC,
+                             PRECISION, UPCAST)
         if DISTANCE == 1:
             key = -key
         pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
@@ -236,18 +290,14 @@ def _row_stats_kernel(
     N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
     h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
     KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per row and split of the references, the running state part [SPLIT, N, 4] of loss KIND
     in one pass (module docstring): kind 0 (m_pos, s_pos, m_neg, s_neg), two log-sum-exps
     without their "1 +" term; kind 1 (m, s, sum_pos v / t, count); kind 2 the four sums."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
-    split = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < N
-    row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
-    skip = _excluded_column(rows, M, self_offset)
+    split, rows, row_ok, row_labels, skip = _row_block(labels_ptr, N, M, self_offset, BLOCK_Q)
     h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
     zero = tl.zeros([BLOCK_Q], ACC)
     a0 = zero + float("-inf") if KIND != 2 else zero  # a log-sum-exp's running max
@@ -257,8 +307,9 @@ def _row_stats_kernel(
     c_begin, c_end = _split_range(split, blocks_per_split, BLOCK_R, M)
     for c0 in range(c_begin, c_end, BLOCK_R):
         cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        v = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride,
-                        ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+        v, _ = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
+                           ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC,
+                           PRECISION, UPCAST)
         pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
         if KIND == 0:  # hyper (alpha, beta, base, eps)
             pos, neg = _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, h3, HAS_THRESHOLDS)
@@ -293,16 +344,18 @@ def _grad_tile(
     x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
     rows, cols, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
     KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """(W, a) on the [query, reference] tile: W = dL/dS, a = G / d (DISTANCE 1; for
-    DISTANCE 0 a is W and unused). G = sum_k g_ik dstat_ik / dv_ij, module docstring."""
+    """(W, a, a_near) on the [query, reference] tile: W = dL/dS and a = G / d for the pairs
+    that are not near, a = G / d of the near pairs in a_near (DISTANCE 1; for DISTANCE 0 a and
+    a_near are W and unused). G = sum_k g_ik dstat_ik / dv_ij, module docstring."""
     K: tl.constexpr = 2 if KIND == 0 else (3 if KIND == 1 else 4)
     row_labels = tl.load(labels_ptr + rows, mask=rows < N, other=0)
     skip = _excluded_column(rows, M, self_offset)
-    v = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, N, M, D, x_stride, ref_stride,
-                    DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
+    v, near = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
+                          ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC,
+                          PRECISION, UPCAST)
     pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
     g0 = _row_column(gstats_ptr, rows, N, K, 0, ACC)[:, None]
     if KIND == 0:  # hyper (alpha, beta, base, eps)
@@ -327,10 +380,13 @@ def _grad_tile(
         g = tl.where(pos & (sigma * (v - h0) > 0), sigma * g0, 0.0)
         g += tl.where(neg & (sigma * (h1 - v) > 0), -sigma * g2, 0.0)
     a = g
+    a_near = g
     if DISTANCE == 1:
         a = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        a_near = tl.where(near, a, 0.0)
+        a = tl.where(near, 0.0, a)
         g = -a
-    return g, a
+    return g, a, a_near
 
 
 @triton.jit
@@ -344,77 +400,91 @@ def _dot_operand(w, IN_TY: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _grad_x_kernel(
-    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
-    grad_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
-    h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
-    KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """grad[split, rows, d_out] = sum_j W_ij r_j[d_out] (+ x_i[d_out] sum_j a_ij) over the
-    references j of one split, row-tiled; grad is [SPLIT, N, D]."""
-    ACC: tl.constexpr = stats_ptr.dtype.element_ty
-    IN_TY: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
-    acc = tl.zeros([BLOCK_Q, BLOCK_DO], ACC)
-    diag = tl.zeros([BLOCK_Q], ACC)
-    c_begin, c_end = _split_range(tl.program_id(2), blocks_per_split, BLOCK_R, M)
-    for c0 in range(c_begin, c_end, BLOCK_R):
-        cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        w, a = _grad_tile(x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr,
-                          stats_ptr, gstats_ptr, rows, cols, N, M, D, x_stride, ref_stride,
-                          self_offset, h0, h1, h2, h3, KIND, DISTANCE, HAS_THRESHOLDS,
-                          BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
-        r = _load_rows(ref_ptr, cols, M, d_out, D, ref_stride, UPCAST)
-        acc = tl.dot(_dot_operand(w, IN_TY, UPCAST), r, acc, input_precision=PRECISION,
-                     out_dtype=ACC)
-        if DISTANCE == 1:
-            diag += tl.sum(a, axis=1)
-    if DISTANCE == 1:
-        acc += _load_rows(x_ptr, rows, N, d_out, D, x_stride, False).to(ACC) * diag[:, None]
-    out = grad_ptr + (tl.program_id(2).to(tl.int64) * N + rows[:, None]) * D + d_out[None, :]
-    tl.store(out, acc.to(grad_ptr.dtype.element_ty),
-             mask=(rows[:, None] < N) & (d_out[None, :] < D))
+def _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride, other_ptr, inner0,
+                         d_out, D, other_stride, INNER: tl.constexpr, INNER_AXIS: tl.constexpr,
+                         ACC: tl.constexpr):
+    """acc + sum_n a_near[o, n] (own_o - other_n)[d_out]: the near pairs' part of a distance-1
+    gradient, from the differences (module docstring); n runs over the tile's inner rows
+    (axis INNER_AXIS of a_near, from inner0 on), o over its outer ones (own rows `outer`).
+    Only a tile with a near pair does any of it; then one inner row at a time: its column
+    of a_near picked by a masked sum (exact: one term and zeros), and skipped without one."""
+    if tl.max((a_near != 0).to(tl.int32)) > 0:
+        own = _load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
+        ids = tl.arange(0, INNER)
+        for n in range(INNER):
+            if INNER_AXIS == 1:
+                a_n = tl.sum(tl.where(ids[None, :] == n, a_near, 0.0), axis=1)
+            else:
+                a_n = tl.sum(tl.where(ids[:, None] == n, a_near, 0.0), axis=0)
+            if tl.max((a_n != 0).to(tl.int32)) > 0:
+                other_n = tl.load(other_ptr + (inner0 + n) * other_stride + d_out,
+                                  mask=d_out < D, other=0.0).to(ACC)
+                acc += a_n[:, None] * (own - other_n[None, :])
+    return acc
 
 
 @triton.jit
-def _grad_ref_kernel(
+def _grad_kernel(
     x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
     grad_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
     h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
     KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    REF_SIDE: tl.constexpr,
 ):
-    """grad[split, cols, d_out] = sum_i W_ij x_i[d_out] (+ r_j[d_out] sum_i a_ij) over the
-    queries i of one split, column-tiled; grad is [SPLIT, M, D]."""
+    """One gradient, grad [SPLIT, outer rows, D], over the inner blocks of one split.
+    grad_x (REF_SIDE False): the outer rows are the queries i, the inner ones the references j,
+        grad[split, i, d_out] = sum_j W_ij r_j[d_out] (+ x_i[d_out] sum_j a_ij);
+    grad_ref (REF_SIDE True): the outer rows are the references j, the inner ones the queries,
+        grad[split, j, d_out] = sum_i W_ij x_i[d_out] (+ r_j[d_out] sum_i a_ij).
+    Both build the W tile with _grad_tile in the [query, reference] orientation; grad_ref
+    multiplies its transpose. Distance 1 adds the near pairs' terms from the differences."""
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
-    IN_TY: tl.constexpr = ref_ptr.dtype.element_ty
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    IN_TY: tl.constexpr = x_ptr.dtype.element_ty
+    if REF_SIDE:
+        OUTER: tl.constexpr = BLOCK_R
+        INNER: tl.constexpr = BLOCK_Q
+        own_ptr, own_len, own_stride = ref_ptr, M, ref_stride
+        other_ptr, other_len, other_stride = x_ptr, N, x_stride
+    else:
+        OUTER: tl.constexpr = BLOCK_Q
+        INNER: tl.constexpr = BLOCK_R
+        own_ptr, own_len, own_stride = x_ptr, N, x_stride
+        other_ptr, other_len, other_stride = ref_ptr, M, ref_stride
+    INNER_AXIS: tl.constexpr = 0 if REF_SIDE else 1  # of the [query, reference] tiles
+    outer = tl.program_id(0).to(tl.int64) * OUTER + tl.arange(0, OUTER)
     d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
-    acc = tl.zeros([BLOCK_R, BLOCK_DO], ACC)
-    diag = tl.zeros([BLOCK_R], ACC)
-    r_begin, r_end = _split_range(tl.program_id(2), blocks_per_split, BLOCK_Q, N)
-    for r0 in range(r_begin, r_end, BLOCK_Q):
-        rows = r0 + tl.arange(0, BLOCK_Q).to(tl.int64)
-        w, a = _grad_tile(x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr,
-                          stats_ptr, gstats_ptr, rows, cols, N, M, D, x_stride, ref_stride,
-                          self_offset, h0, h1, h2, h3, KIND, DISTANCE, HAS_THRESHOLDS,
-                          BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
-        x = _load_rows(x_ptr, rows, N, d_out, D, x_stride, UPCAST)
-        acc = tl.dot(tl.trans(_dot_operand(w, IN_TY, UPCAST)), x, acc, input_precision=PRECISION,
-                     out_dtype=ACC)
+    acc = tl.zeros([OUTER, BLOCK_DO], ACC)
+    diag = tl.zeros([OUTER], ACC)
+    i_begin, i_end = _split_range(tl.program_id(2), blocks_per_split, INNER, other_len)
+    for i0 in range(i_begin, i_end, INNER):
+        inner = i0 + tl.arange(0, INNER).to(tl.int64)
+        if REF_SIDE:
+            rows, cols = inner, outer
+        else:
+            rows, cols = outer, inner
+        w, a, a_near = _grad_tile(
+            x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr,
+            gstats_ptr, rows, cols, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
+            KIND, DISTANCE, HAS_THRESHOLDS, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC, PRECISION,
+            UPCAST)
+        w = _dot_operand(w, IN_TY, UPCAST)
+        if REF_SIDE:
+            w = tl.trans(w)
+        other = _load_rows(other_ptr, inner, other_len, d_out, D, other_stride, UPCAST)
+        acc = tl.dot(w, other, acc, input_precision=PRECISION, out_dtype=ACC)
         if DISTANCE == 1:
-            diag += tl.sum(a, axis=0)
+            diag += tl.sum(a, axis=INNER_AXIS)
+            acc = _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride, other_ptr,
+                                       i0, d_out, D, other_stride, INNER, INNER_AXIS, ACC)
     if DISTANCE == 1:
-        acc += _load_rows(ref_ptr, cols, M, d_out, D, ref_stride, False).to(ACC) * diag[:, None]
-    out = grad_ptr + (tl.program_id(2).to(tl.int64) * M + cols[:, None]) * D + d_out[None, :]
+        own = _load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
+        acc += own * diag[:, None]
+    out = grad_ptr + (tl.program_id(2).to(tl.int64) * own_len + outer[:, None]) * D + d_out[None, :]
     tl.store(out, acc.to(grad_ptr.dtype.element_ty),
-             mask=(cols[:, None] < M) & (d_out[None, :] < D))
+             mask=(outer[:, None] < own_len) & (d_out[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,6 +508,9 @@ def _config(x: Tensor, block_size: int) -> dict:
         cfg = dict(q=64, r=64, d=64, do=_pow2(d, 16, 128), warps=8, stages=3)
     if block_size > 0:
         cfg.update(q=_pow2(block_size, 16, 128), r=_pow2(block_size, 16, 128))
+    # BLOCK_K of the near pairs' 3-D differences: about 16 values per thread on the GPU.
+    threads = 32 * cfg["warps"]
+    cfg["k"] = 16 if _interpreted(x.device) else max(1, 16 * threads // (cfg["q"] * cfg["r"]))
     return cfg
 
 
@@ -464,7 +537,7 @@ class _Launch:
         self.hyper = [part for h in (list(hyper) + [0.0] * 4)[:4] for part in _hi_lo(float(h))]
         precision = "tf32" if x.dtype == torch.float32 and _allow_tf32() else "ieee"
         self.meta = dict(DISTANCE=distance, BLOCK_Q=self.cfg["q"], BLOCK_R=self.cfg["r"],
-                         BLOCK_D=self.cfg["d"], PRECISION=precision,
+                         BLOCK_D=self.cfg["d"], BLOCK_K=self.cfg["k"], PRECISION=precision,
                          UPCAST=_interpreted(x.device) and x.dtype == torch.bfloat16,
                          num_warps=self.cfg["warps"], num_stages=self.cfg["stages"])
 
@@ -562,7 +635,8 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
                 **run.meta)
     d_blocks = triton.cdiv(run.d, run.cfg["do"])
 
-    def grad(kernel, outer: Tensor, outer_block: int, inner_len: int, inner_block: int) -> Tensor:
+    def grad(ref_side: bool, outer: Tensor, outer_block: int, inner_len: int,
+             inner_block: int) -> Tensor:
         """One gradient: written by the kernel in the input dtype (one split), or as per-split
         partial sums in the accumulation dtype that are added here in split order."""
         rows = outer.shape[0]
@@ -572,12 +646,12 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
         splits, per_split = run.splits(outer_blocks * d_blocks, inner_len, inner_block)
         shape = (rows, run.d) if splits == 1 else (splits, rows, run.d)
         out = torch.empty(shape, dtype=outer.dtype if splits == 1 else run.acc, device=x.device)
-        torch.library.wrap_triton(kernel)[(outer_blocks, d_blocks, splits)](
-            *args, out, *run.shape_args(), per_split, *run.hyper, **meta)
+        torch.library.wrap_triton(_grad_kernel)[(outer_blocks, d_blocks, splits)](
+            *args, out, *run.shape_args(), per_split, *run.hyper, REF_SIDE=ref_side, **meta)
         return out if splits == 1 else out.sum(0).to(outer.dtype)
 
-    grad_x = (grad(_grad_x_kernel, run.x, run.cfg["q"], run.m, run.cfg["r"]) if x_grad
+    grad_x = (grad(False, run.x, run.cfg["q"], run.m, run.cfg["r"]) if x_grad
               else x.new_empty(0))
-    grad_ref = (grad(_grad_ref_kernel, run.ref, run.cfg["r"], run.n, run.cfg["q"]) if ref_grad
+    grad_ref = (grad(True, run.ref, run.cfg["r"], run.n, run.cfg["q"]) if ref_grad
                 else ref.new_empty(0))
     return grad_x, grad_ref

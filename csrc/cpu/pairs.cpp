@@ -21,13 +21,13 @@
 //     at -inf, 0. Kind 1 adds the positives' logits and count in the maximum's loop, kind 2
 //     its sums and counts in a single loop.
 //   pair_row_stats_backward: one pass over the tiles, recomputing S. The epilogue
-//     overwrites the tile with W (dL/dS, or for distance 1 -a with a = (dL/dd) / d, and
-//     the row sums of a), then two more products per tile: grad_x_blk += W r_blk and
+//     overwrites the tile with W (dL/dS, or for distance 1 -a with a = (dL/dd) / d), then
+//     two more products per tile: grad_x_blk += W r_blk and
 //     grad_r_blk += W^T x_blk. Both accumulate in place in [N, D] / [M, D] buffers, so on
 //     the CPU one pass serves both gradients: a separate column-tiled pass for grad_r (as
 //     a GPU kernel needs, to avoid atomics) would recompute every S and W a second time.
-//     Distance 1 then adds (sum_j a_ij) x_i and (sum_i a_ij) r_j (pairs.h); the column sums
-//     are the tile's column sums, taken after the epilogue.
+//     Distance 1 then adds (sum_j a_ij) x_i and (sum_i a_ij) r_j (pairs.h), from the tile's
+//     row and column sums taken after the epilogue.
 //
 // Block sizes: block_size > 0 makes B = T = block_size; 0 picks B = 256, T = 1024 (a 1 MiB
 // fp32 tile, half of it per core with 2 threads, inside L2), or B = T = 512 when ref is x.
@@ -61,7 +61,12 @@
 // the general path, whatever the thread count (each row is folded by one thread).
 //
 // Distance 1: the tile becomes distances right after its GEMM (to_distances), so every
-// epilogue reads scores; the backward's a = w / d then needs no square root.
+// epilogue reads scores; the backward's a = w / d then needs no square root. Near pairs
+// (d^2 < kappa (|x|^2 + |r|^2), where the Gram form cancels; pairs.h derives kappa and the
+// error bounds) cost one compare per entry and, in a row that has any, their d^2 from the
+// differences (redo_near_pairs). score_tile hands their columns to the backward, which takes
+// them out of the products and adds a_ij (x_i - r_j) from the differences
+// (take_out_near_pairs).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -187,36 +192,79 @@ Tiling choose_tiling(int64_t N, int64_t M, int64_t block_size, bool symmetric) {
   return {std::max<int64_t>(1, std::min(rows, N)), std::max<int64_t>(1, std::min(cols, M))};
 }
 
-// row_j = max(sq_x + sq_r_j - 2 row_j, 0): a tile row of similarities as squared distances.
+// row_j = max(sq_x + sq_r_j - 2 row_j, 0): a tile row of similarities as squared distances
+// by the Gram form; returns how many of them are near pairs (pairs.h), counted in acc_t so
+// that the loop stays in one vector type.
 template <typename acc_t>
-FL_PAIR_LOOP void to_squared_distances(acc_t* row, const acc_t* sq_r, acc_t sq_x, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = pairs::squared_distance(sq_x, sq_r[j], row[j]);
+FL_PAIR_LOOP acc_t to_squared_distances(acc_t* row, const acc_t* sq_r, acc_t sq_x, int64_t n) {
+  acc_t near = 0;
+#pragma omp simd reduction(+ : near)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d2 = pairs::squared_distance(sq_x, sq_r[j], row[j]);
+    row[j] = d2;
+    near += pairs::is_near(d2, sq_x, sq_r[j]) ? acc_t(1) : acc_t(0);
+  }
+  return near;
+}
+
+// Per row of a tile, the columns of its near pairs (pairs.h), in increasing order; only rows
+// that have one allocate.
+using NearColumns = std::vector<std::vector<int64_t>>;
+
+// The near pairs of row i of a tile of Gram squared distances (columns from j0) get their
+// squared distances from the differences, and their columns appended to `near`.
+template <typename acc_t>
+void redo_near_pairs(const PairInputs<acc_t>& in, int64_t i, int64_t j0, int64_t cols,
+                     acc_t* row, std::vector<int64_t>& near) {
+  const int64_t D = in.x.size(1);
+  const acc_t* x_i = in.x.template data_ptr<acc_t>() + i * D;
+  const acc_t* r = in.r.template data_ptr<acc_t>() + j0 * D;
+  const acc_t sq_x = in.sq_x.template data_ptr<acc_t>()[i];
+  const acc_t* sq_r = in.sq_r.template data_ptr<acc_t>() + j0;
+  for (int64_t j = 0; j < cols; ++j) {
+    if (!pairs::is_near(row[j], sq_x, sq_r[j])) continue;
+    row[j] = pairs::direct_squared_distance(x_i, r + j * D, D);
+    near.push_back(j);
+  }
 }
 
 // The tile of similarities of rows i0... and columns j0... as distances d (pairs.h), in
-// place. The square roots go through ATen's vectorised sqrt_: GCC keeps std::sqrt scalar
-// where errno may have to be set, as it may under the default -fmath-errno.
+// place: the Gram form, and the differences for the near pairs, whose columns go to `near`
+// (one entry per tile row). The square roots go through ATen's vectorised sqrt_: GCC keeps
+// std::sqrt scalar where errno may have to be set, as it may under the default -fmath-errno.
 template <typename acc_t>
-void to_distances(const PairInputs<acc_t>& in, at::Tensor& S, int64_t i0, int64_t j0) {
+void to_distances(const PairInputs<acc_t>& in, at::Tensor& S, int64_t i0, int64_t j0,
+                  NearColumns& near) {
   const int64_t rows = S.size(0), cols = S.size(1);
   acc_t* tile = S.data_ptr<acc_t>();
   const acc_t* sq_x = in.sq_x.template data_ptr<acc_t>() + i0;
   const acc_t* sq_r = in.sq_r.template data_ptr<acc_t>() + j0;
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) to_squared_distances(tile + r * cols, sq_r, sq_x[r], cols);
+    for (int64_t r = b; r < e; ++r) {
+      acc_t* row = tile + r * cols;
+      acc_t near_count = to_squared_distances(row, sq_r, sq_x[r], cols);
+      // Ref is x: a row's own column is at distance 0 exactly, without any near-pair work.
+      const int64_t own = in.symmetric ? i0 + r - j0 : -1;
+      if (own >= 0 && own < cols) {
+        near_count -= pairs::is_near(row[own], sq_x[r], sq_r[own]) ? acc_t(1) : acc_t(0);
+        row[own] = acc_t(0);
+      }
+      if (near_count > 0) redo_near_pairs(in, i0 + r, j0, cols, row, near[r]);
+    }
   });
   S.sqrt_();
 }
 
 // The scores of x[i0 : i0 + rows] and r[j0 : j0 + cols] (similarities, or distances for
-// distance 1) into the front of `buffer`, as a contiguous rows x cols tile.
+// distance 1) into the front of `buffer`, as a contiguous rows x cols tile; for distance 1
+// the near pairs' columns per row into `near` (reset here).
 template <typename acc_t>
 at::Tensor score_tile(const PairInputs<acc_t>& in, at::Tensor& buffer, int64_t i0, int64_t rows,
-                      int64_t j0, int64_t cols) {
+                      int64_t j0, int64_t cols, NearColumns& near) {
   at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
   at::mm_out(S, in.x.narrow(0, i0, rows), in.r.narrow(0, j0, cols).t());
-  if (in.euclidean) to_distances(in, S, i0, j0);
+  near.assign(rows, {});
+  if (in.euclidean) to_distances(in, S, i0, j0, near);
   return S;
 }
 
@@ -260,19 +308,20 @@ void for_rows_of_both_blocks(const acc_t* S, acc_t* St, int64_t i0, int64_t rows
   });
 }
 
-// Calls body(i0, rows, j0, cols, S) for every tile, S the rows x cols scores of
+// Calls body(i0, rows, j0, cols, S, near) for every tile, S the rows x cols scores of
 // x[i0 : i0 + rows] and r[j0 : j0 + cols] (contiguous, in a reused buffer that body may
-// overwrite), query blocks outer, reference blocks inner.
+// overwrite) and near its near pairs (score_tile), query blocks outer, reference blocks inner.
 template <typename acc_t, typename Body>
 void for_each_tile(const PairInputs<acc_t>& in, const Tiling& t, Body&& body) {
   if (in.N == 0 || in.M == 0) return;
   at::Tensor buffer = at::empty({t.rows * t.cols}, in.x.options());
+  NearColumns near;
   for (int64_t i0 = 0; i0 < in.N; i0 += t.rows) {
     const int64_t rows = std::min(t.rows, in.N - i0);
     for (int64_t j0 = 0; j0 < in.M; j0 += t.cols) {
       const int64_t cols = std::min(t.cols, in.M - j0);
-      at::Tensor S = score_tile(in, buffer, i0, rows, j0, cols);
-      body(i0, rows, j0, cols, S);
+      at::Tensor S = score_tile(in, buffer, i0, rows, j0, cols, near);
+      body(i0, rows, j0, cols, S, near);
     }
   }
 }
@@ -304,7 +353,8 @@ template <typename acc_t, typename F>
 void for_each_score_row(const PairInputs<acc_t>& in, const Tiling& t, F&& f) {
   if (in.N == 0 || in.M == 0) return;
   if (!in.symmetric) {
-    for_each_tile(in, t, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+    for_each_tile(in, t, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S,
+                             const NearColumns&) {
       acc_t* tile = S.data_ptr<acc_t>();
       for_each_row(rows, [&](int64_t r) { f(i0 + r, j0, cols, tile + r * cols); });
     });
@@ -313,11 +363,12 @@ void for_each_score_row(const PairInputs<acc_t>& in, const Tiling& t, F&& f) {
   const int64_t B = t.rows;
   at::Tensor buffer = at::empty({B * B}, in.x.options());
   at::Tensor transposed = at::empty({B * B}, in.x.options());
+  NearColumns near;
   for (int64_t i0 = 0; i0 < in.N; i0 += B) {
     const int64_t rows = std::min(B, in.N - i0);
     for (int64_t j0 = i0; j0 < in.N; j0 += B) {
       const int64_t cols = std::min(B, in.N - j0);
-      at::Tensor S = score_tile(in, buffer, i0, rows, j0, cols);
+      at::Tensor S = score_tile(in, buffer, i0, rows, j0, cols, near);
       for_rows_of_both_blocks(S.data_ptr<acc_t>(), transposed.data_ptr<acc_t>(), i0, rows, j0,
                               cols, f, f);
     }
@@ -693,42 +744,71 @@ FL_PAIR_LOOP void write_weights(acc_t* row, const int64_t* lab, int64_t label, W
   for (int64_t j = b; j < e; ++j) row[j] = w(row[j], lab[j] == label);
 }
 
-// row_j = -a_j, a_j = w(d_j) / d_j (0 at d_j = 0) over [b, e), in place of d; returns
-// sum_j a_j.
+// row_j = -a_j, a_j = w(d_j) / d_j (0 at d_j = 0) over [b, e), in place of d.
 template <typename acc_t, typename Weight>
-FL_PAIR_LOOP acc_t write_euclidean_coefs(acc_t* row, const int64_t* lab, int64_t label, Weight w,
-                                          int64_t b, int64_t e) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
+FL_PAIR_LOOP void write_euclidean_coefs(acc_t* row, const int64_t* lab, int64_t label, Weight w,
+                                         int64_t b, int64_t e) {
+#pragma omp simd
   for (int64_t j = b; j < e; ++j) {
     const acc_t d = row[j];
-    const acc_t a = pairs::euclidean_coef(w(d, lab[j] == label), d);
-    row[j] = -a;
-    sum += a;
+    row[j] = -pairs::euclidean_coef(w(d, lab[j] == label), d);
   }
-  return sum;
 }
 
 // Overwrites row i of a tile (its scores at columns j0 ... j0 + cols) with the weights of
 // its pairs: w = dL/ds for distance 0, -a = -(dL/dd) / d for distance 1, 0 where no pair.
-// Returns the row's sum of a for distance 1 (0 for distance 0).
 template <typename acc_t, typename Kind>
-acc_t row_to_weights(const PairInputs<acc_t>& in, const Kind& kind, const acc_t* grad_stats,
-                     const acc_t* stats, int64_t i, int64_t j0, int64_t cols, acc_t* row) {
+void row_to_weights(const PairInputs<acc_t>& in, const Kind& kind, const acc_t* grad_stats,
+                    const acc_t* stats, int64_t i, int64_t j0, int64_t cols, acc_t* row) {
   const int64_t* lab = in.ref_labels + j0;
   const int64_t K = Kind::K;
   const auto w = kind.weight(i, stats + K * i, grad_stats + K * i);
   const int64_t skip = pairs::excluded_column(i, in.self_offset, in.M) - j0;
   if (skip >= 0 && skip < cols) row[skip] = acc_t(0);
-  acc_t sum = 0;
   for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
     if (in.euclidean) {
-      sum += write_euclidean_coefs(row, lab, in.labels[i], w, b, e);
+      write_euclidean_coefs(row, lab, in.labels[i], w, b, e);
     } else {
       write_weights(row, lab, in.labels[i], w, b, e);
     }
   });
-  return sum;
+}
+
+// g += c (u - v) over D entries.
+template <typename acc_t>
+FL_PAIR_LOOP void add_scaled_difference(acc_t* g, acc_t c, const acc_t* u, const acc_t* v,
+                                         int64_t D) {
+#pragma omp simd
+  for (int64_t k = 0; k < D; ++k) g[k] += c * (u[k] - v[k]);
+}
+
+// Takes the near pairs out of a tile of weights W (rows of x from i0, columns of r from j0,
+// W = -a there; pairs.h, "Near-duplicate pairs") and adds their terms from the differences:
+// for each, with a = -W_rc, W_rc = 0, then g_rows[i0 + r] += a (x_i - r_j) and
+// g_cols[j0 + c] -= a (x_i - r_j), for those of the two that are defined. Serial, in row-major
+// order: deterministic, and no two threads write one row of g_cols.
+template <typename acc_t>
+void take_out_near_pairs(const PairInputs<acc_t>& in, const NearColumns& near, acc_t* W,
+                         int64_t cols, int64_t i0, int64_t j0, at::Tensor& g_rows,
+                         at::Tensor& g_cols) {
+  const int64_t D = in.x.size(1);
+  const acc_t* x = in.x.template data_ptr<acc_t>();
+  const acc_t* r = in.r.template data_ptr<acc_t>();
+  for (int64_t row = 0; row < static_cast<int64_t>(near.size()); ++row) {
+    const int64_t i = i0 + row;
+    for (const int64_t c : near[row]) {
+      const acc_t a = -W[row * cols + c];
+      W[row * cols + c] = acc_t(0);
+      if (a == acc_t(0)) continue;  // no pair, or no weight
+      const int64_t j = j0 + c;
+      if (g_rows.defined()) {
+        add_scaled_difference(g_rows.data_ptr<acc_t>() + i * D, a, x + i * D, r + j * D, D);
+      }
+      if (g_cols.defined()) {
+        add_scaled_difference(g_cols.data_ptr<acc_t>() + j * D, -a, x + i * D, r + j * D, D);
+      }
+    }
+  }
 }
 
 // The general backward: grad_x_blk += W r_blk and grad_r_blk += W^T x_blk per tile, plus
@@ -740,16 +820,18 @@ void row_stats_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling
   const bool x_grad = gx.defined(), ref_grad = gr.defined();
   if (!x_grad && !ref_grad) return;
   const auto opts = in.x.options();
-  at::Tensor row_coef = in.euclidean ? at::zeros({in.N}, opts) : at::Tensor();
+  at::Tensor row_coef = in.euclidean && x_grad ? at::zeros({in.N}, opts) : at::Tensor();
   at::Tensor col_coef = in.euclidean && ref_grad ? at::zeros({in.M}, opts) : at::Tensor();
   const acc_t* g = grad_stats.data_ptr<acc_t>();
   const acc_t* st = stats.data_ptr<acc_t>();
-  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S) {
+  for_each_tile(in, tiling, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, at::Tensor& S,
+                                const NearColumns& near) {
     acc_t* tile = S.data_ptr<acc_t>();
     for_each_row(rows, [&](int64_t r) {
-      const acc_t sum = row_to_weights(in, kind, g, st, i0 + r, j0, cols, tile + r * cols);
-      if (in.euclidean) row_coef.data_ptr<acc_t>()[i0 + r] += sum;
+      row_to_weights(in, kind, g, st, i0 + r, j0, cols, tile + r * cols);
     });
+    if (in.euclidean) take_out_near_pairs(in, near, tile, cols, i0, j0, gx, gr);
+    if (row_coef.defined()) row_coef.narrow(0, i0, rows).sub_(S.sum(at::IntArrayRef{1}));
     if (col_coef.defined()) col_coef.narrow(0, j0, cols).sub_(S.sum(at::IntArrayRef{0}));
     if (x_grad) {
       gx.narrow(0, i0, rows).addmm_(S, in.r.narrow(0, j0, cols));
@@ -795,13 +877,14 @@ void symmetric_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling
   at::Tensor weights = at::empty({B * B}, in.x.options());
   acc_t* W = weights.data_ptr<acc_t>();
   acc_t* St = transposed.data_ptr<acc_t>();
+  NearColumns near;
   for (int64_t i0 = 0; i0 < in.N; i0 += B) {
     const int64_t rows = std::min(B, in.N - i0);
     const at::Tensor x_i = in.x.narrow(0, i0, rows);
     for (int64_t j0 = i0; j0 < in.N; j0 += B) {
       const int64_t cols = std::min(B, in.N - j0);
       const at::Tensor x_j = in.x.narrow(0, j0, cols);
-      at::Tensor G = score_tile(in, buffer, i0, rows, j0, cols);
+      at::Tensor G = score_tile(in, buffer, i0, rows, j0, cols, near);
       acc_t* tile = G.data_ptr<acc_t>();
       const auto weights_of_row = [&](int64_t i, int64_t c0, int64_t n, acc_t* row) {
         row_to_weights(in, kind, g, st, i, c0, n, row);
@@ -816,6 +899,9 @@ void symmetric_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling
           weights_of_row);  // W_JI in place of S_JI
       add_transposed(W, j0 != i0 ? St : W, tile, rows, cols);
       if (in.euclidean) {
+        // A diagonal tile holds (i, j) and (j, i): each entry serves its own row only.
+        at::Tensor gx_j = j0 != i0 ? gx : at::Tensor();
+        take_out_near_pairs(in, near, tile, cols, i0, j0, gx, gx_j);
         coef.narrow(0, i0, rows).sub_(G.sum(at::IntArrayRef{1}));
         if (j0 != i0) coef.narrow(0, j0, cols).sub_(G.sum(at::IntArrayRef{0}));
       }
@@ -943,7 +1029,8 @@ std::tuple<at::Tensor, at::Tensor> pair_extrema(const at::Tensor& x, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kExtremaOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = make_inputs<acc_t>(x, lab, ref, ref_lab, distance, self_offset);
-    pair_extrema_kernel(in, choose_tiling(N, ref.size(0), block_size, in.symmetric), distance, values, indices);
+    const Tiling tiling = choose_tiling(N, ref.size(0), block_size, in.symmetric);
+    pair_extrema_kernel(in, tiling, distance, values, indices);
   });
   return {values, indices};
 }

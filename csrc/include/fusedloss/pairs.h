@@ -42,6 +42,30 @@
 //   grad_r_j = sum_i a_ij (r_j - x_i) = (sum_i a_ij) r_j - sum_i a_ij x_i:
 // the products of distance 0 with W = -a, plus a row-sum (column-sum) multiple of x_i (r_j).
 //
+// Near-duplicate pairs (distance 1). With unit roundoff u of the accumulation dtype, |x|^2,
+// |r|^2 and S each come out of a D-term sum with an absolute error of at most
+// gamma_D (|x|^2 + |r|^2) (gamma_D = D u / (1 - D u); for S by |2 S| <= |x|^2 + |r|^2), so
+//   |fl(d^2) - d^2| <= c u (|x|^2 + |r|^2),   c ~ 2 D in the worst case, O(sqrt D) typically,
+// whatever d is: relative to d^2 it grows without bound as the pair closes. In fp32 two unit
+// rows d = 1e-3 apart came out a few percent off, d = 1e-4 apart up to 100% off, an exact
+// duplicate as d ~ sqrt(c u) ~ 5e-4, and a = w / d of the backward is wrong by the same
+// factor. So a pair is "near" when the Gram value says
+//   d^2 < kappa (|x|^2 + |r|^2),   kappa = kNearFraction = 2^-6,
+// and for it the kernels recompute d^2 = sum_k (x_k - r_k)^2 in the accumulation dtype from
+// the differences: each is exact where x_k and r_k lie within a factor 2 of each other
+// (Sterbenz) and has relative error u otherwise, so that sum has relative error at most
+// gamma_{D+1} whatever d, and an exact duplicate gives d = 0 exactly. A pair that is not
+// near keeps the Gram form with relative error below c u / kappa = 64 c u in d^2 and half
+// that in d (fp32: ~4e-6 c). Deciding near from the rounded Gram value only moves pairs with
+// d^2 within c u (|x|^2 + |r|^2) of the boundary, where either form is that accurate. The
+// backward recomputes the Gram tile, so it makes the same decision.
+// The backward's Gram form cancels for near pairs too: a_ij x_i and a_ij r_j almost agree,
+// each with an error ~ u |a_ij| |x_i|, against a difference of size |a_ij| d_ij. So near
+// pairs are taken out of the products and sums above (their W_ij = a_ij = 0 there) and
+// a_ij (x_i - r_j) is added from the differences: relative error u for each such pair. For
+// the others, |x_i| + |r_j| <= sqrt(2 (|x_i|^2 + |r_j|^2)) < sqrt(2 / kappa) d_ij, so the
+// cancellation costs at most a factor sqrt(2 / kappa) ~ 11 on u.
+//
 // pair_extrema: distance 0 wants (min pos S, max neg S), distance 1 (max pos d, min neg d).
 // With keys sign * s for positives and -sign * s for negatives, sign = extrema_sign(distance)
 // (+1 for distance 0, -1 for distance 1), all four become "smallest key, first column on
@@ -83,9 +107,25 @@ FL_HOST_DEVICE acc_t squared_distance(acc_t sq_x, acc_t sq_r, acc_t dot) {
   return squared < acc_t(0) ? acc_t(0) : squared;
 }
 
+// kappa of "Near-duplicate pairs" above: the Gram form serves while d^2 >= kappa (|x|^2 + |r|^2).
+constexpr double kNearFraction = 1.0 / 64;
+
+// Whether a pair with squared distance d2 (of either form) and squared norms sq_x, sq_r is near
+// (see above); false for NaN.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t euclidean(acc_t sq_x, acc_t sq_r, acc_t dot) {
-  return sqrt(squared_distance(sq_x, sq_r, dot));
+FL_HOST_DEVICE bool is_near(acc_t d2, acc_t sq_x, acc_t sq_r) {
+  return d2 < acc_t(kNearFraction) * (sq_x + sq_r);
+}
+
+// sum_k (x_k - r_k)^2: the squared distance of a near pair, from the differences.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t direct_squared_distance(const acc_t* x, const acc_t* r, int64_t D) {
+  acc_t sum = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t diff = x[k] - r[k];
+    sum += diff * diff;
+  }
+  return sum;
 }
 
 // a = w / d, 0 where d = 0: the coefficient of (x_i - r_j) in the distance-1 gradient.
