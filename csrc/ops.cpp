@@ -71,7 +71,8 @@ TORCH_LIBRARY(fusedloss, m) {
   // [M, D] references (the caller normalises), int64 labels [N] and ref_labels [M]. Pair
   // (i, j) is positive when the labels are equal, negative otherwise; when self_offset >= 0,
   // column (self_offset + i) mod M is no pair of row i at all. distance 0: scores are S;
-  // distance 1: euclidean d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)).
+  // distance 1: the euclidean distance d_ij = |x_i - r_j| (accurate for near-duplicates too:
+  // pairs.h).
   // extrema: the hardest positive and negative of each row: values [N, 2] (fp32, fp64 for
   // fp64) and indices [N, 2] int64 (-1: none, first index on ties). distance 0: (min_pos S,
   // max_neg S), empty = (+inf, -inf); distance 1: (max_pos d, min_neg d), empty = (-inf, +inf).
