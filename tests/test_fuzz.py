@@ -168,7 +168,12 @@ PAIR_LOSSES = {
         alpha=data.draw(st.sampled_from([2.0, 0.5])), beta=data.draw(st.sampled_from([50.0, 5.0])),
         base=data.draw(st.sampled_from([0.5, 0.0])), epsilon=data.draw(st.sampled_from([0.1, 0.5])),
         mining=data.draw(st.booleans())),
-    "supcon": lambda data: dict(temperature=data.draw(st.sampled_from([0.1, 1.0]))),
+    # SupCon (PML's semantics) averages over the rows whose loss is not 0: a row whose one
+    # positive outscores every other pair by ~16..35 has a loss of 1e-15..1e-7, 0 in fp32 but
+    # not in fp64, so fp32 and the oracle would average over different rows. Normalised rows
+    # with t >= 0.2 keep every gap below 10 (a row loss above e^-10).
+    "supcon": lambda data: dict(temperature=data.draw(st.sampled_from([0.2, 1.0])),
+                                normalize=True),
     "contrastive": lambda data: dict(distance=data.draw(st.sampled_from(["euclidean", "cosine"]))),
     "batch_hard_triplet": lambda data: dict(
         margin=data.draw(st.sampled_from([0.05, 0.5])),
@@ -183,25 +188,31 @@ def pair_case(data, device, triton):
     n = data.draw(st.sampled_from([1, 2, 3, 5, 16, 17, 33] + ([] if triton else [64, 65, 129])))
     dtype = data.draw(st.sampled_from([torch.float64, torch.float32]))
     kw = PAIR_LOSSES[name](data)
-    # Euclidean distances come from the Gram expansion |x|^2 + |r|^2 - 2 x.r, as in
-    # torch.cdist's matmul path (which PML runs): in fp32 a pair closer than about
-    # sqrt(eps) |x| loses its relative accuracy (README, "Known limits"). Random rows in
-    # D >= 16 keep their neighbours far enough apart; low D is drawn for the cosine forms.
-    euclidean_fp32 = kw.get("distance") == "euclidean" and dtype == torch.float32
-    d = data.draw(st.sampled_from([16, 17, 64] if euclidean_fp32 else [1, 3, 16, 17, 64]))
+    # Low D and duplicated rows draw the near-duplicate pairs whose euclidean distance the
+    # kernels take from the differences. Batch-hard mining gets no duplicates: two copies of a
+    # row tie as every anchor's hardest pick, and which copy wins (and gets the gradient) then
+    # rests on the last bit of a GEMM. A 1-D row is never normalised: x / |x| is
+    # ill-conditioned there.
+    d = data.draw(st.sampled_from([3, 16, 17, 64] if kw.get("normalize") else [1, 3, 16, 17, 64]))
+    duplicates = name != "batch_hard_triplet" and data.draw(st.booleans())
     classes = data.draw(st.integers(1, 6))
     gen = _generator(data)
     x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    if duplicates:
+        x[-1] = x[0]
     x = _strided(x, data.draw(st.booleans())).to(device).requires_grad_()
     labels = _labels(data, n, classes).to(device)
     leaves, ref_kw = [x], {}
     if data.draw(st.booleans()):
         m = data.draw(st.sampled_from([1, 7, 31, 64]))
         ref = torch.randn(m, d, dtype=torch.float64, generator=gen).to(dtype).to(device)
+        if duplicates:
+            ref[0] = x[0].detach()
         ref.requires_grad_(data.draw(st.booleans()))
         ref_kw = dict(ref_embeddings=ref, ref_labels=_labels(data, m, classes).to(device))
         leaves.append(ref)
-    kw.update(normalize=d > 1 and data.draw(st.booleans()), **ref_kw)
+    kw.setdefault("normalize", d > 1 and data.draw(st.booleans()))
+    kw.update(ref_kw)
     fn = getattr(fusedloss, f"{name}_loss")
 
     def call(backend):
