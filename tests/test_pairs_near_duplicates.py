@@ -179,3 +179,19 @@ def test_losses(backend, scale, bank, fn):
     assert_close(loss, want, DTYPE, f"scale {scale}: loss")
     for got, expected, name in zip(grads, want_grads, ("x", "ref")):
         assert_close(got, expected, DTYPE, f"scale {scale}: grad {name}")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("bank", [False, True], ids=["self", "bank"])
+def test_triton_gradients_deterministic_with_near_pairs(bank):
+    # The backward's second pass over the flagged tiles adds the near pairs' terms in a fixed
+    # order: two runs agree bit for bit, and the flags of one run do not leak into the next.
+    x, labels, r, ref_labels, offset = pair_setup(1e-3, bank)
+    ops = kernel_ops("triton")
+    stats = ops.pair_row_stats(x, labels, r, ref_labels, None, 2, 1, [0.0, 1.0], offset, 16)
+    grad_stats = torch.randn(stats.shape, generator=torch.Generator().manual_seed(5))
+    runs = [ops.pair_row_stats_backward(grad_stats, stats, x, labels, r, ref_labels, None, 2, 1,
+                                        [0.0, 1.0], offset, 16, True, True) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)

@@ -15,7 +15,8 @@ d^2 < kappa (|x_i|^2 + |r_j|^2), kappa = 2^-6, the Gram form cancels, so `_score
 = sum_k (x_ik - r_jk)^2 from the differences instead: one compare per entry, and only in a
 tile with such a pair a 3-D [BLOCK_Q, BLOCK_R, BLOCK_K] broadcast of differences over chunks
 of BLOCK_K coordinates. The backward takes the near pairs out of W and of the sums of a (their
-entries 0 there) and adds a_ij (x_i - r_j) from the differences (`_add_near_pair_terms`).
+entries 0 there) and adds a_ij (x_i - r_j) from the differences (`_add_near_pair_terms`) in a
+second pass over only the tiles that hold a near pair (`_near_pair_pass`).
 
 Per-row statistics and their derivatives dstat/dv_ij (zero outside the pairs named):
   KIND 0, multi-similarity, hyper (alpha, beta, base, eps), with zp = -alpha (v - base) and
@@ -62,10 +63,17 @@ under the interpreter, so that tests take several splits); torch combines the sp
     D loops over the split's reference blocks, acc += W r (tl.dot), and sums a for the x_i
     term; grad_ref (REF_SIDE), grid (M / BLOCK_R, D / BLOCK_DO, SPLIT): a block of references
     loops over the query blocks, acc += W^T x. Both build the W tile with `_grad_tile` in the
-    [query, reference] orientation. One split writes the gradient in the input dtype; more
-    write [SPLIT, rows, D] partial sums in the accumulation dtype, added in split order.
+    [query, reference] orientation. Distance 1 leaves the near pairs out of that loop and
+    stores an int8 flag per program and inner block, 1 where the tile holds a near pair; once
+    the sums are stored, `_near_pair_pass` (a noinline function: a real call, so that its
+    registers are not held in the main loop) walks the split's flagged tiles in order, redoes
+    each one's scores with the near distances from the differences, and adds the near pairs'
+    terms to the stored sums. One split at distance 0 writes the gradient in the input dtype;
+    otherwise the kernel writes [SPLIT, rows, D] (SPLIT = 1 included) in the accumulation
+    dtype, added in split order and rounded to the input dtype by torch.
 Memory: O((N + M) D) for the inputs and gradients, O(SPLIT N) for the forward partials and
-O(SPLIT (N or M) D) for split gradients; never O(N M).
+O(SPLIT (N or M) D) for split gradients, O(N M D / (BLOCK_Q BLOCK_R BLOCK_DO)) bytes of
+near-pair flags at distance 1; never O(N M).
 
 Precision: S and every statistic accumulate in fp32 (fp64 for fp64 inputs); 16-bit tiles enter
 tl.dot as they are (fp32 accumulate), and the W tile is rounded to the input dtype for the
@@ -87,11 +95,17 @@ shows no register spills at distance 1, the heavier variant; not yet timed on a 
 
 BLOCK_K (near pairs only) keeps their 3-D tile at about 16 values per thread: 1 for 64 x 64 and
 8 warps, 2 for 32 x 32 and 4 warps. Compiled offline for sm_90 (Triton 3.9, num_stages 3) the
-forward kernels then spill nothing at distance 1 (194-254 registers), while 32 values per
-thread spilled 8-32 bytes. The backward at distance 1, which holds the near pairs' terms as
-well, spills: fp32 ~3.1 KB of stack per thread, fp64 ~0.3-0.4 KB, bf16 ~0.6 KB, where it spilled
-40-48 bytes (fp32) and nothing (fp64, bf16) before near pairs were handled. Not yet timed on a
-GPU; the first thing to look at there.
+forward kernels then spill at most 32 bytes at distance 1 (24 before near pairs were
+handled). The backward's stack per thread (cuobjdump, with the launch's usual specialization:
+16-byte aligned pointers, N, M, D and strides multiples of 16): distance 0 exactly as before
+near pairs were handled (fp32 0-32 bytes, bf16 0, fp64 0-16); distance 1 fp32 24-48 bytes,
+bf16 0, fp64 0-24 (before near pairs: 0, 0, 0-8), most of it the near-pair call's saved
+registers (fp32 grad_x, contrastive: the main loop reloads one spilled value per tile).
+With both passes in one loop nest it was fp32 2.0-2.6 KB, bf16 0, fp64 0-88 bytes. Without
+the specialization:
+distance 1 fp32 0.4-0.6 KB, bf16 0.4-0.6 KB, fp64 0.2-0.4 KB (one loop nest: 3.0-3.2 KB,
+0.6 KB, 0.3-0.5 KB; before near pairs: 24-56 bytes, 0, 0). Not yet timed on a GPU; the first
+thing to look at there.
 
 block_size > 0 sets BLOCK_Q = BLOCK_R (a power of two in [16, 128]; above the table's sizes
 the GPU kernels may spill registers).
@@ -136,11 +150,12 @@ def _direct_squared_distances(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref
 def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride, ref_stride,
                 DISTANCE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr):
     """(v, near) on the [BLOCK_Q, BLOCK_R] tile: the scores v, S or the euclidean distance,
     and the mask of the near pairs (module docstring; all False for DISTANCE 0). The Gram
-    form serves unless a pair of the tile is near; then the tile's near entries are redone
-    from the differences."""
+    form serves unless a pair of the tile is near; then, when DIRECT, the tile's near entries
+    are redone from the differences (without DIRECT they keep the Gram form's value, for a
+    caller that leaves them out)."""
     v = _dot_tile(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref_stride,
                   BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
     near = tl.zeros([BLOCK_Q, BLOCK_R], tl.int1)
@@ -152,10 +167,12 @@ def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_str
         paired = ((rows[:, None] < N) & (cols[None, :] < M)
                   & (cols.to(tl.int32)[None, :] != skip[:, None]))
         near = paired & (d2 < _NEAR_FRACTION * norms)
-        if tl.max(near.to(tl.int32)) > 0:
-            direct = _direct_squared_distances(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride,
-                                               ref_stride, BLOCK_Q, BLOCK_R, BLOCK_K, ACC)
-            d2 = tl.where(near, direct, d2)
+        if DIRECT:
+            if tl.max(near.to(tl.int32)) > 0:
+                direct = _direct_squared_distances(x_ptr, ref_ptr, rows, cols, N, M, D,
+                                                   x_stride, ref_stride, BLOCK_Q, BLOCK_R,
+                                                   BLOCK_K, ACC)
+                d2 = tl.where(near, direct, d2)
         v = tl.sqrt(d2)
     return v, near
 
@@ -267,7 +284,7 @@ def _extrema_kernel(
         cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
         key, _ = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
                              ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC,
-                             PRECISION, UPCAST)
+                             PRECISION, UPCAST, True)
         if DISTANCE == 1:
             key = -key
         pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
@@ -309,7 +326,7 @@ def _row_stats_kernel(
         cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
         v, _ = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
                            ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC,
-                           PRECISION, UPCAST)
+                           PRECISION, UPCAST, True)
         pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
         if KIND == 0:  # hyper (alpha, beta, base, eps)
             pos, neg = _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, h3, HAS_THRESHOLDS)
@@ -342,20 +359,30 @@ def _row_stats_kernel(
 @triton.jit
 def _grad_tile(
     x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
-    rows, cols, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
+    i0, outer, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
     KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, REF_SIDE: tl.constexpr,
+    NEAR_PASS: tl.constexpr,
 ):
-    """(W, a, a_near) on the [query, reference] tile: W = dL/dS and a = G / d for the pairs
-    that are not near, a = G / d of the near pairs in a_near (DISTANCE 1; for DISTANCE 0 a and
-    a_near are W and unused). G = sum_k g_ik dstat_ik / dv_ij, module docstring."""
+    """(inner, W, a, near) of a gradient program's inner block from i0 on: its inner rows,
+    and on the [query, reference] tile that they make with the outer rows (inner x outer for
+    REF_SIDE), W = dL/dS, a = G / d and the mask of the near pairs (DISTANCE 1; for DISTANCE 0
+    a is W and unused). G = sum_k g_ik dstat_ik / dv_ij, module docstring. The main pass
+    (NEAR_PASS False) leaves the near pairs out of W and a (0 there) and takes no difference;
+    the near-pair pass keeps a of the near pairs alone, from their distances redone from the
+    differences."""
     K: tl.constexpr = 2 if KIND == 0 else (3 if KIND == 1 else 4)
+    inner = i0 + tl.arange(0, BLOCK_Q if REF_SIDE else BLOCK_R).to(tl.int64)
+    if REF_SIDE:
+        rows, cols = inner, outer
+    else:
+        rows, cols = outer, inner
     row_labels = tl.load(labels_ptr + rows, mask=rows < N, other=0)
     skip = _excluded_column(rows, M, self_offset)
     v, near = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
                           ref_stride, DISTANCE, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC,
-                          PRECISION, UPCAST)
+                          PRECISION, UPCAST, NEAR_PASS)
     pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
     g0 = _row_column(gstats_ptr, rows, N, K, 0, ACC)[:, None]
     if KIND == 0:  # hyper (alpha, beta, base, eps)
@@ -380,13 +407,11 @@ def _grad_tile(
         g = tl.where(pos & (sigma * (v - h0) > 0), sigma * g0, 0.0)
         g += tl.where(neg & (sigma * (h1 - v) > 0), -sigma * g2, 0.0)
     a = g
-    a_near = g
     if DISTANCE == 1:
         a = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
-        a_near = tl.where(near, a, 0.0)
-        a = tl.where(near, 0.0, a)
+        a = tl.where(near, a, 0.0) if NEAR_PASS else tl.where(near, 0.0, a)
         g = -a
-    return g, a, a_near
+    return inner, g, a, near
 
 
 @triton.jit
@@ -424,9 +449,32 @@ def _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride, other
 
 
 @triton.jit
+def _grad_program(x_ptr, ref_ptr, grad_ptr, flag_ptr, N, M, D, x_stride, ref_stride,
+                  blocks_per_split, OUTER: tl.constexpr, INNER: tl.constexpr,
+                  BLOCK_DO: tl.constexpr, REF_SIDE: tl.constexpr):
+    """What a program of _grad_kernel works on: its outer rows and output columns, its own and
+    the other input (rows, count, stride), the [begin, end) of its split's inner rows, the
+    pointers of its output tile and of its row of near-pair flags, and the tile's mask."""
+    if REF_SIDE:
+        own_ptr, own_len, own_stride = ref_ptr, M, ref_stride
+        other_ptr, other_len, other_stride = x_ptr, N, x_stride
+    else:
+        own_ptr, own_len, own_stride = x_ptr, N, x_stride
+        other_ptr, other_len, other_stride = ref_ptr, M, ref_stride
+    outer = tl.program_id(0).to(tl.int64) * OUTER + tl.arange(0, OUTER)
+    d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    i_begin, i_end = _split_range(tl.program_id(2), blocks_per_split, INNER, other_len)
+    out = grad_ptr + (tl.program_id(2).to(tl.int64) * own_len + outer[:, None]) * D + d_out[None, :]
+    flags = flag_ptr + ((tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1))
+                        * tl.cdiv(other_len, INNER))
+    return (outer, d_out, own_ptr, own_len, own_stride, other_ptr, other_len, other_stride,
+            i_begin, i_end, out, flags, (outer[:, None] < own_len) & (d_out[None, :] < D))
+
+
+@triton.jit
 def _grad_kernel(
     x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
-    grad_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
+    grad_ptr, flag_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
     h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo,
     KIND: tl.constexpr, DISTANCE: tl.constexpr, HAS_THRESHOLDS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -439,52 +487,81 @@ def _grad_kernel(
     grad_ref (REF_SIDE True): the outer rows are the references j, the inner ones the queries,
         grad[split, j, d_out] = sum_i W_ij x_i[d_out] (+ r_j[d_out] sum_i a_ij).
     Both build the W tile with _grad_tile in the [query, reference] orientation; grad_ref
-    multiplies its transpose. Distance 1 adds the near pairs' terms from the differences."""
+    multiplies its transpose. Distance 1 leaves the near pairs out here and flags the tiles
+    that hold one (flag_ptr: one int8 per program and inner block); after the sums are stored
+    (in ACC), _near_pair_pass adds the flagged tiles' near-pair terms to them."""
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     IN_TY: tl.constexpr = x_ptr.dtype.element_ty
-    if REF_SIDE:
-        OUTER: tl.constexpr = BLOCK_R
-        INNER: tl.constexpr = BLOCK_Q
-        own_ptr, own_len, own_stride = ref_ptr, M, ref_stride
-        other_ptr, other_len, other_stride = x_ptr, N, x_stride
-    else:
-        OUTER: tl.constexpr = BLOCK_Q
-        INNER: tl.constexpr = BLOCK_R
-        own_ptr, own_len, own_stride = x_ptr, N, x_stride
-        other_ptr, other_len, other_stride = ref_ptr, M, ref_stride
+    OUTER: tl.constexpr = BLOCK_R if REF_SIDE else BLOCK_Q
+    INNER: tl.constexpr = BLOCK_Q if REF_SIDE else BLOCK_R
     INNER_AXIS: tl.constexpr = 0 if REF_SIDE else 1  # of the [query, reference] tiles
-    outer = tl.program_id(0).to(tl.int64) * OUTER + tl.arange(0, OUTER)
-    d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    (outer, d_out, own_ptr, own_len, own_stride, other_ptr, other_len, other_stride, i_begin,
+     i_end, out, flags, out_mask) = _grad_program(x_ptr, ref_ptr, grad_ptr, flag_ptr, N, M, D,
+                                                  x_stride, ref_stride, blocks_per_split, OUTER,
+                                                  INNER, BLOCK_DO, REF_SIDE)
     h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
     acc = tl.zeros([OUTER, BLOCK_DO], ACC)
     diag = tl.zeros([OUTER], ACC)
-    i_begin, i_end = _split_range(tl.program_id(2), blocks_per_split, INNER, other_len)
     for i0 in range(i_begin, i_end, INNER):
-        inner = i0 + tl.arange(0, INNER).to(tl.int64)
-        if REF_SIDE:
-            rows, cols = inner, outer
-        else:
-            rows, cols = outer, inner
-        w, a, a_near = _grad_tile(
+        inner, w, a, near = _grad_tile(
             x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr,
-            gstats_ptr, rows, cols, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
+            gstats_ptr, i0, outer, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
             KIND, DISTANCE, HAS_THRESHOLDS, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC, PRECISION,
-            UPCAST)
+            UPCAST, REF_SIDE, False)
+        other = _load_rows(other_ptr, inner, other_len, d_out, D, other_stride, UPCAST)
         w = _dot_operand(w, IN_TY, UPCAST)
         if REF_SIDE:
             w = tl.trans(w)
-        other = _load_rows(other_ptr, inner, other_len, d_out, D, other_stride, UPCAST)
         acc = tl.dot(w, other, acc, input_precision=PRECISION, out_dtype=ACC)
         if DISTANCE == 1:
             diag += tl.sum(a, axis=INNER_AXIS)
-            acc = _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride, other_ptr,
-                                       i0, d_out, D, other_stride, INNER, INNER_AXIS, ACC)
+            tl.store(flags + i0 // INNER, tl.max(near.to(tl.int8)))
     if DISTANCE == 1:
         own = _load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
         acc += own * diag[:, None]
-    out = grad_ptr + (tl.program_id(2).to(tl.int64) * own_len + outer[:, None]) * D + d_out[None, :]
-    tl.store(out, acc.to(grad_ptr.dtype.element_ty),
-             mask=(outer[:, None] < own_len) & (d_out[None, :] < D))
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=out_mask)
+    if DISTANCE == 1:
+        tl.debug_barrier()  # the stored sums and flags, seen by every thread of the program
+        _near_pair_pass(
+            x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr,
+            gstats_ptr, grad_ptr, flag_ptr, N, M, D, x_stride, ref_stride, self_offset,
+            blocks_per_split, h0, h1, h2, h3, KIND, HAS_THRESHOLDS, BLOCK_Q, BLOCK_R, BLOCK_D,
+            BLOCK_K, BLOCK_DO, PRECISION, UPCAST, REF_SIDE)
+
+
+@triton.jit(noinline=True)
+def _near_pair_pass(
+    x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr, gstats_ptr,
+    grad_ptr, flag_ptr, N, M, D, x_stride, ref_stride, self_offset, blocks_per_split,
+    h0, h1, h2, h3, KIND: tl.constexpr, HAS_THRESHOLDS: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    REF_SIDE: tl.constexpr,
+):
+    """The distance-1 gradient tile of a _grad_kernel program (stored in ACC) += the near
+    pairs' terms a_ij (x_i - r_j) from the differences, over the inner blocks that its main
+    pass flagged, in order (module docstring). A function of its own, called with scalar
+    arguments only, so that the rare near-pair code holds no registers in the main loop."""
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    OUTER: tl.constexpr = BLOCK_R if REF_SIDE else BLOCK_Q
+    INNER: tl.constexpr = BLOCK_Q if REF_SIDE else BLOCK_R
+    INNER_AXIS: tl.constexpr = 0 if REF_SIDE else 1
+    (outer, d_out, own_ptr, own_len, own_stride, other_ptr, other_len, other_stride, i_begin,
+     i_end, out, flags, out_mask) = _grad_program(x_ptr, ref_ptr, grad_ptr, flag_ptr, N, M, D,
+                                                  x_stride, ref_stride, blocks_per_split, OUTER,
+                                                  INNER, BLOCK_DO, REF_SIDE)
+    acc = tl.load(out, mask=out_mask, other=0.0)
+    for i0 in range(i_begin, i_end, INNER):
+        if tl.load(flags + i0 // INNER) != 0:
+            _, _, a_near, _ = _grad_tile(
+                x_ptr, labels_ptr, ref_ptr, ref_labels_ptr, nx_ptr, nr_ptr, thr_ptr, stats_ptr,
+                gstats_ptr, i0, outer, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2,
+                h3, KIND, 1, HAS_THRESHOLDS, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC, PRECISION,
+                UPCAST, REF_SIDE, True)
+            acc = _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride,
+                                       other_ptr, i0, d_out, D, other_stride, INNER, INNER_AXIS,
+                                       ACC)
+    tl.store(out, acc, mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -637,18 +714,25 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
 
     def grad(ref_side: bool, outer: Tensor, outer_block: int, inner_len: int,
              inner_block: int) -> Tensor:
-        """One gradient: written by the kernel in the input dtype (one split), or as per-split
-        partial sums in the accumulation dtype that are added here in split order."""
+        """One gradient: written by the kernel in the input dtype (one split, distance 0), or
+        as per-split partial sums in the accumulation dtype that are added here in split
+        order."""
         rows = outer.shape[0]
         if rows == 0 or run.d == 0:
             return torch.zeros_like(outer, memory_format=torch.contiguous_format)
         outer_blocks = triton.cdiv(rows, outer_block)
         splits, per_split = run.splits(outer_blocks * d_blocks, inner_len, inner_block)
         shape = (rows, run.d) if splits == 1 else (splits, rows, run.d)
-        out = torch.empty(shape, dtype=outer.dtype if splits == 1 else run.acc, device=x.device)
+        # distance 1 adds its near pairs' terms to the stored sums: those stay in ACC
+        in_acc = splits > 1 or distance == 1
+        out = torch.empty(shape, dtype=run.acc if in_acc else outer.dtype, device=x.device)
+        # distance 1: the main pass's near-pair flag of each program's inner blocks
+        flags = (torch.empty(outer_blocks * d_blocks * triton.cdiv(inner_len, inner_block),
+                             dtype=torch.int8, device=x.device) if distance == 1 else out)
         torch.library.wrap_triton(_grad_kernel)[(outer_blocks, d_blocks, splits)](
-            *args, out, *run.shape_args(), per_split, *run.hyper, REF_SIDE=ref_side, **meta)
-        return out if splits == 1 else out.sum(0).to(outer.dtype)
+            *args, out, flags, *run.shape_args(), per_split, *run.hyper, REF_SIDE=ref_side,
+            **meta)
+        return (out if splits == 1 else out.sum(0)).to(outer.dtype)
 
     grad_x = (grad(False, run.x, run.cfg["q"], run.m, run.cfg["r"]) if x_grad
               else x.new_empty(0))
