@@ -117,6 +117,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedloss._ops import accumulation_dtype
 from fusedloss.triton_kernels.margin import _hi_lo
 from fusedloss.triton_kernels.margin_linear import (_allow_tf32, _dot_tile, _interpreted,
                                                     _load_rows, _scalar, _split,
@@ -603,7 +604,7 @@ class _Launch:
         self.ref_labels = ref_labels.contiguous()
         self.n, self.d = self.x.shape
         self.m = self.ref.shape[0]
-        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.acc = accumulation_dtype(x)
         if distance == 1:
             self.nx = self.x.to(self.acc).square().sum(1)
             self.nr = self.ref.to(self.acc).square().sum(1)

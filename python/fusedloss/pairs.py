@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._ops import Op, resolve_backend, result_dtype
+from ._ops import Op, accumulation_dtype, resolve_backend, result_dtype
 from .reference import pairs as reference
 from .reference.pairs import CONTRASTIVE, EUCLIDEAN, MULTI_SIMILARITY, NUM_STATS, SIMILARITY, SUPCON
 
@@ -44,18 +44,14 @@ _MINER_BLOCK_ELEMENTS = 1 << 22
 
 # ---- ops: fake kernels and autograd ------------------------------------------------------------
 
-def _accumulation(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _extrema_fake(x, labels, ref, ref_labels, distance, self_offset, block_size):
     n = x.shape[0]
-    return x.new_empty(n, 2, dtype=_accumulation(x)), x.new_empty(n, 2, dtype=torch.long)
+    return x.new_empty(n, 2, dtype=accumulation_dtype(x)), x.new_empty(n, 2, dtype=torch.long)
 
 
 def _stats_fake(x, labels, ref, ref_labels, thresholds, kind, distance, hyper, self_offset,
                 block_size):
-    return x.new_empty(x.shape[0], NUM_STATS[kind], dtype=_accumulation(x))
+    return x.new_empty(x.shape[0], NUM_STATS[kind], dtype=accumulation_dtype(x))
 
 
 def _stats_backward_fake(grad_stats, stats, x, labels, ref, ref_labels, thresholds, kind, distance,
@@ -147,7 +143,7 @@ class _Pairs:
         total = (self.x * 0).sum()
         if self.ref is not self.x:
             total = total + (self.ref * 0).sum()
-        return total.to(_accumulation(self.x))
+        return total.to(accumulation_dtype(self.x))
 
 
 def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend, op_name,
@@ -189,7 +185,7 @@ def _few_mined_pairs(pairs: _Pairs, thresholds: torch.Tensor, epsilon: float) ->
         max_neg, min_pos = thresholds.unbind(1)
         active = min_pos - epsilon < max_neg
         row = active.to(torch.uint8).argmax().view(1)  # the first active row (0 when none)
-        acc = _accumulation(pairs.x)
+        acc = accumulation_dtype(pairs.x)
         s = (pairs.x.detach().index_select(0, row).to(acc) @ pairs.ref.detach().to(acc).T)[0]
         pos, neg = reference.pair_masks(pairs.labels.index_select(0, row), pairs.ref_labels, -1)
         paired = torch.ones(m, dtype=torch.bool, device=s.device)
@@ -303,7 +299,7 @@ def multi_similarity_miner(
     found = [[], [], [], []]
     n, m = pairs.x.shape[0], pairs.ref.shape[0]
     block = max(1, _MINER_BLOCK_ELEMENTS // max(m, 1))
-    acc = _accumulation(pairs.x)
+    acc = accumulation_dtype(pairs.x)
     with torch.no_grad():
         ref = pairs.ref.detach().to(acc)
         for start in range(0, n, block):
@@ -479,7 +475,7 @@ def batch_hard_triplet_loss(
         own = (pairs.pair_offset + rows) % pairs.ref.shape[0]
         keep = keep & (index[:, 0] != own)
     index = index.clamp(min=0)
-    acc = _accumulation(pairs.x)
+    acc = accumulation_dtype(pairs.x)
     x, ref = pairs.x.to(acc), pairs.ref.to(acc)
     positive, negative = ref[index[:, 0]], ref[index[:, 1]]
     if distance == "euclidean":

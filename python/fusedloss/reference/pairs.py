@@ -21,16 +21,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._ops import accumulation_dtype
+
 # Kinds of pair_row_stats, and how many statistics each writes per row.
 MULTI_SIMILARITY, SUPCON, CONTRASTIVE = 0, 1, 2
 NUM_STATS = {MULTI_SIMILARITY: 2, SUPCON: 3, CONTRASTIVE: 4}
 SIMILARITY, EUCLIDEAN = 0, 1
 # kappa of pairs.h: below this fraction of |x|^2 + |r|^2, d^2 comes from the differences.
 NEAR_FRACTION = 2.0 ** -6
-
-
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def scores(x: torch.Tensor, ref: torch.Tensor, distance: int) -> torch.Tensor:
