@@ -1,8 +1,10 @@
 """The op machinery: loading fusedloss._C, choosing a backend, registering each op once.
 
-Adding an op takes one schema line in csrc/ops.cpp, one kernel per backend, and one
-`Op(...)` made in its family module, which gives it fake (meta) kernels for
-torch.compile, autograd for every backend, and a Triton twin on first use.
+Adding an op takes one schema in python/fusedloss/_schemas.py, one kernel per backend, and
+one `Op(...)` made in its family module, which gives it fake (meta) kernels for
+torch.compile, autograd for every backend, and a Triton twin on first use. The schemas are
+defined before _C is loaded, so all of this holds without the C++ kernels too: the
+reference and Triton backends then run, and the compiled ones say why they cannot.
 """
 import functools
 import importlib
@@ -12,13 +14,15 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import _schemas
+
 try:
-    from . import _C  # noqa: F401  (loading it registers the C++ ops)
+    from . import _C  # noqa: F401  (loading it registers the C++ kernels on the schemas)
 
     _C_ERROR = None
-except ImportError as exc:  # the package is importable for its reference backend alone
+except ImportError as exc:  # the package is importable for its reference and Triton backends
     _C = None
-    _C_ERROR = str(exc)
+    _C_ERROR = str(exc) or type(exc).__name__
 
 try:
     from . import _build_info
@@ -41,9 +45,10 @@ def _cpp_status() -> BackendStatus:
 
 
 def _cuda_status() -> BackendStatus:
-    cpp = _cpp_status()
-    if not cpp.available:
-        return cpp
+    if _C is None:
+        return BackendStatus(False, "the CUDA kernels live in fusedloss._C, which failed to load "
+                                    f"({_C_ERROR}); reinstall with `pip install "
+                                    "--no-build-isolation .` against this torch")
     if not _C.with_cuda:
         why = _build_info.CUDA_REASON if _build_info else "unknown"
         return BackendStatus(False, f"fusedloss was built without CUDA kernels ({why}); rebuild with "
@@ -86,6 +91,20 @@ def kernel_backends(op_name: str) -> frozenset:
     return frozenset(b for b in ("cpu", "cuda") if has(f"fusedloss::{op_name}", b.upper()))
 
 
+def _missing_kernel(name: str) -> Callable:
+    def kernel(*args, **kwargs):
+        raise RuntimeError(f"fusedloss::{name} has no cpu or cuda kernel here: {_cpp_status().reason}")
+    return kernel
+
+
+if _C is None:
+    # A direct call of torch.ops.fusedloss.<op> on CPU or CUDA tensors then says why there is
+    # no kernel, instead of the dispatcher's generic NotImplementedError.
+    for _name in _schemas.SCHEMAS:
+        for _key in ("CPU", "CUDA"):
+            _schemas.LIBRARY.impl(_name, _missing_kernel(_name), _key)
+
+
 def _op_status(backend: str, op_name: Optional[str]) -> BackendStatus:
     """backends()[backend], narrowed to whether the C++ op `op_name` has a kernel there."""
     status = backends()[backend]
@@ -119,7 +138,8 @@ _KERNELS = {}  # op name -> kernel_backends(op name), filled when each Op is mad
 
 
 class Op:
-    """One fusedloss op: the C++ op (CPU and CUDA dispatch keys) and its lazily made Triton twin."""
+    """One fusedloss op: the op of fusedloss._schemas (its CPU and CUDA kernels from _C, when
+    loaded) and its lazily made Triton twin."""
 
     def __init__(self, family: str, name: str, *, fake: Callable,
                  setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
@@ -155,11 +175,11 @@ class Op:
         """fusedloss::<name>_triton: the launcher in fusedloss.triton_kernels.<family> as a triton_op.
 
         Defined on first use so that importing fusedloss imports neither Triton nor dynamo.
-        It takes the schema of the C++ op, so both backends share one signature.
+        It takes the op's schema (fusedloss._schemas), so every backend shares one signature.
         """
         module = importlib.import_module(f"fusedloss.triton_kernels.{self.family}")
         launcher = getattr(module, self.name)
-        schema = str(self.cpp._schema)
+        schema = _schemas.SCHEMAS[self.name]
         schema = schema[schema.index("("):]
         op = torch.library.triton_op(f"fusedloss::{self.name}_triton", launcher,
                                      mutates_args=(), schema=schema)

@@ -24,6 +24,8 @@ def main():
     if build is not None:
         print(f"built against torch {build.TORCH_VERSION}; CUDA kernels: "
               f"{'yes, archs ' + build.CUDA_ARCHS if build.CUDA_BUILT else 'no (' + build.CUDA_REASON + ')'}")
+    if _ops._C is None:
+        print(f"fusedloss._C (the cpu and cuda kernels) failed to load: {_ops._C_ERROR}")
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()}")
     for name, status in fusedloss.backends().items():
