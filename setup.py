@@ -9,7 +9,7 @@ import os
 import shutil
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,8 +79,7 @@ def _torch_requirement():
 
 setup(
     install_requires=[_torch_requirement()],
-    packages=["fusedloss", "fusedloss.benchmarks", "fusedloss.reference",
-              "fusedloss.triton_kernels"],
+    packages=find_packages("python") + ["fusedloss.triton_kernels"],
     package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -365,3 +365,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def spec_backends(specs, gpu_only=False):
+    """pytest params (spec, backend, device): every spec with every backend of device_backends()
+    that has its kernels (spec.backends); with gpu_only, its GPU backends on CUDA tensors."""
+    params = []
+    for spec in specs:
+        pairs = cpu_and_gpu_backends(("cuda", "triton"))[1:] if gpu_only else device_backends()
+        for p in pairs:
+            backend, device = p.values
+            if backend in spec.backends:
+                params.append(pytest.param(spec, backend, device, id=f"{spec.name}-{p.id}",
+                                           marks=p.marks))
+    return params

@@ -1,0 +1,391 @@
+"""Specs of the margin family: margin_cross_entropy (logits) and linear_margin_cross_entropy
+(fused with the classifier matmul), and the modules MarginCrossEntropy and MarginSoftmaxHead."""
+import torch
+
+from ..reference import margin as reference
+from . import _draw
+from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
+
+
+def _fl():
+    import fusedloss
+    return fusedloss
+
+
+def _cosines(n, c, dtype=torch.float32, seed=0):
+    return (torch.rand(n, c, generator=generator(seed), dtype=torch.float64) * 2 - 1).to(dtype)
+
+
+def _target(n, c, seed=1, ignored=()):
+    return with_ignored(torch.randint(0, c, (n,), generator=generator(seed)), ignored)
+
+
+def _transposed(t):
+    return t.t().contiguous().t()
+
+
+# ---- margin_cross_entropy -------------------------------------------------------------------
+
+MARGINS = {"arcface": dict(m2=0.5), "cosface": dict(m3=0.35), "sphereface": dict(m1=1.35),
+           "combined": dict(m1=1.0, m2=0.3, m3=0.2)}
+
+
+def margin_samples(device):
+    """Every margin variant on a prime shape with ignored rows; N = 1, C = 1; every dtype;
+    strided and column-major cosines; the options that change the row's epilogue."""
+    samples = [Sample(f"{name} 7x33", on(device, _cosines(7, 33), _target(7, 33, ignored=(2,))),
+                      dict(kw, reduction="none"))
+               for name, kw in MARGINS.items()]
+    samples += [
+        Sample("N=1", on(device, _cosines(1, 5), _target(1, 5)), dict(m2=0.5)),
+        Sample("C=1", on(device, _cosines(4, 1), _target(4, 1)), dict(m3=0.35, reduction="sum")),
+        Sample("smoothing, z-term", on(device, _cosines(6, 129), _target(6, 129)),
+               dict(m2=0.5, label_smoothing=0.1, lse_square_scale=1e-3)),
+        Sample("detached", on(device, _cosines(5, 17), _target(5, 17)),
+               dict(m2=0.5, margin_grad="detached", reduction="sum")),
+        Sample("row-strided", on(device, _cosines(5, 80)[:, :37], _target(5, 37)), dict(m2=0.5)),
+        Sample("column-major", on(device, _transposed(_cosines(6, 31)), _target(6, 31)),
+               dict(m3=0.35)),
+    ]
+    samples += [Sample(f"{dtype}", on(device, _cosines(5, 67, dtype), _target(5, 67, ignored=(0,))),
+                       dict(m2=0.5))
+                for dtype in (torch.float64, torch.float16, torch.bfloat16)]
+    return samples
+
+
+def margin_op_samples(device):
+    """Arguments of fusedloss::margin_cross_entropy covering its branches."""
+    samples = []
+    for dtype, grad in [(torch.float32, True), (torch.float32, False), (torch.float64, True),
+                        (torch.bfloat16, True)]:
+        cos = _cosines(5, 33, dtype).to(device).requires_grad_(grad)
+        target = _target(5, 33, ignored=(0,)).to(device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        rows = torch.full((5,), 0.4, dtype=acc, device=device)
+        samples.append(("margin_cross_entropy", (cos, target, None, None, 64.0, 1.0, 0.5, 0.0,
+                                                 False, 0.1, 1e-3, -100, grad)))
+        samples.append(("margin_cross_entropy", (cos, target, rows, rows / 4, 30.0, 1.35, 0.0,
+                                                 0.0, True, 0.0, 0.0, -100, grad)))
+    return samples
+
+
+def margin_compile_sample(device):
+    return Sample("arcface, smoothing", on(device, _cosines(8, 50), _target(8, 50)),
+                  dict(m2=0.5, label_smoothing=0.1))
+
+
+def _scores_bad_inputs(name, make, function):
+    """The bad inputs of a loss of [N, C] scores `name` and class targets; `make(device)` gives
+    good (scores [4, 7], target [4])."""
+    def bad(id_, alter, kwargs, exc, message):
+        def call(backend, device):
+            scores, target = alter(*make(device))
+            return function()(scores, target, backend=backend, **kwargs)
+        return BadInput(id_, call, exc, message)
+
+    keep = lambda s, t: (s, t)  # noqa: E731
+    return [
+        bad(f"1-D {name}", lambda s, t: (s[0], t[:1]), {}, ValueError,
+            f"{name} must be 2-D, got shape (7,)"),
+        bad(f"int {name}", lambda s, t: (s.long(), t), {}, TypeError,
+            f"{name} must be float16, bfloat16, float32 or float64, got torch.int64"),
+        bad("float target", lambda s, t: (s, t.float()), {}, TypeError,
+            "target must hold integer class indices, got torch.float32"),
+        bad("target length", lambda s, t: (s, t[:2]), {}, ValueError,
+            "target must have shape [4] (one class per row), got (2,)"),
+        bad("target out of range", lambda s, t: (s, torch.tensor([0, 1, 2, 7], device=t.device)),
+            {}, ValueError, "target[3] = 7 is outside [0, 7) and is not ignore_index (-100)"),
+        bad("device mix", lambda s, t: (s, t.to("meta")), {}, RuntimeError,
+            f"all tensors must be on one device, got {name} on"),
+        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
+            "unknown reduction 'avg'"),
+        bad("float ignore_index", keep, dict(ignore_index=-1.0), TypeError,
+            "ignore_index must be an int"),
+    ]
+
+
+def _margin_option_bad_inputs(make, function):
+    def bad(id_, kwargs, exc, message):
+        return BadInput(id_, lambda backend, device: function()(*make(device), backend=backend,
+                                                                **kwargs), exc, message)
+    return [
+        bad("scale<=0", dict(scale=0.0), ValueError, "scale must be > 0, got 0.0"),
+        bad("negative std", dict(m2_std=-0.1), ValueError, "m2_std must be >= 0.0, got -0.1"),
+        bad("m1<1", dict(m1=0.5), ValueError, "m1 must be >= 1.0, got 0.5"),
+        bad("smoothing>1", dict(label_smoothing=1.5), ValueError,
+            "label_smoothing must lie in [0.0, 1.0], got 1.5"),
+        bad("negative z-term", dict(lse_square_scale=-1.0), ValueError,
+            "lse_square_scale must be >= 0.0, got -1.0"),
+        bad("nan m2", dict(m2=float("nan")), ValueError, "m2 must be a finite number, got nan"),
+        bad("unknown margin_grad", dict(margin_grad="approx"), ValueError,
+            "unknown margin_grad 'approx'"),
+        bad("elastic_plus without std", dict(elastic_plus=True), ValueError,
+            "elastic_plus=True needs m2_std > 0 or m3_std > 0"),
+        bad("unknown kw", dict(margin=0.5), TypeError, "unexpected keyword argument"),
+    ]
+
+
+def _cos_and_target(device):
+    return on(device, _cosines(4, 7), torch.tensor([0, 1, 2, 3]))
+
+
+def margin_bad_inputs():
+    fn = lambda: _fl().margin_cross_entropy  # noqa: E731
+    return _scores_bad_inputs("cos", _cos_and_target, fn) + _margin_option_bad_inputs(
+        _cos_and_target, fn) + [
+        BadInput("no classes", lambda backend, device: fn()(*on(device, torch.rand(4, 0),
+                                                                 torch.zeros(4).long()),
+                                                             backend=backend),
+                 ValueError, "cos must have at least one class (C >= 1)"),
+    ]
+
+
+def margin_fuzz_options(data):
+    return dict(scale=_draw.pick(data, [1.0, 16.0, 64.0]), m1=_draw.pick(data, [1.0, 1.35, 2.0]),
+                m2=_draw.pick(data, [0.0, 0.3, 0.5]), m3=_draw.pick(data, [0.0, 0.2, 0.35]),
+                margin_grad=_draw.pick(data, ["exact", "detached"]),
+                label_smoothing=_draw.pick(data, [0.0, 0.1]),
+                lse_square_scale=_draw.pick(data, [0.0, 1e-4]),
+                reduction=_draw.pick(data, ["mean", "sum", "none"]))
+
+
+def fuzz_cosines(data, device, triton):
+    """(cos [N, C] requiring grad, target with ignored rows): N, C around the kernels' blocks,
+    any dtype, row-major or column-major."""
+    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
+    c = _draw.pick(data, _draw.SMALL_SIZES if triton else _draw.CLASS_SIZES)
+    dtype = _draw.pick(data, _draw.DTYPES)
+    cos = (torch.rand(n, c, dtype=torch.float64, generator=_draw.generator(data)) * 2 - 1)
+    cos = _draw.strided(cos.to(dtype), _draw.flag(data)).to(device).requires_grad_()
+    return cos, _draw.targets(data, n, c).to(device)
+
+
+def margin_fuzz(data, device, triton):
+    cos, target = fuzz_cosines(data, device, triton)
+    kw = margin_fuzz_options(data)
+    return FuzzCase(lambda backend: _fl().margin_cross_entropy(cos, target, backend=backend, **kw),
+                    [cos], cos.dtype)
+
+
+def _stress_inputs(device):
+    g = generator(5)
+    cos = torch.rand(16, 300, generator=g).mul(2).sub(1)
+    x, w = torch.randn(16, 32, generator=g), torch.randn(300, 32, generator=g)
+    target = torch.randint(0, 300, (16,), generator=g)
+    return on(device, cos, x, w, target)
+
+
+def margin_stress(device):
+    cos, _, _, target = _stress_inputs(device)
+    return [Sample("arcface 16x300", (cos, target), dict(m2=0.5))]
+
+
+def empty_scores_batch(function, **fixed):
+    """(backend, device, reduction) -> the loss of an empty batch of [0, 7] scores."""
+    return lambda backend, device, reduction: function()(
+        *on(device, torch.rand(0, 7), torch.zeros(0).long()), backend=backend,
+        reduction=reduction, **fixed)
+
+
+def margin_memcheck():
+    """Tails (C = 1031, not a multiple of any block), an ignored row, strided rows; fp32, bf16."""
+    cos, target = _cosines(9, 1031), _target(9, 1031, ignored=(4,))
+    return [Sample(f"{name} {dtype}", (cos.to(dtype)[:, :1000], target.clamp(max=999)),
+                   dict(kw, reduction="none"))
+            for dtype in (torch.float32, torch.bfloat16)
+            for name, kw in (("arcface, smoothing", dict(m2=0.5, label_smoothing=0.1)),
+                             ("sphereface", dict(m1=1.35)))]
+
+
+# ---- linear_margin_cross_entropy ---------------------------------------------------------------
+
+def _linear(n, c, d, dtype=torch.float32, seed=2):
+    g = generator(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(c, d, generator=g, dtype=torch.float64).to(dtype))
+
+
+_LINEAR_NAMES = ("loss", "grad embeddings", "grad weight")
+
+
+def linear_samples(device):
+    samples = [Sample(f"{name} 7x33 D=17", on(device, *_linear(7, 33, 17),
+                                              _target(7, 33, ignored=(3,))),
+                      dict(kw, reduction="none"), _LINEAR_NAMES)
+               for name, kw in MARGINS.items()]
+    samples += [
+        Sample("N=1 C=1", on(device, *_linear(1, 1, 8), _target(1, 1)), dict(m2=0.5),
+               _LINEAR_NAMES),
+        Sample("plain CE, no normalisation", on(device, *_linear(6, 41, 24), _target(6, 41)),
+               dict(scale=1.0, normalize=False), _LINEAR_NAMES),
+        Sample("smoothing, z-term, block 16", on(device, *_linear(5, 70, 16), _target(5, 70)),
+               dict(m3=0.35, label_smoothing=0.1, lse_square_scale=1e-3, block_size=16),
+               _LINEAR_NAMES),
+        Sample("column-major embeddings",
+               on(device, _transposed(_linear(6, 19, 12)[0]), _linear(6, 19, 12)[1],
+                  _target(6, 19)), dict(m2=0.5), _LINEAR_NAMES),
+    ]
+    samples += [Sample(f"{dtype}", on(device, *_linear(5, 37, 16, dtype), _target(5, 37)),
+                       dict(m2=0.5), _LINEAR_NAMES)
+                for dtype in (torch.float64, torch.bfloat16)]
+    return samples
+
+
+def linear_op_samples(device):
+    """Arguments of fusedloss::margin_linear_cross_entropy covering its branches."""
+    samples = []
+    for dtype, grad, normalize in [(torch.float32, True, True), (torch.float32, False, True),
+                                   (torch.float64, True, False), (torch.bfloat16, True, True)]:
+        x, w = (t.to(device).requires_grad_(grad) for t in _linear(6, 21, 12, dtype))
+        target = _target(6, 21, ignored=(1,)).to(device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        row = torch.linspace(0.5, 1.5, 6, dtype=acc, device=device)
+        samples.append(("margin_linear_cross_entropy",
+                        (x, w, target, None, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, 0.0,
+                         -100, normalize, 0, False, grad)))
+        samples.append(("margin_linear_cross_entropy",
+                        (x, w, target, row * 0.4, row * 0.1, row, 30.0, 1.35, 0.0, 0.0, True,
+                         0.0, 1e-3, -100, normalize, 4, True, grad)))
+    return samples
+
+
+def linear_compile_sample(device):
+    return Sample("arcface", on(device, *_linear(8, 40, 16), _target(8, 40)), dict(m2=0.5),
+                  _LINEAR_NAMES)
+
+
+def _x_w_target(device):
+    return on(device, *_linear(4, 7, 5), torch.tensor([0, 1, 2, 3]))
+
+
+def linear_bad_inputs():
+    fn = lambda: _fl().linear_margin_cross_entropy  # noqa: E731
+
+    def bad(id_, alter, kwargs, exc, message):
+        def call(backend, device):
+            return fn()(*alter(*_x_w_target(device)), backend=backend, **kwargs)
+        return BadInput(id_, call, exc, message)
+
+    keep = lambda x, w, t: (x, w, t)  # noqa: E731
+    return _margin_option_bad_inputs(_x_w_target, fn) + [
+        bad("D mismatch", lambda x, w, t: (x, w[:, :4], t), {}, ValueError,
+            "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (7, 4)"),
+        bad("dtype mismatch", lambda x, w, t: (x, w.double(), t), {}, TypeError,
+            "embeddings and weight must share a dtype, got torch.float32 and torch.float64"),
+        bad("3-D weight", lambda x, w, t: (x, w[:, :, None], t), {}, ValueError,
+            "weight must be 2-D, got shape (7, 5, 1)"),
+        bad("1-D embeddings", lambda x, w, t: (x[0], w, t), {}, ValueError,
+            "embeddings must be 2-D, got shape (5,)"),
+        bad("target out of range",
+            lambda x, w, t: (x, w, torch.tensor([0, 1, 2, 9], device=t.device)), {}, ValueError,
+            "target[3] = 9 is outside [0, 7) and is not ignore_index (-100)"),
+        bad("no classes", lambda x, w, t: (x, w[:0], t), {}, ValueError,
+            "weight must have at least one class (C >= 1)"),
+        bad("negative block", keep, dict(block_size=-1), ValueError,
+            "block_size must be a positive int or None, got -1"),
+        bad("device mix", lambda x, w, t: (x, w, t.to("meta")), {}, RuntimeError,
+            "all tensors must be on one device"),
+    ]
+
+
+def fuzz_linear(data, device):
+    """(x, w, target, options) of the fused linear margin ops: shapes around the tiles."""
+    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
+    c = _draw.pick(data, _draw.SMALL_SIZES)
+    d = _draw.pick(data, [1, 3, 16, 17, 33])
+    dtype = _draw.pick(data, _draw.DTYPES)
+    gen = _draw.generator(data)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    x = _draw.strided(x, _draw.flag(data))
+    w = torch.randn(c, d, dtype=torch.float64, generator=gen).to(dtype)
+    x, w = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    target = _draw.targets(data, n, c).to(device)
+    kw = margin_fuzz_options(data)
+    # Normalisation only for D > 1: a 1-D row normalises to +-1 whatever its value, so the
+    # gradient through F.normalize is 0 in exact arithmetic and rounding noise of size
+    # eps |g| / |x| in fp32, which no comparison with the fp64 oracle can judge.
+    kw["normalize"] = d > 1 and _draw.flag(data)
+    if not kw["normalize"]:
+        kw["scale"] = 1.0
+    return x, w, target, kw
+
+
+def linear_fuzz(data, device, triton):
+    x, w, target, kw = fuzz_linear(data, device)
+    return FuzzCase(lambda backend: _fl().linear_margin_cross_entropy(x, w, target,
+                                                                      backend=backend, **kw),
+                    [x, w], x.dtype)
+
+
+def linear_stress(device):
+    _, x, w, target = _stress_inputs(device)
+    return [Sample("arcface 16x300 D=32", (x, w, target), dict(m2=0.5), _LINEAR_NAMES)]
+
+
+def linear_memcheck():
+    x, w = _linear(37, 1031, 72)
+    return [Sample(f"arcface 37x1031 D=72 {dtype}", (x.to(dtype), w.to(dtype),
+                                                     _target(37, 1031, ignored=(5,))),
+                   dict(m2=0.5, reduction="none"), _LINEAR_NAMES)
+            for dtype in (torch.float32, torch.bfloat16)]
+
+
+def _empty_linear(backend, device, reduction):
+    return _fl().linear_margin_cross_entropy(
+        *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
+        backend=backend, reduction=reduction)
+
+
+SPECS = [
+    OpSpec("margin_cross_entropy", "margin", reference.margin_cross_entropy,
+           ops=("margin_cross_entropy",), backends=("cpu", "cuda", "triton"),
+           samples=margin_samples, op_samples=margin_op_samples,
+           compile_sample=margin_compile_sample, bad_inputs=margin_bad_inputs,
+           fuzz=margin_fuzz, stress=margin_stress,
+           empty_batch=empty_scores_batch(lambda: _fl().margin_cross_entropy),
+           memcheck=margin_memcheck),
+    OpSpec("linear_margin_cross_entropy", "margin", reference.linear_margin_cross_entropy,
+           ops=("margin_linear_cross_entropy",), backends=("cpu", "triton"),
+           samples=linear_samples, op_samples=linear_op_samples,
+           compile_sample=linear_compile_sample, bad_inputs=linear_bad_inputs,
+           fuzz=linear_fuzz, stress=linear_stress, empty_batch=_empty_linear,
+           memcheck=linear_memcheck),
+]
+
+
+# ---- modules -----------------------------------------------------------------------------------
+
+def _module_bad(id_, build, exc, message):
+    return BadInput(id_, lambda backend, device: build(), exc, message)
+
+
+def margin_module_bad_inputs():
+    nn = lambda: _fl().nn  # noqa: E731
+    cos, target = _cos_and_target("cpu")
+    return [
+        _module_bad("unknown preset", lambda: nn().MarginCrossEntropy("arcfase"), ValueError,
+                    "unknown loss preset 'arcfase'; expected one of ('arcface', 'cosface', 'c"),
+        _module_bad("scale<=0 at construction", lambda: nn().MarginCrossEntropy(scale=0.0),
+                    ValueError, "scale must be > 0, got 0.0"),
+        _module_bad("wrong target", lambda: nn().MarginCrossEntropy()(cos, target[:2]),
+                    ValueError, "target must have shape [4]"),
+    ]
+
+
+def head_bad_inputs():
+    nn = lambda: _fl().nn  # noqa: E731
+    x, _, target = _x_w_target("cpu")
+    return [
+        _module_bad("dim 0", lambda: nn().MarginSoftmaxHead(0, 10), ValueError,
+                    "embedding_dim and num_classes must be >= 1, got 0 and 10"),
+        _module_bad("wrong D", lambda: nn().MarginSoftmaxHead(4, 10)(x, target), ValueError,
+                    "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (10, 4)"),
+        _module_bad("m1<1 at construction", lambda: nn().MarginSoftmaxHead(5, 10, m1=0.5),
+                    ValueError, "m1 must be >= 1.0, got 0.5"),
+    ]
+
+
+MODULE_SPECS = [
+    ModuleSpec("MarginCrossEntropy", "margin", margin_module_bad_inputs),
+    ModuleSpec("MarginSoftmaxHead", "margin", head_bad_inputs),
+]
