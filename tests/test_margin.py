@@ -216,10 +216,10 @@ def test_auto_backend_picks_cpu_for_cpu_tensors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_memcheck_subset_gpu_kernels(backend, dtype):
-    """A small representative set for compute-sanitizer: tails, ignored rows, edges, strides."""
+def test_memcheck_subset_elastic_margins(backend, dtype):
+    """The per-row margins of ElasticFace+ under compute-sanitizer (the spec's memcheck
+    samples cover the constant margins): tails, an ignored row."""
     cos, target = make_inputs(9, 1031, dtype, "cuda", ignore=(4,))
-    check_against_oracle(cos[:, :1000], target.clamp(max=999), backend, m2=0.5, label_smoothing=0.1)
     check_against_oracle(cos, target, backend, m3=0.35, m3_std=0.05, elastic_plus=True)
 
 

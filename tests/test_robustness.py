@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fusedloss
+from fusedloss import specs
 
 from conftest import assert_close, device_backends, loss_and_grads, oracle
 
@@ -144,27 +145,17 @@ def test_more_than_2_31_elements(backend, device):
 
 
 def _ops_for(backend, device):
-    """(name, call) of every op family, each returning loss and gradients of fixed inputs."""
-    gen = torch.Generator().manual_seed(5)
-    cos = torch.rand(16, 300, generator=gen).mul(2).sub(1).to(device)
-    x = torch.randn(16, 32, generator=gen).to(device)
-    w = torch.randn(300, 32, generator=gen).to(device)
-    target = torch.randint(0, 300, (16,), generator=gen).to(device)
-    calls = {
-        "margin_cross_entropy": (fusedloss.margin_cross_entropy, [cos, target], dict(m2=0.5)),
-        "linear_margin_cross_entropy": (fusedloss.linear_margin_cross_entropy, [x, w, target],
-                                        dict(m2=0.5)),
-        "spherical_z_loss": (fusedloss.spherical_z_loss, [cos, target], {}),
-        "sharded_margin_cross_entropy": (fusedloss.sharded_margin_cross_entropy, [cos, target],
-                                         dict(m2=0.5, class_start=0, num_classes=300)),
-        "linear_sharded_margin_cross_entropy": (fusedloss.linear_sharded_margin_cross_entropy,
-                                                [x, w, target],
-                                                dict(m3=0.35, class_start=0, num_classes=300)),
-        "multi_similarity_loss": (fusedloss.multi_similarity_loss, [x, target % 4], {}),
-        "supcon_loss": (fusedloss.supcon_loss, [x, target % 4], {}),
-    }
-    return {name: (lambda fn=fn, t=t, kw=kw: loss_and_grads(_call(fn, **kw), backend, t))
-            for name, (fn, t, kw) in calls.items()}
+    """(name, call) of every stress sample of every spec with kernels on `backend`, each call
+    returning the loss and gradients of its fixed inputs."""
+    calls = {}
+    for spec in specs.registry():
+        if backend in spec.backends:
+            for sample in spec.stress(device):
+                calls[f"{spec.name}: {sample.id}"] = (
+                    lambda spec=spec, sample=sample:
+                    loss_and_grads(spec.call(sample), backend, sample.inputs))
+    assert calls, f"no stress samples for {backend}"
+    return calls
 
 
 @pytest.mark.parametrize("backend,device", device_backends())
