@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from . import _checks
 from ._ops import (Op, accumulation_dtype, fused_grads, keep_fused_grads, reduce_rows,
                    resolve_backend, result_dtype, scale_fused)
-from .margin import check_generator, elastic_margins, margin_options
+from .margin import MarginOptions, check_generator, elastic_margins
 from .reference import margin as reference
 
 _FN = "linear_margin_cross_entropy"
@@ -59,32 +59,54 @@ def linear_margin_cross_entropy(
     weight: torch.Tensor,
     target: torch.Tensor,
     *,
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    m2_std: float = 0.0,
+    m3_std: float = 0.0,
+    elastic_plus: bool = False,
+    margin_grad: str = "exact",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    generator: Optional[torch.Generator] = None,
     normalize: bool = True,
     block_size: Optional[int] = None,
     deterministic: bool = False,
     backend: str = "auto",
-    generator: Optional[torch.Generator] = None,
-    **kwargs,
 ) -> torch.Tensor:
     """:func:`fusedloss.margin_cross_entropy` of
     ``cos = normalize(embeddings) @ normalize(weight).T``, without storing the ``N x C`` matrix
     in forward or backward.
 
-    ``embeddings [N, D]`` and ``weight [C, D]`` share one floating dtype. With
-    ``normalize=True`` both are L2-normalised exactly as ``F.normalize`` does
-    (``x / max(||x||, 1e-12)``) and gradients flow through the normalisation; with
-    ``normalize=False`` they are used as they are (with ``scale=1`` and no margins: plain
-    fused linear cross-entropy, as for a language-model head). ``block_size`` sets the
-    tiling block of the backend (None: the backend chooses). ``deterministic=True``
-    promises bit-identical results run to run (every backend here is deterministic; the
-    flag keeps that promise explicit). ``generator`` and ``kwargs`` are the keywords of
-    :func:`fusedloss.margin_cross_entropy` (scale, m1, m2, m3, m2_std, m3_std, elastic_plus,
-    margin_grad, label_smoothing, lse_square_scale, ignore_index, reduction), with the same
-    defaults and meaning (``lse_square_scale``: PaLM's auxiliary term
-    ``lambda * logsumexp(z)^2`` per row, not :func:`fusedloss.linear_spherical_z_loss`);
-    ElasticFace+ orders rows by their target cosine ``x_hat_i . w_hat_{y_i}``.
+    ``embeddings [N, D]`` and ``weight [C, D]`` share one floating dtype; ``target [N]`` holds
+    class indices.
+
+    Margin keywords, with the defaults, meaning and checks of margin_cross_entropy:
+    ``scale``, ``m1``, ``m2``, ``m3`` (the margin logit), ``m2_std``, ``m3_std``,
+    ``elastic_plus``, ``generator`` (ElasticFace; ElasticFace+ orders rows by their target
+    cosine ``x_hat_i . w_hat_{y_i}``), ``margin_grad``, ``label_smoothing``,
+    ``lse_square_scale`` (PaLM's auxiliary term ``lambda * logsumexp(z)^2`` per row, not
+    :func:`fusedloss.linear_spherical_z_loss`), ``ignore_index`` and ``reduction``.
+
+    Keywords of the fused product:
+
+    * ``normalize``: with True both inputs are L2-normalised exactly as ``F.normalize`` does
+      (``x / max(||x||, 1e-12)``) and gradients flow through the normalisation; with False
+      they are used as they are (with ``scale=1`` and no margins: plain fused linear
+      cross-entropy, as for a language-model head).
+    * ``block_size``: the tiling block of the backend, a positive int; None: the backend
+      chooses.
+    * ``deterministic``: True promises bit-identical results run to run (every backend here
+      is deterministic; the flag keeps that promise explicit).
+    * ``backend``: "auto", "reference", "cpu", "cuda" or "triton".
     """
-    opts = margin_options(_FN, kwargs)
+    opts = MarginOptions(scale=scale, m1=m1, m2=m2, m3=m3, m2_std=m2_std, m3_std=m3_std,
+                         elastic_plus=elastic_plus, margin_grad=margin_grad,
+                         label_smoothing=label_smoothing, ignore_index=ignore_index,
+                         reduction=reduction, lse_square_scale=lse_square_scale)
     _check_inputs(embeddings, weight, target, block_size)
     opts.check(_FN)
     check_generator(_FN, generator, embeddings.device)
@@ -103,19 +125,29 @@ def linear_margin_cross_entropy(
     compute_grad = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
     loss_rows, _, _ = OP.for_backend(backend)(
         embeddings, weight, target, row_m2, row_m3, None, *opts.kernel_args(), normalize,
-        block_size or 0, deterministic, compute_grad)
+        kernel_block_size(block_size), deterministic, compute_grad)
     return reduce_rows(loss_rows, target != opts.ignore_index, opts.reduction,
                        result_dtype(embeddings))
+
+
+def check_block_size(fn: str, block_size) -> None:
+    """block_size is None (the backend chooses) or a positive int."""
+    if block_size is not None:
+        _checks.integer(fn, block_size=block_size)
+        if block_size <= 0:
+            raise ValueError(f"{fn}: block_size must be a positive int or None, got {block_size}")
+
+
+def kernel_block_size(block_size: Optional[int]) -> int:
+    """The block_size argument of the op schemas, where 0 means "the backend chooses"."""
+    return 0 if block_size is None else block_size
 
 
 def _check_inputs(embeddings, weight, target, block_size):
     _checks.embeddings_and_weight(_FN, embeddings, weight, target)
     if weight.shape[0] == 0:
         raise ValueError(f"{_FN}: weight must have at least one class (C >= 1)")
-    if block_size is not None:
-        _checks.integer(_FN, block_size=block_size)
-        if block_size <= 0:
-            raise ValueError(f"{_FN}: block_size must be a positive int or None, got {block_size}")
+    check_block_size(_FN, block_size)
 
 
 def _target_cosines(x, w, target, ignore_index, normalize):

@@ -25,13 +25,14 @@ pairs of a needed sign; every such 0 has a zero gradient.
 """
 from dataclasses import dataclass
 import importlib.util
-from typing import Optional
+import inspect
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._ops import Op, accumulation_dtype, resolve_backend, result_dtype
+from ._ops import BACKENDS, Op, accumulation_dtype, resolve_backend, result_dtype
 from .reference import pairs as reference
 from .reference.pairs import CONTRASTIVE, EUCLIDEAN, MULTI_SIMILARITY, NUM_STATS, SIMILARITY, SUPCON
 
@@ -147,12 +148,12 @@ class _Pairs:
 
 
 def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend, op_name,
-             self_offset) -> _Pairs:
+             self_offset=None) -> _Pairs:
     """Checked, normalised inputs. Without a reference set the batch is its own, row i never
-    paired with column i (for mining and the loss); with one, every pair counts. The private
-    `_self_offset` k of the functions (for fusedloss.nn.CrossBatchMemory) says that the
-    reference set holds the batch at rows (k + i) mod M: the loss drops those pairs, mining
-    keeps them, as PML's CrossBatchMemory does."""
+    paired with column i (for mining and the loss); with one, every pair counts. A
+    `self_offset` k (memory_bank_loss) says that the reference set holds the batch at rows
+    (k + i) mod M: the loss drops those pairs, mining keeps them, as PML's CrossBatchMemory
+    does."""
     _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, self_offset)
     backend = _resolve(fn, backend, embeddings.device, op_name)
     x = F.normalize(embeddings, dim=1) if normalize else embeddings
@@ -223,7 +224,6 @@ def multi_similarity_loss(
     mining: bool = True,
     normalize: bool = True,
     backend: str = "auto",
-    _self_offset: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Multi-Similarity loss (Wang et al., CVPR 2019) with its miner, as PML's
     ``MultiSimilarityMiner(epsilon)`` followed by ``MultiSimilarityLoss(alpha, beta, base)``.
@@ -249,20 +249,30 @@ def multi_similarity_loss(
     accumulated in fp32 (fp64 for fp64). ``backend``: "auto", "reference", "cpu", "triton".
     """
     fn = "multi_similarity_loss"
+    _check_multi_similarity(fn, alpha=alpha, beta=beta, base=base, epsilon=epsilon, mining=mining)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     STATS.name)
+    loss = _multi_similarity(pairs, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
+                             mining=mining)
+    return _finish(loss, embeddings)
+
+
+def _check_multi_similarity(fn, *, alpha, beta, base, epsilon, mining):
     _checks.positive(fn, alpha=alpha, beta=beta)
     _checks.finite(fn, base=base, epsilon=epsilon)
     _flag(fn, mining=mining)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     STATS.name, _self_offset)
+
+
+def _multi_similarity(pairs: _Pairs, *, alpha, beta, base, epsilon, mining) -> torch.Tensor:
     thresholds = _ms_thresholds(pairs) if mining else None
     stats = pairs.row_stats(thresholds, MULTI_SIMILARITY, SIMILARITY, (alpha, beta, base, epsilon))
     if stats.shape[0] == 0:
-        return _finish(pairs.zero(), embeddings)
+        return pairs.zero()
     loss = (stats[:, 0] / alpha + stats[:, 1] / beta).mean()
     if not mining:
-        return _finish(pairs.zero() if _few_pairs(pairs) else loss, embeddings)
+        return pairs.zero() if _few_pairs(pairs) else loss
     few = _few_mined_pairs(pairs, thresholds, epsilon)
-    return _finish(torch.where(few, pairs.zero(), loss), embeddings)
+    return torch.where(few, pairs.zero(), loss)
 
 
 def _ms_thresholds(pairs: _Pairs) -> torch.Tensor:
@@ -294,7 +304,7 @@ def multi_similarity_miner(
     fn = "multi_similarity_miner"
     _checks.finite(fn, epsilon=epsilon)
     pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     EXTREMA.name, None)
+                     EXTREMA.name)
     thresholds = _ms_thresholds(pairs)
     found = [[], [], [], []]
     n, m = pairs.x.shape[0], pairs.ref.shape[0]
@@ -326,7 +336,6 @@ def supcon_loss(
     temperature: float = 0.1,
     normalize: bool = True,
     backend: str = "auto",
-    _self_offset: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Supervised contrastive loss (Khosla et al., 2020), as PML's ``SupConLoss(temperature)``.
 
@@ -340,16 +349,24 @@ def supcon_loss(
     has no positive or no negative pair, or at most one of each, as in PML. ``temperature > 0``.
     """
     fn = "supcon_loss"
-    _checks.positive(fn, temperature=temperature)
+    _check_supcon(fn, temperature=temperature)
     pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     STATS.name, _self_offset)
+                     STATS.name)
+    return _finish(_supcon(pairs, temperature=temperature), embeddings)
+
+
+def _check_supcon(fn, *, temperature):
+    _checks.positive(fn, temperature=temperature)
+
+
+def _supcon(pairs: _Pairs, *, temperature) -> torch.Tensor:
     stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
     num_pos = stats[:, 2].detach()
     rows = torch.where(num_pos > 0, stats[:, 0] - stats[:, 1] / num_pos.clamp(min=1), 0.0)
     total_pos = num_pos.sum()
     total_neg = pairs.num_pairs - total_pos
     no_loss = (total_pos == 0) | (total_neg == 0) | ((total_pos <= 1) & (total_neg <= 1))
-    return _finish(torch.where(no_loss, pairs.zero(), _mean_over_positive(rows)), embeddings)
+    return torch.where(no_loss, pairs.zero(), _mean_over_positive(rows))
 
 
 def info_nce_loss(
@@ -384,7 +401,7 @@ def info_nce_loss(
     ids = torch.arange(query.shape[0], device=query.device)
 
     def one_way(q, k):
-        pairs = _prepare(fn, q, ids, k, ids, normalize, backend, STATS.name, None)
+        pairs = _prepare(fn, q, ids, k, ids, normalize, backend, STATS.name)
         stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
         if stats.shape[0] == 0:
             return pairs.zero()
@@ -407,7 +424,6 @@ def contrastive_loss(
     distance: str = "euclidean",
     normalize: bool = True,
     backend: str = "auto",
-    _self_offset: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Contrastive loss (Hadsell et al., 2006), as PML's
     ``ContrastiveLoss(pos_margin, neg_margin)``.
@@ -421,19 +437,33 @@ def contrastive_loss(
     :func:`multi_similarity_loss`; at most one positive and one negative pair give 0.
     """
     fn = "contrastive_loss"
-    _checks.choice(fn, "distance", distance, tuple(_DISTANCES))
-    default_pos, default_neg = _CONTRASTIVE_MARGINS[distance]
-    pos_margin = default_pos if pos_margin is None else pos_margin
-    neg_margin = default_neg if neg_margin is None else neg_margin
-    _checks.finite(fn, pos_margin=pos_margin, neg_margin=neg_margin)
+    _check_contrastive(fn, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
     pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     STATS.name, _self_offset)
-    if _few_pairs(pairs):
-        return _finish(pairs.zero(), embeddings)
-    stats = pairs.row_stats(None, CONTRASTIVE, _DISTANCES[distance], (pos_margin, neg_margin))
-    counts = stats[:, [1, 3]].detach().sum(0).clamp(min=1)
-    loss = stats[:, 0].sum() / counts[0] + stats[:, 2].sum() / counts[1]
+                     STATS.name)
+    loss = _contrastive(pairs, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
     return _finish(loss, embeddings)
+
+
+def _contrastive_margins(distance, pos_margin, neg_margin):
+    """(pos_margin, neg_margin), None replaced by PML's default for the distance."""
+    default_pos, default_neg = _CONTRASTIVE_MARGINS[distance]
+    return (default_pos if pos_margin is None else pos_margin,
+            default_neg if neg_margin is None else neg_margin)
+
+
+def _check_contrastive(fn, *, pos_margin, neg_margin, distance):
+    _checks.choice(fn, "distance", distance, tuple(_DISTANCES))
+    pos_margin, neg_margin = _contrastive_margins(distance, pos_margin, neg_margin)
+    _checks.finite(fn, pos_margin=pos_margin, neg_margin=neg_margin)
+
+
+def _contrastive(pairs: _Pairs, *, pos_margin, neg_margin, distance) -> torch.Tensor:
+    if _few_pairs(pairs):
+        return pairs.zero()
+    margins = _contrastive_margins(distance, pos_margin, neg_margin)
+    stats = pairs.row_stats(None, CONTRASTIVE, _DISTANCES[distance], margins)
+    counts = stats[:, [1, 3]].detach().sum(0).clamp(min=1)
+    return stats[:, 0].sum() / counts[0] + stats[:, 2].sum() / counts[1]
 
 
 def batch_hard_triplet_loss(
@@ -446,7 +476,6 @@ def batch_hard_triplet_loss(
     distance: str = "euclidean",
     normalize: bool = True,
     backend: str = "auto",
-    _self_offset: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Batch-hard triplet loss (Hermans et al., 2017), as PML's ``BatchHardMiner`` followed by
     ``TripletMarginLoss(margin)``.
@@ -461,12 +490,20 @@ def batch_hard_triplet_loss(
     torch (O(N D)), and the gradient flows through them.
     """
     fn = "batch_hard_triplet_loss"
+    _check_batch_hard_triplet(fn, margin=margin, distance=distance)
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     EXTREMA.name)
+    return _finish(_batch_hard_triplet(pairs, margin=margin, distance=distance), embeddings)
+
+
+def _check_batch_hard_triplet(fn, *, margin, distance):
     _checks.choice(fn, "distance", distance, tuple(_DISTANCES))
     _checks.finite(fn, margin=margin)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     EXTREMA.name, _self_offset)
+
+
+def _batch_hard_triplet(pairs: _Pairs, *, margin, distance) -> torch.Tensor:
     if pairs.ref.shape[0] == 0:
-        return _finish(pairs.zero(), embeddings)
+        return pairs.zero()
     _, index = pairs.extrema(_DISTANCES[distance])
     keep = (index >= 0).all(1)
     if pairs.pair_offset >= 0 and pairs.mining_offset < 0:
@@ -483,7 +520,67 @@ def batch_hard_triplet_loss(
     else:
         violation = (x * negative).sum(1) - (x * positive).sum(1)
     losses = torch.where(keep, (violation + margin).relu(), 0.0)
-    return _finish(_mean_over_positive(losses) + pairs.zero(), embeddings)
+    return _mean_over_positive(losses) + pairs.zero()
+
+
+# ---- a memory bank that holds the batch (fusedloss.nn.CrossBatchMemory) -------------------------
+
+@dataclass(frozen=True)
+class _BankLoss:
+    """A pair loss against a memory bank: its public function (whose keyword-only parameters
+    are the loss's options, with their defaults), the check of those options, the loss of
+    prepared pairs, and the op whose backends run it."""
+
+    function: Callable
+    check: Callable
+    compute: Callable
+    op_name: str
+
+    def defaults(self) -> dict:
+        params = inspect.signature(self.function).parameters.values()
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+MEMORY_BANK_LOSSES = {
+    "multi_similarity": _BankLoss(multi_similarity_loss, _check_multi_similarity,
+                                  _multi_similarity, STATS.name),
+    "supcon": _BankLoss(supcon_loss, _check_supcon, _supcon, STATS.name),
+    "contrastive": _BankLoss(contrastive_loss, _check_contrastive, _contrastive, STATS.name),
+    "batch_hard_triplet": _BankLoss(batch_hard_triplet_loss, _check_batch_hard_triplet,
+                                    _batch_hard_triplet, EXTREMA.name),
+}
+_CALL_OPTIONS = ("normalize", "backend")
+
+
+def memory_bank_options(fn: str, loss: str, options: dict) -> dict:
+    """Every keyword of loss `loss` (a key of MEMORY_BANK_LOSSES): `options` over the defaults
+    of its function, checked as the function checks them, so that a bad option raises before
+    any batch; a keyword the function does not take is a TypeError."""
+    _checks.choice(fn, "loss", loss, tuple(MEMORY_BANK_LOSSES))
+    spec = MEMORY_BANK_LOSSES[loss]
+    defaults = spec.defaults()
+    unknown = sorted(k for k in options if k not in defaults)
+    if unknown:
+        raise TypeError(f"{fn}: {loss} takes no keyword(s) {unknown}")
+    options = {**defaults, **options}
+    spec.check(fn, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
+    _flag(fn, normalize=options["normalize"])
+    _checks.choice(fn, "backend", options["backend"], ("auto",) + BACKENDS)
+    return options
+
+
+def memory_bank_loss(fn: str, loss: str, embeddings: torch.Tensor, labels: torch.Tensor,
+                     bank: torch.Tensor, bank_labels: torch.Tensor, self_offset: int,
+                     options: dict) -> torch.Tensor:
+    """Loss `loss` of the batch against a memory bank that holds it at rows
+    (self_offset + i) mod M: the loss drops those pairs, mining keeps them, as PML's
+    CrossBatchMemory does. `options`: every keyword of the loss, as memory_bank_options
+    returns them."""
+    spec = MEMORY_BANK_LOSSES[loss]
+    pairs = _prepare(fn, embeddings, labels, bank, bank_labels, options["normalize"],
+                     options["backend"], spec.op_name, self_offset)
+    loss_options = {k: v for k, v in options.items() if k not in _CALL_OPTIONS}
+    return _finish(spec.compute(pairs, **loss_options), embeddings)
 
 
 # ---- argument checks -----------------------------------------------------------------------------
@@ -523,6 +620,6 @@ def _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, 
             raise TypeError(f"{fn}: embeddings and ref_embeddings must share a dtype, got "
                             f"{embeddings.dtype} and {ref_embeddings.dtype}")
     elif self_offset is not None:
-        raise ValueError(f"{fn}: _self_offset needs a reference set that holds the batch")
+        raise ValueError(f"{fn}: self_offset needs a reference set that holds the batch")
     _checks.same_device(fn, embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                         ref_labels=ref_labels)

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from . import _checks
 from . import distributed as fdist
 from ._ops import Op, accumulation_dtype, reduce_rows, resolve_backend, result_dtype
-from .margin import MarginOptions, check_generator, elastic_margins, margin_options
+from .margin import MarginOptions, check_generator, elastic_margins
+from .margin_linear import check_block_size, kernel_block_size
 from .reference import sharded as reference
 
 
@@ -124,7 +125,7 @@ class Shard:
     class_start: int
     num_classes: int
     normalize: bool = True
-    block_size: int = 0
+    block_size: int = 0  # as the op schemas take it: 0 means the backend chooses
     reduce_embedding_grad: bool = True  # False: the caller sums grad_embeddings itself
 
     def margins(self):
@@ -216,14 +217,13 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
 
 # --- the public functions ---------------------------------------------------------------------
 
-def _options(fn, kwargs) -> MarginOptions:
-    opts = margin_options(fn, kwargs)
+def check_options(fn: str, opts: MarginOptions) -> None:
+    """MarginOptions.check, and the refusal of elastic_plus, which no sharded op supports."""
     opts.check(fn)
     if opts.elastic_plus:
         raise ValueError(f"{fn}: elastic_plus=True is not supported when sharded (it ranks every "
                          "row's target cosine against all others before the loss); use "
                          "m2_std / m3_std without elastic_plus")
-    return opts
 
 
 def _check_class_range(fn, class_start, num_classes):
@@ -297,9 +297,20 @@ def sharded_margin_cross_entropy(
     class_start: int,
     num_classes: int,
     group=None,
-    backend: str = "auto",
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    m2_std: float = 0.0,
+    m3_std: float = 0.0,
+    elastic_plus: bool = False,
+    margin_grad: str = "exact",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
-    **kwargs,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`fusedloss.margin_cross_entropy` with the classes split across the ranks of
     ``group`` (None: the default group; without torch.distributed initialised, this process
@@ -310,12 +321,16 @@ def sharded_margin_cross_entropy(
     and empty ones are fine; :func:`fusedloss.distributed.shard_range` gives the usual split).
     ``target [N]`` holds global class ids and must be identical on every rank. Every rank
     returns the loss of ``margin_cross_entropy`` on the concatenated ``[N, num_classes]``
-    cosines, and ``local_cos`` gets the gradient of its shard. ``kwargs`` are the keywords of
-    margin_cross_entropy (scale, m1, m2, m3, m2_std, m3_std, margin_grad, label_smoothing,
-    lse_square_scale, ignore_index, reduction), with ``backend`` ("auto", "reference", "cpu",
-    "triton"; there is no CUDA C++ kernel, so auto picks triton for CUDA tensors) and
-    ``generator``. ElasticFace margins are drawn on every rank: give every rank a generator
-    with the same seed (draws that differ are an error). ``elastic_plus`` is not supported.
+    cosines, and ``local_cos`` gets the gradient of its shard.
+
+    Margin keywords, with the defaults, meaning and checks of margin_cross_entropy:
+    ``scale``, ``m1``, ``m2``, ``m3``, ``m2_std``, ``m3_std``, ``generator``, ``margin_grad``,
+    ``label_smoothing``, ``lse_square_scale``, ``ignore_index`` and ``reduction``.
+    ElasticFace margins are drawn on every rank: give every rank a generator with the same
+    seed (draws that differ are an error). ``elastic_plus=True`` is refused: it ranks every
+    row's target cosine against all others before the loss. ``backend``: "auto",
+    "reference", "cpu", "triton" (there is no CUDA C++ kernel, so auto picks triton for CUDA
+    tensors).
 
     Bad input on any rank (a target outside [0, num_classes), targets, options or
     num_classes that differ across ranks, shards that do not tile the classes) raises the
@@ -328,9 +343,13 @@ def sharded_margin_cross_entropy(
     no collective.
     """
     fn = "sharded_margin_cross_entropy"
+    opts = MarginOptions(scale=scale, m1=m1, m2=m2, m3=m3, m2_std=m2_std, m3_std=m3_std,
+                         elastic_plus=elastic_plus, margin_grad=margin_grad,
+                         label_smoothing=label_smoothing, ignore_index=ignore_index,
+                         reduction=reduction, lse_square_scale=lse_square_scale)
 
     def prepare():
-        opts = _options(fn, kwargs)
+        check_options(fn, opts)
         _checks.floating_tensor(fn, "local_cos", local_cos, ndim=2)
         _checks.target_tensor(fn, target, local_cos.shape[0])
         _checks.same_device(fn, local_cos=local_cos, target=target)
@@ -361,11 +380,22 @@ def linear_sharded_margin_cross_entropy(
     class_start: int,
     num_classes: int,
     group=None,
-    normalize: bool = True,
-    block_size: int = 0,
-    backend: str = "auto",
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    m2_std: float = 0.0,
+    m3_std: float = 0.0,
+    elastic_plus: bool = False,
+    margin_grad: str = "exact",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
-    **kwargs,
+    normalize: bool = True,
+    block_size: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`fusedloss.linear_margin_cross_entropy` with the classifier's rows split across
     the ranks of ``group``: ``weight_shard [C_local, D]`` holds the rows of classes
@@ -375,9 +405,15 @@ def linear_sharded_margin_cross_entropy(
     ``embeddings [N, D]`` and ``target [N]`` (global class ids) must be identical on every
     rank. Every rank returns the loss of the unsharded problem; ``weight_shard`` gets the
     gradient of its rows, and ``embeddings`` the full gradient (summed over the ranks) on
-    every rank. ``normalize`` and ``block_size`` (0: the backend chooses) are those of
-    linear_margin_cross_entropy; the other keywords, the agreement on errors and the
-    ElasticFace rule are those of :func:`sharded_margin_cross_entropy`.
+    every rank.
+
+    Keywords: ``class_start``, ``num_classes``, ``group``, the margin keywords (``scale``,
+    ``m1``, ``m2``, ``m3``, ``m2_std``, ``m3_std``, ``elastic_plus``, ``generator``,
+    ``margin_grad``, ``label_smoothing``, ``lse_square_scale``, ``ignore_index``,
+    ``reduction``) and ``backend`` are those of :func:`sharded_margin_cross_entropy`, with its
+    agreement on errors and its ElasticFace rule; ``normalize`` and ``block_size`` (a
+    positive int; None: the backend chooses) are those of
+    :func:`fusedloss.linear_margin_cross_entropy`.
 
     Traffic per call: forward as :func:`sharded_margin_cross_entropy` (16 N bytes combined,
     independent of the number of classes, plus the agreement on errors, which also compares
@@ -387,29 +423,32 @@ def linear_sharded_margin_cross_entropy(
     rows, reduce-scatters it instead: half the traffic).
     """
     fn = "linear_sharded_margin_cross_entropy"
-    return _linear_sharded(fn, embeddings, weight_shard, target, kwargs, class_start=class_start,
-                           num_classes=num_classes, group=group, normalize=normalize,
-                           block_size=block_size, backend=backend, generator=generator,
-                           reduce_embedding_grad=True)
+    opts = MarginOptions(scale=scale, m1=m1, m2=m2, m3=m3, m2_std=m2_std, m3_std=m3_std,
+                         elastic_plus=elastic_plus, margin_grad=margin_grad,
+                         label_smoothing=label_smoothing, ignore_index=ignore_index,
+                         reduction=reduction, lse_square_scale=lse_square_scale)
+    return linear_sharded(fn, embeddings, weight_shard, target, opts, class_start=class_start,
+                          num_classes=num_classes, group=group, normalize=normalize,
+                          block_size=block_size, backend=backend, generator=generator,
+                          reduce_embedding_grad=True)
 
 
-def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start, num_classes,
-                    group, normalize, block_size, backend, generator, reduce_embedding_grad):
-    """linear_sharded_margin_cross_entropy; with reduce_embedding_grad=False every rank's
-    embedding gradient is its shard's contribution alone: PartialFC sums it in the backward
-    of its all-gather instead, by a reduce-scatter that hands each rank the sum of its own
-    rows only (fusedloss.distributed.reduce_scatter_rows), and its gathered embeddings are the
-    same on every rank by construction, so they are not compared."""
+def linear_sharded(fn: str, embeddings, weight_shard, target, opts: MarginOptions, *,
+                   class_start, num_classes, group, normalize, block_size, backend, generator,
+                   reduce_embedding_grad):
+    """linear_sharded_margin_cross_entropy with its options in `opts` and errors named after
+    `fn` (also the entry point of fusedloss.nn.PartialFC). With reduce_embedding_grad=False
+    every rank's embedding gradient is its shard's contribution alone: PartialFC sums it in
+    the backward of its all-gather instead, by a reduce-scatter that hands each rank the sum
+    of its own rows only (fusedloss.distributed.reduce_scatter_rows), and its gathered
+    embeddings are the same on every rank by construction, so they are not compared."""
 
     def prepare():
-        opts = _options(fn, kwargs)
+        check_options(fn, opts)
         _checks.embeddings_and_weight(fn, embeddings, weight_shard, target, "weight_shard",
                                       "C_local")
         _check_class_range(fn, class_start, num_classes)
-        _checks.integer(fn, block_size=block_size)
-        if block_size < 0:
-            raise ValueError(f"{fn}: block_size must be >= 0 (0: the backend chooses), got "
-                             f"{block_size}")
+        check_block_size(fn, block_size)
         check_generator(fn, generator, embeddings.device)
         chosen = resolve_backend(backend, embeddings.device, LINEAR_STATS.name)
         row_m2, row_m3 = elastic_margins(opts, target, None, accumulation_dtype(embeddings),
@@ -417,8 +456,8 @@ def _linear_sharded(fn, embeddings, weight_shard, target, kwargs, *, class_start
         shared = _shared_values(opts, (str(embeddings.dtype), bool(normalize)), target, row_m2,
                                 row_m3, embeddings if reduce_embedding_grad else None,
                                 embeddings.shape[1])
-        shard = Shard(opts, chosen, group, class_start, num_classes, bool(normalize), block_size,
-                      reduce_embedding_grad)
+        shard = Shard(opts, chosen, group, class_start, num_classes, bool(normalize),
+                      kernel_block_size(block_size), reduce_embedding_grad)
         return _Prepared(shard, target.long(), row_m2, row_m3, weight_shard.shape[0], shared)
 
     p = _prepared_everywhere(fn, group, _device_of(embeddings), prepare)

@@ -6,9 +6,9 @@ import torch
 from . import _checks
 from ._ops import resolve_backend, result_dtype, row_grad_loss, row_grad_op
 from .reference import spherical as reference
+from .reference.spherical import SIGMA_FLOOR  # noqa: F401  (spherical.h kSigmaFloor)
 
 _FN = "spherical_z_loss"
-SIGMA_FLOOR = reference.SIGMA_FLOOR  # spherical.h kSigmaFloor
 
 # fusedloss::spherical_z_loss(logits, target, a, b, ignore_index, compute_grad)
 OP = row_grad_op("spherical", _FN, num_tensors=2)

@@ -85,6 +85,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from .reference.spherical import SIGMA_FLOOR
+from .spherical import check_options
 
 _BLOCK_ROWS = 1 << 16
 
@@ -111,8 +112,8 @@ class FactoredSphericalLinear(torch.nn.Module):
             raise ValueError(f"FactoredSphericalLinear: reduction must be 'mean' or 'sum', got "
                              f"{reduction!r}")
         _checks.at_least("FactoredSphericalLinear", 0.0, lr=lr)  # as torch.optim.SGD
-        _checks.positive("FactoredSphericalLinear", a=a)
-        _checks.finite("FactoredSphericalLinear", b=b)
+        check_options("FactoredSphericalLinear", a, b, ignore_index, reduction)
+        _checks.integer("FactoredSphericalLinear", stabilize_every=stabilize_every)
         if stabilize_every < 1:
             raise ValueError(f"FactoredSphericalLinear: stabilize_every must be >= 1, got "
                              f"{stabilize_every}")

@@ -48,9 +48,9 @@ sum_j e_ij y'_j = K x_i:
               G = X^T diag(rho beta) X (D x D),   p = X^T (rho kappa)   (D)
 
 dL/dh and dL/dW are the first d columns of dL/dx and dL/dY, dL/dbias the last column of
-dL/dY. The weight gradient is the structured update of the issue: a term along the all-ones
-vector, a product with a D x D matrix (Y' G = Y G - 1 (G y~)^T, the part along 1 folded into
-p), and a scatter into the target rows. With A as above, A [G; p^T] = Y' G + 1 p^T is one
+dL/dY. The weight gradient is a structured update: a term along the all-ones vector, a
+product with a D x D matrix (Y' G = Y G - 1 (G y~)^T, the part along 1 folded into p), and a
+scatter into the target rows. With A as above, A [G; p^T] = Y' G + 1 p^T is one
 product per block of rows, written straight into the gradient: G costs O(N d^2), the update
 O(C d^2).
 
@@ -70,6 +70,7 @@ from torch.autograd.function import once_differentiable
 from . import _checks
 from ._ops import accumulation_dtype, reduce_rows, result_dtype
 from .reference import spherical as reference
+from .reference.spherical import SIGMA_FLOOR
 from .spherical import check_options
 
 _FN = "linear_spherical_z_loss"
@@ -77,7 +78,6 @@ _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # Elements of A = [Y - 1 y~^T | 1] per block of rows: 16 MiB in fp32. Fewer, larger products
 # keep the per-call synchronisation of the threads of a matrix product out of the way.
 _BLOCK_ELEMENTS = 1 << 22
-SIGMA_FLOOR = reference.SIGMA_FLOOR
 
 
 def linear_spherical_z_loss(
@@ -150,15 +150,21 @@ def _check_inputs(hidden, weight, target, bias, a, b, ignore_index, reduction, b
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{_FN}: bias must have shape [C] = [{weight.shape[0]}] (one entry per "
                          f"row of weight), got {tuple(bias.shape)}")
-    check_options(_FN, a, b, ignore_index, reduction)
-    _checks.choice(_FN, "backend", backend, _BACKENDS)
-    if backend == "triton":
-        raise ValueError(f"{_FN}: no Triton kernel for linear_spherical_z_loss; the factored "
-                         "implementation is matmul-bound and runs on any device (use backend="
-                         "'auto')")
+    check_linear_options(_FN, a, b, ignore_index, reduction, backend)
     if backend in ("cpu", "cuda") and hidden.device.type != backend:
         raise ValueError(f"{_FN}: backend {backend!r} runs on {backend} tensors, got tensors on "
                          f"{hidden.device}")
+
+
+def check_linear_options(fn: str, a, b, ignore_index, reduction, backend) -> None:
+    """The keywords of linear_spherical_z_loss: those of every spherical Z-loss op, and a
+    backend other than "triton"."""
+    check_options(fn, a, b, ignore_index, reduction)
+    _checks.choice(fn, "backend", backend, _BACKENDS)
+    if backend == "triton":
+        raise ValueError(f"{fn}: no Triton kernel for linear_spherical_z_loss; the factored "
+                         "implementation is matmul-bound and runs on any device (use backend="
+                         "'auto')")
 
 
 class _Classes:

@@ -1,0 +1,16 @@
+"""nn.Module wrappers of the fusedloss ops, one file per family:
+
+    margin      MarginCrossEntropy, MarginSoftmaxHead, PRESETS and preset()
+    sharded     PartialFC
+    pairs       CrossBatchMemory
+    spherical   SphericalZLoss, SphericalLinear, FactoredSphericalLinear
+
+Every module checks its constructor arguments as the function it calls checks them, so a bad
+preset or hyperparameter raises at construction, not at the first forward."""
+from .margin import PRESETS, MarginCrossEntropy, MarginSoftmaxHead, preset
+from .pairs import CrossBatchMemory
+from .sharded import PartialFC
+from .spherical import FactoredSphericalLinear, SphericalLinear, SphericalZLoss
+
+__all__ = ["PRESETS", "CrossBatchMemory", "FactoredSphericalLinear", "MarginCrossEntropy",
+           "MarginSoftmaxHead", "PartialFC", "SphericalLinear", "SphericalZLoss", "preset"]
