@@ -174,20 +174,20 @@ inline int64_t rows_per_block(int64_t N, int64_t C, int64_t block_size, int64_t 
 // The checks every linear op makes of embeddings [N, D], weight [C, D] and target [N].
 inline void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                          int64_t block_size, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": embeddings must be 2-D [N, D], got ", x.sizes());
-  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D [C, D], got ", w.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
-              ": embeddings must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op,
-              ": embeddings and weight must share a dtype, got ", x.scalar_type(), " and ",
-              w.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": embeddings must be 2-D [N, D], got ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2, op, ": weight must be 2-D [C, D], got ", w.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
+                   ": embeddings must be a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op,
+                   ": embeddings and weight must share a dtype, got ", x.scalar_type(), " and ",
+                   w.scalar_type());
   TORCH_CHECK_VALUE(w.size(1) == x.size(1), op,
                     ": embeddings [N, D] and weight [C, D] must share D, got ", x.sizes(),
                     " and ", w.sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op,
-              ": target must have shape [", x.size(0), "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
-              target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == x.size(0), op,
+                    ": target must have shape [", x.size(0), "], got ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+                   target.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && target.device().is_cpu(), op,
               ": embeddings, weight and target must be on the CPU, got ", x.device(), ", ",
               w.device(), " and ", target.device());

@@ -26,15 +26,17 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
     const std::optional<at::Tensor>& row_m2_in, const std::optional<at::Tensor>& row_m3_in,
     double scale, double m1, double m2, double m3, bool detach_margin, double label_smoothing,
     double lse_square_scale, int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK(cos_in.dim() == 2, "margin_cross_entropy: cos must be 2-D [N, C], got ",
-              cos_in.sizes());
-  TORCH_CHECK(at::isFloatingType(cos_in.scalar_type()),
-              "margin_cross_entropy: cos must be a floating tensor, got ", cos_in.scalar_type());
-  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == cos_in.size(0),
-              "margin_cross_entropy: target must have shape [", cos_in.size(0), "], got ",
-              target_in.sizes());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong,
-              "margin_cross_entropy: target must be int64, got ", target_in.scalar_type());
+  TORCH_CHECK_VALUE(cos_in.dim() == 2, "margin_cross_entropy: cos must be 2-D [N, C], got ",
+                    cos_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(cos_in.scalar_type()),
+                   "margin_cross_entropy: cos must be a floating tensor, got ", cos_in.scalar_type());
+  TORCH_CHECK_VALUE(target_in.dim() == 1 && target_in.size(0) == cos_in.size(0),
+                    "margin_cross_entropy: target must have shape [", cos_in.size(0), "], got ",
+                    target_in.sizes());
+  TORCH_CHECK_TYPE(target_in.scalar_type() == at::kLong,
+                   "margin_cross_entropy: target must be int64, got ", target_in.scalar_type());
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "margin_cross_entropy: label_smoothing must lie in [0, 1], got ", label_smoothing);
   const int64_t N = cos_in.size(0), C = cos_in.size(1);
   const auto acc_type = cos_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_row_tensor(row_m2_in, "row_m2", N, acc_type, kOp);

@@ -125,10 +125,10 @@ inline void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_in
 inline void check_row_tensor(const std::optional<at::Tensor>& m, const char* name, int64_t N,
                              at::ScalarType acc_type, const char* op) {
   if (!m.has_value()) return;
-  TORCH_CHECK(m->dim() == 1 && m->size(0) == N, op, ": ", name, " must have shape [", N,
-              "], got ", m->sizes());
-  TORCH_CHECK(m->scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ",
-              m->scalar_type());
+  TORCH_CHECK_VALUE(m->dim() == 1 && m->size(0) == N, op, ": ", name, " must have shape [", N,
+                    "], got ", m->sizes());
+  TORCH_CHECK_TYPE(m->scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ",
+                   m->scalar_type());
   TORCH_CHECK(m->device().is_cpu(), op, ": ", name, " must be on the CPU");
 }
 

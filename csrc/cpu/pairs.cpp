@@ -917,23 +917,23 @@ void symmetric_backward_kernel(const PairInputs<acc_t>& in, const Tiling& tiling
 void check_pair_inputs(const char* op, const at::Tensor& x, const at::Tensor& labels,
                        const at::Tensor& ref, const at::Tensor& ref_labels, int64_t distance,
                        int64_t self_offset, int64_t block_size) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [N, D], got shape ", x.sizes());
-  TORCH_CHECK(ref.dim() == 2, op, ": ref must be 2-D [M, D], got shape ", ref.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(ref.scalar_type() == x.scalar_type(), op, ": x and ref must share a dtype, got ",
-              x.scalar_type(), " and ", ref.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [N, D], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(ref.dim() == 2, op, ": ref must be 2-D [M, D], got shape ", ref.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(ref.scalar_type() == x.scalar_type(), op, ": x and ref must share a dtype, got ",
+                   x.scalar_type(), " and ", ref.scalar_type());
   TORCH_CHECK_VALUE(ref.size(1) == x.size(1), op, ": x [N, D] and ref [M, D] must share D, got ",
                     x.sizes(), " and ", ref.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), op,
-              ": labels must have shape [", x.size(0), "] (one per row of x), got ",
-              labels.sizes());
-  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == ref.size(0), op,
-              ": ref_labels must have shape [", ref.size(0), "] (one per row of ref), got ",
-              ref_labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong, op,
-              ": labels and ref_labels must be int64, got ", labels.scalar_type(), " and ",
-              ref_labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == x.size(0), op,
+                    ": labels must have shape [", x.size(0), "] (one per row of x), got ",
+                    labels.sizes());
+  TORCH_CHECK_VALUE(ref_labels.dim() == 1 && ref_labels.size(0) == ref.size(0), op,
+                    ": ref_labels must have shape [", ref.size(0), "] (one per row of ref), got ",
+                    ref_labels.sizes());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong, op,
+                   ": labels and ref_labels must be int64, got ", labels.scalar_type(), " and ",
+                   ref_labels.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && ref.device().is_cpu() && labels.device().is_cpu() &&
                   ref_labels.device().is_cpu(),
               op, ": x, labels, ref and ref_labels must be on the CPU, got ", x.device(), ", ",
@@ -972,11 +972,11 @@ void check_thresholds(const char* op, const std::optional<at::Tensor>& threshold
   if (!thresholds.has_value()) return;
   TORCH_CHECK_VALUE(kind == pairs::kMultiSimilarity, op,
                     ": thresholds apply to kind 0 (multi-similarity) only, got kind ", kind);
-  TORCH_CHECK(thresholds->dim() == 2 && thresholds->size(0) == N && thresholds->size(1) == 2, op,
-              ": thresholds must have shape [", N, ", 2] (max_neg, min_pos per row), got ",
-              thresholds->sizes());
-  TORCH_CHECK(at::isFloatingType(thresholds->scalar_type()), op,
-              ": thresholds must be a floating tensor, got ", thresholds->scalar_type());
+  TORCH_CHECK_VALUE(thresholds->dim() == 2 && thresholds->size(0) == N && thresholds->size(1) == 2,
+                    op, ": thresholds must have shape [", N, ", 2] (max_neg, min_pos per row), got ",
+                    thresholds->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(thresholds->scalar_type()), op,
+                   ": thresholds must be a floating tensor, got ", thresholds->scalar_type());
   TORCH_CHECK(thresholds->device().is_cpu(), op, ": thresholds must be on the CPU, got ",
               thresholds->device());
 }
@@ -984,10 +984,10 @@ void check_thresholds(const char* op, const std::optional<at::Tensor>& threshold
 // grad_stats or stats of backward: [N, K], floating, on the CPU.
 void check_stats_tensor(const char* op, const char* name, const at::Tensor& t, int64_t N,
                         int64_t K) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == K, op, ": ", name,
-              " must have shape [", N, ", ", K, "], got ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == K, op, ": ", name,
+                    " must have shape [", N, ", ", K, "], got ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating tensor, got ", t.scalar_type());
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
 }
 

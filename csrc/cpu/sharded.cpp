@@ -135,17 +135,17 @@ at::ScalarType acc_type_of(const at::Tensor& t) {
 }
 
 void check_target_shape(const at::Tensor& target, int64_t N, const char* op) {
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape [", N,
-              "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
-              target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, ": target must have shape [", N,
+                    "], got ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+                   target.scalar_type());
   TORCH_CHECK(target.device().is_cpu(), op, ": target must be on the CPU, got ", target.device());
 }
 
 void check_cos(const at::Tensor& cos, const at::Tensor& target, const char* op) {
-  TORCH_CHECK(cos.dim() == 2, op, ": cos must be 2-D [N, C_local], got ", cos.sizes());
-  TORCH_CHECK(at::isFloatingType(cos.scalar_type()), op, ": cos must be a floating tensor, got ",
-              cos.scalar_type());
+  TORCH_CHECK_VALUE(cos.dim() == 2, op, ": cos must be 2-D [N, C_local], got ", cos.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(cos.scalar_type()), op, ": cos must be a floating tensor, got ",
+                   cos.scalar_type());
   check_target_shape(target, cos.size(0), op);
 }
 
@@ -168,10 +168,10 @@ void check_scale(double scale, const char* op) {
 }
 
 void check_coef(const at::Tensor& coef, int64_t N, at::ScalarType acc_type, const char* op) {
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == N && coef.size(1) == 4, op,
-              ": coef must have shape [", N, ", 4] (lse, a, b, d per row), got ", coef.sizes());
-  TORCH_CHECK(coef.scalar_type() == acc_type, op, ": coef must be ", acc_type, ", got ",
-              coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == N && coef.size(1) == 4, op,
+                    ": coef must have shape [", N, ", 4] (lse, a, b, d per row), got ", coef.sizes());
+  TORCH_CHECK_TYPE(coef.scalar_type() == acc_type, op, ": coef must be ", acc_type, ", got ",
+                   coef.scalar_type());
   TORCH_CHECK(coef.device().is_cpu(), op, ": coef must be on the CPU, got ", coef.device());
 }
 

@@ -1,6 +1,9 @@
-// CUDA implementations of the fusedloss ops (schemas in csrc/ops.cpp): argument checks,
-// device guard, current stream and outputs here; the kernels behind the plain launchers
-// of csrc/cuda/launchers.h.
+// CUDA implementations of the fusedloss ops (schemas in python/fusedloss/_schemas.py):
+// argument checks, device guard, current stream and outputs here; the kernels behind the
+// plain launchers of csrc/cuda/launchers.h. The checks raise as the CPU kernels' do: a bad
+// shape or value ValueError (TORCH_CHECK_VALUE), a bad dtype TypeError (TORCH_CHECK_TYPE), a
+// bad device RuntimeError (TORCH_CHECK).
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -24,8 +27,8 @@ ScalarKind scalar_kind(const at::Tensor& t, const char* op, const char* name) {
     case at::kHalf: return ScalarKind::kHalf;
     case at::kBFloat16: return ScalarKind::kBFloat16;
     default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
-                  t.scalar_type());
+      TORCH_CHECK_TYPE(false, op, ": ", name,
+                       " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
@@ -38,14 +41,15 @@ at::ScalarType accumulation_type(ScalarKind kind) {
 ScalarKind check_row_loss_inputs(const at::Tensor& input, const char* name,
                                  const at::Tensor& target, const char* op) {
   TORCH_CHECK(input.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", input.device());
-  TORCH_CHECK(input.dim() == 2, op, ": ", name, " must have shape [N, C], got ", input.sizes());
+  TORCH_CHECK_VALUE(input.dim() == 2, op, ": ", name, " must have shape [N, C], got ",
+                    input.sizes());
   const ScalarKind kind = scalar_kind(input, op, name);
   TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(), " but ",
               name, " is on ", input.device());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0), op,
-              ": target must have shape [N] = [", input.size(0), "], got ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), op,
+                    ": target must have shape [N] = [", input.size(0), "], got ", target.sizes());
   return kind;
 }
 
@@ -91,10 +95,10 @@ at::Tensor per_row_margin(const std::optional<at::Tensor>& margin, const char* n
   const at::Tensor& m = *margin;
   TORCH_CHECK(m.device() == cos.device(), "margin_cross_entropy: ", name, " is on ",
               m.device(), " but cos is on ", cos.device());
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == cos.size(0), "margin_cross_entropy: ", name,
-              " must have shape [N] = [", cos.size(0), "], got ", m.sizes());
-  TORCH_CHECK(m.scalar_type() == acc_type, "margin_cross_entropy: ", name, " must be ",
-              acc_type, " for cos of dtype ", cos.scalar_type(), ", got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == cos.size(0), "margin_cross_entropy: ", name,
+                    " must have shape [N] = [", cos.size(0), "], got ", m.sizes());
+  TORCH_CHECK_TYPE(m.scalar_type() == acc_type, "margin_cross_entropy: ", name, " must be ",
+                   acc_type, " for cos of dtype ", cos.scalar_type(), ", got ", m.scalar_type());
   return m.contiguous();
 }
 
@@ -105,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
     double label_smoothing, double lse_square_scale, int64_t ignore_index, bool compute_grad) {
   constexpr const char* kOp = "margin_cross_entropy";
   const ScalarKind kind = check_row_loss_inputs(cos_in, "cos", target_in, kOp);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp,
-              ": label_smoothing must lie in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp,
+                    ": label_smoothing must lie in [0, 1], got ", label_smoothing);
 
   const c10::cuda::CUDAGuard device_guard(cos_in.device());
   const at::Tensor row_m2 = per_row_margin(row_m2_in, "row_m2", cos_in, accumulation_type(kind));
@@ -134,7 +138,13 @@ std::tuple<at::Tensor, at::Tensor> spherical_z_loss_cuda(const at::Tensor& logit
                                                          const at::Tensor& target_in, double a,
                                                          double b, int64_t ignore_index,
                                                          bool compute_grad) {
-  const ScalarKind kind = check_row_loss_inputs(logits_in, "logits", target_in, "spherical_z_loss");
+  constexpr const char* kOp = "spherical_z_loss";
+  const ScalarKind kind = check_row_loss_inputs(logits_in, "logits", target_in, kOp);
+  TORCH_CHECK_VALUE(logits_in.size(1) >= 2, kOp,
+                    ": needs C >= 2 classes (the spread of one output is zero by definition), "
+                    "got logits of shape ", logits_in.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(a) && a > 0, kOp, ": a must be > 0 and finite, got ", a);
+  TORCH_CHECK_VALUE(std::isfinite(b), kOp, ": b must be finite, got ", b);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   const RowLossTensors t = row_loss_tensors(kind, logits_in, target_in, ignore_index, compute_grad);
   if (t.args.rows == 0) return {t.loss, t.grad};

@@ -45,10 +45,8 @@ def _cpp_status() -> BackendStatus:
 
 
 def _cuda_status() -> BackendStatus:
-    if _C is None:
-        return BackendStatus(False, "the CUDA kernels live in fusedloss._C, which failed to load "
-                                    f"({_C_ERROR}); reinstall with `pip install "
-                                    "--no-build-isolation .` against this torch")
+    if _C is None:  # the CUDA kernels live in _C too
+        return _cpp_status()
     if not _C.with_cuda:
         why = _build_info.CUDA_REASON if _build_info else "unknown"
         return BackendStatus(False, f"fusedloss was built without CUDA kernels ({why}); rebuild with "
@@ -135,6 +133,7 @@ def resolve_backend(requested: str, device: torch.device, op_name: Optional[str]
 
 
 _KERNELS = {}  # op name -> kernel_backends(op name), filled when each Op is made
+OPS = {}  # op name -> its Op, filled when each Op is made (importing fusedloss makes them all)
 
 
 class Op:
@@ -145,6 +144,7 @@ class Op:
                  setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
         self.family = family
         self.name = name
+        OPS[name] = self
         _KERNELS[name] = kernel_backends(name)
         self._backward = backward
         self._setup_context = setup_context

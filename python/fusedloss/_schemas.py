@@ -7,6 +7,10 @@ in csrc/cpu/<family>.cpp and csrc/cuda/bindings.cpp, whose signatures the dispat
 against these schemas when _C registers them. Fake kernels and autograd are registered by
 fusedloss._ops.Op, made in each family module.
 
+Every implementation checks its arguments against these contracts and raises as the public
+functions' checks (fusedloss._checks) do: a bad shape or value ValueError, a bad dtype
+TypeError, a bad device RuntimeError (tests/test_kernel_checks.py).
+
 Adding an op: one `_define` call below, with its contract beside it.
 """
 import torch
