@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from fusedloss.spherical import SIGMA_FLOOR, spherical_z_loss
+from fusedloss.reference.spherical import SIGMA_FLOOR
+from fusedloss.spherical import spherical_z_loss
 
 from conftest import (DTYPES, IGNORED_ROWS_OF_6, NON_CONTIGUOUS_LAYOUTS, REDUCTIONS,
                       assert_auto_backend_is_cpu, assert_autocast_gives_fp32_loss, assert_close,

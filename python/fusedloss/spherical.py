@@ -6,7 +6,6 @@ import torch
 from . import _checks
 from ._ops import resolve_backend, result_dtype, row_grad_loss, row_grad_op
 from .reference import spherical as reference
-from .reference.spherical import SIGMA_FLOOR  # noqa: F401  (spherical.h kSigmaFloor)
 
 _FN = "spherical_z_loss"
 

@@ -34,6 +34,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import fusedloss
+import fusedloss.nn
+
 FAMILIES = ("margin", "spherical", "pairs", "sharded")
 BACKENDS = ("cpu", "cuda", "triton")
 
@@ -127,7 +130,6 @@ class OpSpec:
 
     @property
     def function(self) -> Callable:
-        import fusedloss
         return getattr(fusedloss, self.name)
 
     def call(self, sample: Sample) -> Callable:
@@ -147,7 +149,6 @@ class ModuleSpec:
 
     @property
     def cls(self) -> type:
-        import fusedloss.nn
         return getattr(fusedloss.nn, self.name)
 
 

@@ -2,14 +2,10 @@
 (fused with the classifier matmul), and the modules MarginCrossEntropy and MarginSoftmaxHead."""
 import torch
 
+import fusedloss
 from ..reference import margin as reference
 from . import _draw
 from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
-
-
-def _fl():
-    import fusedloss
-    return fusedloss
 
 
 def _cosines(n, c, dtype=torch.float32, seed=0):
@@ -130,7 +126,7 @@ def _cos_and_target(device):
 
 
 def margin_bad_inputs():
-    fn = lambda: _fl().margin_cross_entropy  # noqa: E731
+    fn = lambda: fusedloss.margin_cross_entropy  # noqa: E731
     return _scores_bad_inputs("cos", _cos_and_target, fn) + _margin_option_bad_inputs(
         _cos_and_target, fn) + [
         BadInput("no classes", lambda backend, device: fn()(*on(device, torch.rand(4, 0),
@@ -163,7 +159,7 @@ def fuzz_cosines(data, device, triton):
 def margin_fuzz(data, device, triton):
     cos, target = fuzz_cosines(data, device, triton)
     kw = margin_fuzz_options(data)
-    return FuzzCase(lambda backend: _fl().margin_cross_entropy(cos, target, backend=backend, **kw),
+    return FuzzCase(lambda backend: fusedloss.margin_cross_entropy(cos, target, backend=backend, **kw),
                     [cos], cos.dtype)
 
 
@@ -259,7 +255,7 @@ def _x_w_target(device):
 
 
 def linear_bad_inputs():
-    fn = lambda: _fl().linear_margin_cross_entropy  # noqa: E731
+    fn = lambda: fusedloss.linear_margin_cross_entropy  # noqa: E731
 
     def bad(id_, alter, kwargs, exc, message):
         def call(backend, device):
@@ -312,7 +308,7 @@ def fuzz_linear(data, device):
 
 def linear_fuzz(data, device, triton):
     x, w, target, kw = fuzz_linear(data, device)
-    return FuzzCase(lambda backend: _fl().linear_margin_cross_entropy(x, w, target,
+    return FuzzCase(lambda backend: fusedloss.linear_margin_cross_entropy(x, w, target,
                                                                       backend=backend, **kw),
                     [x, w], x.dtype)
 
@@ -331,7 +327,7 @@ def linear_memcheck():
 
 
 def _empty_linear(backend, device, reduction):
-    return _fl().linear_margin_cross_entropy(
+    return fusedloss.linear_margin_cross_entropy(
         *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
         backend=backend, reduction=reduction)
 
@@ -342,7 +338,7 @@ SPECS = [
            samples=margin_samples, op_samples=margin_op_samples,
            compile_sample=margin_compile_sample, bad_inputs=margin_bad_inputs,
            fuzz=margin_fuzz, stress=margin_stress,
-           empty_batch=empty_scores_batch(lambda: _fl().margin_cross_entropy),
+           empty_batch=empty_scores_batch(lambda: fusedloss.margin_cross_entropy),
            memcheck=margin_memcheck),
     OpSpec("linear_margin_cross_entropy", "margin", reference.linear_margin_cross_entropy,
            ops=("margin_linear_cross_entropy",), backends=("cpu", "triton"),
@@ -360,7 +356,7 @@ def _module_bad(id_, build, exc, message):
 
 
 def margin_module_bad_inputs():
-    nn = lambda: _fl().nn  # noqa: E731
+    nn = lambda: fusedloss.nn  # noqa: E731
     cos, target = _cos_and_target("cpu")
     return [
         _module_bad("unknown preset", lambda: nn().MarginCrossEntropy("arcfase"), ValueError,
@@ -373,7 +369,7 @@ def margin_module_bad_inputs():
 
 
 def head_bad_inputs():
-    nn = lambda: _fl().nn  # noqa: E731
+    nn = lambda: fusedloss.nn  # noqa: E731
     x, _, target = _x_w_target("cpu")
     return [
         _module_bad("dim 0", lambda: nn().MarginSoftmaxHead(0, 10), ValueError,
