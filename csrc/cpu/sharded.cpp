@@ -1,7 +1,8 @@
-// CPU kernels of the sharded margin cross-entropy (family "sharded"; contracts: csrc/ops.cpp,
-// math: the "Sharded rows" section of csrc/include/fusedloss/margin.h). This rank holds the
-// columns [class_start, class_start + C_local) of every row; target holds global ids, and a
-// target on another shard is no error.
+// CPU kernels of the sharded margin cross-entropy (family "sharded"; contracts:
+// python/fusedloss/_schemas.py, math: the "Sharded rows" section of
+// csrc/include/fusedloss/margin.h). This rank holds the columns
+// [class_start, class_start + C_local) of every row; target holds global ids, and a target on
+// another shard is no error.
 //
 // sharded_margin_stats: rows in parallel, one read of each row: the online max-rescaled
 // log-sum-exp of margin_row.h (accumulate_range) over the columns other than the target,
