@@ -40,9 +40,6 @@ Precision: accumulation in the dtype of `loss` (fp32, fp64 for fp64 cos). Triton
 Python floats as fp32 kernel arguments, so each scalar is sent as fp32 hi + lo parts and
 rebuilt as hi + lo in the accumulation dtype (about 48 significant bits for fp64).
 """
-import math
-import os
-import struct
 from typing import Optional
 
 import torch
@@ -50,95 +47,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedloss._ops import accumulation_dtype
-
-_PI = tl.constexpr(math.pi)
-_THETA_EPS = tl.constexpr(0.01)  # margin.h kThetaEps
-_SIN_THETA_EPS = tl.constexpr(math.sin(0.01))
-
-
-@triton.jit
-def _acos(x, ASIN_TERMS: tl.constexpr):
-    """arccos for x in [-1, 1] (NaN passes through) from +, *, / and sqrt only.
-
-    Neither tl.math (Triton 3.6, 3.9) nor the interpreter offers acos or atan, and
-    libdevice.acos does not run under TRITON_INTERPRET=1. Range reduction keeps the
-    asin argument u within [-1/2, 1/2]:
-        |x| <= 1/2:  acos x = pi/2 - asin x
-        x > 1/2:     acos x = 2 asin sqrt((1 - x) / 2)
-        x < -1/2:    acos x = pi - 2 asin sqrt((1 + x) / 2)
-    1 - |x| is exact for |x| >= 1/2, so acos stays accurate to a few ulp next to
-    x = +-1, where acos x ~ sqrt(2 (1 - x)). asin u = sum_n b_n u^(2n+1) / (2n+1) with
-    b_0 = 1, b_n = b_(n-1) (2n - 1) / (2n): all terms positive, the n-th below 4^-n u,
-    so 10 terms reach fp32 and 25 fp64 rounding.
-    """
-    ax = tl.abs(x)
-    big = ax > 0.5
-    u = tl.where(big, tl.sqrt((1.0 - ax) * 0.5), x)
-    u2 = u * u
-    term = u
-    asin_u = u
-    for n in tl.static_range(1, ASIN_TERMS):
-        term = term * u2 * ((2 * n - 1) / (2 * n))
-        asin_u = asin_u + term * (1.0 / (2 * n + 1))
-    return tl.where(big, tl.where(x > 0, 2.0 * asin_u, _PI - 2.0 * asin_u), 0.5 * _PI - asin_u)
-
-
-@triton.jit
-def _continuation_sign(phi):
-    """(-1)^k and k for k = floor(phi / pi): the piece of psi that phi falls in."""
-    k = tl.floor(phi / _PI)
-    half = k * 0.5
-    return tl.where(half == tl.floor(half), 1.0, -1.0), k
-
-
-@triton.jit
-def _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE: tl.constexpr, DETACH_MARGIN: tl.constexpr,
-                  ASIN_TERMS: tl.constexpr):
-    """z_y and dz_y/dc_y (margin.h target_logit) in the dtype of c_y, elementwise: c_y may be
-    a scalar or a block (one entry per row); m2 and m3 scalars or blocks like c_y."""
-    ACC = c_y.dtype
-    if USE_ANGLE:
-        c_cl = tl.where(c_y < -1.0, -1.0, tl.where(c_y > 1.0, 1.0, c_y))  # keeps NaN
-        theta = _acos(c_cl, ASIN_TERMS)
-        phi = m1 * theta + m2
-        sign, k = _continuation_sign(phi)
-        z_y = scale * (sign * tl.cos(phi) - 2.0 * k - m3)
-        if DETACH_MARGIN:
-            slope = scale
-        else:
-            # tl.full makes the constants in ACC directly (a Python float in tl.where may
-            # be rounded through fp32 first). sin(theta) = sqrt((1 - c)(1 + c)) rather than
-            # sin(acos(c)): 1 -+ c is exact next to c = +-1, where fp32 theta ~ pi carries
-            # an absolute error that would be relative in sin(theta).
-            lo = tl.full([], _THETA_EPS, ACC)
-            hi = tl.full([], _PI - _THETA_EPS, ACC)
-            clamped = (theta < lo) | (theta > hi)
-            theta_c = tl.where(theta < lo, lo, tl.where(theta > hi, hi, theta))
-            sin_theta_c = tl.where(clamped, tl.full([], _SIN_THETA_EPS, ACC),
-                                   tl.sqrt((1.0 - c_cl) * (1.0 + c_cl)))
-            phi_c = m1 * theta_c + m2
-            sign_c, k_c = _continuation_sign(phi_c)
-            slope = scale * m1 * sign_c * tl.sin(phi_c) / sin_theta_c
-    else:
-        z_y = scale * (c_y - m3)
-        slope = scale
-    return z_y, slope
-
-
-@triton.jit
-def _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
-                 HAS_ROW_M2: tl.constexpr, HAS_ROW_M3: tl.constexpr, ACC: tl.constexpr):
-    """m2 and m3 of a row: its ElasticFace draws, or the shared scalars (fp32 hi + lo)."""
-    if HAS_ROW_M2:
-        m2 = tl.load(row_m2_ptr + row).to(ACC)
-    else:
-        m2 = tl.cast(m2_hi, ACC) + tl.cast(m2_lo, ACC)
-    if HAS_ROW_M3:
-        m3 = tl.load(row_m3_ptr + row).to(ACC)
-    else:
-        m3 = tl.cast(m3_hi, ACC) + tl.cast(m3_lo, ACC)
-    return m2, m3
+from fusedloss.triton_kernels._common import (asin_terms, from_hi_lo, hi_lo, online_lse_update,
+                                              row_block_c, row_kernel_io, row_margins,
+                                              row_num_warps, target_logit, uses_angle)
 
 
 @triton.jit
@@ -155,11 +66,11 @@ def _margin_ce_kernel(
     row = tl.program_id(0).to(tl.int64)
     cos_row = cos_ptr + row * cos_row_stride
 
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
-    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
-                          HAS_ROW_M2, HAS_ROW_M3, ACC)
+    scale = from_hi_lo(scale_hi, scale_lo, ACC)
+    m1 = from_hi_lo(m1_hi, m1_lo, ACC)
+    eps = from_hi_lo(eps_hi, eps_lo, ACC)
+    m2, m3 = row_margins(row, True, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                         HAS_ROW_M2, HAS_ROW_M3, ACC)
 
     t = tl.load(target_ptr + row)
     ignored = t == ignore_index
@@ -167,7 +78,7 @@ def _margin_ce_kernel(
     c_y = tl.load(cos_row + tl.where(t_ok, t, 0), mask=t_ok, other=0.0).to(ACC)
 
     # Target logit and its slope dz_y/dc_y (margin.h target_logit).
-    z_y, slope = _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
+    z_y, slope = target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
     z_y = tl.where(t_ok, z_y, float("nan"))
 
     # Pass 1: online log-sum-exp over j != y with the running max seeded by z_y; sum of z_j.
@@ -181,17 +92,14 @@ def _margin_ce_kernel(
         valid = (cols < C) & (cols != t)
         z = scale * tl.load(cos_row + cols, mask=valid, other=0.0).to(ACC)
         z_acc += tl.where(valid, z, 0.0)
-        z = tl.where(valid, z, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(z, axis=0))
-        s_oth = s_oth * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m_run = m_new
+        m_run, s_oth = online_lse_update(m_run, s_oth, tl.where(valid, z, float("-inf")), 0)
     s_all = s_oth + tl.exp(z_y - m_run)  # lse = m_run + log(s_all)
     sum_z = tl.sum(z_acc, axis=0) + z_y
     # loss = (lse - z_y) + eps (z_y - sum_z / C); the eps term is skipped at eps = 0 as in margin.h.
     loss = (m_run - z_y) + tl.log(s_all)
     loss += tl.where(eps != 0.0, eps * (z_y - sum_z / C), 0.0)
     if HAS_LSE_SQUARE:  # lambda lse^2; its gradient is g softmax_j
-        lam = tl.cast(lam_hi, ACC) + tl.cast(lam_lo, ACC)
+        lam = from_hi_lo(lam_hi, lam_lo, ACC)
         lse = m_run + tl.log(s_all)
         loss += lam * lse * lse
         z_grad = 2.0 * lam * lse
@@ -216,37 +124,6 @@ def _margin_ce_kernel(
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < C)
 
 
-def _hi_lo(x: float) -> tuple[float, float]:
-    """x = hi + lo with hi, lo exactly representable in fp32 (48 significant bits)."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
-
-
-def _block_c(num_classes: int, device: torch.device) -> int:
-    interpreted = device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    cap = 128 if interpreted else 4096  # small under the interpreter: several blocks per row in tests
-    return max(min(triton.next_power_of_2(num_classes), cap), 16)
-
-
-def _row_kernel_io(rows: Tensor, target: Tensor, compute_grad: bool):
-    """The operands and outputs of a row kernel (one program per row of `rows` [N, C]):
-    `rows` with unit column stride, a contiguous `target`, the per-row loss in the
-    accumulation dtype, the gradient in the dtype of `rows` (empty unless compute_grad), and
-    the pointer to pass for the gradient: `loss` when there is none, since the COMPUTE_GRAD
-    constexpr removes every use of it."""
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
-    n, c = rows.shape
-    loss = torch.empty(n, dtype=accumulation_dtype(rows), device=rows.device)
-    grad = torch.empty((n, c), dtype=rows.dtype, device=rows.device) if compute_grad \
-        else rows.new_empty(0)
-    return rows, target.contiguous(), loss, grad, grad if compute_grad else loss
-
-
-def _row_num_warps(block_c: int) -> int:
-    return max(1, min(block_c // 256, 16))
-
-
 def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], row_m3: Optional[Tensor],
                          scale: float, m1: float, m2: float, m3: float, detach_margin: bool,
                          label_smoothing: float, lse_square_scale: float, ignore_index: int,
@@ -254,23 +131,21 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
     """fusedloss::margin_cross_entropy (csrc/ops.cpp): per-row loss, and d loss_i / d cos_ij
     in the dtype of `cos` when compute_grad (else an empty tensor). Inputs are validated
     by the caller."""
-    cos, target, loss, grad, grad_arg = _row_kernel_io(cos, target, compute_grad)
+    cos, target, loss, grad, grad_arg = row_kernel_io(cos, target, compute_grad)
     n, c = cos.shape
     # Unused pointer arguments get `loss`: they sit in branches that the constexprs remove.
     m2_arg = row_m2.contiguous() if row_m2 is not None else loss
     m3_arg = row_m3.contiguous() if row_m3 is not None else loss
-    use_angle = row_m2 is not None or m1 != 1.0 or m2 != 0.0
-    block_c = _block_c(c, cos.device)
+    block_c = row_block_c(c, cos.device)
     if n > 0:
         torch.library.wrap_triton(_margin_ce_kernel)[(n,)](
             cos, target, m2_arg, m3_arg, loss, grad_arg,
             c, cos.stride(0), ignore_index,
-            *_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3), *_hi_lo(label_smoothing),
-            *_hi_lo(lse_square_scale),
+            *hi_lo(scale), *hi_lo(m1), *hi_lo(m2), *hi_lo(m3), *hi_lo(label_smoothing),
+            *hi_lo(lse_square_scale),
             HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
-            HAS_LSE_SQUARE=lse_square_scale != 0.0, USE_ANGLE=use_angle,
+            HAS_LSE_SQUARE=lse_square_scale != 0.0, USE_ANGLE=uses_angle(row_m2, m1, m2),
             DETACH_MARGIN=detach_margin, COMPUTE_GRAD=compute_grad, BLOCK_C=block_c,
-            ASIN_TERMS=25 if loss.dtype == torch.float64 else 10,
-            num_warps=_row_num_warps(block_c),
+            ASIN_TERMS=asin_terms(loss.dtype), num_warps=row_num_warps(block_c),
         )
     return loss, grad

@@ -11,9 +11,8 @@ x = embeddings [N, D], w = weight [C, D], target y [N]. With normalize (as F.nor
     cos_ij = x^_i . w^_j = (x_i . w_j) / (m_i n_j)
 
 (normalize=False: cos_ij = x_i . w_j, m = n = 1). Row i is then the row of the logit-level op,
-derived in csrc/include/fusedloss/margin.h and implemented in triton_kernels/margin.py, whose
-jitted helpers this file reuses (`_target_logit`, through it `_acos` and `_continuation_sign`,
-and `_hi_lo` for the scalars):
+derived in csrc/include/fusedloss/margin.h and implemented in triton_kernels/margin.py; the
+target logit and its slope are _common.target_logit, shared with that kernel:
 
     z_ij = s cos_ij (j != y),  z_iy = s (psi(m1 theta + m2) - m3),  slope_i = dz_iy / dcos_iy
     M = max_j z_j,  S_o = sum_{j != y} exp(z_j - M),  S = S_o + exp(z_y - M)
@@ -42,9 +41,9 @@ and the block sizes only. `deterministic` is therefore accepted and has nothing 
 
 0. Norms (normalize only): 1/m [N] and 1/n [C] with torch ops, O((N + C) D).
 1. `_target_kernel`, grid (N / BLOCK_N): cos_iy = x_i . w_{y_i} / (m_i n_{y_i}) as a gathered
-   elementwise dot in the accumulation dtype, then z_iy and slope_i (margin.py's
-   `_target_logit`), O(N D). A target outside [0, C) that is not ignore_index reads nothing
-   and gets z_y = NaN, hence a NaN loss (and NaN gradients).
+   elementwise dot in the accumulation dtype, then z_iy and slope_i (`target_logit`), O(N D).
+   A target outside [0, C) that is not ignore_index reads nothing and gets z_y = NaN, hence a
+   NaN loss (and NaN gradients).
 2. `_lse_kernel`, grid (N / BLOCK_N, SPLIT): each program walks the class blocks of its part
    of [0, C) (SPLIT parts, so that a small batch still fills the GPU), computes each
    [BLOCK_N, BLOCK_C] cos tile with tl.dot over D in BLOCK_D chunks, scales it by the norms
@@ -70,7 +69,8 @@ classes start at class_start. Step 1 with SHARDED gives z_y = 0 for a target in 
 step 2's partials, whose max starts at -inf, are this shard's lse_other and sum z; step 4
 takes G from the combined per-row coefficients (lse, a, b, d) as coef = (lse, s a, s b, slope d)
 and yields this shard's share of the embedding gradient. Every kernel locates the target
-column as t - class_start (class_start = 0 here).
+column as t - class_start (class_start = 0 here). The steps are public for that use:
+`pipeline` (step 0), `target_logits` (1), `split_lse` (2) and `input_grads` (4).
 
 Matmul work, in units of N C D multiply-adds: 1 in the forward; with compute_grad each of
 the two gradient kernels adds ceil(D / BLOCK_DO) for recomputing the cos tiles plus 1 for
@@ -95,9 +95,8 @@ is A / 1e-12 (as in autograd through F.normalize), which overflows fp16 to inf.
 Block sizes
 -----------
 Under TRITON_INTERPRET=1 or for CPU tensors every block is 16 (the smallest tl.dot shape),
-so that small test shapes still span several blocks and splits. On the GPU (chosen offline
-for sm_90 with Triton 3.6 so that ptxas reports at most a few dozen bytes of register
-spills at D = 512; not yet timed on a GPU):
+so that small test shapes still span several blocks and splits. On the GPU (sm_90), sizes
+that keep register spills within a few dozen bytes per thread at D = 512 (ptxas -v):
 
     dtype        forward BLOCK_N x BLOCK_C x BLOCK_D   gradients BLOCK_O x BLOCK_I x BLOCK_D, BLOCK_DO
     fp16, bf16   128 x 64 x 64, 8 warps                 64 x 32 x 64, <= 256, 8 warps
@@ -109,8 +108,6 @@ a power of two in [16, 256]: BLOCK_N of the forward kernel, and min(block_size, 
 the gradient kernels (BLOCK_O of the grad_x kernel, BLOCK_I of the grad_w kernel; more would
 spill registers).
 """
-import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -119,19 +116,13 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels.margin import _hi_lo, _target_logit
+from fusedloss.triton_kernels._common import (allow_tf32, asin_terms, dot_tile, from_hi_lo,
+                                              hi_lo, interpreted, online_lse_update, pow2_clamp,
+                                              row_margins, split_blocks, split_range,
+                                              target_logit, target_programs, uses_angle)
 
 _NORM_EPS = 1e-12  # F.normalize's eps
-
-
-@triton.jit
-def _load_rows(ptr, rows, n_rows, cols, n_cols, row_stride, UPCAST: tl.constexpr):
-    """Tile [len(rows), len(cols)] of a row-major matrix; zero outside [0, n_rows) x [0, n_cols)."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tile = tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
-    if UPCAST:  # interpreter only: its tl.dot multiplies bf16 as raw bits
-        tile = tile.to(tl.float32)
-    return tile
+_NORM_EPS_TL = tl.constexpr(_NORM_EPS)
 
 
 @triton.jit
@@ -149,25 +140,6 @@ def _embedding_row_coefs(rows, ok, target_ptr, coef_ptr, N, num_classes, class_s
     b = tl.load(coef_ptr + 2 * N + rows, mask=ok, other=0.0)
     g_y = tl.load(coef_ptr + 3 * N + rows, mask=ok, other=0.0)
     return live, t, row_max, a, b, g_y
-
-
-@triton.jit
-def _dot_tile(a_ptr, b_ptr, a_rows, b_rows, n_a, n_b, D, a_stride, b_stride,
-              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-              ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """[BLOCK_A, BLOCK_B] tile of a b^T over the whole of D, accumulated in ACC."""
-    acc = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    for k0 in range(0, D, BLOCK_D):
-        ks = k0 + tl.arange(0, BLOCK_D)
-        a = _load_rows(a_ptr, a_rows, n_a, ks, D, a_stride, UPCAST)
-        b = _load_rows(b_ptr, b_rows, n_b, ks, D, b_stride, UPCAST)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
-    return acc
-
-
-@triton.jit
-def _scalar(hi, lo, ACC: tl.constexpr):
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -205,17 +177,11 @@ def _target_kernel(
         c_y = (c_y * tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
                * tl.load(rw_ptr + t_safe, mask=t_ok, other=0.0))
 
-    scale = _scalar(scale_hi, scale_lo, ACC)
-    m1 = _scalar(m1_hi, m1_lo, ACC)
-    if HAS_ROW_M2:
-        m2 = tl.load(row_m2_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    else:
-        m2 = _scalar(m2_hi, m2_lo, ACC)
-    if HAS_ROW_M3:
-        m3 = tl.load(row_m3_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    else:
-        m3 = _scalar(m3_hi, m3_lo, ACC)
-    z_y, slope = _target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
+    scale = from_hi_lo(scale_hi, scale_lo, ACC)
+    m1 = from_hi_lo(m1_hi, m1_lo, ACC)
+    m2, m3 = row_margins(rows, row_ok, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                         HAS_ROW_M2, HAS_ROW_M3, ACC)
+    z_y, slope = target_logit(c_y, scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN, ASIN_TERMS)
     if SHARDED:
         z_y = tl.where(t_ok, z_y, 0.0)
     else:
@@ -246,18 +212,17 @@ def _lse_kernel(
     row_ok = rows < N
     t = tl.load(target_ptr + rows, mask=row_ok, other=-1) - class_start
     t32 = tl.where((t >= 0) & (t < C), t, -1).to(tl.int32)  # 32-bit compares in the tile
-    scale = _scalar(scale_hi, scale_lo, ACC)
+    scale = from_hi_lo(scale_hi, scale_lo, ACC)
     if NORMALIZE:
         row_factor = scale * tl.load(rx_ptr + rows, mask=row_ok, other=0.0)  # z = cos_raw s / (m n)
 
     m_run = tl.full([BLOCK_N], float("-inf"), ACC)
     s_oth = tl.zeros([BLOCK_N], ACC)  # sum_{j != y} exp(z_j - m_run) over this split
     z_sum = tl.zeros([BLOCK_N], ACC)  # sum_{j != y} z_j over this split
-    c_begin = split * blocks_per_split * BLOCK_C
-    c_end = tl.minimum(c_begin + blocks_per_split * BLOCK_C, C)
+    c_begin, c_end = split_range(split, blocks_per_split, BLOCK_C, C)
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        z = _dot_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), N, C, D, x_stride, w_stride,
+        z = dot_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), N, C, D, x_stride, w_stride,
                       BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, UPCAST)
         if NORMALIZE:
             rw = tl.load(rw_ptr + cols, mask=cols < C, other=0.0)
@@ -267,11 +232,7 @@ def _lse_kernel(
         valid = (cols[None, :] < C) & (cols[None, :] != t32[:, None])
         if HAS_SMOOTHING:
             z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
-        z = tl.where(valid, z, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(z, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_oth = s_oth * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
-        m_run = m_new
+        m_run, s_oth = online_lse_update(m_run, s_oth, tl.where(valid, z, float("-inf")), 1)
     out = part_ptr + split * N + rows  # part: [3, num_splits, N]
     tl.store(out, m_run, mask=row_ok)
     tl.store(out + num_splits * N, s_oth, mask=row_ok)
@@ -305,7 +266,7 @@ def _grad_kernel(
     o_ok = o_rows < N_OUT
     o_idx = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # 32-bit copy for the compares
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    scale = _scalar(scale_hi, scale_lo, ACC)
+    scale = from_hi_lo(scale_hi, scale_lo, ACC)
     if NORMALIZE:
         r_o = tl.load(r_out_ptr + o_rows, mask=o_ok, other=0.0)
     if OUTER_IS_X:
@@ -314,13 +275,12 @@ def _grad_kernel(
 
     acc = tl.zeros([BLOCK_O, BLOCK_DO], ACC)
     proj = tl.zeros([BLOCK_O], ACC)
-    i_begin = split * blocks_per_split * BLOCK_I
-    i_end = tl.minimum(i_begin + blocks_per_split * BLOCK_I, N_IN)
+    i_begin, i_end = split_range(split, blocks_per_split, BLOCK_I, N_IN)
     for i0 in range(i_begin, i_end, BLOCK_I):
         i_idx = i0 + tl.arange(0, BLOCK_I)
         i_rows = i_idx.to(tl.int64)
         i_ok = i_idx < N_IN
-        cos = _dot_tile(out_ptr, in_ptr, o_rows, i_rows, N_OUT, N_IN, D, out_stride, in_stride,
+        cos = dot_tile(out_ptr, in_ptr, o_rows, i_rows, N_OUT, N_IN, D, out_stride, in_stride,
                         BLOCK_O, BLOCK_I, BLOCK_D, ACC, PRECISION, UPCAST)
         if NORMALIZE:
             r_i = tl.load(r_in_ptr + i_rows, mask=i_ok, other=0.0)
@@ -354,7 +314,7 @@ def _grad_kernel(
             unit = tl.load(out_ptr + o_rows[:, None] * out_stride + d_out[None, :], mask=out_mask,
                            other=0.0).to(ACC) * r_o[:, None]
             nrm = tl.load(norm_out_ptr + o_rows, mask=o_ok, other=0.0)
-            proj = tl.where(nrm > tl.full([], 1e-12, ACC), proj, 0.0)
+            proj = tl.where(nrm > tl.full([], _NORM_EPS_TL, ACC), proj, 0.0)
             acc = (acc - proj[:, None] * unit) * r_o[:, None]
         tl.store(part_ptr + o_rows[:, None] * D + d_out[None, :],
                  acc.to(part_ptr.dtype.element_ty), mask=out_mask)
@@ -369,68 +329,32 @@ def _grad_kernel(
 # Launcher
 
 
-def _interpreted(device: torch.device) -> bool:
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """How many programs a grid should have before the work is split further."""
-    if _interpreted(device):
-        return 4  # small: exercises the splits in tests without many interpreted programs
-    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _split(outer_programs: int, inner_blocks: int, target: int) -> tuple[int, int]:
-    """(number of splits, inner blocks per split): enough splits of the inner loop that
-    outer_programs * splits reaches `target`, every split non-empty."""
-    want = max(1, min(inner_blocks, triton.cdiv(target, max(outer_programs, 1))))
-    per = triton.cdiv(inner_blocks, want)
-    return triton.cdiv(inner_blocks, per), per
-
-
-def _allow_tf32() -> bool:
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once the new API has been used
-        return getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
-
-
-def _pow2_block(n: int) -> int:
-    return min(max(triton.next_power_of_2(n), 16), 256)
-
-
 def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -> dict:
-    """Block sizes and launch options (see the module docstring). The GPU choices were
-    compiled offline for sm_90 with Triton 3.6 and checked with ptxas -v for spills."""
-    if _interpreted(device):
+    """Block sizes and launch options (module docstring, "Block sizes")."""
+    if interpreted(device):
         cfg = dict(fwd_n=16, fwd_c=16, fwd_d=16, fwd_warps=1, fwd_stages=1,
                    tgt_n=16, tgt_d=16, tgt_warps=1,
                    g_o=16, g_i=16, g_d=16, g_do=16, g_warps=1, g_stages=1)
     elif dtype == torch.float64:
         cfg = dict(fwd_n=64, fwd_c=64, fwd_d=16, fwd_warps=4, fwd_stages=2,
                    tgt_n=16, tgt_d=32, tgt_warps=4,
-                   g_o=32, g_i=32, g_d=16, g_do=min(_pow2_block(d), 64), g_warps=4, g_stages=2)
+                   g_o=32, g_i=32, g_d=16, g_do=pow2_clamp(d, 16, 64), g_warps=4, g_stages=2)
     elif dtype == torch.float32:
         cfg = dict(fwd_n=128, fwd_c=64, fwd_d=32, fwd_warps=8, fwd_stages=3,
                    tgt_n=16, tgt_d=64, tgt_warps=4,
-                   g_o=64, g_i=32, g_d=32, g_do=min(_pow2_block(d), 256), g_warps=8, g_stages=2)
+                   g_o=64, g_i=32, g_d=32, g_do=pow2_clamp(d, 16, 256), g_warps=8, g_stages=2)
     else:  # fp16, bf16
         cfg = dict(fwd_n=128, fwd_c=64, fwd_d=64, fwd_warps=8, fwd_stages=3,
                    tgt_n=16, tgt_d=64, tgt_warps=4,
-                   g_o=64, g_i=32, g_d=64, g_do=min(_pow2_block(d), 256), g_warps=8, g_stages=2)
+                   g_o=64, g_i=32, g_d=64, g_do=pow2_clamp(d, 16, 256), g_warps=8, g_stages=2)
     cfg.update(g_o_x=cfg["g_o"], g_i_w=cfg["g_i"])  # embedding-row blocks of the gradient kernels
     if block_size > 0:  # embedding rows per block of the matmuls
-        rows = _pow2_block(block_size)
+        rows = pow2_clamp(block_size, 16, 256)
         cfg.update(fwd_n=rows, g_o_x=min(rows, 64), g_i_w=min(rows, 64))  # larger would spill
     return cfg
 
 
-class _Pipeline(NamedTuple):
+class Pipeline(NamedTuple):
     """One call's inputs, made ready for the kernels, and its launch settings."""
     x: Tensor  # embeddings [N, D], unit stride along D
     w: Tensor  # weight [C, D], unit stride along D
@@ -449,8 +373,8 @@ class _Pipeline(NamedTuple):
     norm_w: Tensor
 
 
-def _pipeline(embeddings: Tensor, weight: Tensor, target: Tensor, normalize: bool,
-              block_size: int) -> _Pipeline:
+def pipeline(embeddings: Tensor, weight: Tensor, target: Tensor, normalize: bool,
+             block_size: int) -> Pipeline:
     """Step 0: layouts, block sizes, and the norms."""
     x = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -463,17 +387,17 @@ def _pipeline(embeddings: Tensor, weight: Tensor, target: Tensor, normalize: boo
         rw = 1.0 / norm_w.clamp_min(_NORM_EPS)
     else:
         rx = rw = norm_x = norm_w = torch.zeros(1, dtype=acc, device=dev)
-    return _Pipeline(
+    return Pipeline(
         x=x, w=w, target=target.contiguous(), acc=acc,
         cfg=_config(x.dtype, x.shape[1], dev, block_size),
-        precision="tf32" if (x.dtype == torch.float32 and _allow_tf32()) else "ieee",
-        upcast=_interpreted(dev) and x.dtype == torch.bfloat16, n_target=_target_programs(dev),
+        precision="tf32" if (x.dtype == torch.float32 and allow_tf32()) else "ieee",
+        upcast=interpreted(dev) and x.dtype == torch.bfloat16, n_target=target_programs(dev),
         normalize=normalize, rx=rx, rw=rw, norm_x=norm_x, norm_w=norm_w)
 
 
-def _target_logits(p: _Pipeline, row_m2: Optional[Tensor], row_m3: Optional[Tensor], scale: float,
-                   m1: float, m2: float, m3: float, detach_margin: bool, class_start: int,
-                   sharded: bool) -> tuple[Tensor, Tensor]:
+def target_logits(p: Pipeline, row_m2: Optional[Tensor], row_m3: Optional[Tensor], scale: float,
+                  m1: float, m2: float, m3: float, detach_margin: bool, class_start: int,
+                  sharded: bool) -> tuple[Tensor, Tensor]:
     """Step 1: z_y [N] and dz_y/dcos_y [N] (see _target_kernel for rows whose target column
     t - class_start is not in [0, C))."""
     (n, d), c = p.x.shape, p.w.shape[0]
@@ -486,26 +410,26 @@ def _target_logits(p: _Pipeline, row_m2: Optional[Tensor], row_m3: Optional[Tens
         row_m2.contiguous() if row_m2 is not None else placeholder,
         row_m3.contiguous() if row_m3 is not None else placeholder,
         z_y, slope, n, c, d, p.x.stride(0), p.w.stride(0), class_start,
-        *_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3),
+        *hi_lo(scale), *hi_lo(m1), *hi_lo(m2), *hi_lo(m3),
         NORMALIZE=p.normalize, HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
-        USE_ANGLE=row_m2 is not None or m1 != 1.0 or m2 != 0.0, DETACH_MARGIN=detach_margin,
-        SHARDED=sharded, ASIN_TERMS=25 if p.acc == torch.float64 else 10,
+        USE_ANGLE=uses_angle(row_m2, m1, m2), DETACH_MARGIN=detach_margin,
+        SHARDED=sharded, ASIN_TERMS=asin_terms(p.acc),
         BLOCK_N=cfg["tgt_n"], BLOCK_D=cfg["tgt_d"], num_warps=cfg["tgt_warps"], num_stages=2,
     )
     return z_y, slope
 
 
-def _split_lse(p: _Pipeline, scale: float, class_start: int, with_sum: bool) -> Tensor:
+def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool) -> Tensor:
     """Step 2: the partials [3, SPLIT, N] (max, S_o, sum z over j != y) of each split of the
     classes; sum z only when with_sum (else the third row is 0)."""
     (n, d), c = p.x.shape, p.w.shape[0]
     cfg = p.cfg
     row_blocks = triton.cdiv(n, cfg["fwd_n"])
-    splits, per_split = _split(row_blocks, triton.cdiv(c, cfg["fwd_c"]), p.n_target)
+    splits, per_split = split_blocks(row_blocks, triton.cdiv(c, cfg["fwd_c"]), p.n_target)
     part = torch.empty((3, splits, n), dtype=p.acc, device=p.x.device)
     torch.library.wrap_triton(_lse_kernel)[(row_blocks, splits)](
         p.x, p.w, p.rx, p.rw, p.target, part, n, c, d, p.x.stride(0), p.w.stride(0), per_split,
-        splits, class_start, *_hi_lo(scale),
+        splits, class_start, *hi_lo(scale),
         NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum,
         BLOCK_N=cfg["fwd_n"], BLOCK_C=cfg["fwd_c"], BLOCK_D=cfg["fwd_d"],
         PRECISION=p.precision, UPCAST=p.upcast, num_warps=cfg["fwd_warps"],
@@ -514,17 +438,17 @@ def _split_lse(p: _Pipeline, scale: float, class_start: int, with_sum: bool) -> 
     return part
 
 
-def _input_grads(p: _Pipeline, coef: Tensor, scale: float, class_start: int,
-                 ignore_index: int) -> tuple[Tensor, Tensor]:
+def input_grads(p: Pipeline, coef: Tensor, scale: float, class_start: int,
+                ignore_index: int) -> tuple[Tensor, Tensor]:
     """Step 4: the gradients with respect to embeddings and weight of sum_ij G_ij cos_ij, G
     given per row by coef [4, N] (see _grad_kernel), in the dtypes of the inputs."""
     (n, d), c = p.x.shape, p.w.shape[0]
     cfg, dev, acc, normalize = p.cfg, p.x.device, p.acc, p.normalize
-    scale_args = _hi_lo(scale)
+    scale_args = hi_lo(scale)
 
     def grad_pass(outer, inner, r_out, r_in, norm_out, n_out, n_in, outer_is_x, block_o, block_i):
         o_blocks, d_blocks = triton.cdiv(n_out, block_o), triton.cdiv(d, cfg["g_do"])
-        g_splits, g_per = _split(o_blocks * d_blocks, triton.cdiv(n_in, block_i), p.n_target)
+        g_splits, g_per = split_blocks(o_blocks * d_blocks, triton.cdiv(n_in, block_i), p.n_target)
         final = g_splits == 1  # the kernel writes the gradient itself
         if final:
             g_part = torch.empty((n_out, d), dtype=outer.dtype, device=dev)
@@ -564,7 +488,7 @@ def margin_linear_cross_entropy(
     fp64) and, when compute_grad, the gradients of sum_i row_grad_i loss_i with respect to
     embeddings and weight in their dtypes (else two empty tensors). Inputs are validated by the
     caller; `deterministic` changes nothing (every pass here is deterministic)."""
-    p = _pipeline(embeddings, weight, target, normalize, block_size)
+    p = pipeline(embeddings, weight, target, normalize, block_size)
     x, w, target, acc = p.x, p.w, p.target, p.acc
     n, c = x.shape[0], w.shape[0]
     empty = x.new_empty(0)
@@ -574,9 +498,9 @@ def margin_linear_cross_entropy(
             return loss, torch.zeros_like(x), torch.zeros_like(w)
         return loss, empty, w.new_empty(0)
 
-    z_y, slope = _target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin,
+    z_y, slope = target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin,
                                 class_start=0, sharded=False)
-    part = _split_lse(p, scale, class_start=0, with_sum=label_smoothing != 0.0)
+    part = split_lse(p, scale, class_start=0, with_sum=label_smoothing != 0.0)
 
     # 3. Combine the splits and the target logit: loss, and the per-row coefficients of G.
     part_max, part_oth, part_z = part.unbind(0)
@@ -610,5 +534,5 @@ def margin_linear_cross_entropy(
         torch.where(live, r * (scale * uniform), zero),
         torch.where(live, r * slope * d_y, zero),
     ])
-    grad_x, grad_w = _input_grads(p, coef, scale, class_start=0, ignore_index=ignore_index)
+    grad_x, grad_w = input_grads(p, coef, scale, class_start=0, ignore_index=ignore_index)
     return loss, grad_x, grad_w

@@ -85,8 +85,9 @@ TRITON_INTERPRET=1, bf16 dot operands are widened to fp32 first (the interpreter
 bf16 as raw bits; the widening is exact). Hyperparameters go to the kernels as fp32 hi + lo.
 
 Block sizes. Under the interpreter (or for CPU tensors) 16 everywhere, so that small test
-shapes span several blocks. On the GPU (compiled offline for sm_90 with Triton 3.9; cuobjdump
-shows no register spills at distance 1, the heavier variant; not yet timed on a GPU):
+shapes span several blocks. On the GPU (sm_90), sizes that keep every kernel's register
+spills within a few dozen bytes per thread (cuobjdump) under the launch's usual
+specialization (16-byte aligned pointers; N, M, D and strides multiples of 16):
 
     dtype        BLOCK_Q x BLOCK_R   BLOCK_D   BLOCK_DO (backward)   warps
     fp16, bf16   64 x 64             64        <= 128                8
@@ -94,18 +95,9 @@ shows no register spills at distance 1, the heavier variant; not yet timed on a 
     fp64         32 x 32             16        <= 64                 4
 
 BLOCK_K (near pairs only) keeps their 3-D tile at about 16 values per thread: 1 for 64 x 64 and
-8 warps, 2 for 32 x 32 and 4 warps. Compiled offline for sm_90 (Triton 3.9, num_stages 3) the
-forward kernels then spill at most 32 bytes at distance 1 (24 before near pairs were
-handled). The backward's stack per thread (cuobjdump, with the launch's usual specialization:
-16-byte aligned pointers, N, M, D and strides multiples of 16): distance 0 exactly as before
-near pairs were handled (fp32 0-32 bytes, bf16 0, fp64 0-16); distance 1 fp32 24-48 bytes,
-bf16 0, fp64 0-24 (before near pairs: 0, 0, 0-8), most of it the near-pair call's saved
-registers (fp32 grad_x, contrastive: the main loop reloads one spilled value per tile).
-With both passes in one loop nest it was fp32 2.0-2.6 KB, bf16 0, fp64 0-88 bytes. Without
-the specialization:
-distance 1 fp32 0.4-0.6 KB, bf16 0.4-0.6 KB, fp64 0.2-0.4 KB (one loop nest: 3.0-3.2 KB,
-0.6 KB, 0.3-0.5 KB; before near pairs: 24-56 bytes, 0, 0). Not yet timed on a GPU; the first
-thing to look at there.
+8 warps, 2 for 32 x 32 and 4 warps. The backward's near-pair terms run in a noinline call
+(`_near_pair_pass`) after the main loop, so that their registers are not held across it:
+that call's saved registers are most of the backward's stack at distance 1.
 
 block_size > 0 sets BLOCK_Q = BLOCK_R (a power of two in [16, 128]; above the table's sizes
 the GPU kernels may spill registers).
@@ -118,10 +110,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels.margin import _hi_lo
-from fusedloss.triton_kernels.margin_linear import (_allow_tf32, _dot_tile, _interpreted,
-                                                    _load_rows, _scalar, _split,
-                                                    _target_programs)
+from fusedloss.triton_kernels._common import (allow_tf32, dot_tile, from_hi_lo, hi_lo,
+                                              interpreted, load_rows, online_lse_update,
+                                              pow2_clamp, split_blocks, split_range,
+                                              target_programs)
 
 _NO_COLUMN = tl.constexpr(-1)  # the index of an empty extremum
 _NEAR_FRACTION = tl.constexpr(2.0 ** -6)  # kappa of pairs.h: the Gram form serves above it
@@ -140,8 +132,8 @@ def _direct_squared_distances(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref
     d2 = tl.zeros([BLOCK_Q, BLOCK_R], ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        xk = _load_rows(x_ptr, rows, N, ks, D, x_stride, False).to(ACC)
-        rk = _load_rows(ref_ptr, cols, M, ks, D, ref_stride, False).to(ACC)
+        xk = load_rows(x_ptr, rows, N, ks, D, x_stride, False).to(ACC)
+        rk = load_rows(ref_ptr, cols, M, ks, D, ref_stride, False).to(ACC)
         diff = xk[:, None, :] - rk[None, :, :]
         d2 += tl.sum(diff * diff, axis=2)
     return d2
@@ -157,7 +149,7 @@ def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_str
     form serves unless a pair of the tile is near; then, when DIRECT, the tile's near entries
     are redone from the differences (without DIRECT they keep the Gram form's value, for a
     caller that leaves them out)."""
-    v = _dot_tile(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref_stride,
+    v = dot_tile(x_ptr, ref_ptr, rows, cols, N, M, D, x_stride, ref_stride,
                   BLOCK_Q, BLOCK_R, BLOCK_D, ACC, PRECISION, UPCAST)
     near = tl.zeros([BLOCK_Q, BLOCK_R], tl.int1)
     if DISTANCE == 1:
@@ -181,8 +173,8 @@ def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_str
 @triton.jit
 def _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC: tl.constexpr):
     """The four hyperparameters of a kind (unused ones 0), rebuilt from fp32 hi + lo pairs."""
-    return (_scalar(h0_hi, h0_lo, ACC), _scalar(h1_hi, h1_lo, ACC), _scalar(h2_hi, h2_lo, ACC),
-            _scalar(h3_hi, h3_lo, ACC))
+    return (from_hi_lo(h0_hi, h0_lo, ACC), from_hi_lo(h1_hi, h1_lo, ACC),
+            from_hi_lo(h2_hi, h2_lo, ACC), from_hi_lo(h3_hi, h3_lo, ACC))
 
 
 @triton.jit
@@ -200,16 +192,6 @@ def _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M):
     pair = (rows[:, None] < N) & col_ok[None, :] & (cols.to(tl.int32)[None, :] != skip[:, None])
     same = row_labels[:, None] == col_labels[None, :]
     return pair & same, pair & (~same)
-
-
-@triton.jit
-def _lse_update(m_run, s_run, z):
-    """Fold the tile z [rows, cols] (-inf: left out) into a running log-sum-exp m + log s per
-    row. The shift is 0 while the max is still -inf, so that no -inf - -inf appears."""
-    m_new = tl.maximum(m_run, tl.max(z, axis=1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s_new = s_run * tl.exp(m_run - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
-    return m_new, s_new
 
 
 @triton.jit
@@ -233,14 +215,6 @@ def _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, eps, HAS_THRESHOLDS: tl.c
         pos = pos & (v - eps < max_neg[:, None])
         neg = neg & (v + eps > min_pos[:, None])
     return pos, neg
-
-
-@triton.jit
-def _split_range(split, blocks_per_split, BLOCK: tl.constexpr, total):
-    """[begin, end): the part of the inner loop over [0, total) that split `split` walks
-    (blocks_per_split blocks of BLOCK)."""
-    begin = split * blocks_per_split * BLOCK
-    return begin, tl.minimum(begin + blocks_per_split * BLOCK, total)
 
 
 @triton.jit
@@ -280,7 +254,7 @@ def _extrema_kernel(
     neg_key = tl.full([BLOCK_Q], float("inf"), ACC)
     pos_idx = tl.full([BLOCK_Q], _NO_COLUMN, tl.int32)
     neg_idx = tl.full([BLOCK_Q], _NO_COLUMN, tl.int32)
-    c_begin, c_end = _split_range(split, blocks_per_split, BLOCK_R, M)
+    c_begin, c_end = split_range(split, blocks_per_split, BLOCK_R, M)
     for c0 in range(c_begin, c_end, BLOCK_R):
         cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
         key, _ = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
@@ -322,7 +296,7 @@ def _row_stats_kernel(
     a1 = zero
     a2 = zero + float("-inf") if KIND == 0 else zero
     a3 = zero
-    c_begin, c_end = _split_range(split, blocks_per_split, BLOCK_R, M)
+    c_begin, c_end = split_range(split, blocks_per_split, BLOCK_R, M)
     for c0 in range(c_begin, c_end, BLOCK_R):
         cols = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
         v, _ = _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_stride,
@@ -331,11 +305,11 @@ def _row_stats_kernel(
         pos, neg = _pair_masks(row_labels, skip, ref_labels_ptr, rows, cols, N, M)
         if KIND == 0:  # hyper (alpha, beta, base, eps)
             pos, neg = _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, h3, HAS_THRESHOLDS)
-            a0, a1 = _lse_update(a0, a1, tl.where(pos, -h0 * (v - h2), float("-inf")))
-            a2, a3 = _lse_update(a2, a3, tl.where(neg, h1 * (v - h2), float("-inf")))
+            a0, a1 = online_lse_update(a0, a1, tl.where(pos, -h0 * (v - h2), float("-inf")), 1)
+            a2, a3 = online_lse_update(a2, a3, tl.where(neg, h1 * (v - h2), float("-inf")), 1)
         elif KIND == 1:  # hyper (t)
             z = v / h0
-            a0, a1 = _lse_update(a0, a1, tl.where(pos | neg, z, float("-inf")))
+            a0, a1 = online_lse_update(a0, a1, tl.where(pos | neg, z, float("-inf")), 1)
             a2 += tl.sum(tl.where(pos, z, 0.0), axis=1)
             a3 += tl.sum(pos.to(ACC), axis=1)
         else:  # hyper (m_pos, m_neg)
@@ -435,7 +409,7 @@ def _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride, other
     Only a tile with a near pair does any of it; then one inner row at a time: its column
     of a_near picked by a masked sum (exact: one term and zeros), and skipped without one."""
     if tl.max((a_near != 0).to(tl.int32)) > 0:
-        own = _load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
+        own = load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
         ids = tl.arange(0, INNER)
         for n in range(INNER):
             if INNER_AXIS == 1:
@@ -464,7 +438,7 @@ def _grad_program(x_ptr, ref_ptr, grad_ptr, flag_ptr, N, M, D, x_stride, ref_str
         other_ptr, other_len, other_stride = ref_ptr, M, ref_stride
     outer = tl.program_id(0).to(tl.int64) * OUTER + tl.arange(0, OUTER)
     d_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    i_begin, i_end = _split_range(tl.program_id(2), blocks_per_split, INNER, other_len)
+    i_begin, i_end = split_range(tl.program_id(2), blocks_per_split, INNER, other_len)
     out = grad_ptr + (tl.program_id(2).to(tl.int64) * own_len + outer[:, None]) * D + d_out[None, :]
     flags = flag_ptr + ((tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1))
                         * tl.cdiv(other_len, INNER))
@@ -509,7 +483,7 @@ def _grad_kernel(
             gstats_ptr, i0, outer, N, M, D, x_stride, ref_stride, self_offset, h0, h1, h2, h3,
             KIND, DISTANCE, HAS_THRESHOLDS, BLOCK_Q, BLOCK_R, BLOCK_D, BLOCK_K, ACC, PRECISION,
             UPCAST, REF_SIDE, False)
-        other = _load_rows(other_ptr, inner, other_len, d_out, D, other_stride, UPCAST)
+        other = load_rows(other_ptr, inner, other_len, d_out, D, other_stride, UPCAST)
         w = _dot_operand(w, IN_TY, UPCAST)
         if REF_SIDE:
             w = tl.trans(w)
@@ -518,7 +492,7 @@ def _grad_kernel(
             diag += tl.sum(a, axis=INNER_AXIS)
             tl.store(flags + i0 // INNER, tl.max(near.to(tl.int8)))
     if DISTANCE == 1:
-        own = _load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
+        own = load_rows(own_ptr, outer, own_len, d_out, D, own_stride, False).to(ACC)
         acc += own * diag[:, None]
     tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=out_mask)
     if DISTANCE == 1:
@@ -569,26 +543,22 @@ def _near_pair_pass(
 # Launchers
 
 
-def _pow2(n: int, low: int, high: int) -> int:
-    return min(max(triton.next_power_of_2(n), low), high)
-
-
 def _config(x: Tensor, block_size: int) -> dict:
     """Block sizes and launch options (module docstring)."""
     d = x.shape[1]
-    if _interpreted(x.device):
+    if interpreted(x.device):
         cfg = dict(q=16, r=16, d=16, do=16, warps=1, stages=1)
     elif x.dtype == torch.float64:
-        cfg = dict(q=32, r=32, d=16, do=_pow2(d, 16, 64), warps=4, stages=2)
+        cfg = dict(q=32, r=32, d=16, do=pow2_clamp(d, 16, 64), warps=4, stages=2)
     elif x.dtype == torch.float32:
-        cfg = dict(q=64, r=64, d=32, do=_pow2(d, 16, 128), warps=8, stages=3)
+        cfg = dict(q=64, r=64, d=32, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
     else:
-        cfg = dict(q=64, r=64, d=64, do=_pow2(d, 16, 128), warps=8, stages=3)
+        cfg = dict(q=64, r=64, d=64, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
     if block_size > 0:
-        cfg.update(q=_pow2(block_size, 16, 128), r=_pow2(block_size, 16, 128))
+        cfg.update(q=pow2_clamp(block_size, 16, 128), r=pow2_clamp(block_size, 16, 128))
     # BLOCK_K of the near pairs' 3-D differences: about 16 values per thread on the GPU.
     threads = 32 * cfg["warps"]
-    cfg["k"] = 16 if _interpreted(x.device) else max(1, 16 * threads // (cfg["q"] * cfg["r"]))
+    cfg["k"] = 16 if interpreted(x.device) else max(1, 16 * threads // (cfg["q"] * cfg["r"]))
     return cfg
 
 
@@ -612,11 +582,11 @@ class _Launch:
             self.nx = self.nr = self.labels
         self.self_offset = self_offset
         self.cfg = _config(self.x, block_size)
-        self.hyper = [part for h in (list(hyper) + [0.0] * 4)[:4] for part in _hi_lo(float(h))]
-        precision = "tf32" if x.dtype == torch.float32 and _allow_tf32() else "ieee"
+        self.hyper = [part for h in (list(hyper) + [0.0] * 4)[:4] for part in hi_lo(float(h))]
+        precision = "tf32" if x.dtype == torch.float32 and allow_tf32() else "ieee"
         self.meta = dict(DISTANCE=distance, BLOCK_Q=self.cfg["q"], BLOCK_R=self.cfg["r"],
                          BLOCK_D=self.cfg["d"], BLOCK_K=self.cfg["k"], PRECISION=precision,
-                         UPCAST=_interpreted(x.device) and x.dtype == torch.bfloat16,
+                         UPCAST=interpreted(x.device) and x.dtype == torch.bfloat16,
                          num_warps=self.cfg["warps"], num_stages=self.cfg["stages"])
 
     def inputs(self) -> tuple:
@@ -632,7 +602,7 @@ class _Launch:
         """(splits, blocks per split) of an inner loop over inner_len rows in inner_block
         blocks, so that outer_programs x splits programs fill the device."""
         inner_blocks = max(triton.cdiv(inner_len, inner_block), 1)
-        return _split(outer_programs, inner_blocks, _target_programs(self.x.device))
+        return split_blocks(outer_programs, inner_blocks, target_programs(self.x.device))
 
 
 def pair_extrema(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, distance: int,

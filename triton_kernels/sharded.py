@@ -3,7 +3,7 @@ classes, for fusedloss.sharded_margin_cross_entropy and linear_sharded_margin_cr
 
 This rank holds the classes [class_start, class_start + C_local) of every row; target holds
 global class ids. Logits are margin.h's (z_j = s c_j, z_y the margin logit of
-csrc/include/fusedloss/margin.h, computed by triton_kernels/margin.py's `_target_logit`).
+csrc/include/fusedloss/margin.h, computed by _common.target_logit).
 The split of the loss into per-shard partials and of its gradient into per-row coefficients
 is derived in margin.h (section "Sharded rows") and combined across ranks in
 python/fusedloss/sharded.py; the contracts are the schema comments of csrc/ops.cpp. Per row i
@@ -26,21 +26,22 @@ class j != y (C_local = 1 with a local target); the rescaling uses M_ref = 0 whi
 still -inf, so no -inf - -inf arises and an empty sum leaves lse_other = 0 + log 0 = -inf.
 
 Logit level (cos [N, C_local]): `_stats_kernel`, one program per row, one pass over the row
-in BLOCK_C chunks (margin.py's sizes: BLOCK_C = next_power_of_2(C_local) capped at 4096 on
-the GPU, 128 under the interpreter). `_grad_kernel`, grid (N, C_local / BLOCK_C): elementwise
-in the row, the target column's slope recomputed from c_y by each program (a few dozen flops).
-Ignored rows read nothing. Targets are validated by the caller; a target that is not local
-only means that its column is elsewhere.
+in BLOCK_C chunks (the row kernels' sizes, _common.row_block_c: BLOCK_C =
+next_power_of_2(C_local) capped at 4096 on the GPU, 128 under the interpreter).
+`_grad_kernel`, grid (N, C_local / BLOCK_C): elementwise in the row, the target column's
+slope recomputed from c_y by each program (a few dozen flops). Ignored rows read nothing.
+Targets are validated by the caller; a target that is not local only means that its column
+is elsewhere.
 
 Fused linear (embeddings [N, D], weight shard [C_local, D]): the tiled pipeline of
-triton_kernels/margin_linear.py, on the shard (its docstring describes the tiles and the
-"sharded mode"): `_target_kernel` with SHARDED for z_y and the slope, `_lse_kernel`'s split
-partials combined here into the stats, and `_grad_kernel` for both gradients with
-G given by coef. No N x C_local buffer; deterministic, no atomics. The embedding gradient
-is this shard's contribution (the caller sums it over ranks).
+triton_kernels/margin_linear.py, on the shard, through its public steps (its docstring
+describes the tiles and the "sharded mode"): `target_logits` with sharded=True for z_y and
+the slope, `split_lse`'s split partials combined here into the stats, and `input_grads` for
+both gradients with G given by coef. No N x C_local buffer; deterministic, no atomics. The
+embedding gradient is this shard's contribution (the caller sums it over ranks).
 
 Precision: accumulation in fp32 (fp64 for fp64 inputs); stats in that dtype, gradients in
-the inputs' dtypes; scalars passed as fp32 hi + lo pairs (margin.py `_hi_lo`).
+the inputs' dtypes; scalars passed as fp32 hi + lo pairs (_common.hi_lo).
 """
 from typing import Optional
 
@@ -50,9 +51,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels import margin_linear as _linear
-from fusedloss.triton_kernels.margin import (_block_c, _hi_lo, _row_margins, _row_num_warps,
-                                             _target_logit)
+from fusedloss.triton_kernels import margin_linear as linear
+from fusedloss.triton_kernels._common import (asin_terms, from_hi_lo, hi_lo, online_lse_update,
+                                              row_block_c, row_layout, row_margins,
+                                              row_num_warps, target_logit, uses_angle)
 
 
 @triton.jit
@@ -76,14 +78,14 @@ def _row_prologue(row, cos_ptr, cos_row_stride, target_ptr, row_m2_ptr, row_m3_p
     live, col, local (as _row_target), z_y and dz_y / dc_y), the scalars in ACC from their
     fp32 hi + lo pairs, m2 and m3 the row's ElasticFace draws where given."""
     cos_row = cos_ptr + row * cos_row_stride
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    m1 = tl.cast(m1_hi, ACC) + tl.cast(m1_lo, ACC)
-    m2, m3 = _row_margins(row, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
-                          HAS_ROW_M2, HAS_ROW_M3, ACC)
+    scale = from_hi_lo(scale_hi, scale_lo, ACC)
+    m1 = from_hi_lo(m1_hi, m1_lo, ACC)
+    m2, m3 = row_margins(row, True, row_m2_ptr, row_m3_ptr, m2_hi, m2_lo, m3_hi, m3_lo,
+                         HAS_ROW_M2, HAS_ROW_M3, ACC)
     live, col, local, c_y = _row_target(cos_row, tl.load(target_ptr + row), C, class_start,
                                         ignore_index)
-    z_y, slope = _target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN,
-                               ASIN_TERMS)
+    z_y, slope = target_logit(c_y.to(ACC), scale, m1, m2, m3, USE_ANGLE, DETACH_MARGIN,
+                              ASIN_TERMS)
     return cos_row, scale, live, col, local, z_y, slope
 
 
@@ -94,15 +96,6 @@ def _other_logits(cos_row, cols, col, C, scale, ACC: tl.constexpr):
     valid = (cols < C) & (cols != col)
     z = scale * tl.load(cos_row + cols, mask=valid, other=0.0).to(ACC)
     return tl.where(valid, z, float("-inf")), tl.where(valid, z, 0.0)
-
-
-@triton.jit
-def _add_to_lse(m_run, s_run, z):
-    """The running (max M, sum of exp(z - M_ref)) with a chunk z added (the rescaling of the
-    module docstring; M_ref = M, or 0 while M is still -inf)."""
-    m_new = tl.maximum(m_run, tl.max(z, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, s_run * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
 
 
 @triton.jit
@@ -129,7 +122,7 @@ def _stats_kernel(
     for start in range(0, tl.where(live, C, 0), BLOCK_C):
         z, z_or_zero = _other_logits(cos_row, start + offs, col, C, scale, ACC)
         z_acc += z_or_zero
-        m_run, s_oth = _add_to_lse(m_run, s_oth, z)
+        m_run, s_oth = online_lse_update(m_run, s_oth, z, 0)
     lse_other = tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(s_oth)
     out = stats_ptr + row * 3
     tl.store(out, lse_other)
@@ -170,34 +163,28 @@ def _grad_kernel(
 # Launchers: the four ops of csrc/ops.cpp, inputs validated by the caller.
 
 
-def _row_stride_layout(cos: Tensor) -> Tensor:
-    """cos itself when its rows are contiguous (any row stride), else a contiguous copy."""
-    return cos if cos.stride(1) == 1 or cos.shape[1] <= 1 else cos.contiguous()
-
-
 def _margin_args(row_m2: Optional[Tensor], row_m3: Optional[Tensor], placeholder: Tensor,
                  scale: float, m1: float, m2: float, m3: float, acc: torch.dtype):
     """(pointer arguments row_m2, row_m3; scalar arguments; constexprs) shared by the logit
     kernels. An absent row margin gets `placeholder`, in a branch its constexpr removes."""
     pointers = (row_m2.contiguous() if row_m2 is not None else placeholder,
                 row_m3.contiguous() if row_m3 is not None else placeholder)
-    scalars = (*_hi_lo(scale), *_hi_lo(m1), *_hi_lo(m2), *_hi_lo(m3))
+    scalars = (*hi_lo(scale), *hi_lo(m1), *hi_lo(m2), *hi_lo(m3))
     constexprs = dict(HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
-                      USE_ANGLE=row_m2 is not None or m1 != 1.0 or m2 != 0.0,
-                      ASIN_TERMS=25 if acc == torch.float64 else 10)
+                      USE_ANGLE=uses_angle(row_m2, m1, m2), ASIN_TERMS=asin_terms(acc))
     return pointers, scalars, constexprs
 
 
 def _launch_options(num_classes: int, device: torch.device) -> dict:
-    block_c = _block_c(num_classes, device)
-    return dict(BLOCK_C=block_c, num_warps=_row_num_warps(block_c))
+    block_c = row_block_c(num_classes, device)
+    return dict(BLOCK_C=block_c, num_warps=row_num_warps(block_c))
 
 
 def sharded_margin_stats(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
                          row_m3: Optional[Tensor], scale: float, m1: float, m2: float, m3: float,
                          class_start: int, ignore_index: int) -> Tensor:
     """fusedloss::sharded_margin_stats: the partials [N, 3] (fp32, fp64 for fp64 cos)."""
-    cos = _row_stride_layout(cos)
+    cos = row_layout(cos)
     n, c = cos.shape
     stats = torch.empty((n, 3), dtype=accumulation_dtype(cos), device=cos.device)
     if n == 0:
@@ -216,7 +203,7 @@ def sharded_margin_grad(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
                         m3: float, detach_margin: bool, class_start: int,
                         ignore_index: int) -> Tensor:
     """fusedloss::sharded_margin_grad: this shard's gradient [N, C_local] in the dtype of cos."""
-    cos = _row_stride_layout(cos)
+    cos = row_layout(cos)
     n, c = cos.shape
     grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device)
     if grad.numel() == 0:
@@ -237,15 +224,15 @@ def sharded_margin_linear_stats(embeddings: Tensor, weight: Tensor, target: Tens
                                 m1: float, m2: float, m3: float, normalize: bool,
                                 class_start: int, ignore_index: int, block_size: int) -> Tensor:
     """fusedloss::sharded_margin_linear_stats: the partials [N, 3] of cos = x^ w^T."""
-    p = _linear._pipeline(embeddings, weight, target, normalize, block_size)
+    p = linear.pipeline(embeddings, weight, target, normalize, block_size)
     n = p.x.shape[0]
     live = p.target != ignore_index
     if n == 0 or p.w.shape[0] == 0:  # no row, or a shard without classes: (-inf, 0, 0)
         zero = torch.zeros(n, dtype=p.acc, device=p.x.device)
         return torch.stack([torch.full_like(zero, float("-inf")), zero, zero], dim=1)
-    z_y, _ = _linear._target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin=True,
-                                    class_start=class_start, sharded=True)
-    part_max, part_oth, part_z = _linear._split_lse(p, scale, class_start, with_sum=True).unbind(0)
+    z_y, _ = linear.target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin=True,
+                                  class_start=class_start, sharded=True)
+    part_max, part_oth, part_z = linear.split_lse(p, scale, class_start, with_sum=True).unbind(0)
     # lse_other = M + log sum_splits S_o,split exp(M_split - M), with M = 0 while it is -inf.
     row_max = part_max.amax(0)
     ref = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
@@ -262,13 +249,13 @@ def sharded_margin_linear_grad(embeddings: Tensor, weight: Tensor, target: Tenso
                                block_size: int) -> tuple[Tensor, Tensor]:
     """fusedloss::sharded_margin_linear_grad: (this shard's contribution to grad_embeddings,
     grad_weight_shard), in the inputs' dtypes."""
-    p = _linear._pipeline(embeddings, weight, target, normalize, block_size)
+    p = linear.pipeline(embeddings, weight, target, normalize, block_size)
     if p.x.shape[0] == 0 or p.w.shape[0] == 0:
         return torch.zeros_like(p.x), torch.zeros_like(p.w)
-    _, slope = _linear._target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin,
-                                      class_start=class_start, sharded=True)
+    _, slope = linear.target_logits(p, row_m2, row_m3, scale, m1, m2, m3, detach_margin,
+                                    class_start=class_start, sharded=True)
     # G_ij = s a exp(s cos_ij - lse) - s b, G_iy = slope d: _grad_kernel's coef form. Ignored
     # rows and rows whose target is elsewhere are told apart by the kernel from the target.
     lse, a, b, d = coef.to(p.acc).unbind(1)
     kernel_coef = torch.stack([lse, scale * a, scale * b, slope * d]).contiguous()
-    return _linear._input_grads(p, kernel_coef, scale, class_start, ignore_index)
+    return linear.input_grads(p, kernel_coef, scale, class_start, ignore_index)

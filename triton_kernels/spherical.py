@@ -6,12 +6,14 @@ k in [0, C), target c, and scalars a, b, the kernel computes
 
     m      = (1/C) sum_k o_k                                           (pass 1)
     D      = sum_k (o_k - m),   Q = sum_k (o_k - m)^2                   (pass 2)
-    mu     = m + D / C,   sigma = max(sqrt(max(Q - D^2 / C, 0) / C), 1e-12)
+    mu     = m + D / C,   sigma = max(sqrt(max(Q - D^2 / C, 0) / C), SIGMA_FLOOR)
     z_c    = ((o_c - m) - D / C) / sigma                   [= (o_c - mu) / sigma]
     loss   = softplus(a (b - z_c)) / a
     grad_k = alpha + beta (o_k - m) + gamma [k = c]                    (pass 3)
     with g = sigmoid(a (b - z_c)),  gamma = -g / sigma,  alpha = g / (C sigma) - beta D / C,
          beta = g z_c / (C sigma^2), or 0 where the floor holds   (spherical.h z_loss_grad)
+
+with SIGMA_FLOOR = 1e-12 (spherical.h kSigmaFloor; defined in fusedloss.reference.spherical).
 
 The variance is taken about the mean (a second pass), never as E[o^2] - mu^2. D, zero in
 exact arithmetic, is the rounding error of pass 1: adding D / C to the mean and taking
@@ -29,7 +31,7 @@ GPU (128 under the interpreter, so that small test rows still take several chunk
 num_warps = BLOCK_C / 256 in [1, 16].
 
 Precision: accumulation in the dtype of `loss` (fp32, fp64 for fp64 logits); a and b
-arrive as fp32 hi + lo pairs (margin._hi_lo) and are rebuilt in that dtype. softplus
+arrive as fp32 hi + lo pairs (_common.hi_lo) and are rebuilt in that dtype. softplus
 uses log1p(u) = 2 atanh(u / (2 + u)) as a series, exact to rounding for u in [0, 1] from
 +, *, / alone: tl.log has no log1p, and its fp32 lowering may be a fast approximation
 whose absolute error would be a large relative error of a small loss.
@@ -39,9 +41,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedloss.triton_kernels.margin import _block_c, _hi_lo, _row_kernel_io, _row_num_warps
+from fusedloss.reference.spherical import SIGMA_FLOOR
+from fusedloss.triton_kernels._common import (from_hi_lo, hi_lo, row_block_c, row_kernel_io,
+                                              row_num_warps)
 
-_SIGMA_FLOOR = tl.constexpr(1e-12)  # spherical.h kSigmaFloor
+_SIGMA_FLOOR = tl.constexpr(SIGMA_FLOOR)  # the kernels' view of it (spherical.h kSigmaFloor)
 
 
 @triton.jit
@@ -98,8 +102,8 @@ def _spherical_z_loss_kernel(
     row = tl.program_id(0).to(tl.int64)
     in_row = logits_ptr + row * row_stride
     grad_row = grad_ptr + row * C  # grad is contiguous [N, C]
-    a = tl.cast(a_hi, ACC) + tl.cast(a_lo, ACC)
-    b = tl.cast(b_hi, ACC) + tl.cast(b_lo, ACC)
+    a = from_hi_lo(a_hi, a_lo, ACC)
+    b = from_hi_lo(b_hi, b_lo, ACC)
 
     t = tl.load(target_ptr + row)
     ignored = t == ignore_index
@@ -159,16 +163,16 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, ignore_
     """fusedloss::spherical_z_loss (csrc/ops.cpp): per-row loss, and d loss_i / d logits_ij
     in the dtype of `logits` when compute_grad (else an empty tensor). Inputs are validated
     by the caller."""
-    logits, target, loss, grad, grad_arg = _row_kernel_io(logits, target, compute_grad)
+    logits, target, loss, grad, grad_arg = row_kernel_io(logits, target, compute_grad)
     n, c = logits.shape
-    block_c = _block_c(c, logits.device)
+    block_c = row_block_c(c, logits.device)
     if n > 0:
         torch.library.wrap_triton(_spherical_z_loss_kernel)[(n,)](
             logits, target, loss, grad_arg,
             c, logits.stride(0), ignore_index,
-            *_hi_lo(a), *_hi_lo(b),
+            *hi_lo(a), *hi_lo(b),
             COMPUTE_GRAD=compute_grad, ONE_CHUNK=c <= block_c, BLOCK_C=block_c,
             ATANH_TERMS=17 if loss.dtype == torch.float64 else 9,
-            num_warps=_row_num_warps(block_c),
+            num_warps=row_num_warps(block_c),
         )
     return loss, grad

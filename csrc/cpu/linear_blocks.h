@@ -43,9 +43,8 @@
 // Block size: block_size rows, or (0) as many rows as make the B x C block about 32 MiB
 // but at least 128, then evened out over the blocks. The floor is for the GEMMs: with few
 // rows matmul 3 is a rank-B update of grad_w, which reads and writes all of grad_w once per
-// block, and matmul 1 repacks all of w once per block. Measured on 2 cores (N = 1024,
-// D = 512, C = 100k, fp32, the three GEMMs of all blocks, best of 4): 1.85 s at B = 79
-// (a 32 MiB block), 1.31 s at B = 128 (51 MB), 1.22 s at B = 171.
+// block, and matmul 1 repacks all of w once per block: that traffic, O(C D) per block, is
+// O(C D N / B) in all, and B >= 128 keeps it small against the O(N C D) of the products.
 //
 // fp16 / bf16: every matmul runs in fp32. The block of x is converted (and normalised)
 // into the fp32 B x D buffer; the weight is converted a slice of ~4 MiB of fp32 at a time

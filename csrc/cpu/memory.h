@@ -13,8 +13,8 @@ namespace cpu {
 
 // Asks Linux to back the 2 MiB-aligned interior of a fresh buffer with transparent huge
 // pages. A new N x C gradient is written once, right away; with 4 KiB pages its first
-// touch costs one page fault per 4 KiB, which on a 2-core machine is as long as the
-// kernel itself. Only a hint: without THP (or off Linux) nothing changes.
+// touch costs one page fault per 4 KiB, with huge pages one per 2 MiB. Only a hint: without
+// THP (or off Linux) nothing changes.
 inline void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;

@@ -30,21 +30,12 @@
 //     row and column sums taken after the epilogue.
 //
 // Block sizes: block_size > 0 makes B = T = block_size; 0 picks B = 256, T = 1024 (a 1 MiB
-// fp32 tile, half of it per core with 2 threads, inside L2), or B = T = 512 when ref is x.
-// For that choice, N = 2048, D = 512, kind 0 mined, extrema + stats + backward, best of 9:
-// one thread, 97 ms with B = 512 (10 of 16 tiles), 96 ms with 256 (36 of 64), 143 ms with
-// 1024 (3 of 4), against 160 ms for the general path on a separate copy of x; two threads
-// on a quiet machine ~61 ms with 256, 60-90 ms with 512 (noisy). But with another process
-// busy on one of the 2 cores every parallel region waits for a time slice of the
-// descheduled thread: 346 ms with 512, 1390 ms with 256, 202 ms with 1024. 512 keeps the
-// tile count (and so the regions) low at little cost in products.
-// Measured (before the symmetric path) on a shared 2-core
-// AVX-512 machine, N = M = 4096, D = 128, fp32, the batch as its own reference, kind 0 with
-// thresholds, best of 5, one thread: pair_extrema 38 ms, pair_row_stats 47 ms, backward
-// 104 ms (3 GEMMs of 4.3 GFLOP each, ~36 ms apiece), 189 ms in all, against 1450 ms for the
-// dense torch oracle (reference/pairs.py: extrema, then stats forward and backward by
-// autograd); square tiles of 256 to 1024 took the same within noise, 128 took 273 ms. Two
-// threads: ~145 ms against ~1830 ms (noisy there).
+// fp32 tile, half of it per core with 2 threads, inside L2), or B = T = 512 when ref is x
+// (square blocks for the symmetric path below). Every tile's epilogue is one parallel
+// region, which ends when its slowest thread does; with nb = N / B blocks the symmetric
+// path has nb (nb + 1) / 2 tiles and multiplies that fraction of the nb^2 products, so a
+// larger B means fewer regions for a slightly larger share of the products (10 of 16 at
+// B = N / 4, 36 of 64 at B = N / 8).
 //
 // Own reference (ref is x: the same data, sizes and strides, as the functions pass the
 // batch without a reference set). Then S = x x^T is symmetric and S_JI = S_IJ^T, so with
@@ -110,7 +101,7 @@ constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 // The vectorised loops of this file: one clone per instruction set (vec_math.h), with every
 // call inside inlined (flatten). Without it GCC's inliner, at its unit-growth limit in a
 // file of this many instantiations, leaves fast_exp an out-of-line call, which keeps the
-// loops that take exponentials scalar (measured: ~3x slower epilogues).
+// loops that take exponentials scalar.
 #define FL_PAIR_LOOP FL_CPU_CLONES __attribute__((flatten))
 
 // ---- inputs and tiles -------------------------------------------------------------------
@@ -469,7 +460,8 @@ struct OnlineLse {
 };
 
 // Exponentials below this are taken as 0: their products with a gradient would be
-// subnormal, which x86 multiplies ~100x slower (see kFlushBelow in vec_math.h).
+// subnormal, and x86 multiplies subnormals through a microcode assist (see kFlushBelow in
+// vec_math.h).
 template <typename acc_t>
 acc_t flushed_exp(acc_t v) {
   const acc_t e = fast_exp(v);

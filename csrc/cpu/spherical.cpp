@@ -112,8 +112,9 @@ void z_loss_row(const RowArgs<scalar_t, acc_t>& p, int64_t i) {
   sum_sq_dev -= sum_dev * correction;
   sum_sq_dev = sum_sq_dev < acc_t(0) ? acc_t(0) : sum_sq_dev;  // NaN passes through
 
-  // floored_sigma maps a NaN spread to the floor; keep it NaN so that every backend agrees
-  // with the reference (whose clamp_min propagates NaN), e.g. for a row holding +inf.
+  // A NaN spread (a row holding inf or NaN) gives sigma = NaN, hence a NaN loss and gradient
+  // row, as in the reference (whose clamp_min propagates NaN). floored_sigma passes NaN
+  // through as well; the explicit test states the contract here.
   const acc_t sigma = std::isnan(sum_sq_dev) ? sum_sq_dev : spherical::floored_sigma(sum_sq_dev, C);
   const bool floored = sigma == acc_t(spherical::kSigmaFloor);
   // o_c - mu as (o_c - m) - (mu - m): the first difference is exact next to the mean.

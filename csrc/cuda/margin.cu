@@ -1,7 +1,7 @@
 // CUDA kernel of fusedloss::margin_cross_entropy: per-row loss and, optionally, the
 // gradient with respect to the cosines. The math of a row (target logit, loss, gradient)
 // is derived in csrc/include/fusedloss/margin.h and called from there; this file only
-// lays it out on the GPU. No torch headers: `nvcc -c` checks this file in seconds.
+// lays it out on the GPU. No torch headers: plain `nvcc -c` compiles this file.
 //
 // Design: one thread block per row (grid-stride over rows), 32..1024 threads (512 for
 // fp64), chosen so that each thread owns at least two 16-byte vectors of the row.

@@ -1,8 +1,8 @@
 // CUDA kernel of fusedloss::spherical_z_loss: per-row loss and, optionally, the gradient
 // with respect to the logits. The math of a row (floored sigma, loss, the coefficients of
-// the gradient alpha + beta o_k + gamma [k = c]) is derived in
+// the gradient alpha + beta (o_k - m) + gamma [k = c], m the pass-1 mean) is derived in
 // csrc/include/fusedloss/spherical.h and called from there; this file only lays it out on
-// the GPU. No torch headers: `nvcc -c` checks this file in seconds.
+// the GPU. No torch headers: plain `nvcc -c` compiles this file.
 //
 // Design: one thread block per row (grid-stride over rows), 32..1024 threads (512 for
 // fp64), chosen so that each thread owns at least two 16-byte vectors of the row. The
@@ -22,7 +22,8 @@
 //           coefficients (spherical::z_loss_grad) from the same block sums; thread 0
 //           writes the loss (spherical::z_loss).
 //   pass 3  (only when the gradient is asked for) every thread writes
-//           alpha + beta o_k + gamma [k = c] for the same elements.
+//           alpha + beta (o_k - m) + gamma [k = c] for the same elements (o_k - m, not
+//           o_k: the form alpha' + beta o_k cancels when the mean is large, spherical.h).
 //
 // Where passes 2 and 3 get the row from: when the row fits in the opt-in shared memory
 // (227 KB on H100/H200: ~116k bf16/fp16, ~58k fp32, ~29k fp64 columns), pass 1 copies

@@ -46,10 +46,11 @@
 // |r|^2 and S each come out of a D-term sum with an absolute error of at most
 // gamma_D (|x|^2 + |r|^2) (gamma_D = D u / (1 - D u); for S by |2 S| <= |x|^2 + |r|^2), so
 //   |fl(d^2) - d^2| <= c u (|x|^2 + |r|^2),   c ~ 2 D in the worst case, O(sqrt D) typically,
-// whatever d is: relative to d^2 it grows without bound as the pair closes. In fp32 two unit
-// rows d = 1e-3 apart came out a few percent off, d = 1e-4 apart up to 100% off, an exact
-// duplicate as d ~ sqrt(c u) ~ 5e-4, and a = w / d of the backward is wrong by the same
-// factor. So a pair is "near" when the Gram value says
+// whatever d is: relative to d^2 it grows without bound as the pair closes. For unit rows
+// the relative error of d^2 is of order c u / d^2: in fp32 (u = 2^-24) percents at
+// d ~ 1e-3, all of d^2 at d ~ 1e-4, and an exact duplicate gets d of order sqrt(c u)
+// (~5e-4) instead of 0; a = w / d of the backward is wrong by the same factor. So a pair
+// is "near" when the Gram value says
 //   d^2 < kappa (|x|^2 + |r|^2),   kappa = kNearFraction = 2^-6,
 // and for it the kernels recompute d^2 = sum_k (x_k - r_k)^2 in the accumulation dtype from
 // the differences: each is exact where x_k and r_k lie within a factor 2 of each other

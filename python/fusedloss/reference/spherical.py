@@ -4,6 +4,8 @@ Math: csrc/include/fusedloss/spherical.h. Autograd differentiates this code dire
 import torch
 import torch.nn.functional as F
 
+# The floor of sigma, csrc/include/fusedloss/spherical.h kSigmaFloor. Its one definition in
+# Python: the other backends' Python and Triton code import it from here.
 SIGMA_FLOOR = 1e-12
 
 
