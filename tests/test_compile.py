@@ -1,8 +1,6 @@
 """torch.library.opcheck of every op and torch.compile(fullgraph=True) of every public function,
 from the op registry (fusedloss.specs). Triton twins are opchecked on CUDA only: their
 fake-tensor checks cannot run on CPU tensors under the interpreter (DESIGN.md, Testing)."""
-import importlib
-
 import pytest
 import torch
 
@@ -26,13 +24,6 @@ def test_opcheck_cpu(spec, k):
     torch.library.opcheck(getattr(torch.ops.fusedloss, op), args)
 
 
-def _triton_twin(spec, op_name):
-    """The Triton twin of op `op_name` (defined on first use by its Op)."""
-    module = importlib.import_module(f"fusedloss.{spec.family}")
-    ops = [v for v in vars(module).values() if isinstance(v, _ops.Op) and v.name == op_name]
-    return ops[0].triton if ops else None
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,k", _op_sample_params("cuda", "triton"))
 def test_opcheck_gpu(spec, k):
@@ -40,9 +31,7 @@ def test_opcheck_gpu(spec, k):
     if "cuda" in _ops.kernel_backends(op):
         torch.library.opcheck(getattr(torch.ops.fusedloss, op), args)
     if "triton" in spec.backends:
-        twin = _triton_twin(spec, op)
-        assert twin is not None, f"{op} has no Triton twin"
-        torch.library.opcheck(twin, args)
+        torch.library.opcheck(_ops.OPS[op].triton, args)
 
 
 def _compile_params():
