@@ -17,11 +17,10 @@
 # the bench stage, bench_cuda.md, bench_cuda.json and bench_cuda.png. Exits 0 only if every
 # stage asked for succeeded.
 #
-# The tests stage also checks the sharded ops at world size 1 over NCCL (row "sharded-nccl"):
-# the `dist` tests of tests/test_sharded.py whose names mention nccl, when it has such tests,
-# else an inline check of sharded_margin_cross_entropy and
-# linear_sharded_margin_cross_entropy under a 1-rank NCCL group against the fp64 reference
-# of the unsharded ops, with the tolerances of tests/conftest.py.
+# The tests stage runs the tests marked gpu or triton, except those marked both gpu and dist,
+# which then run on their own (row "sharded-nccl"): the sharded ops over a 1-rank NCCL group
+# against the fp64 reference of the unsharded ops
+# (tests/test_sharded.py::test_sharded_ops_over_a_one_rank_nccl_group).
 #
 # The bench stage first installs, offline (--no-index --no-deps), any wheels in bench/wheels/:
 # the peer libraries of the benchmark, downloaded beforehand on a machine with network access
@@ -204,66 +203,18 @@ stage_build() {
   record build "$step_text" "$seconds" "$step_failed"
 }
 
-# The sharded ops at world size 1 over NCCL, against the fp64 reference of the unsharded ops
-# (loss, and the gradients of cos, embeddings and weight shard), fp32 and bf16.
-read -r -d '' NCCL_CHECK <<'EOF'
-import sys
-import torch
-import torch.distributed as dist
-import fusedloss
-sys.path.insert(0, "tests")
-from conftest import assert_close  # the tolerances of the test suite
-
-dev = torch.device("cuda", torch.cuda.current_device())  # init_process_group needs the index
-dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=dev)
-try:
-    g = torch.Generator(device=dev).manual_seed(0)
-    N, C, D, kw = 512, 3000, 128, dict(scale=64.0, m2=0.5)
-    t = torch.randint(0, C, (N,), device=dev, generator=g)
-    cos = torch.empty(N, C, device=dev).uniform_(-0.8, 0.8, generator=g)
-    x = torch.randn(N, D, device=dev, generator=g)
-    w = torch.randn(C, D, device=dev, generator=g)
-    sharded = (fusedloss.sharded_margin_cross_entropy,
-               fusedloss.linear_sharded_margin_cross_entropy)
-    single = (fusedloss.margin_cross_entropy, fusedloss.linear_margin_cross_entropy)
-    for form, inputs in enumerate(((cos,), (x, w))):
-        for dtype in (torch.float32, torch.bfloat16):
-            leaves = [a.detach().to(dtype).requires_grad_() for a in inputs]
-            loss = sharded[form](*leaves, t, class_start=0, num_classes=C,
-                                 group=dist.group.WORLD, **kw)
-            loss.backward()
-            ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
-            ref = single[form](*ref_leaves, t, backend="reference", **kw)
-            ref.backward()
-            what = f"{sharded[form].__name__} {dtype}"
-            assert_close(loss.detach(), ref.detach(), dtype, what + " loss")
-            for a, r in zip(leaves, ref_leaves):
-                assert_close(a.grad, r.grad, dtype, what + " grad")
-            print(f"{what} over a 1-rank NCCL group: loss {loss.item():.6g} "
-                  f"(reference {ref.item():.6g}), gradients ok")
-finally:
-    dist.destroy_process_group()
-EOF
-
+# The tests marked gpu and dist: the sharded ops over a 1-rank NCCL group.
 stage_sharded_nccl() {
-  if grep -qi nccl tests/test_sharded.py 2>/dev/null; then
-    run_step sharded-nccl "$NCCL_LIMIT_S" "$PYTHON" -m pytest -m dist -k nccl -q \
-      tests/test_sharded.py
-    if ((step_rc != 5)); then
-      describe_rc "$step_rc"
-      record sharded-nccl "$step_text (tests/test_sharded.py -m dist -k nccl)" "$step_s" \
-        "$step_failed"
-      return
-    fi
-    log "   no nccl test selected in tests/test_sharded.py: the inline check instead"
-  fi
-  run_step sharded-nccl "$NCCL_LIMIT_S" "$PYTHON" -c "$NCCL_CHECK"
+  run_step sharded-nccl "$NCCL_LIMIT_S" "$PYTHON" -m pytest -m "gpu and dist" -q \
+    tests/test_sharded.py
   describe_rc "$step_rc"
-  record sharded-nccl "$step_text (inline check)" "$step_s" "$step_failed"
+  record sharded-nccl "$step_text (tests/test_sharded.py -m 'gpu and dist')" "$step_s" \
+    "$step_failed"
 }
 
 stage_tests() {
-  run_step tests "$TESTS_LIMIT_S" "$PYTHON" -m pytest -m "gpu or triton" -q tests/
+  run_step tests "$TESTS_LIMIT_S" "$PYTHON" -m pytest -q tests/ \
+    -m "(gpu or triton) and not (gpu and dist)"
   describe_rc "$step_rc"
   record tests "$step_text" "$step_s" "$step_failed"
   stage_sharded_nccl

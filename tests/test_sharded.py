@@ -425,15 +425,17 @@ def check_partial_fc(rank, world):
 
 @contextlib.contextmanager
 def recorded_collectives():
-    """[(collective, shape of the tensor this rank hands it)] of every all_reduce, all_gather,
-    all_to_all_single and reduce-scatter called through torch.distributed while inside."""
+    """[(collective, traffic tag, shape of the tensor this rank hands it)] of every all_reduce,
+    all_gather, all_to_all_single and reduce-scatter called through torch.distributed while
+    inside; the tag is the one fusedloss.distributed issued the call under
+    (fdist.current_traffic(); None for a call made outside its wrappers)."""
     where = {"all_reduce": 0, "all_gather": 1, "all_to_all_single": 1,
              "reduce_scatter_single": 1, "reduce_scatter_tensor": 1}
     calls, saved = [], {}
 
     def recording(name, original):
         def collective(*args, **kwargs):
-            calls.append((name, tuple(args[where[name]].shape)))
+            calls.append((name, fdist.current_traffic(), tuple(args[where[name]].shape)))
             return original(*args, **kwargs)
         return collective
 
@@ -459,7 +461,7 @@ def check_partial_fc_backward_traffic(rank, world):
     with recorded_collectives() as calls:
         loss.backward()
     longest = 1 + world  # the batch sizes are 2, 3, ..., world + 1
-    assert calls == [("all_to_all_single", (world * longest, 6))], calls
+    assert calls == [("all_to_all_single", fdist.EMBEDDING_GRAD, (world * longest, 6))], calls
 
 
 def check_reduce_scatter_rows(rank, world):
@@ -611,3 +613,61 @@ _CHECKS = ["check_logit_level", "check_linear", "check_partial_fc",
 def test_process_group(world):
     extra = {3: ["check_reshard_two_to_three"], 4: ["check_empty_shards"]}.get(world, [])
     _spawn(world, _CHECKS + extra)
+
+
+# --- over NCCL, one GPU -------------------------------------------------------------------------
+
+def check_sharded_ops_over_the_default_group(form, dtype, device):
+    """The sharded op of `form` ("logit": sharded_margin_cross_entropy on cos [N, C];
+    "linear": linear_sharded_margin_cross_entropy on x [N, D] and w [C, D]) over the default
+    process group, one rank holding all C classes, on `dtype` inputs on `device`, against
+    the unsharded op's fp64 reference on the same (rounded) inputs: the loss and the
+    gradient of every input."""
+    n, c, d, kw = 512, 3000, 128, dict(scale=64.0, m2=0.5)
+    g = torch.Generator(device=device).manual_seed(0)
+    target = torch.randint(0, c, (n,), device=device, generator=g)
+    target[1] = -100
+    if form == "logit":
+        inputs = (torch.empty(n, c, device=device).uniform_(-0.8, 0.8, generator=g),)
+        op, oracle = fusedloss.sharded_margin_cross_entropy, fusedloss.margin_cross_entropy
+    else:
+        inputs = (torch.randn(n, d, device=device, generator=g),
+                  torch.randn(c, d, device=device, generator=g))
+        op = fusedloss.linear_sharded_margin_cross_entropy
+        oracle = fusedloss.linear_margin_cross_entropy
+    leaves = [t.to(dtype).requires_grad_() for t in inputs]
+    loss = op(*leaves, target, class_start=0, num_classes=c, group=dist.group.WORLD, **kw)
+    loss.backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    expected = oracle(*ref_leaves, target, backend="reference", **kw)
+    expected.backward()
+    what = f"{op.__name__} {dtype} over a 1-rank {dist.get_backend()} group"
+    close(loss, expected, dtype, f"loss {what}")
+    for i, (leaf, ref) in enumerate(zip(leaves, ref_leaves)):
+        close(leaf.grad, ref.grad, dtype, f"grad of input {i} {what}")
+
+
+@pytest.fixture
+def nccl_group(tmp_path):
+    """The default process group for the test: one NCCL rank on the current GPU, over a
+    FileStore, with the group timeout of this file; destroyed after the test."""
+    if not dist.is_nccl_available():
+        pytest.skip("this build of torch has no NCCL")
+    if dist.is_initialized():
+        pytest.fail("a default process group exists already: the test would not own it")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1, device_id=device,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.dist
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", ["logit", "linear"])
+def test_sharded_ops_over_a_one_rank_nccl_group(nccl_group, form, dtype):
+    check_sharded_ops_over_the_default_group(form, dtype, nccl_group)

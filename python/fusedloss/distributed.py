@@ -9,14 +9,52 @@ No rank may raise alone: the others would wait in the next collective until the 
 timeout. So the sharded functions first gather every rank's small summary of its inputs in
 one all_reduce (`gather_table`), and every rank derives the same errors from the same table
 and raises the same message.
+
+Every collective of this module runs inside `traffic(kind)`, kind one of TRAFFIC_KINDS: what
+the collective is for. `current_traffic()` is that kind while the collective is being issued
+and None outside any, so that a counter wrapping the torch.distributed collectives (the
+benchmark's) files each call's bytes by purpose, and a call made without a tag bypassed this
+module.
 """
+import contextlib
+import contextvars
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 _MISSING = torch.iinfo(torch.int64).min  # a table slot that another rank fills
+
+
+# --- traffic tags ------------------------------------------------------------------------------
+
+ERROR_AGREEMENT = "error agreement"  # gather_table, gather_counts: small int64 summaries
+COMBINING = "combining"  # all_reduce of the per-row partials of the sharded ops: O(N)
+EMBEDDING_ALL_GATHER = "embedding all-gather"  # all_gather_rows of floating-point rows
+LABEL_ALL_GATHER = "label all-gather"  # all_gather_rows of integer rows
+EMBEDDING_GRAD = "embedding-grad reduction"  # the sum over ranks of the rows' gradient
+TRAFFIC_KINDS = (ERROR_AGREEMENT, COMBINING, EMBEDDING_ALL_GATHER, LABEL_ALL_GATHER,
+                 EMBEDDING_GRAD)
+
+_TRAFFIC: contextvars.ContextVar = contextvars.ContextVar("fusedloss_traffic", default=None)
+
+
+@contextlib.contextmanager
+def traffic(kind: str) -> Iterator[None]:
+    """Tags the collectives issued inside with `kind` (innermost tag wins); per thread."""
+    if kind not in TRAFFIC_KINDS:
+        raise ValueError(f"traffic: unknown kind {kind!r}, expected one of {TRAFFIC_KINDS}")
+    token = _TRAFFIC.set(kind)
+    try:
+        yield
+    finally:
+        _TRAFFIC.reset(token)
+
+
+def current_traffic() -> Optional[str]:
+    """The kind of the collective being issued (see traffic); None outside any tag."""
+    return _TRAFFIC.get()
 
 
 def initialized() -> bool:
@@ -53,12 +91,16 @@ def shard_starts(num_classes: int, world_size: int) -> List[int]:
     return [shard_range(num_classes, world_size, r)[0] for r in range(world_size)] + [num_classes]
 
 
-def all_reduce(x: torch.Tensor, op: str, group=None) -> torch.Tensor:
-    """A reduced copy of x ("sum" or "max") over the group; x itself when there is no group."""
+def all_reduce(x: torch.Tensor, op: str, group=None, kind: str = COMBINING) -> torch.Tensor:
+    """A reduced copy of x ("sum" or "max") over the group; x itself when there is no group.
+    `kind` tags the traffic (see traffic); the default is that of the sharded ops' reductions
+    of their per-row partials."""
     if not initialized():
         return x
     out = x.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    with traffic(kind):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                        group=group)
     return out
 
 
@@ -72,7 +114,7 @@ def gather_table(local: Dict[str, int], group=None, device=None) -> List[Dict[st
     keys = sorted(local)
     table = torch.full((world, len(keys)), _MISSING, dtype=torch.int64, device=device)
     table[rank] = torch.tensor([int(local[k]) for k in keys], dtype=torch.int64)
-    table = all_reduce(table, "max", group).tolist()
+    table = all_reduce(table, "max", group, kind=ERROR_AGREEMENT).tolist()
     return [dict(zip(keys, row)) for row in table]
 
 
@@ -181,7 +223,8 @@ def gather_counts(local: Sequence[int], group=None, device=None) -> torch.Tensor
     if not initialized():
         return mine[None]
     out = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(out, mine, group=group)
+    with traffic(ERROR_AGREEMENT):
+        dist.all_gather(out, mine, group=group)
     return torch.stack(out)
 
 
@@ -189,10 +232,10 @@ class _AllGatherRows(torch.autograd.Function):
     """Rows of every rank concatenated in rank order. Backward: the gathered tensor's gradient
     differs per rank (each rank used it for its own shard), so rank r's rows get the sum over
     ranks of their gradient (reduce_scatter_rows: rank r receives the sum of its rows only),
-    times grad_scale."""
+    times grad_scale. Forward's traffic is tagged `kind`, backward's EMBEDDING_GRAD."""
 
     @staticmethod
-    def forward(ctx, x, sizes, group, grad_scale):
+    def forward(ctx, x, sizes, group, grad_scale, kind):
         ctx.sizes, ctx.group, ctx.grad_scale = sizes, group, grad_scale
         if not initialized():
             return x.clone()
@@ -200,7 +243,8 @@ class _AllGatherRows(torch.autograd.Function):
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: x.shape[0]] = x
         pieces = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(pieces, padded.contiguous(), group=group)
+        with traffic(kind):
+            dist.all_gather(pieces, padded.contiguous(), group=group)
         return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
 
     @staticmethod
@@ -208,29 +252,33 @@ class _AllGatherRows(torch.autograd.Function):
         mine = reduce_scatter_rows(grad, ctx.sizes, ctx.group)
         if ctx.grad_scale != 1.0:
             mine = mine * ctx.grad_scale
-        return mine, None, None, None
+        return mine, None, None, None, None
 
 
 def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], group=None,
-                    grad_scale: float = 1.0) -> torch.Tensor:
+                    grad_scale: float = 1.0, kind: Optional[str] = None) -> torch.Tensor:
     """Every rank's x [n_r, ...] concatenated in rank order ([sum n_r, ...]); `sizes` are the
     n_r of every rank (from gather_counts). gloo's all_gather needs equal shapes, so each rank
     pads to max n_r and the padding is dropped. Autograd-aware: x's gradient is the sum over
     ranks of the gradient of its rows, times grad_scale (reduce_scatter_rows). Traffic: W *
-    max(n_r) rows in forward, and as many in backward."""
-    return _AllGatherRows.apply(x, [int(n) for n in sizes], group, float(grad_scale))
+    max(n_r) rows in forward, and as many in backward. `kind` tags the forward's traffic
+    (None: EMBEDDING_ALL_GATHER for floating-point rows, LABEL_ALL_GATHER for integer ones)."""
+    if kind is None:
+        kind = EMBEDDING_ALL_GATHER if x.is_floating_point() else LABEL_ALL_GATHER
+    return _AllGatherRows.apply(x, [int(n) for n in sizes], group, float(grad_scale), kind)
 
 
-def reduce_scatter_rows(rows: torch.Tensor, sizes: Sequence[int], group=None) -> torch.Tensor:
+def reduce_scatter_rows(rows: torch.Tensor, sizes: Sequence[int], group=None,
+                        kind: str = EMBEDDING_GRAD) -> torch.Tensor:
     """This rank's block of the sum over ranks of `rows` [sum n_r, ...], which holds the n_r
     rows of every rank in rank order (`sizes`): rank r gets [n_r, ...] and receives no other
     rank's sum. The collective needs equal blocks, so each block is padded to max n_r rows.
     Traffic per rank: (W - 1) / W of the W * max(n_r) padded rows, half of what an all_reduce
-    of the rows sends (2 (W - 1) / W of them) when the blocks are even."""
+    of the rows sends (2 (W - 1) / W of them) when the blocks are even; tagged `kind`."""
     world, rank = world_and_rank(group)
     if not initialized():
         return rows
-    return _sum_of_block(_padded_blocks(rows, sizes), world, group)[: sizes[rank]]
+    return _sum_of_block(_padded_blocks(rows, sizes), world, group, kind)[: sizes[rank]]
 
 
 def _padded_blocks(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -244,30 +292,35 @@ def _padded_blocks(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     return padded
 
 
-def _sum_of_block(padded: torch.Tensor, world: int, group) -> torch.Tensor:
+def _sum_of_block(padded: torch.Tensor, world: int, group, kind: str) -> torch.Tensor:
     """Block `rank` of the sum over ranks of padded [W * n, ...]: a reduce-scatter. gloo's
     reduce_scatter runs a whole all_reduce underneath (the same bytes on the wire, measured
     on torch 2.13), so on gloo the ranks swap blocks (all_to_all) and each sums the W blocks
     it received, which sends the traffic of a ring reduce-scatter."""
     if dist.get_backend(group) == "gloo":
-        return exchange_and_sum(padded, world, group)
-    return reduce_scatter(padded, world, group)
+        return exchange_and_sum(padded, world, group, kind)
+    return reduce_scatter(padded, world, group, kind)
 
 
-def reduce_scatter(padded: torch.Tensor, world: int, group=None) -> torch.Tensor:
+def reduce_scatter(padded: torch.Tensor, world: int, group=None,
+                   kind: str = EMBEDDING_GRAD) -> torch.Tensor:
     """Block `rank` ([n, ...]) of the sum over ranks of padded [W * n, ...], by the backend's
-    reduce-scatter (reduce_scatter_single where torch has it, reduce_scatter_tensor before)."""
+    reduce-scatter (reduce_scatter_single where torch has it, reduce_scatter_tensor before);
+    tagged `kind`."""
     out = padded.new_empty((padded.shape[0] // world, *padded.shape[1:]))
     collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    collective(out, padded, group=group)
+    with traffic(kind):
+        collective(out, padded, group=group)
     return out
 
 
-def exchange_and_sum(padded: torch.Tensor, world: int, group=None) -> torch.Tensor:
+def exchange_and_sum(padded: torch.Tensor, world: int, group=None,
+                     kind: str = EMBEDDING_GRAD) -> torch.Tensor:
     """reduce_scatter's result from an all_to_all of the W blocks and a sum of those received
-    (in rank order, so the same on every run)."""
+    (in rank order, so the same on every run); tagged `kind`."""
     received = torch.empty_like(padded)
-    dist.all_to_all_single(received, padded, group=group)
+    with traffic(kind):
+        dist.all_to_all_single(received, padded, group=group)
     return received.view(world, padded.shape[0] // world, *padded.shape[1:]).sum(0)
 
 

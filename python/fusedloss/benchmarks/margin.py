@@ -70,6 +70,14 @@ def _bytes_row_op(case: dict) -> int:
     return 4 * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
 
 
+# The note of the families on cos [N, C] (margin, ce): their inputs and their GB/s.
+COS_NOTE = ("margin, ce: inputs cos [N, C] uniform in (-0.8, 0.8), random targets, fixed seed. "
+            "GB/s (fusedloss contenders): bytes counted = forward reads cos and writes the "
+            "gradient (N·C each), backward reads and writes the gradient once more to scale "
+            "it: 4·N·C·itemsize bytes / time. Target gathers, per-row statistics and the "
+            "targets are not counted.")
+
+
 # --------------------------------------------------------------------------------------
 # Family: margin softmax cross-entropy (ArcFace)
 # --------------------------------------------------------------------------------------
@@ -107,7 +115,8 @@ def margin_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Fami
     return Family(
         name="margin", cases=cases, make_inputs=cos_inputs, contenders=contenders,
         fused=fused, bytes_moved=_bytes_row_op, mem_factor=5.0,
-        notes=["margin: ArcFace, scale 64, m2 0.5; baseline = `arcface_baseline` "
+        notes=[COS_NOTE,
+               "margin: ArcFace, scale 64, m2 0.5; baseline = `arcface_baseline` "
                "(gather, acos, scatter of cos(theta + m), F.cross_entropy), "
                "eager and under torch.compile(dynamic=False)."])
 
@@ -116,6 +125,11 @@ def margin_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Fami
 # Family: plain cross-entropy, where the peer libraries (Liger-Kernel, Cut Cross-Entropy)
 # can be compared. On CUDA it joins the default run when a peer library is installed.
 # --------------------------------------------------------------------------------------
+
+def _on_cuda_with_peers(device: str) -> bool:
+    """on CUDA when Liger-Kernel or Cut Cross-Entropy is installed"""
+    return device == "cuda" and bool(peers())
+
 
 def plain_ce_baseline(cos, t):
     return F.cross_entropy(cos, t)
@@ -183,7 +197,7 @@ def _linear_contender(kind: str) -> Contender:
     return build
 
 
-@family("ce", default=False)
+@family("ce", default=_on_cuda_with_peers)
 def ce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
     installed = peers() if device == "cuda" else {}
     if device == "cuda":
@@ -209,7 +223,8 @@ def ce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
         fused += ("fusedloss-cuda", "fusedloss-triton")
         if "liger-kernel" in installed:
             contenders["liger (plain CE)"] = _liger_contender
-    notes = ["ce: plain cross-entropy on logits; fusedloss runs `margin_cross_entropy(x, t, "
+    notes = [COS_NOTE,
+             "ce: plain cross-entropy on logits; fusedloss runs `margin_cross_entropy(x, t, "
              "scale=1.0)` (m2 = 0), baseline = `F.cross_entropy(x, t)`, eager and compiled. "
              "Peer libraries compute plain cross-entropy only, so they appear in this family."]
     fam = Family(name="ce", cases=cases, make_inputs=cos_inputs, contenders=contenders,

@@ -20,12 +20,13 @@ the same weights), interleaved, and checks that the losses agree. Each rank repo
 peak resident memory of its first step beyond its inputs (the module and its rows of the
 batch; the head: the engine's measurement, also the first step of a fresh process) and the
 bytes it sent, counted by :class:`CollectiveCounter`, which wraps the
-torch.distributed collectives and files each call by where it came from: the agreement on
-errors (batch sizes and input checks, the table of every rank's shard and input digests),
-the combining all_reduces (4 N floats: independent of C), the embedding all-gather
-(N / W x D per rank: O(N D)), the label all-gather (N / W int64) and the embedding-gradient
-reduction (a reduce-scatter of the N x D gathered gradient, padded to W equal blocks: each
-rank receives the sum of its own N / W rows), each as its payload and as the bytes the
+torch.distributed collectives and files each call under the tag that fusedloss.distributed
+issued it with (``fusedloss.distributed.traffic``): the agreement on errors (batch sizes and
+input checks, the table of every rank's shard and input digests), the combining all_reduces
+(4 N floats: independent of C), the embedding all-gather (N / W x D per rank: O(N D)), the
+label all-gather (N / W int64) and the embedding-gradient reduction (a reduce-scatter of the
+N x D gathered gradient, padded to W equal blocks: each rank receives the sum of its own
+N / W rows), each as its payload and as the bytes the
 collective puts on the rank's wire (a reduce-scatter (W - 1) / W of its payload, half of an
 all_reduce's 2 (W - 1) / W). A machine with 2 cores runs the W ranks on the same 2 cores,
 so the time there shows what the collectives and the split cost, not the speed-up of W
@@ -77,8 +78,9 @@ import torch.nn.functional as F
 
 import fusedloss
 from fusedloss import distributed as fdist
-from fusedloss.bench import (DTYPES, SHORT, Contender, Family, MiB, Unavailable, _reset_peak_rss,
-                             _vmhwm_bytes, api, compiled, family)
+from fusedloss.bench import (DTYPES, SHORT, Contender, Family, MiB, Unavailable, api, compiled,
+                             family)
+from fusedloss.bench.memory import reset_peak_rss, vmhwm_bytes
 from fusedloss.benchmarks.margin import cos_inputs, linear_inputs
 
 WORLD = 8  # the run whose per-rank shapes the cases take
@@ -273,32 +275,9 @@ _COLLECTIVES = {
     "reduce_scatter_single": (1, "input", lambda w: (w - 1) / w),
     "all_to_all_single": (1, "input", lambda w: (w - 1) / w),
 }
-# a function of fusedloss on the call stack (innermost first) -> the kind of traffic
-_KIND_OF_CALLER = {
-    "gather_counts": "error agreement", "gather_table": "error agreement",
-    "combine_partials": "combining",
-    "_AllGatherRows.forward": "all-gather",
-    "_AllGatherRows.backward": "embedding-grad reduction",
-    "_LinearShardedMarginLoss.backward": "embedding-grad reduction",
-}
-KINDS = ("error agreement", "combining", "embedding all-gather", "label all-gather",
-         "embedding-grad reduction", "other", "bypassing fusedloss.distributed")
-
-
-def _kind_of_call(payload: torch.Tensor) -> str:
-    """The kind of a collective called from the frame two levels up (under the wrapper)."""
-    frame = sys._getframe(2)
-    if frame.f_code.co_filename != fdist.__file__:
-        return "bypassing fusedloss.distributed"
-    while frame is not None:
-        code = frame.f_code
-        kind = _KIND_OF_CALLER.get(getattr(code, "co_qualname", code.co_name))
-        if kind == "all-gather":
-            return "embedding all-gather" if payload.is_floating_point() else "label all-gather"
-        if kind is not None:
-            return kind
-        frame = frame.f_back
-    return "other"
+# The kind of a collective issued outside any fusedloss.distributed.traffic tag.
+UNTAGGED = "bypassing fusedloss.distributed"
+KINDS = (*fdist.TRAFFIC_KINDS, UNTAGGED)
 
 
 class CollectiveCounter:
@@ -306,8 +285,8 @@ class CollectiveCounter:
     (as fusedloss.distributed calls them) adds the bytes of the tensor this rank contributes
     (all_reduce / reduce: the tensor; all_gather: this rank's input; reduce-scatter and
     all_to_all: the whole input; broadcast: the tensor on the source rank) to
-    ``sent[kind] = [bytes, calls]``, kind from the fusedloss function that asked for it
-    (KINDS; "bypassing fusedloss.distributed" for a collective called from anywhere else), and
+    ``sent[kind] = [bytes, calls]``, kind = the tag fusedloss.distributed issued the call
+    under (``fdist.current_traffic()``; UNTAGGED for a collective issued without one), and
     the bytes the collective's usual algorithm puts on this rank's wire (_COLLECTIVES) to
     ``wire[kind]``. The payloads do not tell an all_reduce of N x D from a reduce-scatter of
     N x D; the wire bytes do (2 (W - 1) / W against (W - 1) / W of it)."""
@@ -349,7 +328,7 @@ class CollectiveCounter:
             if from_source:
                 src = args[1] if len(args) > 1 else kwargs["src"]
                 nbytes = nbytes if dist.get_rank() == src else 0
-            kind = _kind_of_call(payload)
+            kind = fdist.current_traffic() or UNTAGGED
             wire = round(nbytes * per_byte(dist.get_world_size(kwargs.get("group"))))
             for table, count in ((self.sent, nbytes), (self.wire, wire)):
                 entry = table.setdefault(kind, [0, 0])
@@ -374,11 +353,11 @@ def _peak_memory_of(fn, device: torch.device):
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        if not _reset_peak_rss():
+        if not reset_peak_rss():
             raise Unavailable("the RSS high-water mark cannot be reset (/proc/self/clear_refs)")
-        base = _vmhwm_bytes()
+        base = vmhwm_bytes()
         out = fn()
-        peak = _vmhwm_bytes()
+        peak = vmhwm_bytes()
     return out, {"base_bytes": base, "peak_bytes": peak, "extra_bytes": peak - base}
 
 
@@ -744,7 +723,8 @@ def sharded_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Fam
         "head the engine's way (a fresh process, its first step). Bytes: the payload each "
         "rank hands to each collective (all_reduce: its tensor; all_gather: its input; "
         "reduce-scatter and all_to_all: the whole input), counted by wrapping "
-        "torch.distributed and filed by the fusedloss function that called it, and the bytes "
+        "torch.distributed and filed under the tag fusedloss.distributed issued it with "
+        "(`fusedloss.distributed.traffic`), and the bytes "
         "a ring algorithm puts on each rank's wire (all_reduce 2 (W - 1) / W of the payload, "
         "all-gather W - 1 times, reduce-scatter and all_to_all (W - 1) / W); the notes below "
         "list them per case. On this 2-core machine the W ranks "
