@@ -211,7 +211,8 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
                 x, w, target, row_m2, row_m3, coef, *shard.margins(), shard.detach_margin,
                 shard.normalize, shard.class_start, shard.opts.ignore_index, shard.block_size)
         if shard.reduce_embedding_grad:  # every rank, whatever needs_input_grad says there
-            grad_x = fdist.all_reduce(grad_x, "sum", shard.group)
+            grad_x = fdist.all_reduce(grad_x, "sum", shard.group,
+                                      kind=fdist.EMBEDDING_GRAD)
         return grad_x, grad_w, None, None, None, None
 
 
