@@ -39,7 +39,7 @@ def backends():
 
 
 def kernel_ops(backend):
-    """The three pair ops of `backend`, all with the signatures of csrc/ops.cpp."""
+    """The three pair ops of `backend`, all with the signatures of python/fusedloss/_schemas.py."""
     if backend == "cpu":
         return torch.ops.fusedloss
     from fusedloss.triton_kernels import pairs

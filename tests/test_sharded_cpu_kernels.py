@@ -22,8 +22,8 @@ IGNORE = -100
 
 
 class Kernels(NamedTuple):
-    """The four sharded ops of one backend (attributes named as in csrc/ops.cpp, taking the
-    schema's keywords) and the device of their tensors."""
+    """The four sharded ops of one backend (attributes named as in fusedloss/_schemas.py,
+    taking the schema's keywords) and the device of their tensors."""
 
     ops: object
     device: str

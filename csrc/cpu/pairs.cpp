@@ -1,6 +1,6 @@
 // CPU kernels of the pair ops fusedloss::pair_extrema, pair_row_stats and
-// pair_row_stats_backward (contracts: csrc/ops.cpp; per-pair math and its derivatives:
-// csrc/include/fusedloss/pairs.h).
+// pair_row_stats_backward (contracts: python/fusedloss/_schemas.py; per-pair math and its
+// derivatives: csrc/include/fusedloss/pairs.h).
 //
 // Tiles. The N x M similarity matrix is visited one tile of B query rows x T reference rows
 // at a time: S = x_blk r_blk^T by ATen's matmul (MKL) into one reused B x T buffer, then an

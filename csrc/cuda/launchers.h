@@ -30,7 +30,7 @@ struct RowLossArgs {
 };
 
 // fusedloss::margin_cross_entropy on one [rows, cols] matrix of cosines (see
-// csrc/include/fusedloss/margin.h for the math and csrc/ops.cpp for the op).
+// csrc/include/fusedloss/margin.h for the math and python/fusedloss/_schemas.py for the op).
 struct MarginArgs {
   RowLossArgs matrix;  // input: the cosines
   const void* row_m2;  // [rows] of the accumulation type, or nullptr for `m2`
@@ -49,7 +49,7 @@ struct MarginArgs {
 cudaError_t launch_margin_cross_entropy(const MarginArgs& args, cudaStream_t stream);
 
 // fusedloss::spherical_z_loss on one [rows, cols] matrix of logits (see
-// csrc/include/fusedloss/spherical.h for the math and csrc/ops.cpp for the op).
+// csrc/include/fusedloss/spherical.h for the math and python/fusedloss/_schemas.py for the op).
 struct SphericalArgs {
   RowLossArgs matrix;  // input: the logits
   double a;

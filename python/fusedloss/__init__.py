@@ -2,8 +2,8 @@
 
 Names. A public function is named by its input form, then the loss (``linear_`` takes
 embeddings and a weight instead of logits, ``sharded_`` splits the classes across ranks); an
-op (``torch.ops.fusedloss.<op>``, schema in csrc/ops.cpp) and a module file are named family
-first. Every public function maps to its family, ops and module as follows:
+op (``torch.ops.fusedloss.<op>``, schema in fusedloss/_schemas.py) and a module file are named
+family first. Every public function maps to its family, ops and module as follows:
 
 ==================================== ========= ============================== ====================
 public name                          family    op(s)                          module

@@ -3,7 +3,7 @@ contrastive and batch-hard triplet, with pytorch-metric-learning's (PML's) seman
 
 Every function reduces the N x M similarity matrix S_ij = x_i . r_j (x the queries, r the
 reference set, the batch itself by default) to per-row statistics with three ops, whose
-contracts are the schemas and comments in csrc/ops.cpp:
+contracts are the schemas and comments in python/fusedloss/_schemas.py:
   pair_extrema              the hardest positive and negative of each row (mining);
   pair_row_stats            per-row sums and masked log-sum-exps of one loss kind;
   pair_row_stats_backward   its gradient, recomputing tiles (pair_row_stats' autograd).

@@ -2,7 +2,7 @@
 torch.distributed process group, the loss and gradients those of the unsharded problem.
 
 Rank r holds the classes [class_start, class_start + C_local) of every row; target holds
-global class ids. The four ops (contracts in csrc/ops.cpp, oracle in
+global class ids. The four ops (contracts in python/fusedloss/_schemas.py, oracle in
 fusedloss.reference.sharded) reduce a shard to per-row partials and turn combined per-row
 coefficients back into the shard's gradient; this module combines the partials across
 ranks. With z_j = s c_j and z_y the margin logit (csrc/include/fusedloss/margin.h), each

@@ -1,5 +1,6 @@
 // Per-pair math of the pair losses (ops pair_extrema, pair_row_stats and
-// pair_row_stats_backward; contracts in csrc/ops.cpp), shared by the CPU and CUDA kernels.
+// pair_row_stats_backward; contracts in python/fusedloss/_schemas.py), shared by the CPU and
+// CUDA kernels.
 //
 // Row i of the queries x [N, D] meets column j of the references r [M, D] through
 // S_ij = x_i . r_j. Pair (i, j) is positive when the labels agree, negative otherwise, and

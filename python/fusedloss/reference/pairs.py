@@ -1,7 +1,7 @@
 """The pair-loss ops in plain PyTorch, dense: the oracle every backend is tested against.
 
-Each function follows the contract of its schema in csrc/ops.cpp (fusedloss::pair_extrema,
-fusedloss::pair_row_stats) and forms the whole N x M similarity matrix, which the kernels
+Each function follows the contract of its schema in fusedloss/_schemas.py
+(fusedloss::pair_extrema, fusedloss::pair_row_stats) and forms the whole N x M similarity matrix, which the kernels
 never do. Gradients come from ordinary autograd, so nothing here depends on the kernels'
 derivation of dstats/dS.
 

@@ -1,5 +1,5 @@
-"""The four sharded margin contracts (csrc/ops.cpp, family "sharded") in dense PyTorch: the
-oracle of the cpu and triton kernels.
+"""The four sharded margin contracts (fusedloss/_schemas.py, family "sharded") in dense
+PyTorch: the oracle of the cpu and triton kernels.
 
 This rank holds the classes [class_start, class_start + C_local) of every row; target holds
 global class ids. The stats are the per-row partials that fusedloss.sharded combines across
