@@ -1,0 +1,389 @@
+"""Specs of the sharded family: sharded_margin_cross_entropy (a shard of the cosines) and
+linear_sharded_margin_cross_entropy (a shard of the classifier's rows), and the module PartialFC.
+
+Samples, fuzz and stress run at world size 1 (torch.distributed not initialised): this rank
+holds every class, class_start = 0 and num_classes = C, and the loss and gradients are those of
+the margin family's functions on the same inputs. The combination of several shards lives in
+the op samples (a shard [4, 17) of 20 classes, targets inside and outside it) and in
+tests/test_sharded.py (simulated splits in one process, gloo process groups).
+
+ElasticFace options are left out of the samples: each call draws its margins from the
+generator it is given, and a Sample's keywords are fixed objects, so the backend and the
+oracle would draw different margins; tests/test_sharded.py checks them with a generator seeded
+per call."""
+import torch
+
+import fusedloss
+from ..reference import sharded as reference
+from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
+from .margin import (MARGINS, _cosines, _linear, _stress_inputs, _target, _transposed,
+                     empty_scores_batch, fuzz_cosines, fuzz_linear, margin_fuzz_options)
+
+
+def _whole(c):
+    """The class range of world size 1: this rank holds all C classes."""
+    return dict(class_start=0, num_classes=c)
+
+
+# ---- sharded_margin_cross_entropy --------------------------------------------------------------
+
+def sharded_samples(device):
+    """Every margin variant on a prime shape with ignored rows; N = 1, C = 1; every reduction;
+    label smoothing with the lse^2 term, the detached margin; strided and column-major cosines;
+    every dtype."""
+    def s(id_, n, c, kwargs, dtype=torch.float32, ignored=(), layout=None):
+        cos = _cosines(n, c, dtype)
+        if layout == "row-strided":
+            cos = _cosines(n, 2 * c + 3, dtype)[:, :c]
+        elif layout == "column-major":
+            cos = _transposed(cos)
+        return Sample(id_, on(device, cos, _target(n, c, ignored=ignored)),
+                      dict(kwargs, **_whole(c)))
+
+    samples = [s(f"{name} 7x33", 7, 33, dict(kw, reduction="none"), ignored=(2,))
+               for name, kw in MARGINS.items()]
+    samples += [
+        s("N=1", 1, 5, dict(m2=0.5)),
+        s("C=1", 4, 1, dict(m3=0.35, reduction="sum")),
+        s("C=130, scale 16", 5, 130, dict(m2=0.5, scale=16.0), ignored=(4,)),
+        s("smoothing, z-term", 6, 129, dict(m2=0.5, label_smoothing=0.1, lse_square_scale=1e-3)),
+        s("detached", 5, 17, dict(m2=0.5, margin_grad="detached", reduction="sum")),
+        s("every row ignored, sum", 3, 9, dict(m3=0.35, reduction="sum"), ignored=(0, 1, 2)),
+        s("row-strided", 5, 37, dict(m2=0.5), layout="row-strided"),
+        s("column-major", 6, 31, dict(m3=0.35), layout="column-major"),
+    ]
+    samples += [s(f"{dtype}", 5, 67, dict(m2=0.5, scale=16.0), dtype, ignored=(0,))
+                for dtype in (torch.float64, torch.float16, torch.bfloat16)]
+    return samples
+
+
+def _shard_problem(n, c_local, d, dtype, seed):
+    """(cos [N, C_local], embeddings [N, D], weight shard [C_local, D], target, row margins):
+    the shard [4, 4 + C_local) of 20 classes; row 0 ignored, targets of rows 1 and 2 in the
+    shard, the others outside it."""
+    g = generator(seed)
+    cos = (torch.rand(n, c_local, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(c_local, d, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.tensor([-100, 4, 4 + c_local - 1] + [(k * 7) % 3 + (k % 2) * 17
+                                                        for k in range(n - 3)])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    row_m2 = torch.linspace(0.3, 0.5, n, dtype=acc)
+    return cos, x, w, target, row_m2
+
+
+def _coefficients(stats, seed):
+    """coef [N, 4] = (lse, a, b, d) of the grad ops, with lse >= this shard's log-sum-exp, so
+    that every exp(s c - lse) is at most 1; a, b, d arbitrary."""
+    g = generator(seed)
+    lse = torch.logaddexp(stats[:, 0], stats[:, 1]).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    abd = torch.rand(stats.shape[0], 3, generator=g, dtype=torch.float64).to(stats.dtype)
+    return torch.cat([lse[:, None] + 1.0, abd], 1)
+
+
+def sharded_op_samples(device):
+    """Arguments of fusedloss::sharded_margin_stats and sharded_margin_grad: a shard [4, 17) of
+    20 classes with targets inside and outside it and an ignored row, fp32 / fp64 / bf16,
+    with and without per-row margins, exact and detached margins."""
+    samples = []
+    for k, (dtype, rows, detach) in enumerate([(torch.float32, False, False),
+                                               (torch.float64, True, False),
+                                               (torch.bfloat16, False, True),
+                                               (torch.float32, True, True)]):
+        cos, _, _, target, row_m2 = _shard_problem(6, 13, 4, dtype, seed=30 + k)
+        m = (row_m2, row_m2 / 4) if rows else (None, None)
+        hyper = (30.0, 1.0, 0.5, 0.1) if not rows else (64.0, 1.35, 0.0, 0.0)
+        stats = reference.sharded_margin_stats(cos, target, *m, *hyper, 4, -100)
+        coef = _coefficients(stats, seed=40 + k)
+        cos, target, coef, *m = on(device, cos, target, coef, *m)
+        cos.requires_grad_(k == 0)  # the ops are not differentiable: their outputs take none
+        samples.append(("sharded_margin_stats", (cos, target, *m, *hyper, 4, -100)))
+        samples.append(("sharded_margin_grad", (cos, target, *m, coef, *hyper, detach, 4, -100)))
+    return samples
+
+
+def _cos_and_target(device):
+    return on(device, _cosines(4, 7), torch.tensor([0, 1, 2, 3]))
+
+
+def sharded_bad_inputs():
+    fn = lambda: fusedloss.sharded_margin_cross_entropy  # noqa: E731
+
+    def bad(id_, alter, kwargs, exc, message):
+        def call(backend, device):
+            cos, target = alter(*_cos_and_target(device))
+            return fn()(cos, target, backend=backend, **{**_whole(7), **kwargs})
+        return BadInput(id_, call, exc, message)
+
+    keep = lambda c, t: (c, t)  # noqa: E731
+    return [
+        bad("cos not a tensor", lambda c, t: (c.tolist(), t), {}, TypeError,
+            "local_cos must be a tensor, got list"),
+        bad("int cos", lambda c, t: (c.long(), t), {}, TypeError,
+            "local_cos must be float16, bfloat16, float32 or float64, got torch.int64"),
+        bad("1-D cos", lambda c, t: (c[0], t[:1]), {}, ValueError,
+            "local_cos must be 2-D, got shape (7,)"),
+        bad("3-D cos", lambda c, t: (c[:, :, None], t), {}, ValueError,
+            "local_cos must be 2-D, got shape (4, 7, 1)"),
+        bad("float target", lambda c, t: (c, t.float()), {}, TypeError,
+            "target must hold integer class indices, got torch.float32"),
+        bad("target length", lambda c, t: (c, t[:2]), {}, ValueError,
+            "target must have shape [4] (one class per row), got (2,)"),
+        bad("device mix", lambda c, t: (c, t.to("meta")), {}, RuntimeError,
+            "all tensors must be on one device, got local_cos on"),
+        bad("target>=C", lambda c, t: (c, torch.tensor([0, 1, 2, 7], device=t.device)), {},
+            ValueError, "on rank 0, target[3] = 7 is outside [0, 7) and is not ignore_index"),
+        bad("class_start<0", keep, dict(class_start=-1), ValueError,
+            "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [-1,"),
+        bad("shard exceeds", keep, dict(class_start=3), ValueError,
+            "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [3,"),
+        bad("num_classes small", keep, dict(num_classes=5), ValueError,
+            "the shard of rank 0 leaves [0, 5); shards must tile [0, 5) (rank 0: [0,"),
+        bad("float class_start", keep, dict(class_start=0.0), TypeError,
+            "class_start must be an int, got float"),
+        bad("elastic_plus", keep, dict(m2=0.5, m2_std=0.1, elastic_plus=True), ValueError,
+            "elastic_plus=True is not supported when sharded (it ranks every row's ta"),
+        bad("scale<=0", keep, dict(scale=0.0), ValueError, "scale must be > 0, got 0.0"),
+        bad("m1<1", keep, dict(m1=0.5), ValueError, "m1 must be >= 1.0, got 0.5"),
+        bad("smoothing>1", keep, dict(label_smoothing=1.5), ValueError,
+            "label_smoothing must lie in [0.0, 1.0], got 1.5"),
+        bad("unknown margin_grad", keep, dict(margin_grad="approx"), ValueError,
+            "unknown margin_grad 'approx'"),
+        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
+            "unknown reduction 'avg'"),
+        bad("float ignore_index", keep, dict(ignore_index=-1.0), TypeError,
+            "ignore_index must be an int"),
+        bad("unknown kw", keep, dict(margin=0.5), TypeError,
+            "unexpected keyword argument 'margin'"),
+    ]
+
+
+def sharded_fuzz(data, device, triton):
+    """The margin family's cosines and options at world size 1."""
+    cos, target = fuzz_cosines(data, device, triton)
+    kw = dict(margin_fuzz_options(data), **_whole(cos.shape[1]))
+    return FuzzCase(lambda backend: fusedloss.sharded_margin_cross_entropy(cos, target,
+                                                                       backend=backend, **kw),
+                    [cos], cos.dtype)
+
+
+def sharded_stress(device):
+    cos, _, _, target = _stress_inputs(device)
+    return [Sample("arcface 16x300", (cos, target), dict(m2=0.5, **_whole(300)))]
+
+
+def sharded_memcheck():
+    """C = 1031 (not a multiple of any block), an ignored row; fp32 and bf16."""
+    cos, target = _cosines(11, 1031, seed=3), _target(11, 1031, seed=4, ignored=(2,))
+    return [Sample(f"arcface 11x1031 {dtype}", (cos.to(dtype), target),
+                   dict(m2=0.5, reduction="none", **_whole(1031)))
+            for dtype in (torch.float32, torch.bfloat16)]
+
+
+# ---- linear_sharded_margin_cross_entropy -------------------------------------------------------
+
+_LINEAR_NAMES = ("loss", "grad embeddings", "grad weight_shard")
+
+
+def linear_samples(device):
+    def s(id_, n, c, d, kwargs, dtype=torch.float32, ignored=(), alter=None):
+        x, w = _linear(n, c, d, dtype)
+        if alter is not None:
+            x, w = alter(x, w)
+        return Sample(id_, on(device, x, w, _target(n, c, ignored=ignored)),
+                      dict(kwargs, **_whole(c)), _LINEAR_NAMES)
+
+    samples = [s(f"{name} 7x33 D=17", 7, 33, 17, dict(kw, reduction="none"), ignored=(3,))
+               for name, kw in MARGINS.items()]
+    samples += [
+        s("N=1 C=1", 1, 1, 8, dict(m2=0.5)),
+        s("plain CE, no normalisation", 6, 41, 24, dict(scale=1.0, normalize=False)),
+        s("smoothing, z-term, block 16", 5, 70, 16,
+          dict(m3=0.35, label_smoothing=0.1, lse_square_scale=1e-3, block_size=16)),
+        s("detached, sum", 5, 19, 8, dict(m2=0.5, margin_grad="detached", reduction="sum")),
+        s("C=130, D=32", 4, 130, 32, dict(m2=0.5, scale=16.0), ignored=(1,)),
+        s("column-major embeddings, strided weight", 6, 19, 12, dict(m2=0.5),
+          alter=lambda x, w: (_transposed(x), torch.cat([w, w], 1)[:, :12])),
+    ]
+    samples += [s(f"{dtype}", 5, 37, 16, dict(m2=0.5, scale=16.0), dtype, ignored=(2,))
+                for dtype in (torch.float64, torch.float16, torch.bfloat16)]
+    return samples
+
+
+def linear_op_samples(device):
+    """Arguments of fusedloss::sharded_margin_linear_stats and sharded_margin_linear_grad: the
+    shard [4, 17) of 20 classes as in sharded_op_samples, normalised or not, block sizes 0
+    (the backend chooses) and 4."""
+    samples = []
+    for k, (dtype, rows, normalize, block) in enumerate([(torch.float32, False, True, 0),
+                                                         (torch.float64, True, False, 4),
+                                                         (torch.bfloat16, False, True, 0),
+                                                         (torch.float32, True, True, 4)]):
+        _, x, w, target, row_m2 = _shard_problem(6, 13, 12, dtype, seed=50 + k)
+        m = (row_m2, row_m2 / 4) if rows else (None, None)
+        hyper = (30.0, 1.0, 0.5, 0.1) if not rows else (64.0, 1.35, 0.0, 0.0)
+        scale = hyper if normalize else (1.0,) + hyper[1:]
+        stats = reference.sharded_margin_linear_stats(x, w, target, *m, *scale, normalize, 4,
+                                                      -100, block)
+        coef = _coefficients(stats, seed=60 + k)
+        x, w, target, coef, *m = on(device, x, w, target, coef, *m)
+        x.requires_grad_(k == 0), w.requires_grad_(k == 0)
+        samples.append(("sharded_margin_linear_stats",
+                        (x, w, target, *m, *scale, normalize, 4, -100, block)))
+        samples.append(("sharded_margin_linear_grad",
+                        (x, w, target, *m, coef, *scale, k % 2 == 1, normalize, 4, -100, block)))
+    return samples
+
+
+def _x_w_target(device):
+    x, w = _linear(4, 7, 5)
+    return on(device, x, w, torch.tensor([0, 1, 2, 3]))
+
+
+def linear_bad_inputs():
+    fn = lambda: fusedloss.linear_sharded_margin_cross_entropy  # noqa: E731
+
+    def bad(id_, alter, kwargs, exc, message):
+        def call(backend, device):
+            return fn()(*alter(*_x_w_target(device)), backend=backend,
+                        **{**_whole(7), **kwargs})
+        return BadInput(id_, call, exc, message)
+
+    keep = lambda x, w, t: (x, w, t)  # noqa: E731
+    return [
+        bad("embeddings not a tensor", lambda x, w, t: (x.tolist(), w, t), {}, TypeError,
+            "embeddings must be a tensor, got list"),
+        bad("int embeddings", lambda x, w, t: (x.long(), w, t), {}, TypeError,
+            "embeddings must be float16, bfloat16, float32 or float64, got torch.int64"),
+        bad("1-D embeddings", lambda x, w, t: (x[0], w, t), {}, ValueError,
+            "embeddings must be 2-D, got shape (5,)"),
+        bad("3-D weight", lambda x, w, t: (x, w[:, :, None], t), {}, ValueError,
+            "weight_shard must be 2-D, got shape (7, 5, 1)"),
+        bad("D mismatch", lambda x, w, t: (x, w[:, :4], t), {}, ValueError,
+            "embeddings [N, D] and weight_shard [C_local, D] must share D, got (4, 5) and (7, 4)"),
+        bad("dtype mismatch", lambda x, w, t: (x, w.double(), t), {}, TypeError,
+            "embeddings and weight_shard must share a dtype, got torch.float32 and "
+            "torch.float64"),
+        bad("float target", lambda x, w, t: (x, w, t.float()), {}, TypeError,
+            "target must hold integer class indices, got torch.float32"),
+        bad("target length", lambda x, w, t: (x, w, t[:2]), {}, ValueError,
+            "target must have shape [4] (one class per row), got (2,)"),
+        bad("device mix", lambda x, w, t: (x, w, t.to("meta")), {}, RuntimeError,
+            "all tensors must be on one device, got embeddings on"),
+        bad("target>=C", lambda x, w, t: (x, w, torch.tensor([0, 1, 2, 9], device=t.device)),
+            {}, ValueError, "on rank 0, target[3] = 9 is outside [0, 7) and is not ignore_index"),
+        bad("num_classes small", keep, dict(num_classes=5), ValueError,
+            "the shard of rank 0 leaves [0, 5); shards must tile [0, 5) (rank 0: [0,"),
+        bad("class_start>0", keep, dict(class_start=2), ValueError,
+            "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [2,"),
+        bad("negative block", keep, dict(block_size=-1), ValueError,
+            "block_size must be a positive int or None, got -1"),
+        bad("elastic_plus", keep, dict(m3=0.35, m3_std=0.05, elastic_plus=True), ValueError,
+            "elastic_plus=True is not supported when sharded"),
+        bad("scale<=0", keep, dict(scale=-1.0), ValueError, "scale must be > 0, got -1.0"),
+        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
+            "unknown reduction 'avg'"),
+        bad("unknown kw", keep, dict(margin=0.5), TypeError,
+            "unexpected keyword argument 'margin'"),
+    ]
+
+
+def linear_fuzz(data, device, triton):
+    """The margin family's fused linear inputs and options at world size 1."""
+    x, w, target, kw = fuzz_linear(data, device)
+    kw = dict(kw, **_whole(w.shape[0]))
+    return FuzzCase(lambda backend: fusedloss.linear_sharded_margin_cross_entropy(
+        x, w, target, backend=backend, **kw), [x, w], x.dtype)
+
+
+def _empty_linear(backend, device, reduction):
+    return fusedloss.linear_sharded_margin_cross_entropy(
+        *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
+        backend=backend, reduction=reduction, **_whole(7))
+
+
+def linear_stress(device):
+    _, x, w, target = _stress_inputs(device)
+    return [Sample("cosface 16x300 D=32", (x, w, target), dict(m3=0.35, **_whole(300)),
+                   _LINEAR_NAMES)]
+
+
+def linear_memcheck():
+    """C = 1031, D = 40 (no multiples of any tile), an ignored row; fp32 and bf16."""
+    x, w = _linear(11, 1031, 40, seed=5)
+    target = _target(11, 1031, seed=4, ignored=(2,))
+    return [Sample(f"cosface 11x1031 D=40 {dtype}", (x.to(dtype), w.to(dtype), target),
+                   dict(m3=0.35, reduction="none", **_whole(1031)), _LINEAR_NAMES)
+            for dtype in (torch.float32, torch.bfloat16)]
+
+
+# Why torch.compile(fullgraph=True) cannot trace these functions, even at world size 1.
+NO_COMPILE = ("the agreement on errors before the collectives is not traceable: "
+              "fusedloss.distributed.fingerprint (zlib.crc32 of a dataclass repr, which calls "
+              "_thread.get_ident) and distributed.bad_target (a Python branch on "
+              "bool(bad.any()) of the target's values)")
+
+SPECS = [
+    OpSpec("sharded_margin_cross_entropy", "sharded", reference.sharded_margin_stats,
+           ops=("sharded_margin_stats", "sharded_margin_grad"), backends=("cpu", "triton"),
+           samples=sharded_samples, op_samples=sharded_op_samples,
+           compile_sample=None, no_compile=NO_COMPILE, bad_inputs=sharded_bad_inputs,
+           fuzz=sharded_fuzz, stress=sharded_stress,
+           empty_batch=empty_scores_batch(lambda: fusedloss.sharded_margin_cross_entropy,
+                                          **_whole(7)),
+           memcheck=sharded_memcheck),
+    OpSpec("linear_sharded_margin_cross_entropy", "sharded",
+           reference.sharded_margin_linear_stats,
+           ops=("sharded_margin_linear_stats", "sharded_margin_linear_grad"),
+           backends=("cpu", "triton"),
+           samples=linear_samples, op_samples=linear_op_samples,
+           compile_sample=None, no_compile=NO_COMPILE, bad_inputs=linear_bad_inputs,
+           fuzz=linear_fuzz, stress=linear_stress,
+           empty_batch=_empty_linear,
+           memcheck=linear_memcheck),
+]
+
+
+# ---- modules -----------------------------------------------------------------------------------
+
+def _module_bad(id_, build, exc, message):
+    return BadInput(id_, lambda backend, device: build(), exc, message)
+
+
+def partial_fc_bad_inputs():
+    """Constructor arguments, and options that may be checked at construction or at the first
+    forward (those cases construct and forward, so that either passes); bad forwards, at
+    world size 1."""
+    nn = lambda: fusedloss.nn  # noqa: E731
+    x, _, target = _x_w_target("cpu")
+    return [
+        _module_bad("rate 0", lambda: nn().PartialFC(5, 10, sample_rate=0.0), ValueError,
+                    "sample_rate must lie in (0, 1], got 0.0"),
+        _module_bad("rate > 1", lambda: nn().PartialFC(5, 10, sample_rate=1.5), ValueError,
+                    "sample_rate must lie in (0, 1], got 1.5"),
+        _module_bad("dim 0", lambda: nn().PartialFC(0, 10), ValueError,
+                    "embedding_dim and num_classes must be >= 1, got 0 and 10"),
+        _module_bad("unknown preset", lambda: nn().PartialFC(5, 10, loss="arcfase"), ValueError,
+                    "unknown loss preset 'arcfase'"),
+        _module_bad("elastic plus preset",
+                    lambda: nn().PartialFC(5, 10, loss="elastic_arcface_plus")(x, target),
+                    ValueError, "elastic_plus=True is not supported when sharded"),
+        _module_bad("scale<=0", lambda: nn().PartialFC(5, 10, scale=0.0)(x, target), ValueError,
+                    "scale must be > 0, got 0.0"),
+        _module_bad("negative block", lambda: nn().PartialFC(5, 10, block_size=-1)(x, target),
+                    ValueError, "block_size must be a positive int or None, got -1"),
+        _module_bad("label out of range", lambda: nn().PartialFC(5, 10)(
+            x, torch.tensor([0, 1, 2, 10])), ValueError,
+            "on rank 0, local_labels[3] = 10 is outside [0, 10) and is not ignore_ind"),
+        _module_bad("wrong D", lambda: nn().PartialFC(6, 10)(x, target), ValueError,
+                    "local_embeddings on rank(s) [0] are not [n, 6] tensors of dtype "
+                    "torch.float32"),
+        _module_bad("float labels", lambda: nn().PartialFC(5, 10)(x, target.float()), ValueError,
+                    "local_labels on rank(s) [0] are not integer tensors of shape [n] matching "
+                    "local_embeddings"),
+    ]
+
+
+MODULE_SPECS = [
+    ModuleSpec("PartialFC", "sharded", partial_fc_bad_inputs),
+]

@@ -1,0 +1,410 @@
+"""Specs of the spherical family: spherical_z_loss (logits) and linear_spherical_z_loss (the
+output layer o = hidden @ weight^T + bias, factored), and the modules SphericalZLoss,
+SphericalLinear and FactoredSphericalLinear.
+
+Per row, mu = mean(o), sigma = max(std(o), 1e-12), z_c = (o_c - mu) / sigma and the loss is
+softplus(a (b - z_c)) / a. With C = 2 the standardised outputs are +-1 whatever the logits, so
+the loss is constant and its gradient is 0 in exact arithmetic, rounding noise of size
+eps / sigma otherwise: the C = 2 samples keep sigma ~ 1 (noise far below the absolute floor of
+the comparison), and the fuzz draws C >= 3."""
+import torch
+
+import fusedloss
+from ..reference import spherical as reference
+from . import _draw
+from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
+from .margin import _scores_bad_inputs, _stress_inputs, empty_scores_batch
+
+
+def _logits(n, c, dtype=torch.float32, seed=0, mean=0.0, spread=1.0):
+    """mean + spread * N(0, 1), drawn in fp64 and rounded to `dtype`."""
+    x = torch.randn(n, c, generator=generator(seed), dtype=torch.float64)
+    return (mean + spread * x).to(dtype)
+
+
+def _target(n, c, seed=1, ignored=(), ignore_index=-100):
+    return with_ignored(torch.randint(0, c, (n,), generator=generator(seed)), ignored,
+                        ignore_index)
+
+
+def _transposed(t):
+    return t.t().contiguous().t()
+
+
+# ---- spherical_z_loss ------------------------------------------------------------------------
+
+HYPER = {"a=1 b=0": dict(a=1.0, b=0.0), "sharp a=4 b=1.5": dict(a=4.0, b=1.5),
+         "soft a=0.25 b=-1": dict(a=0.25, b=-1.0)}
+
+
+def spherical_samples(device):
+    """Each (a, b) on a prime shape with ignored rows; N = 1, C = 2 (the smallest legal C),
+    C = 130 (past a block of 128); a mean 100 times the spread (the compensated variance);
+    strided, column-strided and column-major logits; every reduction; every row ignored; a
+    custom ignore_index and int32 targets; every dtype."""
+    samples = [Sample(f"{name} 7x33", on(device, _logits(7, 33, spread=2.0),
+                                         _target(7, 33, ignored=(2, 5))),
+                      dict(kw, reduction="none"))
+               for name, kw in HYPER.items()]
+    samples += [
+        Sample("N=1", on(device, _logits(1, 5), _target(1, 5)), dict(a=2.0, b=0.5)),
+        Sample("C=2", on(device, _logits(4, 2), _target(4, 2)), dict(reduction="none")),
+        Sample("N=1 C=2 fp64", on(device, _logits(1, 2, torch.float64), _target(1, 2)), {}),
+        Sample("C=130 sum", on(device, _logits(5, 130, spread=3.0), _target(5, 130)),
+               dict(reduction="sum")),
+        Sample("mean 100 x spread", on(device, _logits(6, 41, mean=100.0), _target(6, 41)),
+               dict(a=2.0, b=1.0, reduction="none")),
+        Sample("row-strided", on(device, _logits(5, 80)[:, :37], _target(5, 37)), dict(a=2.0)),
+        Sample("column-strided", on(device, _logits(6, 62)[:, ::2], _target(6, 31)),
+               dict(b=0.5)),
+        Sample("column-major", on(device, _transposed(_logits(6, 31)), _target(6, 31)),
+               dict(a=0.5, b=1.0, reduction="sum")),
+        Sample("every row ignored, sum", on(device, _logits(3, 9), _target(3, 9,
+                                                                         ignored=(0, 1, 2))),
+               dict(reduction="sum")),
+        Sample("ignore_index=3, int32 target",
+               on(device, _logits(6, 17), _target(6, 17, ignored=(1,), ignore_index=3)
+                  .to(torch.int32)), dict(ignore_index=3, reduction="none")),
+    ]
+    samples += [Sample(f"{dtype}", on(device, _logits(5, 67, dtype, mean=0.3, spread=2.0),
+                                      _target(5, 67, ignored=(0,))), dict(a=2.0, b=0.5))
+                for dtype in (torch.float64, torch.float16, torch.bfloat16)]
+    return samples
+
+
+def spherical_op_samples(device):
+    """Arguments of fusedloss::spherical_z_loss covering its branches: every dtype, with and
+    without the fused gradient, an ignored row, a row stride of 40."""
+    samples = []
+    for k, (dtype, grad, a, b) in enumerate([
+            (torch.float32, True, 1.0, 0.0), (torch.float32, False, 2.0, 0.5),
+            (torch.float64, True, 0.5, -1.0), (torch.bfloat16, True, 1.0, 0.0),
+            (torch.float16, True, 3.0, 1.0)]):
+        logits = _logits(5, 33, dtype, seed=10 + k, mean=1.0, spread=2.0)
+        target = _target(5, 33, seed=20 + k, ignored=(0,))
+        logits, target = on(device, logits, target)
+        samples.append(("spherical_z_loss", (logits.requires_grad_(grad), target, a, b, -100,
+                                             grad)))
+    wide, target = on(device, _logits(6, 40, seed=16)[:, :33], _target(6, 33, seed=26))
+    samples.append(("spherical_z_loss", (wide.requires_grad_(), target, 1.0, 0.0, -100, True)))
+    return samples
+
+
+def spherical_compile_sample(device):
+    return Sample("a=2 b=0.5, ignored row", on(device, _logits(8, 50, mean=3.0),
+                                               _target(8, 50, ignored=(2,))),
+                  dict(a=2.0, b=0.5))
+
+
+def _logits_and_target(device):
+    return on(device, _logits(4, 7), torch.tensor([0, 1, 2, 3]))
+
+
+def _bad(id_, make, kwargs, exc, message, function):
+    def call(backend, device):
+        return function()(*make(device), backend=backend, **kwargs)
+    return BadInput(id_, call, exc, message)
+
+
+def spherical_bad_inputs():
+    fn = lambda: fusedloss.spherical_z_loss  # noqa: E731
+    good = _logits_and_target
+
+    def bad(id_, make, kwargs, exc, message):
+        return _bad(id_, make, kwargs, exc, message, fn)
+
+    return _scores_bad_inputs("logits", good, fn) + [
+        bad("3-D logits", lambda d: (_logits(4, 7).to(d)[:, :, None], torch.arange(4, device=d)),
+            {}, ValueError, "logits must be 2-D, got shape (4, 7, 1)"),
+        bad("logits not a tensor", lambda d: ([[0.1, 0.2], [0.3, 0.4]],
+                                              torch.tensor([0, 1], device=d)),
+            {}, TypeError, "logits must be a tensor, got list"),
+        bad("C=1", lambda d: on(d, torch.rand(4, 1), torch.zeros(4, dtype=torch.long)), {},
+            ValueError, "needs C >= 2 classes (the spread of one output is zero by definition), "
+                        "got logits of shape (4, 1)"),
+        bad("a<=0", good, dict(a=0.0), ValueError, "a must be > 0, got 0.0"),
+        bad("nan a", good, dict(a=float("nan")), ValueError, "a must be a finite number, got nan"),
+        bad("infinite b", good, dict(b=float("inf")), ValueError,
+            "b must be a finite number, got inf"),
+        bad("unknown kw", good, dict(scale=2.0), TypeError, "unexpected keyword argument 'scale'"),
+    ]
+
+
+def spherical_fuzz(data, device, triton):
+    """Logits of any spread (1e-2 .. 30) and offset, any dtype, strided or not, ignored rows.
+    C >= 3: with two classes the standardised outputs are always +-1, the loss is constant
+    and its gradient is rounding noise around 0 of size eps / sigma, which no relative
+    comparison can judge (the C = 2 samples and test_spherical check that case)."""
+    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
+    c = _draw.pick(data, [s for s in (_draw.SMALL_SIZES if triton else _draw.CLASS_SIZES)
+                          if s >= 3])
+    dtype = _draw.pick(data, _draw.DTYPES)
+    spread = _draw.pick(data, [1e-2, 1.0, 30.0])
+    offset = _draw.pick(data, [0.0, 5.0])
+    logits = torch.randn(n, c, dtype=torch.float64, generator=_draw.generator(data))
+    logits = (logits * spread + offset).to(dtype)
+    logits = _draw.strided(logits, _draw.flag(data)).to(device).requires_grad_()
+    target = _draw.targets(data, n, c).to(device)
+    kw = dict(a=_draw.pick(data, [1.0, 0.5]), b=_draw.pick(data, [0.0, 0.1]),
+              reduction=_draw.pick(data, ["mean", "sum", "none"]))
+    return FuzzCase(lambda backend: fusedloss.spherical_z_loss(logits, target, backend=backend,
+                                                               **kw),
+                    [logits], dtype)
+
+
+def spherical_stress(device):
+    cos, _, _, target = _stress_inputs(device)
+    return [Sample("16x300", (cos, target), {})]
+
+
+def spherical_memcheck():
+    """C = 1031 (not a multiple of any block), every other column (strided rows), an ignored
+    row; fp32 and bf16."""
+    logits = _logits(9, 2 * 1031, seed=7)[:, ::2]
+    target = _target(9, 1031, seed=8, ignored=(3,))
+    return [Sample(f"9x1031 strided {dtype}", (logits.to(dtype), target),
+                   dict(reduction="none"))
+            for dtype in (torch.float32, torch.bfloat16)]
+
+
+# ---- linear_spherical_z_loss -------------------------------------------------------------------
+
+_LINEAR_NAMES = ("loss", "grad hidden", "grad weight", "grad bias")
+
+
+def _layer(n, c, d, dtype=torch.float32, seed=2, bias=True, mean=0.0):
+    """(hidden [N, d], weight [C, d], bias [C] or None); `mean` shifts every output by about
+    mean * d (a common component of the rows of W), the case the centring is for."""
+    g = generator(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64) / d ** 0.5 + mean
+    q = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
+    return h.to(dtype), w.to(dtype), None if q is None else q.to(dtype)
+
+
+def _linear_sample(id_, device, n, c, d, kwargs, dtype=torch.float32, bias=True, ignored=(),
+                   alter=None, **layer):
+    h, w, q = _layer(n, c, d, dtype, bias=bias, **layer)
+    if alter is not None:
+        h, w = alter(h, w)
+    target = _target(n, c, ignored=ignored)
+    return Sample(id_, on(device, h, w, target, q), kwargs, _LINEAR_NAMES)
+
+
+def linear_samples(device):
+    """Each (a, b), with and without a bias, on a prime shape with ignored rows; N = 1, C = 2,
+    d = 1; outputs whose mean is large against their spread; column-major hidden, strided
+    weight; every reduction; every dtype."""
+    s = _linear_sample
+    samples = [s(f"{name} 7x33 d=17", device, 7, 33, 17, dict(kw, reduction="none"),
+                 ignored=(3,))
+               for name, kw in HYPER.items()]
+    samples += [
+        s("no bias", device, 6, 29, 8, dict(a=2.0, b=0.5), bias=False),
+        s("N=1", device, 1, 11, 5, {}),
+        s("C=2", device, 5, 2, 4, dict(reduction="none"), dtype=torch.float64),
+        s("d=1", device, 6, 13, 1, dict(reduction="sum")),
+        s("mean 30 x spread", device, 6, 41, 12, dict(reduction="none"), mean=3.0),
+        s("column-major hidden, strided weight", device, 6, 19, 12, dict(b=1.0),
+          alter=lambda h, w: (_transposed(h), torch.cat([w, w], 1)[:, :12])),
+        s("C=130, every row ignored but one", device, 5, 130, 9, dict(a=0.5),
+          ignored=(0, 1, 3, 4)),
+    ]
+    samples += [s(f"{dtype}", device, 5, 37, 16, dict(a=2.0, b=0.5), dtype=dtype, ignored=(2,))
+                for dtype in (torch.float64, torch.float16, torch.bfloat16)]
+    return samples
+
+
+def linear_compile_sample(device):
+    h, w, q = _layer(8, 40, 16)
+    return Sample("bias, a=2 b=0.5", on(device, h, w, _target(8, 40, ignored=(1,)), q),
+                  dict(a=2.0, b=0.5), _LINEAR_NAMES)
+
+
+def _hidden_weight_target(device):
+    h, w, _ = _layer(4, 7, 5)
+    return on(device, h, w, torch.tensor([0, 1, 2, 3]))
+
+
+def linear_bad_inputs():
+    fn = lambda: fusedloss.linear_spherical_z_loss  # noqa: E731
+
+    def bad(id_, alter, kwargs, exc, message):
+        return _bad(id_, lambda d: alter(*_hidden_weight_target(d)), kwargs, exc, message, fn)
+
+    keep = lambda h, w, t: (h, w, t)  # noqa: E731
+    return [
+        bad("hidden not a tensor", lambda h, w, t: (h.tolist(), w, t), {}, TypeError,
+            "hidden must be a tensor, got list"),
+        bad("int hidden", lambda h, w, t: (h.long(), w, t), {}, TypeError,
+            "hidden must be float16, bfloat16, float32 or float64, got torch.int64"),
+        bad("1-D hidden", lambda h, w, t: (h[0], w, t), {}, ValueError,
+            "hidden must be 2-D, got shape (5,)"),
+        bad("3-D weight", lambda h, w, t: (h, w[:, :, None], t), {}, ValueError,
+            "weight must be 2-D, got shape (7, 5, 1)"),
+        bad("D mismatch", lambda h, w, t: (h, w[:, :4], t), {}, ValueError,
+            "hidden [N, d] and weight [C, d] must share d, got (4, 5) and (7, 4)"),
+        bad("dtype mismatch", lambda h, w, t: (h, w.double(), t), {}, TypeError,
+            "hidden and weight must share a dtype, got torch.float32 and torch.float64"),
+        bad("C=1", lambda h, w, t: (h, w[:1], torch.zeros_like(t)), {}, ValueError,
+            "needs at least 2 classes (weight [C, d] with C >= 2), got C = 1"),
+        bad("bias shape", lambda h, w, t: (h, w, t, torch.rand(3, device=h.device)), {},
+            ValueError, "bias must have shape [C] = [7] (one entry per row of weight), got (3,)"),
+        bad("2-D bias", lambda h, w, t: (h, w, t, torch.rand(7, 1, device=h.device)), {},
+            ValueError, "bias must be 1-D, got shape (7, 1)"),
+        bad("bias dtype", lambda h, w, t: (h, w, t, torch.rand(7, dtype=torch.float64,
+                                                               device=h.device)), {},
+            TypeError, "hidden and bias must share a dtype, got torch.float32 and torch.float64"),
+        bad("float target", lambda h, w, t: (h, w, t.float()), {}, TypeError,
+            "target must hold integer class indices, got torch.float32"),
+        bad("target length", lambda h, w, t: (h, w, t[:2]), {}, ValueError,
+            "target must have shape [4] (one class per row), got (2,)"),
+        bad("target out of range", lambda h, w, t: (h, w, torch.tensor([0, 1, 2, 9],
+                                                                          device=t.device)),
+            {}, ValueError, "target[3] = 9 is outside [0, 7) and is not ignore_index (-100)"),
+        bad("device mix", lambda h, w, t: (h, w, t.to("meta")), {}, RuntimeError,
+            "all tensors must be on one device, got hidden on"),
+        bad("a<=0", keep, dict(a=-1.0), ValueError, "a must be > 0, got -1.0"),
+        bad("nan b", keep, dict(b=float("nan")), ValueError, "b must be a finite number, got nan"),
+        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
+            "unknown reduction 'avg'"),
+        bad("float ignore_index", keep, dict(ignore_index=-1.0), TypeError,
+            "ignore_index must be an int"),
+        bad("unknown kw", keep, dict(block_size=16), TypeError,
+            "unexpected keyword argument 'block_size'"),
+    ]
+
+
+def linear_fuzz(data, device, triton):
+    """Shapes around the blocks, with or without a bias, a common component of the rows of W
+    (outputs whose mean is large against their spread), any dtype, strided hidden."""
+    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
+    c = _draw.pick(data, [s for s in _draw.SMALL_SIZES if s >= 3])
+    d = _draw.pick(data, [1, 3, 16, 17, 33])
+    dtype = _draw.pick(data, _draw.DTYPES)
+    mean = _draw.pick(data, [0.0, 3.0])
+    gen = _draw.generator(data)
+    h = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    h = _draw.strided(h, _draw.flag(data)).to(device).requires_grad_()
+    w = (torch.randn(c, d, dtype=torch.float64, generator=gen) / d ** 0.5 + mean).to(dtype)
+    w = w.to(device).requires_grad_()
+    leaves = [h, w]
+    q = None
+    if _draw.flag(data):
+        q = torch.randn(c, dtype=torch.float64, generator=gen).to(dtype).to(device)
+        q.requires_grad_()
+        leaves.append(q)
+    target = _draw.targets(data, n, c).to(device)
+    kw = dict(a=_draw.pick(data, [1.0, 0.5]), b=_draw.pick(data, [0.0, 0.1]),
+              reduction=_draw.pick(data, ["mean", "sum", "none"]))
+    return FuzzCase(lambda backend: fusedloss.linear_spherical_z_loss(h, w, target, q,
+                                                                  backend=backend, **kw),
+                    leaves, dtype)
+
+
+def _empty_linear(backend, device, reduction):
+    return fusedloss.linear_spherical_z_loss(
+        *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
+        backend=backend, reduction=reduction)
+
+
+def linear_stress(device):
+    _, x, w, target = _stress_inputs(device)
+    return [Sample("16x300 d=32, no bias", (x, w, target), {}, _LINEAR_NAMES[:3])]
+
+
+SPECS = [
+    OpSpec("spherical_z_loss", "spherical", reference.spherical_z_loss,
+           ops=("spherical_z_loss",), backends=("cpu", "cuda", "triton"),
+           samples=spherical_samples, op_samples=spherical_op_samples,
+           compile_sample=spherical_compile_sample, bad_inputs=spherical_bad_inputs,
+           fuzz=spherical_fuzz, stress=spherical_stress,
+           empty_batch=empty_scores_batch(lambda: fusedloss.spherical_z_loss),
+           memcheck=spherical_memcheck),
+    # No op: "cpu" and "cuda" run the same factored torch implementation (matrix products),
+    # insisting on the tensors' device; there is no Triton kernel (backend="triton" raises).
+    OpSpec("linear_spherical_z_loss", "spherical", reference.linear_spherical_z_loss,
+           ops=(), backends=("cpu", "cuda"),
+           samples=linear_samples, op_samples=lambda device: [],
+           compile_sample=linear_compile_sample, bad_inputs=linear_bad_inputs,
+           fuzz=linear_fuzz, stress=linear_stress,
+           empty_batch=_empty_linear),
+]
+
+
+# ---- modules -----------------------------------------------------------------------------------
+
+def _module_bad(id_, build, exc, message):
+    return BadInput(id_, lambda backend, device: build(), exc, message)
+
+
+def z_loss_module_bad_inputs():
+    """Hyperparameters are checked at construction or at the first forward (either passes:
+    each such case constructs and forwards), bad calls at forward."""
+    nn = lambda: fusedloss.nn  # noqa: E731
+    logits, target = _logits_and_target("cpu")
+    return [
+        _module_bad("a<0", lambda: nn().SphericalZLoss(a=-1.0)(logits, target), ValueError,
+                    "a must be > 0, got -1.0"),
+        _module_bad("nan b", lambda: nn().SphericalZLoss(b=float("nan"))(logits, target),
+                    ValueError, "b must be a finite number, got nan"),
+        _module_bad("unknown reduction",
+                    lambda: nn().SphericalZLoss(reduction="avg")(logits, target), ValueError,
+                    "unknown reduction 'avg'"),
+        _module_bad("wrong target", lambda: nn().SphericalZLoss()(logits, target[:2]),
+                    ValueError, "target must have shape [4]"),
+        _module_bad("C=1", lambda: nn().SphericalZLoss()(logits[:, :1], target * 0),
+                    ValueError, "needs C >= 2 classes"),
+    ]
+
+
+def linear_module_bad_inputs():
+    nn = lambda: fusedloss.nn  # noqa: E731
+    h, _, target = _hidden_weight_target("cpu")
+    return [
+        _module_bad("wrong D", lambda: nn().SphericalLinear(6, 10)(h, target), ValueError,
+                    "hidden [N, d] and weight [C, d] must share d, got (4, 5) and (10, 6)"),
+        _module_bad("a<=0", lambda: nn().SphericalLinear(5, 10, a=0.0)(h, target), ValueError,
+                    "a must be > 0, got 0.0"),
+        _module_bad("nan b", lambda: nn().SphericalLinear(5, 10, b=float("nan"))(h, target),
+                    ValueError, "b must be a finite number, got nan"),
+        _module_bad("wrong target", lambda: nn().SphericalLinear(5, 10)(h, target[:3]),
+                    ValueError, "target must have shape [4]"),
+        _module_bad("target out of range",
+                    lambda: nn().SphericalLinear(5, 3)(h, target), ValueError,
+                    "target[3] = 3 is outside [0, 3)"),
+    ]
+
+
+def factored_module_bad_inputs():
+    nn = lambda: fusedloss.nn  # noqa: E731
+    h, _, target = _hidden_weight_target("cpu")
+    return [
+        _module_bad("lr<0", lambda: nn().FactoredSphericalLinear(5, 10, lr=-0.1), ValueError,
+                    "lr must be >= 0.0, got -0.1"),
+        _module_bad("one class", lambda: nn().FactoredSphericalLinear(5, 1, lr=0.1), ValueError,
+                    "num_classes >= 2"),
+        _module_bad("reduction none",
+                    lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, reduction="none"),
+                    ValueError, "reduction must be 'mean' or 'sum', got 'none'"),
+        _module_bad("a<=0", lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, a=0.0),
+                    ValueError, "a must be > 0, got 0.0"),
+        _module_bad("stabilize_every 0",
+                    lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, stabilize_every=0),
+                    ValueError, "stabilize_every must be >= 1, got 0"),
+        _module_bad("wrong D", lambda: nn().FactoredSphericalLinear(6, 10, lr=0.1)(h, target),
+                    ValueError, "hidden must be [N, 6], got (4, 5)"),
+        _module_bad("float target",
+                    lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1)(h, target.float()),
+                    ValueError, "target must be an integer tensor [N]"),
+        _module_bad("target out of range",
+                    lambda: nn().FactoredSphericalLinear(5, 3, lr=0.1)(h, target), ValueError,
+                    "target values must lie in [0, 3)"),
+    ]
+
+
+MODULE_SPECS = [
+    ModuleSpec("SphericalZLoss", "spherical", z_loss_module_bad_inputs),
+    ModuleSpec("SphericalLinear", "spherical", linear_module_bad_inputs),
+    ModuleSpec("FactoredSphericalLinear", "spherical", factored_module_bad_inputs),
+]
