@@ -104,6 +104,17 @@ def assert_matches_oracle(call, backend, inputs, names=("loss", "grad"), upstrea
         assert_close(g.cpu(), e, dtype, what)
 
 
+def assert_exactly_as_oracle(call, backend, inputs):
+    """The integer outputs (a tensor or a tuple of them) of `backend` equal those of the
+    reference backend on fp64 CPU copies of the inputs."""
+    got = call(backend, *inputs)
+    want = call("reference", *[_oracle_copy(t) for t in inputs])
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    assert len(got) == len(want)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g.cpu(), w), f"output {k}: {g} != {w}"
+
+
 def scores_drivers(make_call):
     """run(scores, target, backend, **options) -> (loss, d loss / d scores) and
     check_against_oracle(scores, target, backend, **options) for a loss of [N, C] scores and
@@ -259,10 +270,16 @@ def assert_curves_agree(fused, reference, tol):
     torch.testing.assert_close(fused, reference, rtol=tol, atol=tol)
 
 
-def assert_compiled_matches_eager(step, inputs, names):
+def assert_compiled_matches_eager(step, inputs, names, differentiable=True):
     """torch.compile(step, fullgraph=True) on `inputs` (its floating-point ones require grad)
-    gives the eager loss and gradients, within fp32 tolerance; `names` labels them."""
+    gives the eager loss and gradients, within fp32 tolerance; `names` labels them. A step
+    that is not differentiable (integer outputs) gives exactly the eager outputs."""
     torch._dynamo.reset()
+    if not differentiable:
+        compiled, eager = torch.compile(step, fullgraph=True)(*inputs), step(*inputs)
+        for k, (got, want) in enumerate(zip(compiled, eager)):
+            assert torch.equal(got, want), f"output {k}"
+        return
     leaves = [t for t in inputs if _is_float(t)]
     loss = torch.compile(step, fullgraph=True)(*inputs)
     loss.backward()

@@ -50,7 +50,8 @@ def test_compile_fullgraph(spec, backend, device):
     call = spec.call(sample)
     inputs = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point()
               else t for t in sample.inputs]
-    assert_compiled_matches_eager(lambda *args: call(backend, *args), inputs, sample.names)
+    assert_compiled_matches_eager(lambda *args: call(backend, *args), inputs, sample.names,
+                                  spec.differentiable)
 
 
 def test_every_uncompiled_spec_says_why():

@@ -104,12 +104,15 @@ class OpSpec:
     samples(device): calls compared with the oracle on every backend (edge shapes, strides,
     dtypes). op_samples(device): (op name, arguments) pairs for torch.library.opcheck, which
     also runs `<op>_triton` on CUDA when the op has a Triton twin. compile_sample(device): one
-    call for torch.compile(fullgraph=True) (None: `no_compile` says why). bad_inputs(): wrong calls. fuzz(data, device,
-    triton): a hypothesis strategy, drawing one FuzzCase (None: `no_fuzz` says why).
+    call for torch.compile(fullgraph=True) (None: `no_compile` says why). bad_inputs(): wrong
+    calls. fuzz(data, device, triton): a hypothesis strategy, drawing one FuzzCase (None:
+    `no_fuzz` says why).
     stress(device): fixed calls for the thread and memory-growth tests. empty_batch:
     (backend, device, reduction) -> loss of an empty batch, as F.cross_entropy's (None: not a
     per-row loss). memcheck(): small CPU samples, in the dtypes to check, that the GPU memcheck
     subset moves to CUDA and runs under compute-sanitizer (bench/gpu_check.sh).
+    differentiable: False for a function that returns integer tensors (the miner's indices),
+    which the tests compare exactly and take no gradient of.
     """
 
     name: str
@@ -124,6 +127,7 @@ class OpSpec:
     fuzz: Optional[Callable[..., FuzzCase]] = None
     no_fuzz: str = ""
     no_compile: str = ""
+    differentiable: bool = True
     stress: Callable[[str], List[Sample]] = lambda device: []
     empty_batch: Optional[Callable[[str, str, str], torch.Tensor]] = None
     memcheck: Callable[[], List[Sample]] = lambda: []

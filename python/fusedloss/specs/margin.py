@@ -8,15 +8,15 @@ from . import _draw
 from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
 
 
-def _cosines(n, c, dtype=torch.float32, seed=0):
+def cosines(n, c, dtype=torch.float32, seed=0):
     return (torch.rand(n, c, generator=generator(seed), dtype=torch.float64) * 2 - 1).to(dtype)
 
 
-def _target(n, c, seed=1, ignored=()):
+def class_targets(n, c, seed=1, ignored=()):
     return with_ignored(torch.randint(0, c, (n,), generator=generator(seed)), ignored)
 
 
-def _transposed(t):
+def transposed(t):
     return t.t().contiguous().t()
 
 
@@ -29,21 +29,25 @@ MARGINS = {"arcface": dict(m2=0.5), "cosface": dict(m3=0.35), "sphereface": dict
 def margin_samples(device):
     """Every margin variant on a prime shape with ignored rows; N = 1, C = 1; every dtype;
     strided and column-major cosines; the options that change the row's epilogue."""
-    samples = [Sample(f"{name} 7x33", on(device, _cosines(7, 33), _target(7, 33, ignored=(2,))),
+    samples = [Sample(f"{name} 7x33",
+                      on(device, cosines(7, 33), class_targets(7, 33, ignored=(2,))),
                       dict(kw, reduction="none"))
                for name, kw in MARGINS.items()]
     samples += [
-        Sample("N=1", on(device, _cosines(1, 5), _target(1, 5)), dict(m2=0.5)),
-        Sample("C=1", on(device, _cosines(4, 1), _target(4, 1)), dict(m3=0.35, reduction="sum")),
-        Sample("smoothing, z-term", on(device, _cosines(6, 129), _target(6, 129)),
+        Sample("N=1", on(device, cosines(1, 5), class_targets(1, 5)), dict(m2=0.5)),
+        Sample("C=1", on(device, cosines(4, 1), class_targets(4, 1)),
+               dict(m3=0.35, reduction="sum")),
+        Sample("smoothing, z-term", on(device, cosines(6, 129), class_targets(6, 129)),
                dict(m2=0.5, label_smoothing=0.1, lse_square_scale=1e-3)),
-        Sample("detached", on(device, _cosines(5, 17), _target(5, 17)),
+        Sample("detached", on(device, cosines(5, 17), class_targets(5, 17)),
                dict(m2=0.5, margin_grad="detached", reduction="sum")),
-        Sample("row-strided", on(device, _cosines(5, 80)[:, :37], _target(5, 37)), dict(m2=0.5)),
-        Sample("column-major", on(device, _transposed(_cosines(6, 31)), _target(6, 31)),
+        Sample("row-strided", on(device, cosines(5, 80)[:, :37], class_targets(5, 37)),
+               dict(m2=0.5)),
+        Sample("column-major", on(device, transposed(cosines(6, 31)), class_targets(6, 31)),
                dict(m3=0.35)),
     ]
-    samples += [Sample(f"{dtype}", on(device, _cosines(5, 67, dtype), _target(5, 67, ignored=(0,))),
+    samples += [Sample(f"{dtype}",
+                       on(device, cosines(5, 67, dtype), class_targets(5, 67, ignored=(0,))),
                        dict(m2=0.5))
                 for dtype in (torch.float64, torch.float16, torch.bfloat16)]
     return samples
@@ -54,8 +58,8 @@ def margin_op_samples(device):
     samples = []
     for dtype, grad in [(torch.float32, True), (torch.float32, False), (torch.float64, True),
                         (torch.bfloat16, True)]:
-        cos = _cosines(5, 33, dtype).to(device).requires_grad_(grad)
-        target = _target(5, 33, ignored=(0,)).to(device)
+        cos = cosines(5, 33, dtype).to(device).requires_grad_(grad)
+        target = class_targets(5, 33, ignored=(0,)).to(device)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         rows = torch.full((5,), 0.4, dtype=acc, device=device)
         samples.append(("margin_cross_entropy", (cos, target, None, None, 64.0, 1.0, 0.5, 0.0,
@@ -66,11 +70,11 @@ def margin_op_samples(device):
 
 
 def margin_compile_sample(device):
-    return Sample("arcface, smoothing", on(device, _cosines(8, 50), _target(8, 50)),
+    return Sample("arcface, smoothing", on(device, cosines(8, 50), class_targets(8, 50)),
                   dict(m2=0.5, label_smoothing=0.1))
 
 
-def _scores_bad_inputs(name, make, function):
+def scores_bad_inputs(name, make, function):
     """The bad inputs of a loss of [N, C] scores `name` and class targets; `make(device)` gives
     good (scores [4, 7], target [4])."""
     def bad(id_, alter, kwargs, exc, message):
@@ -100,7 +104,7 @@ def _scores_bad_inputs(name, make, function):
     ]
 
 
-def _margin_option_bad_inputs(make, function):
+def margin_option_bad_inputs(make, function):
     def bad(id_, kwargs, exc, message):
         return BadInput(id_, lambda backend, device: function()(*make(device), backend=backend,
                                                                 **kwargs), exc, message)
@@ -122,12 +126,12 @@ def _margin_option_bad_inputs(make, function):
 
 
 def _cos_and_target(device):
-    return on(device, _cosines(4, 7), torch.tensor([0, 1, 2, 3]))
+    return on(device, cosines(4, 7), torch.tensor([0, 1, 2, 3]))
 
 
 def margin_bad_inputs():
     fn = lambda: fusedloss.margin_cross_entropy  # noqa: E731
-    return _scores_bad_inputs("cos", _cos_and_target, fn) + _margin_option_bad_inputs(
+    return scores_bad_inputs("cos", _cos_and_target, fn) + margin_option_bad_inputs(
         _cos_and_target, fn) + [
         BadInput("no classes", lambda backend, device: fn()(*on(device, torch.rand(4, 0),
                                                                  torch.zeros(4).long()),
@@ -159,11 +163,12 @@ def fuzz_cosines(data, device, triton):
 def margin_fuzz(data, device, triton):
     cos, target = fuzz_cosines(data, device, triton)
     kw = margin_fuzz_options(data)
-    return FuzzCase(lambda backend: fusedloss.margin_cross_entropy(cos, target, backend=backend, **kw),
+    return FuzzCase(lambda backend: fusedloss.margin_cross_entropy(cos, target, backend=backend,
+                                                                   **kw),
                     [cos], cos.dtype)
 
 
-def _stress_inputs(device):
+def stress_inputs(device):
     g = generator(5)
     cos = torch.rand(16, 300, generator=g).mul(2).sub(1)
     x, w = torch.randn(16, 32, generator=g), torch.randn(300, 32, generator=g)
@@ -172,7 +177,7 @@ def _stress_inputs(device):
 
 
 def margin_stress(device):
-    cos, _, _, target = _stress_inputs(device)
+    cos, _, _, target = stress_inputs(device)
     return [Sample("arcface 16x300", (cos, target), dict(m2=0.5))]
 
 
@@ -185,7 +190,7 @@ def empty_scores_batch(function, **fixed):
 
 def margin_memcheck():
     """Tails (C = 1031, not a multiple of any block), an ignored row, strided rows; fp32, bf16."""
-    cos, target = _cosines(9, 1031), _target(9, 1031, ignored=(4,))
+    cos, target = cosines(9, 1031), class_targets(9, 1031, ignored=(4,))
     return [Sample(f"{name} {dtype}", (cos.to(dtype)[:, :1000], target.clamp(max=999)),
                    dict(kw, reduction="none"))
             for dtype in (torch.float32, torch.bfloat16)
@@ -195,7 +200,7 @@ def margin_memcheck():
 
 # ---- linear_margin_cross_entropy ---------------------------------------------------------------
 
-def _linear(n, c, d, dtype=torch.float32, seed=2):
+def linear_inputs(n, c, d, dtype=torch.float32, seed=2):
     g = generator(seed)
     return (torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype),
             torch.randn(c, d, generator=g, dtype=torch.float64).to(dtype))
@@ -205,23 +210,26 @@ _LINEAR_NAMES = ("loss", "grad embeddings", "grad weight")
 
 
 def linear_samples(device):
-    samples = [Sample(f"{name} 7x33 D=17", on(device, *_linear(7, 33, 17),
-                                              _target(7, 33, ignored=(3,))),
+    samples = [Sample(f"{name} 7x33 D=17", on(device, *linear_inputs(7, 33, 17),
+                                              class_targets(7, 33, ignored=(3,))),
                       dict(kw, reduction="none"), _LINEAR_NAMES)
                for name, kw in MARGINS.items()]
     samples += [
-        Sample("N=1 C=1", on(device, *_linear(1, 1, 8), _target(1, 1)), dict(m2=0.5),
+        Sample("N=1 C=1", on(device, *linear_inputs(1, 1, 8), class_targets(1, 1)), dict(m2=0.5),
                _LINEAR_NAMES),
-        Sample("plain CE, no normalisation", on(device, *_linear(6, 41, 24), _target(6, 41)),
+        Sample("plain CE, no normalisation",
+               on(device, *linear_inputs(6, 41, 24), class_targets(6, 41)),
                dict(scale=1.0, normalize=False), _LINEAR_NAMES),
-        Sample("smoothing, z-term, block 16", on(device, *_linear(5, 70, 16), _target(5, 70)),
+        Sample("smoothing, z-term, block 16",
+               on(device, *linear_inputs(5, 70, 16), class_targets(5, 70)),
                dict(m3=0.35, label_smoothing=0.1, lse_square_scale=1e-3, block_size=16),
                _LINEAR_NAMES),
         Sample("column-major embeddings",
-               on(device, _transposed(_linear(6, 19, 12)[0]), _linear(6, 19, 12)[1],
-                  _target(6, 19)), dict(m2=0.5), _LINEAR_NAMES),
+               on(device, transposed(linear_inputs(6, 19, 12)[0]), linear_inputs(6, 19, 12)[1],
+                  class_targets(6, 19)), dict(m2=0.5), _LINEAR_NAMES),
     ]
-    samples += [Sample(f"{dtype}", on(device, *_linear(5, 37, 16, dtype), _target(5, 37)),
+    samples += [Sample(f"{dtype}",
+                       on(device, *linear_inputs(5, 37, 16, dtype), class_targets(5, 37)),
                        dict(m2=0.5), _LINEAR_NAMES)
                 for dtype in (torch.float64, torch.bfloat16)]
     return samples
@@ -232,8 +240,8 @@ def linear_op_samples(device):
     samples = []
     for dtype, grad, normalize in [(torch.float32, True, True), (torch.float32, False, True),
                                    (torch.float64, True, False), (torch.bfloat16, True, True)]:
-        x, w = (t.to(device).requires_grad_(grad) for t in _linear(6, 21, 12, dtype))
-        target = _target(6, 21, ignored=(1,)).to(device)
+        x, w = (t.to(device).requires_grad_(grad) for t in linear_inputs(6, 21, 12, dtype))
+        target = class_targets(6, 21, ignored=(1,)).to(device)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         row = torch.linspace(0.5, 1.5, 6, dtype=acc, device=device)
         samples.append(("margin_linear_cross_entropy",
@@ -246,12 +254,13 @@ def linear_op_samples(device):
 
 
 def linear_compile_sample(device):
-    return Sample("arcface", on(device, *_linear(8, 40, 16), _target(8, 40)), dict(m2=0.5),
+    return Sample("arcface", on(device, *linear_inputs(8, 40, 16), class_targets(8, 40)),
+                  dict(m2=0.5),
                   _LINEAR_NAMES)
 
 
 def _x_w_target(device):
-    return on(device, *_linear(4, 7, 5), torch.tensor([0, 1, 2, 3]))
+    return on(device, *linear_inputs(4, 7, 5), torch.tensor([0, 1, 2, 3]))
 
 
 def linear_bad_inputs():
@@ -263,7 +272,7 @@ def linear_bad_inputs():
         return BadInput(id_, call, exc, message)
 
     keep = lambda x, w, t: (x, w, t)  # noqa: E731
-    return _margin_option_bad_inputs(_x_w_target, fn) + [
+    return margin_option_bad_inputs(_x_w_target, fn) + [
         bad("D mismatch", lambda x, w, t: (x, w[:, :4], t), {}, ValueError,
             "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (7, 4)"),
         bad("dtype mismatch", lambda x, w, t: (x, w.double(), t), {}, TypeError,
@@ -314,14 +323,14 @@ def linear_fuzz(data, device, triton):
 
 
 def linear_stress(device):
-    _, x, w, target = _stress_inputs(device)
+    _, x, w, target = stress_inputs(device)
     return [Sample("arcface 16x300 D=32", (x, w, target), dict(m2=0.5), _LINEAR_NAMES)]
 
 
 def linear_memcheck():
-    x, w = _linear(37, 1031, 72)
+    x, w = linear_inputs(37, 1031, 72)
     return [Sample(f"arcface 37x1031 D=72 {dtype}", (x.to(dtype), w.to(dtype),
-                                                     _target(37, 1031, ignored=(5,))),
+                                                     class_targets(37, 1031, ignored=(5,))),
                    dict(m2=0.5, reduction="none"), _LINEAR_NAMES)
             for dtype in (torch.float32, torch.bfloat16)]
 

@@ -18,10 +18,10 @@ import fusedloss
 from ..reference import pairs as reference
 from . import _draw
 from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
-from .margin import _stress_inputs as margin_stress_inputs
+from .margin import stress_inputs as margin_stress_inputs
 
 
-def _transposed(t):
+def transposed(t):
     return t.t().contiguous().t()
 
 
@@ -54,7 +54,7 @@ def _pair_sample(id_, device, n, d, classes, kwargs, *, dtype=torch.float32, ban
                                                dtype=torch.float64)
     x = x.to(dtype)
     if layout == "column-major":
-        x = _transposed(x)
+        x = transposed(x)
     elif layout == "row-strided":
         x = torch.cat([x, x, x[:, :1]], 1)[:, :d]
     labels = _labels(n, classes, seed + 1)
@@ -190,7 +190,7 @@ def _pair_fuzz(name, draw_options, **batch):
     return fuzz
 
 
-def _stress_inputs(device):
+def stress_inputs(device):
     """x [16, 32], w [300, 32] and labels of 4 classes: the margin family's stress inputs."""
     _, x, w, target = margin_stress_inputs(device)
     return x, w, target % 4
@@ -281,7 +281,7 @@ def _ms_options(data):
 
 
 def ms_stress(device):
-    x, _, labels = _stress_inputs(device)
+    x, _, labels = stress_inputs(device)
     return [Sample("16x32, 4 classes", (x, labels), {}, _NAMES)]
 
 
@@ -345,12 +345,10 @@ def miner_bad_inputs():
 
 
 def miner_fuzz(data, device, triton):
-    """The miner's pairs, compared exactly with the reference backend's: the call returns
-    [len(a1), len(p), len(a2), len(n), a1, p, a2, n] as float64, a fresh leaf that requires
-    grad only so that the fuzz driver's backward runs (leaves is empty: no gradient is
-    compared, and the reference runs on the same rounded inputs). Options without exact ties:
-    epsilon > 0, so a pair whose similarity equals the threshold of its row (a duplicated
-    row) is kept whatever the rounding."""
+    """The miner's pairs as one tensor [len(a1), len(p), len(a2), len(n), a1, p, a2, n], which
+    the fuzz driver compares exactly with the reference backend's (the spec is not
+    differentiable). Options without exact ties: epsilon > 0, so a pair whose similarity
+    equals the threshold of its row (a duplicated row) is kept whatever the rounding."""
     epsilon = _draw.pick(data, [0.1, 0.5])
     x, labels, ref_kw, _, normalize = _fuzz_batch(data, device, triton)
     x = x.detach()
@@ -360,9 +358,8 @@ def miner_fuzz(data, device, triton):
     def call(backend):
         found = fusedloss.multi_similarity_miner(x, labels, backend=backend, **kw)
         lengths = torch.tensor([len(t) for t in found], device=x.device)
-        return torch.cat([lengths, *found]).to(torch.float64).requires_grad_()
-    return FuzzCase(call, [], torch.float64)
-
+        return torch.cat([lengths, *found])
+    return FuzzCase(call, [], torch.long)
 
 
 # ---- supcon_loss -------------------------------------------------------------------------------
@@ -418,7 +415,7 @@ def _supcon_options(data):
 
 
 def supcon_stress(device):
-    x, _, labels = _stress_inputs(device)
+    x, _, labels = stress_inputs(device)
     return [Sample("16x32, 4 classes", (x, labels), {}, _NAMES)]
 
 
@@ -431,7 +428,7 @@ def _info_nce_sample(id_, device, n, d, kwargs, dtype=torch.float32, scale=1.0, 
                      seed=0):
     q, k = _rows(n, d, dtype, seed, scale), _rows(n, d, dtype, seed + 1, scale)
     if layout == "column-major key":
-        k = _transposed(k)
+        k = transposed(k)
     elif layout == "row-strided query":
         q = torch.cat([q, q], 1)[:, :d]
     return Sample(id_, on(device, q, k), kwargs, _INFO_NCE_NAMES)
@@ -523,7 +520,7 @@ def info_nce_fuzz(data, device, triton):
 
 
 def info_nce_stress(device):
-    x, w, _ = _stress_inputs(device)
+    x, w, _ = stress_inputs(device)
     return [Sample("16x32, symmetric", (x, w[:16]), dict(symmetric=True), _INFO_NCE_NAMES)]
 
 
@@ -588,7 +585,7 @@ def _contrastive_options(data):
 
 
 def contrastive_stress(device):
-    x, _, labels = _stress_inputs(device)
+    x, _, labels = stress_inputs(device)
     return [Sample("16x32, 4 classes", (x, labels), {}, _NAMES)]
 
 
@@ -648,7 +645,7 @@ def _triplet_options(data):
 
 
 def triplet_stress(device):
-    x, _, labels = _stress_inputs(device)
+    x, _, labels = stress_inputs(device)
     return [Sample("16x32, 4 classes", (x, labels), {}, _NAMES)]
 
 
@@ -671,7 +668,8 @@ SPECS = [
     # (multi_similarity_loss runs the same pair_extrema kernel there).
     OpSpec("multi_similarity_miner", "pairs", reference.pair_extrema, ops=("pair_extrema",),
            backends=_BACKENDS, samples=miner_samples, op_samples=miner_op_samples,
-           compile_sample=miner_compile_sample, bad_inputs=miner_bad_inputs, fuzz=miner_fuzz),
+           compile_sample=miner_compile_sample, bad_inputs=miner_bad_inputs, fuzz=miner_fuzz,
+           differentiable=False),
     OpSpec("supcon_loss", "pairs", reference.pair_row_stats, ops=_STATS_OPS,
            backends=_BACKENDS, samples=supcon_samples, op_samples=supcon_op_samples,
            compile_sample=supcon_compile_sample, bad_inputs=supcon_bad_inputs,

@@ -16,7 +16,7 @@ import torch
 import fusedloss
 from ..reference import sharded as reference
 from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
-from .margin import (MARGINS, _cosines, _linear, _stress_inputs, _target, _transposed,
+from .margin import (MARGINS, class_targets, cosines, linear_inputs, stress_inputs, transposed,
                      empty_scores_batch, fuzz_cosines, fuzz_linear, margin_fuzz_options)
 
 
@@ -32,12 +32,12 @@ def sharded_samples(device):
     label smoothing with the lse^2 term, the detached margin; strided and column-major cosines;
     every dtype."""
     def s(id_, n, c, kwargs, dtype=torch.float32, ignored=(), layout=None):
-        cos = _cosines(n, c, dtype)
+        cos = cosines(n, c, dtype)
         if layout == "row-strided":
-            cos = _cosines(n, 2 * c + 3, dtype)[:, :c]
+            cos = cosines(n, 2 * c + 3, dtype)[:, :c]
         elif layout == "column-major":
-            cos = _transposed(cos)
-        return Sample(id_, on(device, cos, _target(n, c, ignored=ignored)),
+            cos = transposed(cos)
+        return Sample(id_, on(device, cos, class_targets(n, c, ignored=ignored)),
                       dict(kwargs, **_whole(c)))
 
     samples = [s(f"{name} 7x33", 7, 33, dict(kw, reduction="none"), ignored=(2,))
@@ -103,7 +103,7 @@ def sharded_op_samples(device):
 
 
 def _cos_and_target(device):
-    return on(device, _cosines(4, 7), torch.tensor([0, 1, 2, 3]))
+    return on(device, cosines(4, 7), torch.tensor([0, 1, 2, 3]))
 
 
 def sharded_bad_inputs():
@@ -168,13 +168,13 @@ def sharded_fuzz(data, device, triton):
 
 
 def sharded_stress(device):
-    cos, _, _, target = _stress_inputs(device)
+    cos, _, _, target = stress_inputs(device)
     return [Sample("arcface 16x300", (cos, target), dict(m2=0.5, **_whole(300)))]
 
 
 def sharded_memcheck():
     """C = 1031 (not a multiple of any block), an ignored row; fp32 and bf16."""
-    cos, target = _cosines(11, 1031, seed=3), _target(11, 1031, seed=4, ignored=(2,))
+    cos, target = cosines(11, 1031, seed=3), class_targets(11, 1031, seed=4, ignored=(2,))
     return [Sample(f"arcface 11x1031 {dtype}", (cos.to(dtype), target),
                    dict(m2=0.5, reduction="none", **_whole(1031)))
             for dtype in (torch.float32, torch.bfloat16)]
@@ -187,10 +187,10 @@ _LINEAR_NAMES = ("loss", "grad embeddings", "grad weight_shard")
 
 def linear_samples(device):
     def s(id_, n, c, d, kwargs, dtype=torch.float32, ignored=(), alter=None):
-        x, w = _linear(n, c, d, dtype)
+        x, w = linear_inputs(n, c, d, dtype)
         if alter is not None:
             x, w = alter(x, w)
-        return Sample(id_, on(device, x, w, _target(n, c, ignored=ignored)),
+        return Sample(id_, on(device, x, w, class_targets(n, c, ignored=ignored)),
                       dict(kwargs, **_whole(c)), _LINEAR_NAMES)
 
     samples = [s(f"{name} 7x33 D=17", 7, 33, 17, dict(kw, reduction="none"), ignored=(3,))
@@ -203,7 +203,7 @@ def linear_samples(device):
         s("detached, sum", 5, 19, 8, dict(m2=0.5, margin_grad="detached", reduction="sum")),
         s("C=130, D=32", 4, 130, 32, dict(m2=0.5, scale=16.0), ignored=(1,)),
         s("column-major embeddings, strided weight", 6, 19, 12, dict(m2=0.5),
-          alter=lambda x, w: (_transposed(x), torch.cat([w, w], 1)[:, :12])),
+          alter=lambda x, w: (transposed(x), torch.cat([w, w], 1)[:, :12])),
     ]
     samples += [s(f"{dtype}", 5, 37, 16, dict(m2=0.5, scale=16.0), dtype, ignored=(2,))
                 for dtype in (torch.float64, torch.float16, torch.bfloat16)]
@@ -236,7 +236,7 @@ def linear_op_samples(device):
 
 
 def _x_w_target(device):
-    x, w = _linear(4, 7, 5)
+    x, w = linear_inputs(4, 7, 5)
     return on(device, x, w, torch.tensor([0, 1, 2, 3]))
 
 
@@ -303,15 +303,15 @@ def _empty_linear(backend, device, reduction):
 
 
 def linear_stress(device):
-    _, x, w, target = _stress_inputs(device)
+    _, x, w, target = stress_inputs(device)
     return [Sample("cosface 16x300 D=32", (x, w, target), dict(m3=0.35, **_whole(300)),
                    _LINEAR_NAMES)]
 
 
 def linear_memcheck():
     """C = 1031, D = 40 (no multiples of any tile), an ignored row; fp32 and bf16."""
-    x, w = _linear(11, 1031, 40, seed=5)
-    target = _target(11, 1031, seed=4, ignored=(2,))
+    x, w = linear_inputs(11, 1031, 40, seed=5)
+    target = class_targets(11, 1031, seed=4, ignored=(2,))
     return [Sample(f"cosface 11x1031 D=40 {dtype}", (x.to(dtype), w.to(dtype), target),
                    dict(m3=0.35, reduction="none", **_whole(1031)), _LINEAR_NAMES)
             for dtype in (torch.float32, torch.bfloat16)]

@@ -13,7 +13,7 @@ import fusedloss
 from ..reference import spherical as reference
 from . import _draw
 from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
-from .margin import _scores_bad_inputs, _stress_inputs, empty_scores_batch
+from .margin import scores_bad_inputs, stress_inputs, empty_scores_batch
 
 
 def _logits(n, c, dtype=torch.float32, seed=0, mean=0.0, spread=1.0):
@@ -22,12 +22,12 @@ def _logits(n, c, dtype=torch.float32, seed=0, mean=0.0, spread=1.0):
     return (mean + spread * x).to(dtype)
 
 
-def _target(n, c, seed=1, ignored=(), ignore_index=-100):
+def class_targets(n, c, seed=1, ignored=(), ignore_index=-100):
     return with_ignored(torch.randint(0, c, (n,), generator=generator(seed)), ignored,
                         ignore_index)
 
 
-def _transposed(t):
+def transposed(t):
     return t.t().contiguous().t()
 
 
@@ -43,31 +43,32 @@ def spherical_samples(device):
     strided, column-strided and column-major logits; every reduction; every row ignored; a
     custom ignore_index and int32 targets; every dtype."""
     samples = [Sample(f"{name} 7x33", on(device, _logits(7, 33, spread=2.0),
-                                         _target(7, 33, ignored=(2, 5))),
+                                         class_targets(7, 33, ignored=(2, 5))),
                       dict(kw, reduction="none"))
                for name, kw in HYPER.items()]
     samples += [
-        Sample("N=1", on(device, _logits(1, 5), _target(1, 5)), dict(a=2.0, b=0.5)),
-        Sample("C=2", on(device, _logits(4, 2), _target(4, 2)), dict(reduction="none")),
-        Sample("N=1 C=2 fp64", on(device, _logits(1, 2, torch.float64), _target(1, 2)), {}),
-        Sample("C=130 sum", on(device, _logits(5, 130, spread=3.0), _target(5, 130)),
+        Sample("N=1", on(device, _logits(1, 5), class_targets(1, 5)), dict(a=2.0, b=0.5)),
+        Sample("C=2", on(device, _logits(4, 2), class_targets(4, 2)), dict(reduction="none")),
+        Sample("N=1 C=2 fp64", on(device, _logits(1, 2, torch.float64), class_targets(1, 2)), {}),
+        Sample("C=130 sum", on(device, _logits(5, 130, spread=3.0), class_targets(5, 130)),
                dict(reduction="sum")),
-        Sample("mean 100 x spread", on(device, _logits(6, 41, mean=100.0), _target(6, 41)),
+        Sample("mean 100 x spread", on(device, _logits(6, 41, mean=100.0), class_targets(6, 41)),
                dict(a=2.0, b=1.0, reduction="none")),
-        Sample("row-strided", on(device, _logits(5, 80)[:, :37], _target(5, 37)), dict(a=2.0)),
-        Sample("column-strided", on(device, _logits(6, 62)[:, ::2], _target(6, 31)),
+        Sample("row-strided", on(device, _logits(5, 80)[:, :37], class_targets(5, 37)),
+               dict(a=2.0)),
+        Sample("column-strided", on(device, _logits(6, 62)[:, ::2], class_targets(6, 31)),
                dict(b=0.5)),
-        Sample("column-major", on(device, _transposed(_logits(6, 31)), _target(6, 31)),
+        Sample("column-major", on(device, transposed(_logits(6, 31)), class_targets(6, 31)),
                dict(a=0.5, b=1.0, reduction="sum")),
-        Sample("every row ignored, sum", on(device, _logits(3, 9), _target(3, 9,
+        Sample("every row ignored, sum", on(device, _logits(3, 9), class_targets(3, 9,
                                                                          ignored=(0, 1, 2))),
                dict(reduction="sum")),
         Sample("ignore_index=3, int32 target",
-               on(device, _logits(6, 17), _target(6, 17, ignored=(1,), ignore_index=3)
+               on(device, _logits(6, 17), class_targets(6, 17, ignored=(1,), ignore_index=3)
                   .to(torch.int32)), dict(ignore_index=3, reduction="none")),
     ]
     samples += [Sample(f"{dtype}", on(device, _logits(5, 67, dtype, mean=0.3, spread=2.0),
-                                      _target(5, 67, ignored=(0,))), dict(a=2.0, b=0.5))
+                                      class_targets(5, 67, ignored=(0,))), dict(a=2.0, b=0.5))
                 for dtype in (torch.float64, torch.float16, torch.bfloat16)]
     return samples
 
@@ -81,18 +82,18 @@ def spherical_op_samples(device):
             (torch.float64, True, 0.5, -1.0), (torch.bfloat16, True, 1.0, 0.0),
             (torch.float16, True, 3.0, 1.0)]):
         logits = _logits(5, 33, dtype, seed=10 + k, mean=1.0, spread=2.0)
-        target = _target(5, 33, seed=20 + k, ignored=(0,))
+        target = class_targets(5, 33, seed=20 + k, ignored=(0,))
         logits, target = on(device, logits, target)
         samples.append(("spherical_z_loss", (logits.requires_grad_(grad), target, a, b, -100,
                                              grad)))
-    wide, target = on(device, _logits(6, 40, seed=16)[:, :33], _target(6, 33, seed=26))
+    wide, target = on(device, _logits(6, 40, seed=16)[:, :33], class_targets(6, 33, seed=26))
     samples.append(("spherical_z_loss", (wide.requires_grad_(), target, 1.0, 0.0, -100, True)))
     return samples
 
 
 def spherical_compile_sample(device):
     return Sample("a=2 b=0.5, ignored row", on(device, _logits(8, 50, mean=3.0),
-                                               _target(8, 50, ignored=(2,))),
+                                               class_targets(8, 50, ignored=(2,))),
                   dict(a=2.0, b=0.5))
 
 
@@ -113,7 +114,7 @@ def spherical_bad_inputs():
     def bad(id_, make, kwargs, exc, message):
         return _bad(id_, make, kwargs, exc, message, fn)
 
-    return _scores_bad_inputs("logits", good, fn) + [
+    return scores_bad_inputs("logits", good, fn) + [
         bad("3-D logits", lambda d: (_logits(4, 7).to(d)[:, :, None], torch.arange(4, device=d)),
             {}, ValueError, "logits must be 2-D, got shape (4, 7, 1)"),
         bad("logits not a tensor", lambda d: ([[0.1, 0.2], [0.3, 0.4]],
@@ -153,7 +154,7 @@ def spherical_fuzz(data, device, triton):
 
 
 def spherical_stress(device):
-    cos, _, _, target = _stress_inputs(device)
+    cos, _, _, target = stress_inputs(device)
     return [Sample("16x300", (cos, target), {})]
 
 
@@ -161,7 +162,7 @@ def spherical_memcheck():
     """C = 1031 (not a multiple of any block), every other column (strided rows), an ignored
     row; fp32 and bf16."""
     logits = _logits(9, 2 * 1031, seed=7)[:, ::2]
-    target = _target(9, 1031, seed=8, ignored=(3,))
+    target = class_targets(9, 1031, seed=8, ignored=(3,))
     return [Sample(f"9x1031 strided {dtype}", (logits.to(dtype), target),
                    dict(reduction="none"))
             for dtype in (torch.float32, torch.bfloat16)]
@@ -187,7 +188,7 @@ def _linear_sample(id_, device, n, c, d, kwargs, dtype=torch.float32, bias=True,
     h, w, q = _layer(n, c, d, dtype, bias=bias, **layer)
     if alter is not None:
         h, w = alter(h, w)
-    target = _target(n, c, ignored=ignored)
+    target = class_targets(n, c, ignored=ignored)
     return Sample(id_, on(device, h, w, target, q), kwargs, _LINEAR_NAMES)
 
 
@@ -206,7 +207,7 @@ def linear_samples(device):
         s("d=1", device, 6, 13, 1, dict(reduction="sum")),
         s("mean 30 x spread", device, 6, 41, 12, dict(reduction="none"), mean=3.0),
         s("column-major hidden, strided weight", device, 6, 19, 12, dict(b=1.0),
-          alter=lambda h, w: (_transposed(h), torch.cat([w, w], 1)[:, :12])),
+          alter=lambda h, w: (transposed(h), torch.cat([w, w], 1)[:, :12])),
         s("C=130, every row ignored but one", device, 5, 130, 9, dict(a=0.5),
           ignored=(0, 1, 3, 4)),
     ]
@@ -217,7 +218,7 @@ def linear_samples(device):
 
 def linear_compile_sample(device):
     h, w, q = _layer(8, 40, 16)
-    return Sample("bias, a=2 b=0.5", on(device, h, w, _target(8, 40, ignored=(1,)), q),
+    return Sample("bias, a=2 b=0.5", on(device, h, w, class_targets(8, 40, ignored=(1,)), q),
                   dict(a=2.0, b=0.5), _LINEAR_NAMES)
 
 
@@ -309,7 +310,7 @@ def _empty_linear(backend, device, reduction):
 
 
 def linear_stress(device):
-    _, x, w, target = _stress_inputs(device)
+    _, x, w, target = stress_inputs(device)
     return [Sample("16x300 d=32, no bias", (x, w, target), {}, _LINEAR_NAMES[:3])]
 
 
