@@ -3,31 +3,10 @@
 Names. A public function is named by its input form, then the loss (``linear_`` takes
 embeddings and a weight instead of logits, ``sharded_`` splits the classes across ranks); an
 op (``torch.ops.fusedloss.<op>``, schema in fusedloss/_schemas.py) and a module file are named
-family first. Every public function maps to its family, ops and module as follows:
-
-==================================== ========= ============================== ====================
-public name                          family    op(s)                          module
-==================================== ========= ============================== ====================
-margin_cross_entropy                 margin    margin_cross_entropy           margin.py
-linear_margin_cross_entropy          margin    margin_linear_cross_entropy    margin_linear.py
-sharded_margin_cross_entropy         sharded   sharded_margin_stats,          sharded.py
-                                               sharded_margin_grad
-linear_sharded_margin_cross_entropy  sharded   sharded_margin_linear_stats,   sharded.py
-                                               sharded_margin_linear_grad
-multi_similarity_loss                pairs     pair_extrema, pair_row_stats,  pairs.py
-                                               pair_row_stats_backward
-multi_similarity_miner               pairs     pair_extrema                   pairs.py
-supcon_loss, info_nce_loss,          pairs     pair_row_stats,                pairs.py
-contrastive_loss                               pair_row_stats_backward
-batch_hard_triplet_loss              pairs     pair_extrema                   pairs.py
-spherical_z_loss                     spherical spherical_z_loss               spherical.py
-linear_spherical_z_loss              spherical none (torch matrix products)   spherical_linear.py
-==================================== ========= ============================== ====================
-
-The modules of ``fusedloss.nn`` sit in ``nn/<family>.py``: MarginCrossEntropy and
-MarginSoftmaxHead (margin), PartialFC (sharded), CrossBatchMemory (pairs), SphericalZLoss,
-SphericalLinear and FactoredSphericalLinear (spherical; the factored update in
-spherical_factored.py).
+family first. The op registry, :mod:`fusedloss.specs`, states once which family and ops each
+public function has (``OpSpec.family``, ``OpSpec.ops``); ``python -m fusedloss.info`` prints
+that table with the backends that run each function here. The modules of ``fusedloss.nn`` sit
+in ``nn/<family>.py``.
 """
 from . import distributed, nn
 from ._ops import BackendStatus, backends
