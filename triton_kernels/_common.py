@@ -138,8 +138,13 @@ def pow2_clamp(n: int, low: int, high: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
+def _device_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The number of SMs of the CUDA device `device`."""
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def target_programs(device: torch.device) -> int:
@@ -147,7 +152,7 @@ def target_programs(device: torch.device) -> int:
     number of SMs on the GPU, 4 under the interpreter (tests then take several splits)."""
     if interpreted(device):
         return 4
-    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * sm_count(device)
 
 
 def split_blocks(outer_programs: int, inner_blocks: int, target: int) -> tuple[int, int]:
