@@ -36,11 +36,23 @@ def same_device(fn: str, **tensors) -> None:
 
 
 def target_values(fn: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Every target is in [0, C) or is ignore_index. Reads the values (a sync on CUDA), so it
-    runs in eager mode only; under torch.compile the kernels guard themselves."""
+    """Every target is in [0, C) or is ignore_index.
+
+    On CPU tensors the values are read and a bad target raises a ValueError that names its
+    row. On any other device the check runs on that device, with no host synchronisation (a
+    loss call never waits for the GPU, and CUDA-graph capture works): `torch._assert_async`
+    fails at the device's next synchronisation with the message below, as the device-side
+    assertion of F.cross_entropy does; on CUDA that error leaves the process's CUDA context
+    unusable, as any device-side assertion does. Under torch.compile the kernels guard
+    themselves (the CPU kernels raise; the CUDA and Triton row kernels give an out-of-range
+    target's row a NaN loss, never an out-of-bounds read)."""
     if compiling() or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{fn}: a target is outside [0, {num_classes}) and is "
+                                        f"not ignore_index ({ignore_index})")
+        return
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"{fn}: target[{row}] = {int(target[row])} is outside [0, {num_classes}) "
