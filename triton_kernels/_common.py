@@ -2,6 +2,10 @@
 another one from here, and none imports another kernel module's private names.
 
 Host side
+    check_args           the C++ kernels' argument checks, made by every launcher first
+    launch, device_context
+                         every kernel launch, on the device of its tensors and that
+                         device's current stream
     hi_lo                a Python float as two fp32 kernel arguments, hi + lo
     interpreted          whether a launch runs under the interpreter (CPU tensors)
     row_layout, row_kernel_io, row_block_c, row_num_warps
@@ -14,16 +18,20 @@ Host side
                          split of an inner loop that fills the device
 Device side (@triton.jit, called from the kernels)
     from_hi_lo           the scalar hi + lo in the accumulation dtype
+    wide                 an index as int64, before it multiplies a stride
+    nan_max, nan_min, nan_maximum, nan_minimum
+                         reductions and elementwise extrema that propagate NaN
     online_lse_update    one block of a running, max-rescaled log-sum-exp
     row_margins, target_logit (with acos_series, continuation_sign)
                          the margin target logit of csrc/include/fusedloss/margin.h
     load_rows, dot_tile, split_range
                          tiles of the tiled kernels
 """
+import contextlib
 import functools
 import math
 import struct
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -31,6 +39,197 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype, triton_interpreted
+
+# ---------------------------------------------------------------------------------------
+# Launches
+
+def device_context(device: torch.device):
+    """The context that a launch on `device` runs in: for a CUDA device, that device made
+    current (torch.cuda.device), since Triton takes the device and the stream of a launch
+    from the current CUDA device, never from the tensors; nothing otherwise (CPU tensors
+    under the interpreter, meta tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) through torch.library.wrap_triton (so that a triton_op
+    traces it), inside device_context of the device of its tensor arguments: the launch then
+    runs on that device, on that device's current stream, whatever device is current. Every
+    launcher of fusedloss.triton_kernels launches through here; check_args has made sure
+    that the tensors share one device."""
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    with device_context(device):
+        torch.library.wrap_triton(kernel)[tuple(grid)](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+
+_MAX_TARGET = 1 << 62  # sharded.cpp kMaxTarget: class ids and class_start below 2^62
+_NUM_STATS = {0: 2, 1: 3, 2: 4}  # pairs.h num_stats(kind): the columns of pair_row_stats
+_NUM_HYPER = {0: 4, 1: 1, 2: 2}  # pairs.h num_hyper(kind)
+_HYPER_NAMES = {0: "(alpha, beta, base, epsilon)", 1: "(temperature)",
+                2: "(pos_margin, neg_margin)"}
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def _value(ok: bool, op: str, *message) -> None:
+    if not ok:
+        raise ValueError(f"{op}: " + "".join(str(m) for m in message))
+
+
+def _type(ok: bool, op: str, *message) -> None:
+    if not ok:
+        raise TypeError(f"{op}: " + "".join(str(m) for m in message))
+
+
+def _indices(op: str, name: str, t: Tensor, n: int, what: str = "") -> None:
+    _value(t.dim() == 1 and t.shape[0] == n, op, name, " must have shape [", n, "]", what,
+           ", got ", _shape(t))
+
+
+def _row_tensor(op: str, name: str, t: Optional[Tensor], n: int, acc: torch.dtype) -> None:
+    """An optional per-row tensor (row_m2, row_m3, row_grad): [N], in the accumulation dtype
+    (margin_row.h check_row_tensor)."""
+    if t is None:
+        return
+    _value(t.dim() == 1 and t.shape[0] == n, op, name, " must have shape [", n, "], got ",
+           _shape(t))
+    _type(t.dtype == acc, op, name, " must be ", acc, ", got ", t.dtype)
+
+
+def _floating(op: str, name: str, t: Tensor) -> None:
+    _type(t.is_floating_point(), op, name, " must be a floating tensor, got ", t.dtype)
+
+
+def check_args(op: str, **args) -> None:
+    """The argument checks of the C++ kernels of fusedloss::<op> (csrc/cpu/*.cpp,
+    margin_row.h, linear_blocks.h, and the device rules of csrc/cuda/bindings.cpp), made by
+    every launcher before anything else, with the same exception types and messages: a bad
+    shape or value ValueError, a bad dtype TypeError, a bad device RuntimeError.
+
+    Arguments go by their schema names (python/fusedloss/_schemas.py); each one given is
+    checked as the C++ kernel of `op` checks it, so a launcher passes those that its kernel
+    checks. The leading matrix fixes N, the dtype and the device: cos or logits [N, C],
+    embeddings [N, D] with weight [C, D], or x [N, D] with ref [M, D]. Tensor values are not
+    read (that would be a device-to-host copy in every call): a target outside [0, C) that is
+    not ignore_index gets a NaN row from the kernels, as their contract says."""
+    tensors = {k: v for k, v in args.items() if isinstance(v, Tensor)}
+    sharded = op.startswith("sharded_")
+    if "cos" in args or "logits" in args:  # the row ops: [N, C]
+        name = "cos" if "cos" in args else "logits"
+        rows = args[name]
+        _value(rows.dim() == 2, op, name, " must be 2-D [N, ", "C_local" if sharded else "C",
+               "], got ", _shape(rows))
+        _floating(op, name, rows)
+        n = rows.shape[0]
+    elif "embeddings" in args:  # the linear ops: embeddings [N, D], weight [C, D]
+        name, rows, w = "embeddings", args["embeddings"], args["weight"]
+        _value(rows.dim() == 2, op, "embeddings must be 2-D [N, D], got ", _shape(rows))
+        _value(w.dim() == 2, op, "weight must be 2-D [C, D], got ", _shape(w))
+        _floating(op, "embeddings", rows)
+        _type(w.dtype == rows.dtype, op, "embeddings and weight must share a dtype, got ",
+              rows.dtype, " and ", w.dtype)
+        _value(w.shape[1] == rows.shape[1], op,
+               "embeddings [N, D] and weight [C, D] must share D, got ", _shape(rows), " and ",
+               _shape(w))
+        n = rows.shape[0]
+    else:  # the pair ops: x [N, D], ref [M, D]
+        name, rows, ref = "x", args["x"], args["ref"]
+        _value(rows.dim() == 2, op, "x must be 2-D [N, D], got shape ", _shape(rows))
+        _value(ref.dim() == 2, op, "ref must be 2-D [M, D], got shape ", _shape(ref))
+        _floating(op, "x", rows)
+        _type(ref.dtype == rows.dtype, op, "x and ref must share a dtype, got ", rows.dtype,
+              " and ", ref.dtype)
+        _value(ref.shape[1] == rows.shape[1], op,
+               "x [N, D] and ref [M, D] must share D, got ", _shape(rows), " and ", _shape(ref))
+        n = rows.shape[0]
+        _indices(op, "labels", args["labels"], n, " (one per row of x)")
+        _indices(op, "ref_labels", args["ref_labels"], ref.shape[0], " (one per row of ref)")
+        _type(args["labels"].dtype == torch.int64 and args["ref_labels"].dtype == torch.int64,
+              op, "labels and ref_labels must be int64, got ", args["labels"].dtype, " and ",
+              args["ref_labels"].dtype)
+    if "target" in args:
+        _indices(op, "target", args["target"], n)
+        _type(args["target"].dtype == torch.int64, op, "target must be int64, got ",
+              args["target"].dtype)
+
+    # One device for every tensor, a CUDA one (a CPU one under TRITON_INTERPRET=1).
+    device = rows.device
+    for other, t in tensors.items():
+        if t.device != device:
+            raise RuntimeError(f"{op}: {other} is on {t.device} but {name} is on {device}")
+    if device.type not in ("cuda", "meta") and not (device.type == "cpu" and triton_interpreted()):
+        raise RuntimeError(f"{op}: the Triton kernels take CUDA tensors (CPU tensors only "
+                           f"under TRITON_INTERPRET=1), got {name} on {device}")
+
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    for per_row in ("row_m2", "row_m3", "row_grad"):
+        if per_row in args:
+            _row_tensor(op, per_row, args[per_row], n, acc)
+    if "coef" in args:  # sharded.cpp check_coef
+        coef = args["coef"]
+        _value(coef.dim() == 2 and _shape(coef) == [n, 4], op, "coef must have shape [", n,
+               ", 4] (lse, a, b, d per row), got ", _shape(coef))
+        _type(coef.dtype == acc, op, "coef must be ", acc, ", got ", coef.dtype)
+    if "label_smoothing" in args:
+        eps = args["label_smoothing"]
+        _value(0.0 <= eps <= 1.0, op, "label_smoothing must lie in [0, 1], got ", eps)
+    if "logits" in args:  # spherical.cpp
+        _value(rows.shape[1] >= 2, op, "needs C >= 2 classes (the spread of one output is zero "
+               "by definition), got logits of shape ", _shape(rows))
+    if "a" in args:
+        _value(math.isfinite(args["a"]) and args["a"] > 0, op, "a must be > 0 and finite, got ",
+               args["a"])
+    if "b" in args:
+        _value(math.isfinite(args["b"]), op, "b must be finite, got ", args["b"])
+    if "class_start" in args:  # sharded.cpp check_shard, check_scale
+        _value(0 <= args["class_start"] < _MAX_TARGET, op,
+               "class_start must be in [0, 2^62), got ", args["class_start"])
+    if "scale" in args:
+        _value(args["scale"] > 0, op, "scale must be > 0, got ", args["scale"])
+    if "distance" in args:  # pairs.cpp check_pair_inputs
+        _value(args["distance"] in (0, 1), op,
+               "distance must be 0 (similarity) or 1 (euclidean), got ", args["distance"])
+    if "self_offset" in args:
+        _value(args["self_offset"] >= -1, op,
+               "self_offset must be -1 (no excluded column) or >= 0, got ", args["self_offset"])
+    if "block_size" in args:
+        _value(args["block_size"] >= 0, op, "block_size must be >= 0 (0: the kernel chooses), "
+               "got ", args["block_size"])
+    if "kind" in args:  # pairs.cpp check_kind, check_thresholds, check_stats_tensor
+        kind, hyper = args["kind"], list(args["hyper"])
+        _value(kind in _NUM_STATS, op, "kind must be 0 (multi-similarity), 1 (supcon / "
+               "info-nce) or 2 (contrastive), got ", kind)
+        _value(len(hyper) == _NUM_HYPER[kind], op, "kind ", kind, " takes hyper = ",
+               _HYPER_NAMES[kind], ", got ", len(hyper), " values")
+        _value(all(math.isfinite(h) for h in hyper), op, "hyper ", _HYPER_NAMES[kind],
+               " must be finite, got ", hyper)
+        if kind == 0:
+            _value(hyper[0] > 0 and hyper[1] > 0, op, "multi-similarity needs alpha > 0 and "
+                   "beta > 0, got alpha = ", hyper[0], ", beta = ", hyper[1])
+        elif kind == 1:
+            _value(hyper[0] > 0, op, "temperature must be > 0, got ", hyper[0])
+        thresholds = args.get("thresholds")
+        if thresholds is not None:
+            _value(kind == 0, op, "thresholds apply to kind 0 (multi-similarity) only, got "
+                   "kind ", kind)
+            _value(thresholds.dim() == 2 and _shape(thresholds) == [n, 2], op,
+                   "thresholds must have shape [", n, ", 2] (max_neg, min_pos per row), got ",
+                   _shape(thresholds))
+            _floating(op, "thresholds", thresholds)
+        for stat in ("grad_stats", "stats"):
+            if stat in args:
+                t = args[stat]
+                _value(t.dim() == 2 and _shape(t) == [n, _NUM_STATS[kind]], op, stat,
+                       " must have shape [", n, ", ", _NUM_STATS[kind], "], got ", _shape(t))
+                _floating(op, stat, t)
+
 
 # ---------------------------------------------------------------------------------------
 # Scalars
@@ -50,6 +249,58 @@ def from_hi_lo(hi, lo, ACC: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------
+# Indices and extrema
+
+@triton.jit
+def wide(index):
+    """`index` as int64: every row or column index (a program id times a block size, a
+    target, an offset into a split) goes through here before it multiplies a stride or a row
+    length, so that the pointer offset cannot wrap at 2^31 elements."""
+    return tl.cast(index, tl.int64)
+
+
+# Whether the kernels run under TRITON_INTERPRET=1 (decided when Triton defines them).
+_INTERPRETER = tl.constexpr(triton_interpreted())
+
+
+@triton.jit
+def nan_maximum(a, b):
+    """max(a, b) elementwise, NaN when either is NaN (as torch.maximum). tl.maximum's default
+    drops NaN (maxnum; max.f32 on the GPU, numpy's fmax under the interpreter)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_minimum(a, b):
+    """min(a, b) elementwise, NaN when either is NaN (as torch.minimum)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max(x, axis: tl.constexpr):
+    """max of x along `axis`, NaN when any entry is NaN (as torch.amax). tl.max drops NaN:
+    max.f32 on the GPU, numpy's nanmax under the interpreter. Compiled, a reduction whose
+    combine is the NaN-propagating maximum (arith.maximumf, max.NaN.f32 on sm_80+); under
+    the interpreter, which runs such a combine once per entry in Python, the same value as
+    tl.max with NaN put back where the row holds one (a sum over its NaN entries)."""
+    if _INTERPRETER:
+        poison = tl.sum(tl.where(x != x, x, 0.0), axis=axis)
+        return tl.where(poison != poison, poison, tl.max(x, axis=axis))
+    else:
+        return tl.reduce(x, axis, nan_maximum)
+
+
+@triton.jit
+def nan_min(x, axis: tl.constexpr):
+    """min of x along `axis`, NaN when any entry is NaN (as torch.amin); see nan_max."""
+    if _INTERPRETER:
+        poison = tl.sum(tl.where(x != x, x, 0.0), axis=axis)
+        return tl.where(poison != poison, poison, tl.min(x, axis=axis))
+    else:
+        return tl.reduce(x, axis, nan_minimum)
+
+
+# ---------------------------------------------------------------------------------------
 # Online log-sum-exp
 
 @triton.jit
@@ -61,9 +312,9 @@ def online_lse_update(m_run, s_run, z, AXIS: tl.constexpr):
 
     m_run and s_run have the shape of z reduced over AXIS (a scalar for a 1-D z); z = -inf
     marks an entry left out. The reference r is 0 while every entry so far is left out, so
-    that -inf - -inf never arises: an empty sum stays (m, s) = (-inf, 0). NaN in z reaches
-    s through exp (tl.max and tl.maximum may drop it from m)."""
-    m_new = tl.maximum(m_run, tl.max(z, axis=AXIS))
+    that -inf - -inf never arises: an empty sum stays (m, s) = (-inf, 0). NaN in z makes
+    both m and s NaN from that block on (the maxima propagate NaN, as torch's do)."""
+    m_new = nan_maximum(m_run, nan_max(z, AXIS))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     s_new = s_run * tl.exp(m_run - m_ref) + tl.sum(tl.exp(z - tl.expand_dims(m_ref, AXIS)),
                                                   axis=AXIS)
@@ -298,6 +549,8 @@ def dot_tile(a_ptr, b_ptr, a_rows, b_rows, n_a, n_b, D, a_stride, b_stride,
 @triton.jit
 def split_range(split, blocks_per_split, BLOCK: tl.constexpr, total):
     """[begin, end): the part of an inner loop over [0, total) that split `split` walks
-    (blocks_per_split blocks of BLOCK; see split_blocks)."""
-    begin = split * blocks_per_split * BLOCK
-    return begin, tl.minimum(begin + blocks_per_split * BLOCK, total)
+    (blocks_per_split blocks of BLOCK; see split_blocks), as 32-bit loop bounds: formed in
+    int64 and clamped to total (a 32-bit argument) before they are narrowed."""
+    begin = wide(split) * blocks_per_split * BLOCK
+    end = begin + wide(blocks_per_split) * BLOCK
+    return tl.minimum(begin, total).to(tl.int32), tl.minimum(end, total).to(tl.int32)

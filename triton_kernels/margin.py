@@ -47,9 +47,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedloss.triton_kernels._common import (asin_terms, from_hi_lo, hi_lo, online_lse_update,
-                                              row_block_c, row_kernel_io, row_margins,
-                                              row_num_warps, target_logit, uses_angle)
+from fusedloss.triton_kernels._common import (asin_terms, check_args, from_hi_lo, hi_lo, launch,
+                                              online_lse_update, row_block_c, row_kernel_io,
+                                              row_margins, row_num_warps, target_logit,
+                                              uses_angle)
 
 
 @triton.jit
@@ -129,8 +130,10 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
                          label_smoothing: float, lse_square_scale: float, ignore_index: int,
                          compute_grad: bool) -> tuple[Tensor, Tensor]:
     """fusedloss::margin_cross_entropy (csrc/ops.cpp): per-row loss, and d loss_i / d cos_ij
-    in the dtype of `cos` when compute_grad (else an empty tensor). Inputs are validated
-    by the caller."""
+    in the dtype of `cos` when compute_grad (else an empty tensor). Target values are not
+    checked (a bad one gives a NaN row); the rest as the C++ kernel (check_args)."""
+    check_args("margin_cross_entropy", cos=cos, target=target, row_m2=row_m2, row_m3=row_m3,
+               label_smoothing=label_smoothing)
     cos, target, loss, grad, grad_arg = row_kernel_io(cos, target, compute_grad)
     n, c = cos.shape
     # Unused pointer arguments get `loss`: they sit in branches that the constexprs remove.
@@ -138,8 +141,8 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
     m3_arg = row_m3.contiguous() if row_m3 is not None else loss
     block_c = row_block_c(c, cos.device)
     if n > 0:
-        torch.library.wrap_triton(_margin_ce_kernel)[(n,)](
-            cos, target, m2_arg, m3_arg, loss, grad_arg,
+        launch(
+            _margin_ce_kernel, (n,), cos, target, m2_arg, m3_arg, loss, grad_arg,
             c, cos.stride(0), ignore_index,
             *hi_lo(scale), *hi_lo(m1), *hi_lo(m2), *hi_lo(m3), *hi_lo(label_smoothing),
             *hi_lo(lse_square_scale),

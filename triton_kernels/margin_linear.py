@@ -116,10 +116,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels._common import (allow_tf32, asin_terms, dot_tile, from_hi_lo,
-                                              hi_lo, interpreted, online_lse_update, pow2_clamp,
-                                              row_margins, split_blocks, split_range,
-                                              target_logit, target_programs, uses_angle)
+from fusedloss.triton_kernels._common import (allow_tf32, asin_terms, check_args, dot_tile,
+                                              from_hi_lo, hi_lo, interpreted, launch,
+                                              online_lse_update, pow2_clamp, row_margins,
+                                              split_blocks, split_range, target_logit,
+                                              target_programs, uses_angle, wide)
 
 _NORM_EPS = 1e-12  # F.normalize's eps
 _NORM_EPS_TL = tl.constexpr(_NORM_EPS)
@@ -135,10 +136,11 @@ def _embedding_row_coefs(rows, ok, target_ptr, coef_ptr, N, num_classes, class_s
     live = ok & (t != ignore_index)
     t = t - class_start
     t = tl.where((t >= 0) & (t < num_classes), t, -1).to(tl.int32)
+    n = wide(N)  # coef row k starts at k N
     row_max = tl.load(coef_ptr + rows, mask=ok, other=0.0)
-    a = tl.load(coef_ptr + N + rows, mask=ok, other=0.0)
-    b = tl.load(coef_ptr + 2 * N + rows, mask=ok, other=0.0)
-    g_y = tl.load(coef_ptr + 3 * N + rows, mask=ok, other=0.0)
+    a = tl.load(coef_ptr + n + rows, mask=ok, other=0.0)
+    b = tl.load(coef_ptr + 2 * n + rows, mask=ok, other=0.0)
+    g_y = tl.load(coef_ptr + 3 * n + rows, mask=ok, other=0.0)
     return live, t, row_max, a, b, g_y
 
 
@@ -233,10 +235,11 @@ def _lse_kernel(
         if HAS_SMOOTHING:
             z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
         m_run, s_oth = online_lse_update(m_run, s_oth, tl.where(valid, z, float("-inf")), 1)
-    out = part_ptr + split * N + rows  # part: [3, num_splits, N]
+    out = part_ptr + wide(split) * N + rows  # part: [3, num_splits, N]
+    plane = wide(num_splits) * N
     tl.store(out, m_run, mask=row_ok)
-    tl.store(out + num_splits * N, s_oth, mask=row_ok)
-    tl.store(out + 2 * num_splits * N, z_sum, mask=row_ok)
+    tl.store(out + plane, s_oth, mask=row_ok)
+    tl.store(out + 2 * plane, z_sum, mask=row_ok)
 
 
 @triton.jit
@@ -319,10 +322,12 @@ def _grad_kernel(
         tl.store(part_ptr + o_rows[:, None] * D + d_out[None, :],
                  acc.to(part_ptr.dtype.element_ty), mask=out_mask)
     else:
-        out = part_ptr + (split * N_OUT + o_rows[:, None]) * D + d_out[None, :]  # [SPLIT, N_OUT, D]
+        # part [SPLIT, N_OUT, D]
+        out = part_ptr + (wide(split) * N_OUT + o_rows[:, None]) * D + d_out[None, :]
         tl.store(out, acc, mask=out_mask)
         if NORMALIZE:  # every D block computed the same P (or Q); the first one stores it
-            tl.store(proj_ptr + split * N_OUT + o_rows, proj, mask=tl.where(o_ok, pid_d, 1) == 0)
+            tl.store(proj_ptr + wide(split) * N_OUT + o_rows, proj,
+                     mask=tl.where(o_ok, pid_d, 1) == 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,7 +410,7 @@ def target_logits(p: Pipeline, row_m2: Optional[Tensor], row_m3: Optional[Tensor
     slope = torch.empty_like(z_y)
     placeholder = p.rx
     cfg = p.cfg
-    torch.library.wrap_triton(_target_kernel)[(triton.cdiv(n, cfg["tgt_n"]),)](
+    launch(_target_kernel, (triton.cdiv(n, cfg["tgt_n"]),),
         p.x, p.w, p.rx, p.rw, p.target,
         row_m2.contiguous() if row_m2 is not None else placeholder,
         row_m3.contiguous() if row_m3 is not None else placeholder,
@@ -427,7 +432,7 @@ def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool) -> Te
     row_blocks = triton.cdiv(n, cfg["fwd_n"])
     splits, per_split = split_blocks(row_blocks, triton.cdiv(c, cfg["fwd_c"]), p.n_target)
     part = torch.empty((3, splits, n), dtype=p.acc, device=p.x.device)
-    torch.library.wrap_triton(_lse_kernel)[(row_blocks, splits)](
+    launch(_lse_kernel, (row_blocks, splits),
         p.x, p.w, p.rx, p.rw, p.target, part, n, c, d, p.x.stride(0), p.w.stride(0), per_split,
         splits, class_start, *hi_lo(scale),
         NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum,
@@ -456,7 +461,7 @@ def input_grads(p: Pipeline, coef: Tensor, scale: float, class_start: int,
             g_part = torch.empty((g_splits, n_out, d), dtype=acc, device=dev)
         g_proj = torch.empty((g_splits, n_out), dtype=acc, device=dev) if normalize else p.rx
         if d > 0:
-            torch.library.wrap_triton(_grad_kernel)[(o_blocks, d_blocks, g_splits)](
+            launch(_grad_kernel, (o_blocks, d_blocks, g_splits),
                 outer, inner, r_out, r_in, norm_out, p.target, coef, g_part, g_proj,
                 n_out, n_in, n, d, outer.stride(0), inner.stride(0), g_per, class_start,
                 ignore_index, *scale_args,
@@ -486,8 +491,12 @@ def margin_linear_cross_entropy(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """fusedloss::margin_linear_cross_entropy (csrc/ops.cpp): per-row loss [N] (fp32, fp64 for
     fp64) and, when compute_grad, the gradients of sum_i row_grad_i loss_i with respect to
-    embeddings and weight in their dtypes (else two empty tensors). Inputs are validated by the
-    caller; `deterministic` changes nothing (every pass here is deterministic)."""
+    embeddings and weight in their dtypes (else two empty tensors). Target values are not
+    checked (a bad one gives a NaN row); the rest as the C++ kernel (check_args).
+    `deterministic` changes nothing (every pass here is deterministic)."""
+    check_args("margin_linear_cross_entropy", embeddings=embeddings, weight=weight,
+               target=target, row_m2=row_m2, row_m3=row_m3, row_grad=row_grad,
+               label_smoothing=label_smoothing, block_size=block_size)
     p = pipeline(embeddings, weight, target, normalize, block_size)
     x, w, target, acc = p.x, p.w, p.target, p.acc
     n, c = x.shape[0], w.shape[0]

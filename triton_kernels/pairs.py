@@ -110,10 +110,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels._common import (allow_tf32, dot_tile, from_hi_lo, hi_lo,
-                                              interpreted, load_rows, online_lse_update,
-                                              pow2_clamp, split_blocks, split_range,
-                                              target_programs)
+from fusedloss.triton_kernels._common import (allow_tf32, check_args, dot_tile, from_hi_lo,
+                                              hi_lo, interpreted, launch, load_rows, nan_maximum,
+                                              nan_min, online_lse_update, pow2_clamp,
+                                              split_blocks, split_range, target_programs, wide)
 
 _NO_COLUMN = tl.constexpr(-1)  # the index of an empty extremum
 _NEAR_FRACTION = tl.constexpr(2.0 ** -6)  # kappa of pairs.h: the Gram form serves above it
@@ -156,7 +156,7 @@ def _score_tile(x_ptr, ref_ptr, nx_ptr, nr_ptr, rows, cols, skip, N, M, D, x_str
         nx = tl.load(nx_ptr + rows, mask=rows < N, other=0.0)
         nr = tl.load(nr_ptr + cols, mask=cols < M, other=0.0)
         norms = nx[:, None] + nr[None, :]
-        d2 = tl.maximum(norms - 2.0 * v, 0.0)
+        d2 = nan_maximum(norms - 2.0 * v, 0.0)  # keeps NaN (pairs.h)
         paired = ((rows[:, None] < N) & (cols[None, :] < M)
                   & (cols.to(tl.int32)[None, :] != skip[:, None]))
         near = paired & (d2 < _NEAR_FRACTION * norms)
@@ -231,11 +231,14 @@ def _row_column(ptr, rows, N, K: tl.constexpr, k: tl.constexpr, ACC: tl.constexp
 def _first_min(run_key, run_idx, key, cols):
     """Fold the tile `key` (+inf: no candidate) into a running minimum per row and its first
     column (32-bit): the tile's winner replaces the running one only when strictly smaller, so
-    ties keep the earlier block and, within a block, the smallest column."""
-    tile_min = tl.min(key, axis=1)
-    first = tl.min(tl.where(key == tile_min[:, None], cols.to(tl.int32)[None, :], 2**31 - 1),
-                   axis=1)
-    better = tile_min < run_key
+    ties keep the earlier block and, within a block, the smallest column. NaN is smaller than
+    everything, as in torch.min: a NaN candidate wins, the first NaN column of the row is its
+    index, and a row whose candidates are all NaN ends with NaN and a column, not +inf and -1."""
+    tile_min = nan_min(key, 1)
+    tile_nan = tile_min != tile_min
+    hit = (key == tile_min[:, None]) | ((key != key) & tile_nan[:, None])
+    first = tl.min(tl.where(hit, cols.to(tl.int32)[None, :], 2**31 - 1), axis=1)
+    better = (tile_min < run_key) | (tile_nan & (run_key == run_key))
     return tl.where(better, tile_min, run_key), tl.where(better, first, run_idx)
 
 
@@ -314,8 +317,8 @@ def _row_stats_kernel(
             a3 += tl.sum(pos.to(ACC), axis=1)
         else:  # hyper (m_pos, m_neg)
             sigma = 1.0 if DISTANCE == 1 else -1.0
-            l_pos = tl.where(pos, tl.maximum(sigma * (v - h0), 0.0), 0.0)
-            l_neg = tl.where(neg, tl.maximum(sigma * (h1 - v), 0.0), 0.0)
+            l_pos = tl.where(pos, nan_maximum(sigma * (v - h0), 0.0), 0.0)  # relu keeping NaN
+            l_neg = tl.where(neg, nan_maximum(sigma * (h1 - v), 0.0), 0.0)
             a0 += tl.sum(l_pos, axis=1)
             a1 += tl.sum((l_pos > 0).to(ACC), axis=1)
             a2 += tl.sum(l_neg, axis=1)
@@ -417,7 +420,7 @@ def _add_near_pair_terms(acc, a_near, own_ptr, outer, own_len, own_stride, other
             else:
                 a_n = tl.sum(tl.where(ids[:, None] == n, a_near, 0.0), axis=0)
             if tl.max((a_n != 0).to(tl.int32)) > 0:
-                other_n = tl.load(other_ptr + (inner0 + n) * other_stride + d_out,
+                other_n = tl.load(other_ptr + wide(inner0 + n) * other_stride + d_out,
                                   mask=d_out < D, other=0.0).to(ACC)
                 acc += a_n[:, None] * (own - other_n[None, :])
     return acc
@@ -608,19 +611,22 @@ class _Launch:
 def pair_extrema(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, distance: int,
                  self_offset: int, block_size: int) -> tuple[Tensor, Tensor]:
     """fusedloss::pair_extrema (csrc/ops.cpp): values [N, 2] (fp32, fp64 for fp64) and first
-    indices [N, 2] of each row's hardest positive and negative. Inputs are validated by the
-    caller."""
+    indices [N, 2] of each row's hardest positive and negative. Arguments checked as the C++
+    kernel checks them (check_args)."""
+    check_args("pair_extrema", x=x, labels=labels, ref=ref, ref_labels=ref_labels,
+               distance=distance, self_offset=self_offset, block_size=block_size)
     run = _Launch(x, labels, ref, ref_labels, distance, self_offset, block_size)
     splits, per_split = run.splits(run.row_blocks(), run.m, run.cfg["r"])
     keys = torch.empty((splits, run.n, 2), dtype=run.acc, device=x.device)
     index = torch.empty((splits, run.n, 2), dtype=torch.int64, device=x.device)
     if run.n > 0:
-        torch.library.wrap_triton(_extrema_kernel)[(run.row_blocks(), splits)](
+        launch(_extrema_kernel, (run.row_blocks(), splits),
             *run.inputs(), keys, index, *run.shape_args(), per_split, **run.meta)
-    # Splits hold increasing columns: a later one wins only when strictly harder.
+    # Splits hold increasing columns: a later one wins only when strictly harder (NaN the
+    # hardest of all, the first NaN winning, as in _first_min).
     best_key, best_index = keys[0], index[0]
     for key, idx in zip(keys[1:], index[1:]):
-        better = key < best_key
+        better = (key < best_key) | (key.isnan() & ~best_key.isnan())
         best_key = torch.where(better, key, best_key)
         best_index = torch.where(better, idx, best_index)
     # Keys back to values: distance 0 (min_pos S, max_neg S), distance 1 (max_pos d, min_neg d).
@@ -655,13 +661,16 @@ def pair_row_stats(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor,
                    thresholds: Optional[Tensor], kind: int, distance: int, hyper: Sequence[float],
                    self_offset: int, block_size: int) -> Tensor:
     """fusedloss::pair_row_stats (csrc/ops.cpp): per-row statistics [N, K] of loss `kind`
-    (fp32, fp64 for fp64). Inputs are validated by the caller."""
+    (fp32, fp64 for fp64). Arguments checked as the C++ kernel checks them (check_args)."""
+    check_args("pair_row_stats", x=x, labels=labels, ref=ref, ref_labels=ref_labels,
+               distance=distance, self_offset=self_offset, block_size=block_size, kind=kind,
+               hyper=hyper, thresholds=thresholds)
     run = _Launch(x, labels, ref, ref_labels, distance, self_offset, block_size, hyper)
     splits, per_split = run.splits(run.row_blocks(), run.m, run.cfg["r"])
     part = torch.empty((splits, run.n, 4), dtype=run.acc, device=x.device)
     thr = thresholds.contiguous() if thresholds is not None else part  # unused without
     if run.n > 0:
-        torch.library.wrap_triton(_row_stats_kernel)[(run.row_blocks(), splits)](
+        launch(_row_stats_kernel, (run.row_blocks(), splits),
             *run.inputs(), thr, part, *run.shape_args(), per_split, *run.hyper,
             KIND=kind, HAS_THRESHOLDS=thresholds is not None, **run.meta)
     return _combine_stats(part, kind)
@@ -673,7 +682,10 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
                             block_size: int, x_grad: bool, ref_grad: bool) -> tuple[Tensor, Tensor]:
     """fusedloss::pair_row_stats_backward (csrc/ops.cpp): the gradients of
     sum_ik grad_stats_ik stats_ik with respect to x and ref, in their dtypes (an empty tensor
-    for each one not asked for). Inputs are validated by the caller."""
+    for each one not asked for). Arguments checked as the C++ kernel checks them (check_args)."""
+    check_args("pair_row_stats_backward", x=x, labels=labels, ref=ref, ref_labels=ref_labels,
+               distance=distance, self_offset=self_offset, block_size=block_size, kind=kind,
+               hyper=hyper, thresholds=thresholds, grad_stats=grad_stats, stats=stats)
     run = _Launch(x, labels, ref, ref_labels, distance, self_offset, block_size, hyper)
     gstats = grad_stats.to(run.acc).contiguous()
     stats = stats.to(run.acc).contiguous()
@@ -700,7 +712,7 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
         # distance 1: the main pass's near-pair flag of each program's inner blocks
         flags = (torch.empty(outer_blocks * d_blocks * triton.cdiv(inner_len, inner_block),
                              dtype=torch.int8, device=x.device) if distance == 1 else out)
-        torch.library.wrap_triton(_grad_kernel)[(outer_blocks, d_blocks, splits)](
+        launch(_grad_kernel, (outer_blocks, d_blocks, splits),
             *args, out, flags, *run.shape_args(), per_split, *run.hyper, REF_SIDE=ref_side,
             **meta)
         return (out if splits == 1 else out.sum(0)).to(outer.dtype)

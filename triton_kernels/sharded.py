@@ -52,9 +52,10 @@ from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
 from fusedloss.triton_kernels import margin_linear as linear
-from fusedloss.triton_kernels._common import (asin_terms, from_hi_lo, hi_lo, online_lse_update,
-                                              row_block_c, row_layout, row_margins,
-                                              row_num_warps, target_logit, uses_angle)
+from fusedloss.triton_kernels._common import (asin_terms, check_args, from_hi_lo, hi_lo, launch,
+                                              online_lse_update, row_block_c, row_layout,
+                                              row_margins, row_num_warps, target_logit,
+                                              uses_angle)
 
 
 @triton.jit
@@ -160,7 +161,9 @@ def _grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers: the four ops of csrc/ops.cpp, inputs validated by the caller.
+# Launchers: the four ops of csrc/ops.cpp. Each checks its arguments as the C++ kernel does
+# (check_args), target values excepted: a target that is neither ignore_index nor local only
+# means that its column is elsewhere.
 
 
 def _margin_args(row_m2: Optional[Tensor], row_m3: Optional[Tensor], placeholder: Tensor,
@@ -184,6 +187,8 @@ def sharded_margin_stats(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
                          row_m3: Optional[Tensor], scale: float, m1: float, m2: float, m3: float,
                          class_start: int, ignore_index: int) -> Tensor:
     """fusedloss::sharded_margin_stats: the partials [N, 3] (fp32, fp64 for fp64 cos)."""
+    check_args("sharded_margin_stats", cos=cos, target=target, row_m2=row_m2, row_m3=row_m3,
+               class_start=class_start, scale=scale)
     cos = row_layout(cos)
     n, c = cos.shape
     stats = torch.empty((n, 3), dtype=accumulation_dtype(cos), device=cos.device)
@@ -191,7 +196,7 @@ def sharded_margin_stats(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
         return stats
     pointers, scalars, constexprs = _margin_args(row_m2, row_m3, stats, scale, m1, m2, m3,
                                                  stats.dtype)
-    torch.library.wrap_triton(_stats_kernel)[(n,)](
+    launch(_stats_kernel, (n,),
         cos, target.contiguous(), *pointers, stats, c, cos.stride(0), class_start, ignore_index,
         *scalars, **constexprs, **_launch_options(c, cos.device),
     )
@@ -203,16 +208,18 @@ def sharded_margin_grad(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
                         m3: float, detach_margin: bool, class_start: int,
                         ignore_index: int) -> Tensor:
     """fusedloss::sharded_margin_grad: this shard's gradient [N, C_local] in the dtype of cos."""
+    check_args("sharded_margin_grad", cos=cos, target=target, row_m2=row_m2, row_m3=row_m3,
+               coef=coef, class_start=class_start, scale=scale)
     cos = row_layout(cos)
     n, c = cos.shape
     grad = torch.empty((n, c), dtype=cos.dtype, device=cos.device)
     if grad.numel() == 0:
         return grad
-    coef = coef.to(accumulation_dtype(cos)).contiguous()
+    coef = coef.contiguous()
     pointers, scalars, constexprs = _margin_args(row_m2, row_m3, coef, scale, m1, m2, m3,
                                                  coef.dtype)
     options = _launch_options(c, cos.device)
-    torch.library.wrap_triton(_grad_kernel)[(n, triton.cdiv(c, options["BLOCK_C"]))](
+    launch(_grad_kernel, (n, triton.cdiv(c, options["BLOCK_C"])),
         cos, target.contiguous(), *pointers, coef, grad, c, cos.stride(0), class_start,
         ignore_index, *scalars, DETACH_MARGIN=detach_margin, **constexprs, **options,
     )
@@ -224,6 +231,9 @@ def sharded_margin_linear_stats(embeddings: Tensor, weight: Tensor, target: Tens
                                 m1: float, m2: float, m3: float, normalize: bool,
                                 class_start: int, ignore_index: int, block_size: int) -> Tensor:
     """fusedloss::sharded_margin_linear_stats: the partials [N, 3] of cos = x^ w^T."""
+    check_args("sharded_margin_linear_stats", embeddings=embeddings, weight=weight,
+               target=target, block_size=block_size, row_m2=row_m2, row_m3=row_m3,
+               class_start=class_start, scale=scale)
     p = linear.pipeline(embeddings, weight, target, normalize, block_size)
     n = p.x.shape[0]
     live = p.target != ignore_index
@@ -249,6 +259,9 @@ def sharded_margin_linear_grad(embeddings: Tensor, weight: Tensor, target: Tenso
                                block_size: int) -> tuple[Tensor, Tensor]:
     """fusedloss::sharded_margin_linear_grad: (this shard's contribution to grad_embeddings,
     grad_weight_shard), in the inputs' dtypes."""
+    check_args("sharded_margin_linear_grad", embeddings=embeddings, weight=weight,
+               target=target, block_size=block_size, row_m2=row_m2, row_m3=row_m3, coef=coef,
+               class_start=class_start, scale=scale)
     p = linear.pipeline(embeddings, weight, target, normalize, block_size)
     if p.x.shape[0] == 0 or p.w.shape[0] == 0:
         return torch.zeros_like(p.x), torch.zeros_like(p.w)

@@ -42,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss.reference.spherical import SIGMA_FLOOR
-from fusedloss.triton_kernels._common import (from_hi_lo, hi_lo, row_block_c, row_kernel_io,
-                                              row_num_warps)
+from fusedloss.triton_kernels._common import (check_args, from_hi_lo, hi_lo, launch, row_block_c,
+                                              row_kernel_io, row_num_warps)
 
 _SIGMA_FLOOR = tl.constexpr(SIGMA_FLOOR)  # the kernels' view of it (spherical.h kSigmaFloor)
 
@@ -161,14 +161,15 @@ def _spherical_z_loss_kernel(
 def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, ignore_index: int,
                      compute_grad: bool) -> tuple[Tensor, Tensor]:
     """fusedloss::spherical_z_loss (csrc/ops.cpp): per-row loss, and d loss_i / d logits_ij
-    in the dtype of `logits` when compute_grad (else an empty tensor). Inputs are validated
-    by the caller."""
+    in the dtype of `logits` when compute_grad (else an empty tensor). Target values are not
+    checked (a bad one gives a NaN row); the rest as the C++ kernel (check_args)."""
+    check_args("spherical_z_loss", logits=logits, target=target, a=a, b=b)
     logits, target, loss, grad, grad_arg = row_kernel_io(logits, target, compute_grad)
     n, c = logits.shape
     block_c = row_block_c(c, logits.device)
     if n > 0:
-        torch.library.wrap_triton(_spherical_z_loss_kernel)[(n,)](
-            logits, target, loss, grad_arg,
+        launch(
+            _spherical_z_loss_kernel, (n,), logits, target, loss, grad_arg,
             c, logits.stride(0), ignore_index,
             *hi_lo(a), *hi_lo(b),
             COMPUTE_GRAD=compute_grad, ONE_CHUNK=c <= block_c, BLOCK_C=block_c,
