@@ -113,19 +113,26 @@ def _plain(v):
 
 
 @contextlib.contextmanager
-def capture(sms: int = H100_SMS, tf32: bool = False) -> Iterator[List[Launch]]:
+def capture(sms: int = H100_SMS, tf32: bool = False,
+            execute: bool = False) -> Iterator[List[Launch]]:
     """Within the block, every launch of a fusedloss.triton_kernels kernel is recorded as a
-    Launch in the yielded list and not run, and the kernel modules choose as on a GPU with
-    `sms` SMs (tl.dot in tf32 for fp32 when `tf32`). One thread at a time."""
+    Launch in the yielded list, and the kernel modules choose as on a GPU with `sms` SMs
+    (tl.dot in tf32 for fp32 when `tf32`). The launches are not run, unless `execute`: then
+    they run too (under the interpreter for CPU tensors, at the GPU's block sizes), so that
+    code after a launch that reads its outputs (indices, say) gets real values. One thread
+    at a time."""
     from torch._library.triton import set_wrap_triton_enabled
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches: List[Launch] = []
+    original = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def run(self, *args, grid, warmup, **kwargs):
         if not warmup:
             launches.append(Launch(self, args, kwargs, grid))
+        if execute:
+            return original[type(self)](self, *args, grid=grid, warmup=warmup, **kwargs)
 
     forced = dict(interpreted=lambda device: False, sm_count=lambda device: sms,
                   allow_tf32=lambda: tf32)
@@ -157,21 +164,25 @@ def unique(launches: Iterable[Launch]) -> List[Launch]:
 
 
 def run_sample(spec, sample, backend: str = "triton"):
-    """Forward and backward of one OpSpec sample on `backend`, every floating input a leaf."""
+    """Forward and backward of one OpSpec sample on `backend`, every floating input a leaf;
+    the outputs (a tensor, or a tuple for the miner)."""
     import torch
 
     inputs = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor)
               and t.is_floating_point() else t for t in sample.inputs]
-    loss = spec.call(sample)(backend, *inputs)
-    if loss.requires_grad:
-        loss.backward(torch.ones_like(loss))
-    return loss
+    out = spec.call(sample)(backend, *inputs)
+    outputs = out if isinstance(out, tuple) else (out,)
+    grads = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if grads:
+        torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+    return out
 
 
 def spec_launches(device: str = "cpu", sms: int = H100_SMS, tf32: bool = False,
                   specs: Optional[Iterable] = None) -> List[Launch]:
     """The launches of forward and backward of every sample of every OpSpec with a Triton
-    backend (fusedloss.specs.registry(), or `specs`), captured with a GPU's choices."""
+    backend (fusedloss.specs.registry(), or `specs`), captured with a GPU's choices. The
+    launches run (capture's `execute`): the pair losses index with pair_extrema's output."""
     from fusedloss.specs import registry
 
     launches: List[Launch] = []
@@ -179,7 +190,7 @@ def spec_launches(device: str = "cpu", sms: int = H100_SMS, tf32: bool = False,
         if "triton" not in spec.backends:
             continue
         for sample in spec.samples(device):
-            with capture(sms=sms, tf32=tf32) as found:
+            with capture(sms=sms, tf32=tf32, execute=True) as found:
                 try:
                     run_sample(spec, sample)
                 except Exception as exc:
