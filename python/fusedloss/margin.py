@@ -1,12 +1,13 @@
 """Margin softmax cross-entropy on normalised logits: ArcFace, CosFace, SphereFace, their
 combination and ElasticFace, as one op. The row math is derived in
 csrc/include/fusedloss/margin.h; the oracle is fusedloss.reference.margin."""
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 
 from . import _checks
+from ._keywords import fields_as_keywords, refuse_unknown, shares_keywords
 from ._ops import accumulation_dtype, resolve_backend, result_dtype, row_grad_loss, row_grad_op
 from .reference import margin as reference
 
@@ -16,24 +17,84 @@ _FN = "margin_cross_entropy"
 OP = row_grad_op("margin", _FN, num_tensors=4)
 
 
+@dataclass(frozen=True)
+class MarginOptions:
+    """The keyword arguments shared by every margin op, with their defaults, declared here
+    only: the public functions of the margin and sharded families show them in their
+    signatures in this order, in front of `generator` (see `margin_keywords`)."""
+
+    scale: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    m2_std: float = 0.0
+    m3_std: float = 0.0
+    elastic_plus: bool = False
+    margin_grad: str = "exact"
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+
+    def check(self, fn: str) -> None:
+        _checks.positive(fn, scale=self.scale)
+        _checks.at_least(fn, 1.0, m1=self.m1)
+        _checks.finite(fn, m2=self.m2, m3=self.m3)
+        _checks.at_least(fn, 0.0, m2_std=self.m2_std, m3_std=self.m3_std)
+        _checks.in_range(fn, 0.0, 1.0, label_smoothing=self.label_smoothing)
+        _checks.finite(fn, lse_square_scale=self.lse_square_scale)
+        _checks.at_least(fn, 0.0, lse_square_scale=self.lse_square_scale)
+        _checks.integer(fn, ignore_index=self.ignore_index)
+        _checks.choice(fn, "margin_grad", self.margin_grad, ("exact", "detached"))
+        _checks.choice(fn, "reduction", self.reduction, _checks.REDUCTIONS)
+        if self.elastic_plus and self.m2_std == 0 and self.m3_std == 0:
+            raise ValueError(f"{fn}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
+
+    def reference_kwargs(self, row_m2, row_m3):
+        """The keywords of the reference oracle, with the per-row margins where drawn."""
+        return dict(scale=self.scale, m1=self.m1, m2=self.m2 if row_m2 is None else row_m2,
+                    m3=self.m3 if row_m3 is None else row_m3, margin_grad=self.margin_grad,
+                    label_smoothing=self.label_smoothing,
+                    lse_square_scale=self.lse_square_scale, ignore_index=self.ignore_index,
+                    reduction=self.reduction)
+
+    def kernel_args(self):
+        """scale, m1, m2, m3, detach_margin, label_smoothing, lse_square_scale, ignore_index,
+        as the schemas take them."""
+        return (float(self.scale), float(self.m1), float(self.m2), float(self.m3),
+                self.margin_grad == "detached", float(self.label_smoothing),
+                float(self.lse_square_scale), self.ignore_index)
+
+
+MARGIN_KEYWORDS = tuple(f.name for f in fields(MarginOptions))
+# Gives a function that takes the margin keywords as **margin a signature that shows them,
+# with MarginOptions' defaults and annotations, in front of its `generator` parameter.
+margin_keywords = shares_keywords(fields_as_keywords(MarginOptions), before="generator")
+
+
+def options_of(fn: str, margin: dict) -> MarginOptions:
+    """MarginOptions of the **margin keywords of public function `fn`, which is decorated with
+    margin_keywords; a keyword that is no margin option raises Python's own TypeError."""
+    refuse_unknown(fn, margin, MARGIN_KEYWORDS)
+    return MarginOptions(**margin)
+
+
+def margin_options(fn: str, kwargs: dict) -> MarginOptions:
+    """MarginOptions from the keywords of an op that forwards them, unknown ones refused."""
+    unknown = sorted(set(kwargs) - set(MARGIN_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{fn}: unexpected keyword argument(s) {unknown}")
+    return MarginOptions(**kwargs)
+
+
+@margin_keywords
 def margin_cross_entropy(
     cos: torch.Tensor,
     target: torch.Tensor,
     *,
-    scale: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    m2_std: float = 0.0,
-    m3_std: float = 0.0,
-    elastic_plus: bool = False,
-    margin_grad: str = "exact",
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
+    **margin,
 ) -> torch.Tensor:
     r"""Softmax cross-entropy over margin-adjusted cosine logits.
 
@@ -83,21 +144,20 @@ def margin_cross_entropy(
     "mean", like cross_entropy. ``backend``: "auto", "reference", "cpu", "cuda" or
     "triton" (see :func:`fusedloss.backends`).
     """
-    opts = MarginOptions(scale, m1, m2, m3, m2_std, m3_std, elastic_plus, margin_grad,
-                         label_smoothing, ignore_index, reduction, lse_square_scale)
+    opts = options_of(_FN, margin)
     _check_inputs(cos, target)
     opts.check(_FN)
     check_generator(_FN, generator, cos.device)
     backend = resolve_backend(backend, cos.device, OP.name)
-    _checks.target_values(_FN, target, cos.shape[1], ignore_index)
+    _checks.target_values(_FN, target, cos.shape[1], opts.ignore_index)
     row_m2, row_m3 = elastic_margins(opts, target,
-                                     lambda: target_cosines(cos, target, ignore_index),
+                                     lambda: target_cosines(cos, target, opts.ignore_index),
                                      accumulation_dtype(cos), generator)
     if backend == "reference":
         return reference.margin_cross_entropy(
             cos, target, **opts.reference_kwargs(row_m2, row_m3)).to(result_dtype(cos))
     return row_grad_loss(OP, backend, cos, target.long(), (row_m2, row_m3, *opts.kernel_args()),
-                         ignore_index, reduction)
+                         opts.ignore_index, opts.reduction)
 
 
 def _check_inputs(cos, target):
@@ -105,61 +165,6 @@ def _check_inputs(cos, target):
     if cos.shape[1] == 0:
         raise ValueError(f"{_FN}: cos must have at least one class (C >= 1), got shape "
                          f"{tuple(cos.shape)}")
-
-
-@dataclass(frozen=True)
-class MarginOptions:
-    """The keyword arguments shared by every margin op, with their defaults."""
-
-    scale: float = 64.0
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.0
-    m2_std: float = 0.0
-    m3_std: float = 0.0
-    elastic_plus: bool = False
-    margin_grad: str = "exact"
-    label_smoothing: float = 0.0
-    ignore_index: int = -100
-    reduction: str = "mean"
-    lse_square_scale: float = 0.0
-
-    def check(self, fn: str) -> None:
-        _checks.positive(fn, scale=self.scale)
-        _checks.at_least(fn, 1.0, m1=self.m1)
-        _checks.finite(fn, m2=self.m2, m3=self.m3)
-        _checks.at_least(fn, 0.0, m2_std=self.m2_std, m3_std=self.m3_std)
-        _checks.in_range(fn, 0.0, 1.0, label_smoothing=self.label_smoothing)
-        _checks.finite(fn, lse_square_scale=self.lse_square_scale)
-        _checks.at_least(fn, 0.0, lse_square_scale=self.lse_square_scale)
-        _checks.integer(fn, ignore_index=self.ignore_index)
-        _checks.choice(fn, "margin_grad", self.margin_grad, ("exact", "detached"))
-        _checks.choice(fn, "reduction", self.reduction, _checks.REDUCTIONS)
-        if self.elastic_plus and self.m2_std == 0 and self.m3_std == 0:
-            raise ValueError(f"{fn}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
-
-    def reference_kwargs(self, row_m2, row_m3):
-        """The keywords of the reference oracle, with the per-row margins where drawn."""
-        return dict(scale=self.scale, m1=self.m1, m2=self.m2 if row_m2 is None else row_m2,
-                    m3=self.m3 if row_m3 is None else row_m3, margin_grad=self.margin_grad,
-                    label_smoothing=self.label_smoothing,
-                    lse_square_scale=self.lse_square_scale, ignore_index=self.ignore_index,
-                    reduction=self.reduction)
-
-    def kernel_args(self):
-        """scale, m1, m2, m3, detach_margin, label_smoothing, lse_square_scale, ignore_index,
-        as the schemas take them."""
-        return (float(self.scale), float(self.m1), float(self.m2), float(self.m3),
-                self.margin_grad == "detached", float(self.label_smoothing),
-                float(self.lse_square_scale), self.ignore_index)
-
-
-def margin_options(fn: str, kwargs: dict) -> MarginOptions:
-    """MarginOptions from the keywords of an op that forwards them, unknown ones refused."""
-    unknown = sorted(set(kwargs) - set(MarginOptions.__dataclass_fields__))
-    if unknown:
-        raise TypeError(f"{fn}: unexpected keyword argument(s) {unknown}")
-    return MarginOptions(**kwargs)
 
 
 def check_generator(fn, generator, device):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from . import _checks
 from ._ops import (Op, accumulation_dtype, fused_grads, keep_fused_grads, reduce_rows,
                    resolve_backend, result_dtype, scale_fused)
-from .margin import MarginOptions, check_generator, elastic_margins
+from .margin import check_generator, elastic_margins, margin_keywords, options_of
 from .reference import margin as reference
 
 _FN = "linear_margin_cross_entropy"
@@ -54,28 +54,18 @@ OP = Op("margin_linear", "margin_linear_cross_entropy", fake=_fake, setup_contex
         backward=_backward)
 
 
+@margin_keywords
 def linear_margin_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     *,
-    scale: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    m2_std: float = 0.0,
-    m3_std: float = 0.0,
-    elastic_plus: bool = False,
-    margin_grad: str = "exact",
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
     normalize: bool = True,
     block_size: Optional[int] = None,
     deterministic: bool = False,
     backend: str = "auto",
+    **margin,
 ) -> torch.Tensor:
     """:func:`fusedloss.margin_cross_entropy` of
     ``cos = normalize(embeddings) @ normalize(weight).T``, without storing the ``N x C`` matrix
@@ -103,10 +93,7 @@ def linear_margin_cross_entropy(
       is deterministic; the flag keeps that promise explicit).
     * ``backend``: "auto", "reference", "cpu", "cuda" or "triton".
     """
-    opts = MarginOptions(scale=scale, m1=m1, m2=m2, m3=m3, m2_std=m2_std, m3_std=m3_std,
-                         elastic_plus=elastic_plus, margin_grad=margin_grad,
-                         label_smoothing=label_smoothing, ignore_index=ignore_index,
-                         reduction=reduction, lse_square_scale=lse_square_scale)
+    opts = options_of(_FN, margin)
     _check_inputs(embeddings, weight, target, block_size)
     opts.check(_FN)
     check_generator(_FN, generator, embeddings.device)

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from . import _checks
 from . import distributed as fdist
 from ._ops import Op, accumulation_dtype, reduce_rows, resolve_backend, result_dtype
-from .margin import MarginOptions, check_generator, elastic_margins
+from .margin import (MarginOptions, check_generator, elastic_margins, margin_keywords,
+                     options_of)
 from .margin_linear import check_block_size, kernel_block_size
 from .reference import sharded as reference
 
@@ -291,6 +292,7 @@ def _prepared_everywhere(fn, group, device, prepare) -> _Prepared:
     return prepared
 
 
+@margin_keywords
 def sharded_margin_cross_entropy(
     local_cos: torch.Tensor,
     target: torch.Tensor,
@@ -298,20 +300,9 @@ def sharded_margin_cross_entropy(
     class_start: int,
     num_classes: int,
     group=None,
-    scale: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    m2_std: float = 0.0,
-    m3_std: float = 0.0,
-    elastic_plus: bool = False,
-    margin_grad: str = "exact",
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
+    **margin,
 ) -> torch.Tensor:
     """:func:`fusedloss.margin_cross_entropy` with the classes split across the ranks of
     ``group`` (None: the default group; without torch.distributed initialised, this process
@@ -344,10 +335,7 @@ def sharded_margin_cross_entropy(
     no collective.
     """
     fn = "sharded_margin_cross_entropy"
-    opts = MarginOptions(scale=scale, m1=m1, m2=m2, m3=m3, m2_std=m2_std, m3_std=m3_std,
-                         elastic_plus=elastic_plus, margin_grad=margin_grad,
-                         label_smoothing=label_smoothing, ignore_index=ignore_index,
-                         reduction=reduction, lse_square_scale=lse_square_scale)
+    opts = options_of(fn, margin)
 
     def prepare():
         check_options(fn, opts)
@@ -373,6 +361,7 @@ def _device_of(x):
     return x.device if torch.is_tensor(x) else torch.device("cpu")
 
 
+@margin_keywords
 def linear_sharded_margin_cross_entropy(
     embeddings: torch.Tensor,
     weight_shard: torch.Tensor,
@@ -381,22 +370,11 @@ def linear_sharded_margin_cross_entropy(
     class_start: int,
     num_classes: int,
     group=None,
-    scale: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    m2_std: float = 0.0,
-    m3_std: float = 0.0,
-    elastic_plus: bool = False,
-    margin_grad: str = "exact",
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
     normalize: bool = True,
     block_size: Optional[int] = None,
     backend: str = "auto",
+    **margin,
 ) -> torch.Tensor:
     """:func:`fusedloss.linear_margin_cross_entropy` with the classifier's rows split across
     the ranks of ``group``: ``weight_shard [C_local, D]`` holds the rows of classes
@@ -424,10 +402,7 @@ def linear_sharded_margin_cross_entropy(
     rows, reduce-scatters it instead: half the traffic).
     """
     fn = "linear_sharded_margin_cross_entropy"
-    opts = MarginOptions(scale=scale, m1=m1, m2=m2, m3=m3, m2_std=m2_std, m3_std=m3_std,
-                         elastic_plus=elastic_plus, margin_grad=margin_grad,
-                         label_smoothing=label_smoothing, ignore_index=ignore_index,
-                         reduction=reduction, lse_square_scale=lse_square_scale)
+    opts = options_of(fn, margin)
     return linear_sharded(fn, embeddings, weight_shard, target, opts, class_start=class_start,
                           num_classes=num_classes, group=group, normalize=normalize,
                           block_size=block_size, backend=backend, generator=generator,

@@ -4,6 +4,7 @@ fusedloss.reference.spherical."""
 import torch
 
 from . import _checks
+from ._keywords import defaults, keywords_of, refuse_unknown, shares_keywords
 from ._ops import resolve_backend, result_dtype, row_grad_loss, row_grad_op
 from .reference import spherical as reference
 
@@ -77,6 +78,25 @@ def spherical_z_loss(
                                           reduction=reduction).to(result_dtype(logits))
     return row_grad_loss(OP, backend, logits, target, (float(a), float(b), ignore_index),
                          ignore_index, reduction)
+
+
+# The keywords of every spherical Z-loss op, declared (with their defaults and annotations) by
+# spherical_z_loss's signature alone.
+SPHERICAL_KEYWORDS = ("a", "b", "ignore_index", "reduction")
+_PARAMETERS = keywords_of(spherical_z_loss, SPHERICAL_KEYWORDS)
+_DEFAULTS = defaults(_PARAMETERS)
+# Gives a function that takes those keywords as **options a signature that shows them, as
+# spherical_z_loss declares them, in front of its `backend` parameter.
+spherical_keywords = shares_keywords(_PARAMETERS, before="backend")
+
+
+def options_of(fn: str, options: dict) -> tuple:
+    """(a, b, ignore_index, reduction) of the **options of public function `fn`, which is
+    decorated with spherical_keywords: the given values over spherical_z_loss's defaults; a
+    keyword that is none of them raises Python's own TypeError."""
+    refuse_unknown(fn, options, SPHERICAL_KEYWORDS)
+    options = {**_DEFAULTS, **options}
+    return tuple(options[name] for name in SPHERICAL_KEYWORDS)
 
 
 def check_options(fn: str, a, b, ignore_index, reduction) -> None:

@@ -71,7 +71,7 @@ from . import _checks
 from ._ops import accumulation_dtype, reduce_rows, result_dtype
 from .reference import spherical as reference
 from .reference.spherical import SIGMA_FLOOR
-from .spherical import check_options
+from .spherical import check_options, options_of, spherical_keywords
 
 _FN = "linear_spherical_z_loss"
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -80,17 +80,15 @@ _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _BLOCK_ELEMENTS = 1 << 22
 
 
+@spherical_keywords
 def linear_spherical_z_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    a: float = 1.0,
-    b: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     backend: str = "auto",
+    **options,
 ) -> torch.Tensor:
     """The spherical Z-loss of ``o = hidden @ weight.T + bias``, without forming ``o``.
 
@@ -117,6 +115,7 @@ def linear_spherical_z_loss(
     (the oracle). Gradients flow to ``hidden``, ``weight`` and ``bias``; double backward is
     not supported.
     """
+    a, b, ignore_index, reduction = options_of(_FN, options)
     _check_inputs(hidden, weight, target, bias, a, b, ignore_index, reduction, backend)
     _checks.target_values(_FN, target, weight.shape[0], ignore_index)
     if backend == "reference":
