@@ -248,13 +248,9 @@ def multi_similarity_loss(
     ``alpha > 0`` and ``beta > 0``. The loss has the dtype of ``embeddings``; statistics are
     accumulated in fp32 (fp64 for fp64). ``backend``: "auto", "reference", "cpu", "triton".
     """
-    fn = "multi_similarity_loss"
-    _check_multi_similarity(fn, alpha=alpha, beta=beta, base=base, epsilon=epsilon, mining=mining)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     STATS.name)
-    loss = _multi_similarity(pairs, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
-                             mining=mining)
-    return _finish(loss, embeddings)
+    return _batch_loss("multi_similarity", embeddings, labels, ref_embeddings, ref_labels,
+                       normalize, backend, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
+                       mining=mining)
 
 
 def _check_multi_similarity(fn, *, alpha, beta, base, epsilon, mining):
@@ -348,11 +344,8 @@ def supcon_loss(
     ``l_i > 0`` (PML's AvgNonZeroReducer). The loss is 0 with a zero gradient when the batch
     has no positive or no negative pair, or at most one of each, as in PML. ``temperature > 0``.
     """
-    fn = "supcon_loss"
-    _check_supcon(fn, temperature=temperature)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     STATS.name)
-    return _finish(_supcon(pairs, temperature=temperature), embeddings)
+    return _batch_loss("supcon", embeddings, labels, ref_embeddings, ref_labels, normalize,
+                       backend, temperature=temperature)
 
 
 def _check_supcon(fn, *, temperature):
@@ -436,12 +429,8 @@ def contrastive_loss(
     AvgNonZeroReducer on each; an empty set gives 0). Pairs and self exclusion are those of
     :func:`multi_similarity_loss`; at most one positive and one negative pair give 0.
     """
-    fn = "contrastive_loss"
-    _check_contrastive(fn, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     STATS.name)
-    loss = _contrastive(pairs, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
-    return _finish(loss, embeddings)
+    return _batch_loss("contrastive", embeddings, labels, ref_embeddings, ref_labels, normalize,
+                       backend, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
 
 
 def _contrastive_margins(distance, pos_margin, neg_margin):
@@ -489,11 +478,8 @@ def batch_hard_triplet_loss(
     extrema come from the tiled kernel; the two distances per anchor are then recomputed in
     torch (O(N D)), and the gradient flows through them.
     """
-    fn = "batch_hard_triplet_loss"
-    _check_batch_hard_triplet(fn, margin=margin, distance=distance)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     EXTREMA.name)
-    return _finish(_batch_hard_triplet(pairs, margin=margin, distance=distance), embeddings)
+    return _batch_loss("batch_hard_triplet", embeddings, labels, ref_embeddings, ref_labels,
+                       normalize, backend, margin=margin, distance=distance)
 
 
 def _check_batch_hard_triplet(fn, *, margin, distance):
@@ -523,12 +509,13 @@ def _batch_hard_triplet(pairs: _Pairs, *, margin, distance) -> torch.Tensor:
     return _mean_over_positive(losses) + pairs.zero()
 
 
-# ---- a memory bank that holds the batch (fusedloss.nn.CrossBatchMemory) -------------------------
+# ---- the losses of a batch against a reference set: the table behind the public functions -----
 
 @dataclass(frozen=True)
-class _BankLoss:
-    """A pair loss against a memory bank: its public function (whose keyword-only parameters
-    are the loss's options, with their defaults), the check of those options, the loss of
+class _PairLoss:
+    """A pair loss of a batch against a reference set (the batch itself, a given set, or a
+    memory bank that holds the batch): its public function (whose keyword-only parameters are
+    the loss's options, with their defaults), the check of those options, the loss of
     prepared pairs, and the op whose backends run it."""
 
     function: Callable
@@ -541,15 +528,38 @@ class _BankLoss:
         return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
 
+# The public functions run through this table (_batch_loss), and so does a memory bank
+# (fusedloss.nn.CrossBatchMemory, through memory_bank_loss), whose losses are its keys.
 MEMORY_BANK_LOSSES = {
-    "multi_similarity": _BankLoss(multi_similarity_loss, _check_multi_similarity,
+    "multi_similarity": _PairLoss(multi_similarity_loss, _check_multi_similarity,
                                   _multi_similarity, STATS.name),
-    "supcon": _BankLoss(supcon_loss, _check_supcon, _supcon, STATS.name),
-    "contrastive": _BankLoss(contrastive_loss, _check_contrastive, _contrastive, STATS.name),
-    "batch_hard_triplet": _BankLoss(batch_hard_triplet_loss, _check_batch_hard_triplet,
+    "supcon": _PairLoss(supcon_loss, _check_supcon, _supcon, STATS.name),
+    "contrastive": _PairLoss(contrastive_loss, _check_contrastive, _contrastive, STATS.name),
+    "batch_hard_triplet": _PairLoss(batch_hard_triplet_loss, _check_batch_hard_triplet,
                                     _batch_hard_triplet, EXTREMA.name),
 }
 _CALL_OPTIONS = ("normalize", "backend")
+
+
+def _batch_loss(loss: str, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                **options) -> torch.Tensor:
+    """The body of the public function of loss `loss` (a key of MEMORY_BANK_LOSSES), errors
+    named after it: its options checked, then the loss of the batch against the reference
+    set (the batch itself when None)."""
+    spec = MEMORY_BANK_LOSSES[loss]
+    fn = spec.function.__name__
+    spec.check(fn, **options)
+    return _loss_of_pairs(spec, fn, embeddings, labels, ref_embeddings, ref_labels, normalize,
+                          backend, options)
+
+
+def _loss_of_pairs(spec: _PairLoss, fn: str, embeddings, labels, ref_embeddings, ref_labels,
+                   normalize, backend, options: dict, self_offset=None) -> torch.Tensor:
+    """Loss `spec` with its (checked) options of the prepared pairs (see _prepare), in the
+    dtype of `embeddings`."""
+    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                     spec.op_name, self_offset)
+    return _finish(spec.compute(pairs, **options), embeddings)
 
 
 def memory_bank_options(fn: str, loss: str, options: dict) -> dict:
@@ -576,11 +586,9 @@ def memory_bank_loss(fn: str, loss: str, embeddings: torch.Tensor, labels: torch
     (self_offset + i) mod M: the loss drops those pairs, mining keeps them, as PML's
     CrossBatchMemory does. `options`: every keyword of the loss, as memory_bank_options
     returns them."""
-    spec = MEMORY_BANK_LOSSES[loss]
-    pairs = _prepare(fn, embeddings, labels, bank, bank_labels, options["normalize"],
-                     options["backend"], spec.op_name, self_offset)
     loss_options = {k: v for k, v in options.items() if k not in _CALL_OPTIONS}
-    return _finish(spec.compute(pairs, **loss_options), embeddings)
+    return _loss_of_pairs(MEMORY_BANK_LOSSES[loss], fn, embeddings, labels, bank, bank_labels,
+                          options["normalize"], options["backend"], loss_options, self_offset)
 
 
 # ---- argument checks -----------------------------------------------------------------------------
