@@ -5,7 +5,9 @@ import torch
 import fusedloss
 from ..reference import margin as reference
 from . import _draw
-from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
+from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
+                     not_finite, option, row_op_spec, scores_cases)
+from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
 
 
 def cosines(n, c, dtype=torch.float32, seed=0):
@@ -74,55 +76,23 @@ def margin_compile_sample(device):
                   dict(m2=0.5, label_smoothing=0.1))
 
 
-def scores_bad_inputs(name, make, function):
-    """The bad inputs of a loss of [N, C] scores `name` and class targets; `make(device)` gives
-    good (scores [4, 7], target [4])."""
-    def bad(id_, alter, kwargs, exc, message):
-        def call(backend, device):
-            scores, target = alter(*make(device))
-            return function()(scores, target, backend=backend, **kwargs)
-        return BadInput(id_, call, exc, message)
-
-    keep = lambda s, t: (s, t)  # noqa: E731
+def margin_option_cases():
+    """The bad margin keywords, refused alike by every function of the margin and sharded
+    families (MarginOptions.check, and Python's TypeError for a keyword that is none)."""
     return [
-        bad(f"1-D {name}", lambda s, t: (s[0], t[:1]), {}, ValueError,
-            f"{name} must be 2-D, got shape (7,)"),
-        bad(f"int {name}", lambda s, t: (s.long(), t), {}, TypeError,
-            f"{name} must be float16, bfloat16, float32 or float64, got torch.int64"),
-        bad("float target", lambda s, t: (s, t.float()), {}, TypeError,
-            "target must hold integer class indices, got torch.float32"),
-        bad("target length", lambda s, t: (s, t[:2]), {}, ValueError,
-            "target must have shape [4] (one class per row), got (2,)"),
-        bad("target out of range", lambda s, t: (s, torch.tensor([0, 1, 2, 7], device=t.device)),
-            {}, ValueError, "target[3] = 7 is outside [0, 7) and is not ignore_index (-100)"),
-        bad("device mix", lambda s, t: (s, t.to("meta")), {}, RuntimeError,
-            f"all tensors must be on one device, got {name} on"),
-        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
-            "unknown reduction 'avg'"),
-        bad("float ignore_index", keep, dict(ignore_index=-1.0), TypeError,
-            "ignore_index must be an int"),
-    ]
-
-
-def margin_option_bad_inputs(make, function):
-    def bad(id_, kwargs, exc, message):
-        return BadInput(id_, lambda backend, device: function()(*make(device), backend=backend,
-                                                                **kwargs), exc, message)
-    return [
-        bad("scale<=0", dict(scale=0.0), ValueError, "scale must be > 0, got 0.0"),
-        bad("negative std", dict(m2_std=-0.1), ValueError, "m2_std must be >= 0.0, got -0.1"),
-        bad("m1<1", dict(m1=0.5), ValueError, "m1 must be >= 1.0, got 0.5"),
-        bad("smoothing>1", dict(label_smoothing=1.5), ValueError,
-            "label_smoothing must lie in [0.0, 1.0], got 1.5"),
-        bad("negative z-term", dict(lse_square_scale=-1.0), ValueError,
-            "lse_square_scale must be >= 0.0, got -1.0"),
-        bad("nan m2", dict(m2=float("nan")), ValueError, "m2 must be a finite number, got nan"),
-        bad("unknown margin_grad", dict(margin_grad="approx"), ValueError,
-            "unknown margin_grad 'approx'"),
-        bad("elastic_plus without std", dict(elastic_plus=True), ValueError,
-            "elastic_plus=True needs m2_std > 0 or m3_std > 0"),
-        bad("unknown kw", dict(margin=0.5), TypeError, "unexpected keyword argument"),
-    ]
+        option("scale<=0", dict(scale=0.0), ValueError, "scale must be > 0, got 0.0"),
+        option("negative std", dict(m2_std=-0.1), ValueError, "m2_std must be >= 0.0, got -0.1"),
+        option("m1<1", dict(m1=0.5), ValueError, "m1 must be >= 1.0, got 0.5"),
+        option("smoothing>1", dict(label_smoothing=1.5), ValueError,
+               "label_smoothing must lie in [0.0, 1.0], got 1.5"),
+        option("negative z-term", dict(lse_square_scale=-1.0), ValueError,
+               "lse_square_scale must be >= 0.0, got -1.0"),
+        not_finite("m2"),
+        option("unknown margin_grad", dict(margin_grad="approx"), ValueError,
+               "unknown margin_grad 'approx'"),
+        option("elastic_plus without std", dict(elastic_plus=True), ValueError,
+               "elastic_plus=True needs m2_std > 0 or m3_std > 0"),
+    ] + class_loss_option_cases("margin")
 
 
 def _cos_and_target(device):
@@ -131,13 +101,10 @@ def _cos_and_target(device):
 
 def margin_bad_inputs():
     fn = lambda: fusedloss.margin_cross_entropy  # noqa: E731
-    return scores_bad_inputs("cos", _cos_and_target, fn) + margin_option_bad_inputs(
-        _cos_and_target, fn) + [
-        BadInput("no classes", lambda backend, device: fn()(*on(device, torch.rand(4, 0),
-                                                                 torch.zeros(4).long()),
-                                                             backend=backend),
-                 ValueError, "cos must have at least one class (C >= 1)"),
-    ]
+    return bad_inputs(fn, _cos_and_target, scores_cases("cos") + margin_option_cases() + [
+        ("no classes", lambda cos, t: (cos[:, :0], t), {}, ValueError,
+         "cos must have at least one class (C >= 1)"),
+    ])
 
 
 def margin_fuzz_options(data):
@@ -179,13 +146,6 @@ def stress_inputs(device):
 def margin_stress(device):
     cos, _, _, target = stress_inputs(device)
     return [Sample("arcface 16x300", (cos, target), dict(m2=0.5))]
-
-
-def empty_scores_batch(function, **fixed):
-    """(backend, device, reduction) -> the loss of an empty batch of [0, 7] scores."""
-    return lambda backend, device, reduction: function()(
-        *on(device, torch.rand(0, 7), torch.zeros(0).long()), backend=backend,
-        reduction=reduction, **fixed)
 
 
 def margin_memcheck():
@@ -265,32 +225,12 @@ def _x_w_target(device):
 
 def linear_bad_inputs():
     fn = lambda: fusedloss.linear_margin_cross_entropy  # noqa: E731
-
-    def bad(id_, alter, kwargs, exc, message):
-        def call(backend, device):
-            return fn()(*alter(*_x_w_target(device)), backend=backend, **kwargs)
-        return BadInput(id_, call, exc, message)
-
-    keep = lambda x, w, t: (x, w, t)  # noqa: E731
-    return margin_option_bad_inputs(_x_w_target, fn) + [
-        bad("D mismatch", lambda x, w, t: (x, w[:, :4], t), {}, ValueError,
-            "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (7, 4)"),
-        bad("dtype mismatch", lambda x, w, t: (x, w.double(), t), {}, TypeError,
-            "embeddings and weight must share a dtype, got torch.float32 and torch.float64"),
-        bad("3-D weight", lambda x, w, t: (x, w[:, :, None], t), {}, ValueError,
-            "weight must be 2-D, got shape (7, 5, 1)"),
-        bad("1-D embeddings", lambda x, w, t: (x[0], w, t), {}, ValueError,
-            "embeddings must be 2-D, got shape (5,)"),
-        bad("target out of range",
-            lambda x, w, t: (x, w, torch.tensor([0, 1, 2, 9], device=t.device)), {}, ValueError,
-            "target[3] = 9 is outside [0, 7) and is not ignore_index (-100)"),
-        bad("no classes", lambda x, w, t: (x, w[:0], t), {}, ValueError,
-            "weight must have at least one class (C >= 1)"),
-        bad("negative block", keep, dict(block_size=-1), ValueError,
-            "block_size must be a positive int or None, got -1"),
-        bad("device mix", lambda x, w, t: (x, w, t.to("meta")), {}, RuntimeError,
-            "all tensors must be on one device"),
-    ]
+    return bad_inputs(fn, _x_w_target, linear_cases("embeddings", "weight") + [
+        ("no classes", lambda x, w, t: (x, w[:0], t), {}, ValueError,
+         "weight must have at least one class (C >= 1)"),
+        option("negative block", dict(block_size=-1), ValueError,
+               "block_size must be a positive int or None, got -1"),
+    ] + margin_option_cases())
 
 
 def fuzz_linear(data, device):
@@ -335,45 +275,33 @@ def linear_memcheck():
             for dtype in (torch.float32, torch.bfloat16)]
 
 
-def _empty_linear(backend, device, reduction):
-    return fusedloss.linear_margin_cross_entropy(
-        *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
-        backend=backend, reduction=reduction)
-
-
 SPECS = [
-    OpSpec("margin_cross_entropy", "margin", reference.margin_cross_entropy,
-           ops=("margin_cross_entropy",), backends=("cpu", "cuda", "triton"),
-           samples=margin_samples, op_samples=margin_op_samples,
-           compile_sample=margin_compile_sample, bad_inputs=margin_bad_inputs,
-           fuzz=margin_fuzz, stress=margin_stress,
-           empty_batch=empty_scores_batch(lambda: fusedloss.margin_cross_entropy),
-           memcheck=margin_memcheck),
+    row_op_spec("margin_cross_entropy", "margin", reference.margin_cross_entropy,
+                samples=margin_samples, op_samples=margin_op_samples,
+                compile_sample=margin_compile_sample, bad_inputs=margin_bad_inputs,
+                fuzz=margin_fuzz, stress=margin_stress, memcheck=margin_memcheck),
     OpSpec("linear_margin_cross_entropy", "margin", reference.linear_margin_cross_entropy,
            ops=("margin_linear_cross_entropy",), backends=("cpu", "triton"),
            samples=linear_samples, op_samples=linear_op_samples,
            compile_sample=linear_compile_sample, bad_inputs=linear_bad_inputs,
-           fuzz=linear_fuzz, stress=linear_stress, empty_batch=_empty_linear,
+           fuzz=linear_fuzz, stress=linear_stress,
+           empty_batch=empty_batch(lambda: fusedloss.linear_margin_cross_entropy, (0, 5), (7, 5)),
            memcheck=linear_memcheck),
 ]
 
 
 # ---- modules -----------------------------------------------------------------------------------
 
-def _module_bad(id_, build, exc, message):
-    return BadInput(id_, lambda backend, device: build(), exc, message)
-
-
 def margin_module_bad_inputs():
     nn = lambda: fusedloss.nn  # noqa: E731
     cos, target = _cos_and_target("cpu")
     return [
-        _module_bad("unknown preset", lambda: nn().MarginCrossEntropy("arcfase"), ValueError,
-                    "unknown loss preset 'arcfase'; expected one of ('arcface', 'cosface', 'c"),
-        _module_bad("scale<=0 at construction", lambda: nn().MarginCrossEntropy(scale=0.0),
-                    ValueError, "scale must be > 0, got 0.0"),
-        _module_bad("wrong target", lambda: nn().MarginCrossEntropy()(cos, target[:2]),
-                    ValueError, "target must have shape [4]"),
+        module_bad("unknown preset", lambda: nn().MarginCrossEntropy("arcfase"), ValueError,
+                   "unknown loss preset 'arcfase'; expected one of ('arcface', 'cosface', 'c"),
+        module_bad("scale<=0 at construction", lambda: nn().MarginCrossEntropy(scale=0.0),
+                   ValueError, "scale must be > 0, got 0.0"),
+        module_bad("wrong target", lambda: nn().MarginCrossEntropy()(cos, target[:2]),
+                   ValueError, "target must have shape [4]"),
     ]
 
 
@@ -381,12 +309,12 @@ def head_bad_inputs():
     nn = lambda: fusedloss.nn  # noqa: E731
     x, _, target = _x_w_target("cpu")
     return [
-        _module_bad("dim 0", lambda: nn().MarginSoftmaxHead(0, 10), ValueError,
-                    "embedding_dim and num_classes must be >= 1, got 0 and 10"),
-        _module_bad("wrong D", lambda: nn().MarginSoftmaxHead(4, 10)(x, target), ValueError,
-                    "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (10, 4)"),
-        _module_bad("m1<1 at construction", lambda: nn().MarginSoftmaxHead(5, 10, m1=0.5),
-                    ValueError, "m1 must be >= 1.0, got 0.5"),
+        module_bad("dim 0", lambda: nn().MarginSoftmaxHead(0, 10), ValueError,
+                   "embedding_dim and num_classes must be >= 1, got 0 and 10"),
+        module_bad("wrong D", lambda: nn().MarginSoftmaxHead(4, 10)(x, target), ValueError,
+                   "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (10, 4)"),
+        module_bad("m1<1 at construction", lambda: nn().MarginSoftmaxHead(5, 10, m1=0.5),
+                   ValueError, "m1 must be >= 1.0, got 0.5"),
     ]
 
 

@@ -17,7 +17,9 @@ import torch
 import fusedloss
 from ..reference import pairs as reference
 from . import _draw
-from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
+from ._build import (at, bad_inputs, device_mix, floating_matrix, module_bad, not_finite,
+                     option, unknown_keyword)
+from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
 from .margin import stress_inputs as margin_stress_inputs
 
 
@@ -77,70 +79,56 @@ def _batch(device):
     return on(device, _rows(6, 5), torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
-def _bad(function, id_, alter, kwargs, exc, message, make=_batch):
-    def call(backend, device):
-        return function()(*alter(*make(device)), backend=backend, **kwargs)
-    return BadInput(id_, call, exc, message)
-
-
-def _batch_bad_inputs(function, unknown_kw):
+def _batch_cases(unknown_kw):
     """The bad inputs of every function of (embeddings, labels, ref_embeddings, ref_labels):
     types, dtypes, ranks and lengths of each tensor, a reference set without its labels (and
     labels without a set), a meta tensor among CPU ones, normalize that is not a bool, an
     unknown keyword."""
-    def bad(id_, alter, kwargs, exc, message):
-        return _bad(function, id_, alter, kwargs, exc, message)
-
     def with_ref(ref, ref_labels):
         return lambda x, y: (x, y, ref.to(x.device), ref_labels.to(x.device))
 
-    keep = lambda x, y: (x, y)  # noqa: E731
-    return [
-        bad("embeddings not a tensor", lambda x, y: (x.tolist(), y), {}, TypeError,
-            "embeddings must be a tensor, got list"),
-        bad("int embeddings", lambda x, y: (x.long(), y), {}, TypeError,
-            "embeddings must be float16, bfloat16, float32 or float64, got torch.int64"),
-        bad("1-D embeddings", lambda x, y: (x[:, 0], y), {}, ValueError,
-            "embeddings must be 2-D, got shape (6,)"),
-        bad("3-D embeddings", lambda x, y: (x[:, :, None], y), {}, ValueError,
-            "embeddings must be 2-D, got shape (6, 5, 1)"),
-        bad("labels not a tensor", lambda x, y: (x, y.tolist()), {}, TypeError,
-            "labels must be a tensor, got list"),
-        bad("float labels", lambda x, y: (x, y.float()), {}, TypeError,
-            "labels must hold integer class labels, got torch.float32"),
-        bad("2-D labels", lambda x, y: (x, y[:, None]), {}, ValueError,
-            "labels must be 1-D, got shape (6, 1)"),
-        bad("label length", lambda x, y: (x, y[:3]), {}, ValueError,
-            "labels has 3 entries but embeddings has 6 rows; they must match"),
-        bad("ref without labels", lambda x, y: (x, y, x), {}, ValueError,
-            "ref_embeddings and ref_labels go together: a reference set needs its lab"),
-        bad("ref labels without ref", lambda x, y: (x, y, None, y), {}, ValueError,
-            "ref_embeddings and ref_labels go together"),
-        bad("ref D mismatch", with_ref(torch.rand(3, 4), torch.tensor([0, 1, 2])), {}, ValueError,
-            "embeddings [N, D] and ref_embeddings [M, D] must share D, got (6, 5) and (3, 4)"),
-        bad("ref dtype mismatch", with_ref(torch.rand(3, 5, dtype=torch.float64),
-                                           torch.tensor([0, 1, 2])), {}, TypeError,
-            "embeddings and ref_embeddings must share a dtype, got torch.float32 and "
-            "torch.float64"),
-        bad("1-D ref", with_ref(torch.rand(5), torch.tensor([0])), {}, ValueError,
-            "ref_embeddings must be 2-D, got shape (5,)"),
-        bad("ref_labels length", with_ref(torch.rand(3, 5), torch.tensor([0, 1])), {},
-            ValueError, "ref_labels has 2 entries but ref_embeddings has 3 rows; they must match"),
-        bad("device mix", lambda x, y: (x, y.to("meta")), {}, RuntimeError,
-            "all tensors must be on one device, got embeddings on"),
-        bad("ref on meta", lambda x, y: (x, y, x.to("meta"), y), {}, RuntimeError,
-            "all tensors must be on one device, got embeddings on"),
-        bad("normalize not a bool", keep, dict(normalize=1), TypeError,
-            "normalize must be a bool, got int"),
-        bad("unknown kw", keep, {unknown_kw: 0}, TypeError,
-            f"unexpected keyword argument '{unknown_kw}'"),
+    return floating_matrix("embeddings", 0, (6, 5)) + [
+        ("labels not a tensor", at(1, lambda y: y.tolist()), {}, TypeError,
+         "labels must be a tensor, got list"),
+        ("float labels", at(1, lambda y: y.float()), {}, TypeError,
+         "labels must hold integer class labels, got torch.float32"),
+        ("2-D labels", at(1, lambda y: y[:, None]), {}, ValueError,
+         "labels must be 1-D, got shape (6, 1)"),
+        ("label length", at(1, lambda y: y[:3]), {}, ValueError,
+         "labels has 3 entries but embeddings has 6 rows; they must match"),
+        ("ref without labels", lambda x, y: (x, y, x), {}, ValueError,
+         "ref_embeddings and ref_labels go together: a reference set needs its lab"),
+        ("ref labels without ref", lambda x, y: (x, y, None, y), {}, ValueError,
+         "ref_embeddings and ref_labels go together"),
+        ("ref D mismatch", with_ref(torch.rand(3, 4), torch.tensor([0, 1, 2])), {}, ValueError,
+         "embeddings [N, D] and ref_embeddings [M, D] must share D, got (6, 5) and (3, 4)"),
+        ("ref dtype mismatch", with_ref(torch.rand(3, 5, dtype=torch.float64),
+                                        torch.tensor([0, 1, 2])), {}, TypeError,
+         "embeddings and ref_embeddings must share a dtype, got torch.float32 and "
+         "torch.float64"),
+        ("1-D ref", with_ref(torch.rand(5), torch.tensor([0])), {}, ValueError,
+         "ref_embeddings must be 2-D, got shape (5,)"),
+        ("ref_labels length", with_ref(torch.rand(3, 5), torch.tensor([0, 1])), {},
+         ValueError, "ref_labels has 2 entries but ref_embeddings has 3 rows; they must match"),
+        device_mix(1, "embeddings"),
+        ("ref on meta", lambda x, y: (x, y, x.to("meta"), y), {}, RuntimeError,
+         "all tensors must be on one device, got embeddings on"),
+        option("normalize not a bool", dict(normalize=1), TypeError,
+               "normalize must be a bool, got int"),
+        unknown_keyword(unknown_kw),
     ]
 
 
-def _option_bad_inputs(function, cases):
-    """(id, keywords, exception, message) cases of bad options on a good batch."""
-    return [_bad(function, id_, lambda x, y: (x, y), kwargs, exc, message)
-            for id_, kwargs, exc, message in cases]
+def _pair_bad_inputs(name, option_cases, unknown_kw="_self_offset"):
+    """bad_inputs() of pair function `name` of (embeddings, labels, ref_embeddings,
+    ref_labels): the cases of its batch, then `option_cases`, its bad options."""
+    return lambda: bad_inputs(lambda: getattr(fusedloss, name), _batch,
+                              _batch_cases(unknown_kw) + option_cases)
+
+
+# The distance keyword of contrastive_loss and batch_hard_triplet_loss.
+_UNKNOWN_DISTANCE = option("distance", dict(distance="l1"), ValueError,
+                           "unknown distance 'l1'; expected one of ('euclidean', 'cosine')")
 
 
 # ---- fuzz --------------------------------------------------------------------------------------
@@ -262,16 +250,13 @@ def ms_compile_sample(device):
     return _pair_sample("12x8, bank 9", device, 12, 8, 4, {}, bank=9, seed=12)
 
 
-def ms_bad_inputs():
-    fn = lambda: fusedloss.multi_similarity_loss  # noqa: E731
-    return _batch_bad_inputs(fn, "_self_offset") + _option_bad_inputs(fn, [
-        ("alpha<=0", dict(alpha=0.0), ValueError, "alpha must be > 0, got 0.0"),
-        ("beta<=0", dict(beta=-1.0), ValueError, "beta must be > 0, got -1.0"),
-        ("nan base", dict(base=float("nan")), ValueError, "base must be a finite number, got nan"),
-        ("infinite epsilon", dict(epsilon=float("inf")), ValueError,
-         "epsilon must be a finite number, got inf"),
-        ("mining not a bool", dict(mining=1), TypeError, "mining must be a bool, got int"),
-    ])
+ms_bad_inputs = _pair_bad_inputs("multi_similarity_loss", [
+    option("alpha<=0", dict(alpha=0.0), ValueError, "alpha must be > 0, got 0.0"),
+    option("beta<=0", dict(beta=-1.0), ValueError, "beta must be > 0, got -1.0"),
+    not_finite("base"),
+    not_finite("epsilon", float("inf")),
+    option("mining not a bool", dict(mining=1), TypeError, "mining must be a bool, got int"),
+])
 
 
 def _ms_options(data):
@@ -336,12 +321,8 @@ def miner_compile_sample(device):
     return Sample(sample.id, sample.inputs, sample.kwargs, _MINER_NAMES)
 
 
-def miner_bad_inputs():
-    fn = lambda: fusedloss.multi_similarity_miner  # noqa: E731
-    return _batch_bad_inputs(fn, "alpha") + _option_bad_inputs(fn, [
-        ("nan epsilon", dict(epsilon=float("nan")), ValueError,
-         "epsilon must be a finite number, got nan"),
-    ])
+miner_bad_inputs = _pair_bad_inputs("multi_similarity_miner", [not_finite("epsilon")],
+                                    unknown_kw="alpha")
 
 
 def miner_fuzz(data, device, triton):
@@ -397,13 +378,11 @@ def supcon_compile_sample(device):
     return _pair_sample("12x8, 4 classes", device, 12, 8, 4, {}, seed=12)
 
 
-def supcon_bad_inputs():
-    fn = lambda: fusedloss.supcon_loss  # noqa: E731
-    return _batch_bad_inputs(fn, "_self_offset") + _option_bad_inputs(fn, [
-        ("temperature<=0", dict(temperature=0.0), ValueError, "temperature must be > 0, got 0.0"),
-        ("nan temperature", dict(temperature=float("nan")), ValueError,
-         "temperature must be a finite number, got nan"),
-    ])
+supcon_bad_inputs = _pair_bad_inputs("supcon_loss", [
+    option("temperature<=0", dict(temperature=0.0), ValueError,
+           "temperature must be > 0, got 0.0"),
+    not_finite("temperature"),
+])
 
 
 def _supcon_options(data):
@@ -474,35 +453,22 @@ def _query_key(device):
 
 def info_nce_bad_inputs():
     fn = lambda: fusedloss.info_nce_loss  # noqa: E731
-
-    def bad(id_, alter, kwargs, exc, message):
-        return _bad(fn, id_, alter, kwargs, exc, message, make=_query_key)
-
-    keep = lambda q, k: (q, k)  # noqa: E731
-    return [
-        bad("query not a tensor", lambda q, k: (q.tolist(), k), {}, TypeError,
-            "query must be a tensor, got list"),
-        bad("int key", lambda q, k: (q, k.long()), {}, TypeError,
-            "key must be float16, bfloat16, float32 or float64, got torch.int64"),
-        bad("1-D query", lambda q, k: (q[0], k), {}, ValueError,
-            "query must be 2-D, got shape (5,)"),
-        bad("3-D key", lambda q, k: (q, k[:, :, None]), {}, ValueError,
-            "key must be 2-D, got shape (4, 5, 1)"),
-        bad("shapes", lambda q, k: (q, k[:3]), {}, ValueError,
-            "query and key must have the same shape [N, D], got (4, 5) and (3, 5)"),
-        bad("dtype mismatch", lambda q, k: (q, k.double()), {}, TypeError,
-            "must share a dtype, got torch.float32 and torch.float64"),
-        bad("device mix", lambda q, k: (q, k.to("meta")), {}, RuntimeError,
-            "all tensors must be on one device"),
-        bad("temperature<0", keep, dict(temperature=-0.1), ValueError,
-            "temperature must be > 0, got -0.1"),
-        bad("symmetric not a bool", keep, dict(symmetric=1), TypeError,
-            "symmetric must be a bool, got int"),
-        bad("normalize not a bool", keep, dict(normalize=None), TypeError,
-            "normalize must be a bool, got NoneType"),
-        bad("unknown kw", keep, dict(labels=None), TypeError,
-            "unexpected keyword argument 'labels'"),
-    ]
+    return bad_inputs(fn, _query_key, floating_matrix("query", 0, (4, 5), ("not a tensor", "1-D"))
+                      + floating_matrix("key", 1, (4, 5), ("int", "3-D")) + [
+        ("shapes", at(1, lambda k: k[:3]), {}, ValueError,
+         "query and key must have the same shape [N, D], got (4, 5) and (3, 5)"),
+        ("dtype mismatch", at(1, lambda k: k.double()), {}, TypeError,
+         "must share a dtype, got torch.float32 and torch.float64"),
+        ("device mix", at(1, lambda k: k.to("meta")), {}, RuntimeError,
+         "all tensors must be on one device"),
+        option("temperature<0", dict(temperature=-0.1), ValueError,
+               "temperature must be > 0, got -0.1"),
+        option("symmetric not a bool", dict(symmetric=1), TypeError,
+               "symmetric must be a bool, got int"),
+        option("normalize not a bool", dict(normalize=None), TypeError,
+               "normalize must be a bool, got NoneType"),
+        unknown_keyword("labels"),
+    ])
 
 
 def info_nce_fuzz(data, device, triton):
@@ -568,16 +534,8 @@ def contrastive_compile_sample(device):
     return _pair_sample("12x8, euclidean", device, 12, 8, 4, {}, seed=12)
 
 
-def contrastive_bad_inputs():
-    fn = lambda: fusedloss.contrastive_loss  # noqa: E731
-    return _batch_bad_inputs(fn, "_self_offset") + _option_bad_inputs(fn, [
-        ("distance", dict(distance="manhattan"), ValueError,
-         "unknown distance 'manhattan'; expected one of ('euclidean', 'cosine')"),
-        ("nan pos_margin", dict(pos_margin=float("nan")), ValueError,
-         "pos_margin must be a finite number, got nan"),
-        ("infinite neg_margin", dict(neg_margin=float("inf")), ValueError,
-         "neg_margin must be a finite number, got inf"),
-    ])
+contrastive_bad_inputs = _pair_bad_inputs("contrastive_loss", [
+    _UNKNOWN_DISTANCE, not_finite("pos_margin"), not_finite("neg_margin", float("inf"))])
 
 
 def _contrastive_options(data):
@@ -629,14 +587,8 @@ def triplet_compile_sample(device):
     return _pair_sample("12x8, euclidean", device, 12, 8, 4, dict(margin=0.5), seed=12)
 
 
-def triplet_bad_inputs():
-    fn = lambda: fusedloss.batch_hard_triplet_loss  # noqa: E731
-    return _batch_bad_inputs(fn, "_self_offset") + _option_bad_inputs(fn, [
-        ("distance", dict(distance="l1"), ValueError,
-         "unknown distance 'l1'; expected one of ('euclidean', 'cosine')"),
-        ("nan margin", dict(margin=float("nan")), ValueError,
-         "margin must be a finite number, got nan"),
-    ])
+triplet_bad_inputs = _pair_bad_inputs("batch_hard_triplet_loss",
+                                      [_UNKNOWN_DISTANCE, not_finite("margin")])
 
 
 def _triplet_options(data):
@@ -696,41 +648,37 @@ SPECS = [
 
 # ---- modules -----------------------------------------------------------------------------------
 
-def _module_bad(id_, build, exc, message):
-    return BadInput(id_, lambda backend, device: build(), exc, message)
-
-
 def memory_bad_inputs():
     """Constructor arguments, loss options that may be checked at construction or at the first
     forward (those cases construct and forward, so that either passes), bad forwards."""
     nn = lambda: fusedloss.nn  # noqa: E731
     x, labels = _batch("cpu")
     return [
-        _module_bad("batch > memory", lambda: nn().CrossBatchMemory(5, 4)(x, labels), ValueError,
-                    "a batch of 6 does not fit in a memory of 4"),
-        _module_bad("unknown loss", lambda: nn().CrossBatchMemory(5, 8, loss="arcface"),
-                    ValueError, "unknown loss 'arcface'; expected one of ('multi_similarity', "
-                                "'supcon', '"),
-        _module_bad("memory 0", lambda: nn().CrossBatchMemory(5, 0), ValueError,
-                    "embedding_dim and memory_size must be >= 1, got 5 and 0"),
-        _module_bad("unknown loss keyword", lambda: nn().CrossBatchMemory(5, 8, margin=0.1),
-                    TypeError, "multi_similarity takes no keyword(s) ['margin']"),
-        _module_bad("private keyword", lambda: nn().CrossBatchMemory(5, 8, loss="supcon",
-                                                                     _self_offset=0),
-                    TypeError, "supcon takes no keyword(s) ['_self_offset']"),
-        _module_bad("temperature<=0",
-                    lambda: nn().CrossBatchMemory(5, 8, loss="supcon", temperature=0.0)(x, labels),
-                    ValueError, "temperature must be > 0, got 0.0"),
-        _module_bad("unknown distance",
-                    lambda: nn().CrossBatchMemory(5, 8, loss="contrastive",
-                                                  distance="l1")(x, labels),
-                    ValueError, "unknown distance 'l1'"),
-        _module_bad("wrong D", lambda: nn().CrossBatchMemory(5, 8)(x[:, :4], labels),
-                    ValueError, "embeddings must have shape [B, 5], got (6, 4)"),
-        _module_bad("label length", lambda: nn().CrossBatchMemory(5, 8)(x, labels[:3]),
-                    ValueError, "labels must have shape [6], got (3,)"),
-        _module_bad("float labels", lambda: nn().CrossBatchMemory(5, 8)(x, labels.float()),
-                    TypeError, "labels must hold integer class labels, got torch.float32"),
+        module_bad("batch > memory", lambda: nn().CrossBatchMemory(5, 4)(x, labels), ValueError,
+                   "a batch of 6 does not fit in a memory of 4"),
+        module_bad("unknown loss", lambda: nn().CrossBatchMemory(5, 8, loss="arcface"),
+                   ValueError, "unknown loss 'arcface'; expected one of ('multi_similarity', "
+                               "'supcon', '"),
+        module_bad("memory 0", lambda: nn().CrossBatchMemory(5, 0), ValueError,
+                   "embedding_dim and memory_size must be >= 1, got 5 and 0"),
+        module_bad("unknown loss keyword", lambda: nn().CrossBatchMemory(5, 8, margin=0.1),
+                   TypeError, "multi_similarity takes no keyword(s) ['margin']"),
+        module_bad("private keyword", lambda: nn().CrossBatchMemory(5, 8, loss="supcon",
+                                                                    _self_offset=0),
+                   TypeError, "supcon takes no keyword(s) ['_self_offset']"),
+        module_bad("temperature<=0",
+                   lambda: nn().CrossBatchMemory(5, 8, loss="supcon", temperature=0.0)(x, labels),
+                   ValueError, "temperature must be > 0, got 0.0"),
+        module_bad("unknown distance",
+                   lambda: nn().CrossBatchMemory(5, 8, loss="contrastive",
+                                                 distance="l1")(x, labels),
+                   ValueError, "unknown distance 'l1'"),
+        module_bad("wrong D", lambda: nn().CrossBatchMemory(5, 8)(x[:, :4], labels),
+                   ValueError, "embeddings must have shape [B, 5], got (6, 4)"),
+        module_bad("label length", lambda: nn().CrossBatchMemory(5, 8)(x, labels[:3]),
+                   ValueError, "labels must have shape [6], got (3,)"),
+        module_bad("float labels", lambda: nn().CrossBatchMemory(5, 8)(x, labels.float()),
+                   TypeError, "labels must hold integer class labels, got torch.float32"),
     ]
 
 

@@ -15,9 +15,10 @@ import torch
 
 import fusedloss
 from ..reference import sharded as reference
-from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
+from ._build import bad_inputs, empty_batch, linear_cases, module_bad, option, scores_cases
+from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
 from .margin import (MARGINS, class_targets, cosines, linear_inputs, stress_inputs, transposed,
-                     empty_scores_batch, fuzz_cosines, fuzz_linear, margin_fuzz_options)
+                     fuzz_cosines, fuzz_linear, margin_fuzz_options, margin_option_cases)
 
 
 def _whole(c):
@@ -106,56 +107,30 @@ def _cos_and_target(device):
     return on(device, cosines(4, 7), torch.tensor([0, 1, 2, 3]))
 
 
+def _class_range_cases():
+    """Class ranges that do not tile [0, num_classes) at world size 1, and the ElasticFace+
+    keywords, which no sharded op takes."""
+    return [
+        option("class_start<0", dict(class_start=-1), ValueError,
+               "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [-1,"),
+        option("shard exceeds", dict(class_start=3), ValueError,
+               "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [3,"),
+        option("num_classes small", dict(num_classes=5), ValueError,
+               "the shard of rank 0 leaves [0, 5); shards must tile [0, 5) (rank 0: [0,"),
+        option("float class_start", dict(class_start=0.0), TypeError,
+               "class_start must be an int, got float"),
+        option("elastic_plus", dict(m2=0.5, m2_std=0.1, elastic_plus=True), ValueError,
+               "elastic_plus=True is not supported when sharded (it ranks every row's ta"),
+    ]
+
+
+_RANK_0 = "on rank 0, "
+
+
 def sharded_bad_inputs():
     fn = lambda: fusedloss.sharded_margin_cross_entropy  # noqa: E731
-
-    def bad(id_, alter, kwargs, exc, message):
-        def call(backend, device):
-            cos, target = alter(*_cos_and_target(device))
-            return fn()(cos, target, backend=backend, **{**_whole(7), **kwargs})
-        return BadInput(id_, call, exc, message)
-
-    keep = lambda c, t: (c, t)  # noqa: E731
-    return [
-        bad("cos not a tensor", lambda c, t: (c.tolist(), t), {}, TypeError,
-            "local_cos must be a tensor, got list"),
-        bad("int cos", lambda c, t: (c.long(), t), {}, TypeError,
-            "local_cos must be float16, bfloat16, float32 or float64, got torch.int64"),
-        bad("1-D cos", lambda c, t: (c[0], t[:1]), {}, ValueError,
-            "local_cos must be 2-D, got shape (7,)"),
-        bad("3-D cos", lambda c, t: (c[:, :, None], t), {}, ValueError,
-            "local_cos must be 2-D, got shape (4, 7, 1)"),
-        bad("float target", lambda c, t: (c, t.float()), {}, TypeError,
-            "target must hold integer class indices, got torch.float32"),
-        bad("target length", lambda c, t: (c, t[:2]), {}, ValueError,
-            "target must have shape [4] (one class per row), got (2,)"),
-        bad("device mix", lambda c, t: (c, t.to("meta")), {}, RuntimeError,
-            "all tensors must be on one device, got local_cos on"),
-        bad("target>=C", lambda c, t: (c, torch.tensor([0, 1, 2, 7], device=t.device)), {},
-            ValueError, "on rank 0, target[3] = 7 is outside [0, 7) and is not ignore_index"),
-        bad("class_start<0", keep, dict(class_start=-1), ValueError,
-            "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [-1,"),
-        bad("shard exceeds", keep, dict(class_start=3), ValueError,
-            "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [3,"),
-        bad("num_classes small", keep, dict(num_classes=5), ValueError,
-            "the shard of rank 0 leaves [0, 5); shards must tile [0, 5) (rank 0: [0,"),
-        bad("float class_start", keep, dict(class_start=0.0), TypeError,
-            "class_start must be an int, got float"),
-        bad("elastic_plus", keep, dict(m2=0.5, m2_std=0.1, elastic_plus=True), ValueError,
-            "elastic_plus=True is not supported when sharded (it ranks every row's ta"),
-        bad("scale<=0", keep, dict(scale=0.0), ValueError, "scale must be > 0, got 0.0"),
-        bad("m1<1", keep, dict(m1=0.5), ValueError, "m1 must be >= 1.0, got 0.5"),
-        bad("smoothing>1", keep, dict(label_smoothing=1.5), ValueError,
-            "label_smoothing must lie in [0.0, 1.0], got 1.5"),
-        bad("unknown margin_grad", keep, dict(margin_grad="approx"), ValueError,
-            "unknown margin_grad 'approx'"),
-        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
-            "unknown reduction 'avg'"),
-        bad("float ignore_index", keep, dict(ignore_index=-1.0), TypeError,
-            "ignore_index must be an int"),
-        bad("unknown kw", keep, dict(margin=0.5), TypeError,
-            "unexpected keyword argument 'margin'"),
-    ]
+    return bad_inputs(fn, _cos_and_target, scores_cases("local_cos", _RANK_0)
+                      + _class_range_cases() + margin_option_cases(), **_whole(7))
 
 
 def sharded_fuzz(data, device, triton):
@@ -242,50 +217,11 @@ def _x_w_target(device):
 
 def linear_bad_inputs():
     fn = lambda: fusedloss.linear_sharded_margin_cross_entropy  # noqa: E731
-
-    def bad(id_, alter, kwargs, exc, message):
-        def call(backend, device):
-            return fn()(*alter(*_x_w_target(device)), backend=backend,
-                        **{**_whole(7), **kwargs})
-        return BadInput(id_, call, exc, message)
-
-    keep = lambda x, w, t: (x, w, t)  # noqa: E731
-    return [
-        bad("embeddings not a tensor", lambda x, w, t: (x.tolist(), w, t), {}, TypeError,
-            "embeddings must be a tensor, got list"),
-        bad("int embeddings", lambda x, w, t: (x.long(), w, t), {}, TypeError,
-            "embeddings must be float16, bfloat16, float32 or float64, got torch.int64"),
-        bad("1-D embeddings", lambda x, w, t: (x[0], w, t), {}, ValueError,
-            "embeddings must be 2-D, got shape (5,)"),
-        bad("3-D weight", lambda x, w, t: (x, w[:, :, None], t), {}, ValueError,
-            "weight_shard must be 2-D, got shape (7, 5, 1)"),
-        bad("D mismatch", lambda x, w, t: (x, w[:, :4], t), {}, ValueError,
-            "embeddings [N, D] and weight_shard [C_local, D] must share D, got (4, 5) and (7, 4)"),
-        bad("dtype mismatch", lambda x, w, t: (x, w.double(), t), {}, TypeError,
-            "embeddings and weight_shard must share a dtype, got torch.float32 and "
-            "torch.float64"),
-        bad("float target", lambda x, w, t: (x, w, t.float()), {}, TypeError,
-            "target must hold integer class indices, got torch.float32"),
-        bad("target length", lambda x, w, t: (x, w, t[:2]), {}, ValueError,
-            "target must have shape [4] (one class per row), got (2,)"),
-        bad("device mix", lambda x, w, t: (x, w, t.to("meta")), {}, RuntimeError,
-            "all tensors must be on one device, got embeddings on"),
-        bad("target>=C", lambda x, w, t: (x, w, torch.tensor([0, 1, 2, 9], device=t.device)),
-            {}, ValueError, "on rank 0, target[3] = 9 is outside [0, 7) and is not ignore_index"),
-        bad("num_classes small", keep, dict(num_classes=5), ValueError,
-            "the shard of rank 0 leaves [0, 5); shards must tile [0, 5) (rank 0: [0,"),
-        bad("class_start>0", keep, dict(class_start=2), ValueError,
-            "the shard of rank 0 leaves [0, 7); shards must tile [0, 7) (rank 0: [2,"),
-        bad("negative block", keep, dict(block_size=-1), ValueError,
-            "block_size must be a positive int or None, got -1"),
-        bad("elastic_plus", keep, dict(m3=0.35, m3_std=0.05, elastic_plus=True), ValueError,
-            "elastic_plus=True is not supported when sharded"),
-        bad("scale<=0", keep, dict(scale=-1.0), ValueError, "scale must be > 0, got -1.0"),
-        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
-            "unknown reduction 'avg'"),
-        bad("unknown kw", keep, dict(margin=0.5), TypeError,
-            "unexpected keyword argument 'margin'"),
-    ]
+    return bad_inputs(fn, _x_w_target, linear_cases("embeddings", "weight_shard", "C_local",
+                                                    where=_RANK_0) + _class_range_cases() + [
+        option("negative block", dict(block_size=-1), ValueError,
+               "block_size must be a positive int or None, got -1"),
+    ] + margin_option_cases(), **_whole(7))
 
 
 def linear_fuzz(data, device, triton):
@@ -294,12 +230,6 @@ def linear_fuzz(data, device, triton):
     kw = dict(kw, **_whole(w.shape[0]))
     return FuzzCase(lambda backend: fusedloss.linear_sharded_margin_cross_entropy(
         x, w, target, backend=backend, **kw), [x, w], x.dtype)
-
-
-def _empty_linear(backend, device, reduction):
-    return fusedloss.linear_sharded_margin_cross_entropy(
-        *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
-        backend=backend, reduction=reduction, **_whole(7))
 
 
 def linear_stress(device):
@@ -329,8 +259,8 @@ SPECS = [
            samples=sharded_samples, op_samples=sharded_op_samples,
            compile_sample=None, no_compile=NO_COMPILE, bad_inputs=sharded_bad_inputs,
            fuzz=sharded_fuzz, stress=sharded_stress,
-           empty_batch=empty_scores_batch(lambda: fusedloss.sharded_margin_cross_entropy,
-                                          **_whole(7)),
+           empty_batch=empty_batch(lambda: fusedloss.sharded_margin_cross_entropy, (0, 7),
+                                   **_whole(7)),
            memcheck=sharded_memcheck),
     OpSpec("linear_sharded_margin_cross_entropy", "sharded",
            reference.sharded_margin_linear_stats,
@@ -339,16 +269,13 @@ SPECS = [
            samples=linear_samples, op_samples=linear_op_samples,
            compile_sample=None, no_compile=NO_COMPILE, bad_inputs=linear_bad_inputs,
            fuzz=linear_fuzz, stress=linear_stress,
-           empty_batch=_empty_linear,
+           empty_batch=empty_batch(lambda: fusedloss.linear_sharded_margin_cross_entropy,
+                                   (0, 5), (7, 5), **_whole(7)),
            memcheck=linear_memcheck),
 ]
 
 
 # ---- modules -----------------------------------------------------------------------------------
-
-def _module_bad(id_, build, exc, message):
-    return BadInput(id_, lambda backend, device: build(), exc, message)
-
 
 def partial_fc_bad_inputs():
     """Constructor arguments, and options that may be checked at construction or at the first
@@ -357,30 +284,30 @@ def partial_fc_bad_inputs():
     nn = lambda: fusedloss.nn  # noqa: E731
     x, _, target = _x_w_target("cpu")
     return [
-        _module_bad("rate 0", lambda: nn().PartialFC(5, 10, sample_rate=0.0), ValueError,
-                    "sample_rate must lie in (0, 1], got 0.0"),
-        _module_bad("rate > 1", lambda: nn().PartialFC(5, 10, sample_rate=1.5), ValueError,
-                    "sample_rate must lie in (0, 1], got 1.5"),
-        _module_bad("dim 0", lambda: nn().PartialFC(0, 10), ValueError,
-                    "embedding_dim and num_classes must be >= 1, got 0 and 10"),
-        _module_bad("unknown preset", lambda: nn().PartialFC(5, 10, loss="arcfase"), ValueError,
-                    "unknown loss preset 'arcfase'"),
-        _module_bad("elastic plus preset",
-                    lambda: nn().PartialFC(5, 10, loss="elastic_arcface_plus")(x, target),
-                    ValueError, "elastic_plus=True is not supported when sharded"),
-        _module_bad("scale<=0", lambda: nn().PartialFC(5, 10, scale=0.0)(x, target), ValueError,
-                    "scale must be > 0, got 0.0"),
-        _module_bad("negative block", lambda: nn().PartialFC(5, 10, block_size=-1)(x, target),
-                    ValueError, "block_size must be a positive int or None, got -1"),
-        _module_bad("label out of range", lambda: nn().PartialFC(5, 10)(
+        module_bad("rate 0", lambda: nn().PartialFC(5, 10, sample_rate=0.0), ValueError,
+                   "sample_rate must lie in (0, 1], got 0.0"),
+        module_bad("rate > 1", lambda: nn().PartialFC(5, 10, sample_rate=1.5), ValueError,
+                   "sample_rate must lie in (0, 1], got 1.5"),
+        module_bad("dim 0", lambda: nn().PartialFC(0, 10), ValueError,
+                   "embedding_dim and num_classes must be >= 1, got 0 and 10"),
+        module_bad("unknown preset", lambda: nn().PartialFC(5, 10, loss="arcfase"), ValueError,
+                   "unknown loss preset 'arcfase'"),
+        module_bad("elastic plus preset",
+                   lambda: nn().PartialFC(5, 10, loss="elastic_arcface_plus")(x, target),
+                   ValueError, "elastic_plus=True is not supported when sharded"),
+        module_bad("scale<=0", lambda: nn().PartialFC(5, 10, scale=0.0)(x, target), ValueError,
+                   "scale must be > 0, got 0.0"),
+        module_bad("negative block", lambda: nn().PartialFC(5, 10, block_size=-1)(x, target),
+                   ValueError, "block_size must be a positive int or None, got -1"),
+        module_bad("label out of range", lambda: nn().PartialFC(5, 10)(
             x, torch.tensor([0, 1, 2, 10])), ValueError,
             "on rank 0, local_labels[3] = 10 is outside [0, 10) and is not ignore_ind"),
-        _module_bad("wrong D", lambda: nn().PartialFC(6, 10)(x, target), ValueError,
-                    "local_embeddings on rank(s) [0] are not [n, 6] tensors of dtype "
-                    "torch.float32"),
-        _module_bad("float labels", lambda: nn().PartialFC(5, 10)(x, target.float()), ValueError,
-                    "local_labels on rank(s) [0] are not integer tensors of shape [n] matching "
-                    "local_embeddings"),
+        module_bad("wrong D", lambda: nn().PartialFC(6, 10)(x, target), ValueError,
+                   "local_embeddings on rank(s) [0] are not [n, 6] tensors of dtype "
+                   "torch.float32"),
+        module_bad("float labels", lambda: nn().PartialFC(5, 10)(x, target.float()), ValueError,
+                   "local_labels on rank(s) [0] are not integer tensors of shape [n] matching "
+                   "local_embeddings"),
     ]
 
 

@@ -12,8 +12,10 @@ import torch
 import fusedloss
 from ..reference import spherical as reference
 from . import _draw
-from . import BadInput, FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
-from .margin import scores_bad_inputs, stress_inputs, empty_scores_batch
+from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
+                     not_finite, option, row_op_spec, scores_cases)
+from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
+from .margin import stress_inputs
 
 
 def _logits(n, c, dtype=torch.float32, seed=0, mean=0.0, spread=1.0):
@@ -101,34 +103,23 @@ def _logits_and_target(device):
     return on(device, _logits(4, 7), torch.tensor([0, 1, 2, 3]))
 
 
-def _bad(id_, make, kwargs, exc, message, function):
-    def call(backend, device):
-        return function()(*make(device), backend=backend, **kwargs)
-    return BadInput(id_, call, exc, message)
+def spherical_option_cases(unknown: str):
+    """The bad keywords that both spherical Z-loss functions refuse (spherical.check_options),
+    and `unknown`, a keyword the function does not take."""
+    return [
+        option("a<=0", dict(a=0.0), ValueError, "a must be > 0, got 0.0"),
+        not_finite("a"),
+        not_finite("b", float("inf")),
+    ] + class_loss_option_cases(unknown)
 
 
 def spherical_bad_inputs():
     fn = lambda: fusedloss.spherical_z_loss  # noqa: E731
-    good = _logits_and_target
-
-    def bad(id_, make, kwargs, exc, message):
-        return _bad(id_, make, kwargs, exc, message, fn)
-
-    return scores_bad_inputs("logits", good, fn) + [
-        bad("3-D logits", lambda d: (_logits(4, 7).to(d)[:, :, None], torch.arange(4, device=d)),
-            {}, ValueError, "logits must be 2-D, got shape (4, 7, 1)"),
-        bad("logits not a tensor", lambda d: ([[0.1, 0.2], [0.3, 0.4]],
-                                              torch.tensor([0, 1], device=d)),
-            {}, TypeError, "logits must be a tensor, got list"),
-        bad("C=1", lambda d: on(d, torch.rand(4, 1), torch.zeros(4, dtype=torch.long)), {},
-            ValueError, "needs C >= 2 classes (the spread of one output is zero by definition), "
-                        "got logits of shape (4, 1)"),
-        bad("a<=0", good, dict(a=0.0), ValueError, "a must be > 0, got 0.0"),
-        bad("nan a", good, dict(a=float("nan")), ValueError, "a must be a finite number, got nan"),
-        bad("infinite b", good, dict(b=float("inf")), ValueError,
-            "b must be a finite number, got inf"),
-        bad("unknown kw", good, dict(scale=2.0), TypeError, "unexpected keyword argument 'scale'"),
-    ]
+    return bad_inputs(fn, _logits_and_target, scores_cases("logits") + [
+        ("C=1", lambda s, t: (s[:, :1], t * 0), {}, ValueError,
+         "needs C >= 2 classes (the spread of one output is zero by definition), got logits of "
+         "shape (4, 1)"),
+    ] + spherical_option_cases("scale"))
 
 
 def spherical_fuzz(data, device, triton):
@@ -227,53 +218,23 @@ def _hidden_weight_target(device):
     return on(device, h, w, torch.tensor([0, 1, 2, 3]))
 
 
+def _with_bias(make_bias):
+    """The alter that appends a bias, make_bias(device), to (hidden, weight, target)."""
+    return lambda h, w, t: (h, w, t, make_bias(h.device))
+
+
 def linear_bad_inputs():
     fn = lambda: fusedloss.linear_spherical_z_loss  # noqa: E731
-
-    def bad(id_, alter, kwargs, exc, message):
-        return _bad(id_, lambda d: alter(*_hidden_weight_target(d)), kwargs, exc, message, fn)
-
-    keep = lambda h, w, t: (h, w, t)  # noqa: E731
-    return [
-        bad("hidden not a tensor", lambda h, w, t: (h.tolist(), w, t), {}, TypeError,
-            "hidden must be a tensor, got list"),
-        bad("int hidden", lambda h, w, t: (h.long(), w, t), {}, TypeError,
-            "hidden must be float16, bfloat16, float32 or float64, got torch.int64"),
-        bad("1-D hidden", lambda h, w, t: (h[0], w, t), {}, ValueError,
-            "hidden must be 2-D, got shape (5,)"),
-        bad("3-D weight", lambda h, w, t: (h, w[:, :, None], t), {}, ValueError,
-            "weight must be 2-D, got shape (7, 5, 1)"),
-        bad("D mismatch", lambda h, w, t: (h, w[:, :4], t), {}, ValueError,
-            "hidden [N, d] and weight [C, d] must share d, got (4, 5) and (7, 4)"),
-        bad("dtype mismatch", lambda h, w, t: (h, w.double(), t), {}, TypeError,
-            "hidden and weight must share a dtype, got torch.float32 and torch.float64"),
-        bad("C=1", lambda h, w, t: (h, w[:1], torch.zeros_like(t)), {}, ValueError,
-            "needs at least 2 classes (weight [C, d] with C >= 2), got C = 1"),
-        bad("bias shape", lambda h, w, t: (h, w, t, torch.rand(3, device=h.device)), {},
-            ValueError, "bias must have shape [C] = [7] (one entry per row of weight), got (3,)"),
-        bad("2-D bias", lambda h, w, t: (h, w, t, torch.rand(7, 1, device=h.device)), {},
-            ValueError, "bias must be 1-D, got shape (7, 1)"),
-        bad("bias dtype", lambda h, w, t: (h, w, t, torch.rand(7, dtype=torch.float64,
-                                                               device=h.device)), {},
-            TypeError, "hidden and bias must share a dtype, got torch.float32 and torch.float64"),
-        bad("float target", lambda h, w, t: (h, w, t.float()), {}, TypeError,
-            "target must hold integer class indices, got torch.float32"),
-        bad("target length", lambda h, w, t: (h, w, t[:2]), {}, ValueError,
-            "target must have shape [4] (one class per row), got (2,)"),
-        bad("target out of range", lambda h, w, t: (h, w, torch.tensor([0, 1, 2, 9],
-                                                                          device=t.device)),
-            {}, ValueError, "target[3] = 9 is outside [0, 7) and is not ignore_index (-100)"),
-        bad("device mix", lambda h, w, t: (h, w, t.to("meta")), {}, RuntimeError,
-            "all tensors must be on one device, got hidden on"),
-        bad("a<=0", keep, dict(a=-1.0), ValueError, "a must be > 0, got -1.0"),
-        bad("nan b", keep, dict(b=float("nan")), ValueError, "b must be a finite number, got nan"),
-        bad("unknown reduction", keep, dict(reduction="avg"), ValueError,
-            "unknown reduction 'avg'"),
-        bad("float ignore_index", keep, dict(ignore_index=-1.0), TypeError,
-            "ignore_index must be an int"),
-        bad("unknown kw", keep, dict(block_size=16), TypeError,
-            "unexpected keyword argument 'block_size'"),
-    ]
+    return bad_inputs(fn, _hidden_weight_target, linear_cases("hidden", "weight", dim="d") + [
+        ("C=1", lambda h, w, t: (h, w[:1], torch.zeros_like(t)), {}, ValueError,
+         "needs at least 2 classes (weight [C, d] with C >= 2), got C = 1"),
+        ("bias shape", _with_bias(lambda d: torch.rand(3, device=d)), {}, ValueError,
+         "bias must have shape [C] = [7] (one entry per row of weight), got (3,)"),
+        ("2-D bias", _with_bias(lambda d: torch.rand(7, 1, device=d)), {}, ValueError,
+         "bias must be 1-D, got shape (7, 1)"),
+        ("bias dtype", _with_bias(lambda d: torch.rand(7, dtype=torch.float64, device=d)), {},
+         TypeError, "hidden and bias must share a dtype, got torch.float32 and torch.float64"),
+    ] + spherical_option_cases("block_size"))
 
 
 def linear_fuzz(data, device, triton):
@@ -303,25 +264,16 @@ def linear_fuzz(data, device, triton):
                     leaves, dtype)
 
 
-def _empty_linear(backend, device, reduction):
-    return fusedloss.linear_spherical_z_loss(
-        *on(device, torch.rand(0, 5), torch.rand(7, 5), torch.zeros(0).long()),
-        backend=backend, reduction=reduction)
-
-
 def linear_stress(device):
     _, x, w, target = stress_inputs(device)
     return [Sample("16x300 d=32, no bias", (x, w, target), {}, _LINEAR_NAMES[:3])]
 
 
 SPECS = [
-    OpSpec("spherical_z_loss", "spherical", reference.spherical_z_loss,
-           ops=("spherical_z_loss",), backends=("cpu", "cuda", "triton"),
-           samples=spherical_samples, op_samples=spherical_op_samples,
-           compile_sample=spherical_compile_sample, bad_inputs=spherical_bad_inputs,
-           fuzz=spherical_fuzz, stress=spherical_stress,
-           empty_batch=empty_scores_batch(lambda: fusedloss.spherical_z_loss),
-           memcheck=spherical_memcheck),
+    row_op_spec("spherical_z_loss", "spherical", reference.spherical_z_loss,
+                samples=spherical_samples, op_samples=spherical_op_samples,
+                compile_sample=spherical_compile_sample, bad_inputs=spherical_bad_inputs,
+                fuzz=spherical_fuzz, stress=spherical_stress, memcheck=spherical_memcheck),
     # No op: "cpu" and "cuda" run the same factored torch implementation (matrix products),
     # insisting on the tensors' device; there is no Triton kernel (backend="triton" raises).
     OpSpec("linear_spherical_z_loss", "spherical", reference.linear_spherical_z_loss,
@@ -329,15 +281,11 @@ SPECS = [
            samples=linear_samples, op_samples=lambda device: [],
            compile_sample=linear_compile_sample, bad_inputs=linear_bad_inputs,
            fuzz=linear_fuzz, stress=linear_stress,
-           empty_batch=_empty_linear),
+           empty_batch=empty_batch(lambda: fusedloss.linear_spherical_z_loss, (0, 5), (7, 5))),
 ]
 
 
 # ---- modules -----------------------------------------------------------------------------------
-
-def _module_bad(id_, build, exc, message):
-    return BadInput(id_, lambda backend, device: build(), exc, message)
-
 
 def z_loss_module_bad_inputs():
     """Hyperparameters are checked at construction or at the first forward (either passes:
@@ -345,17 +293,17 @@ def z_loss_module_bad_inputs():
     nn = lambda: fusedloss.nn  # noqa: E731
     logits, target = _logits_and_target("cpu")
     return [
-        _module_bad("a<0", lambda: nn().SphericalZLoss(a=-1.0)(logits, target), ValueError,
-                    "a must be > 0, got -1.0"),
-        _module_bad("nan b", lambda: nn().SphericalZLoss(b=float("nan"))(logits, target),
-                    ValueError, "b must be a finite number, got nan"),
-        _module_bad("unknown reduction",
-                    lambda: nn().SphericalZLoss(reduction="avg")(logits, target), ValueError,
-                    "unknown reduction 'avg'"),
-        _module_bad("wrong target", lambda: nn().SphericalZLoss()(logits, target[:2]),
-                    ValueError, "target must have shape [4]"),
-        _module_bad("C=1", lambda: nn().SphericalZLoss()(logits[:, :1], target * 0),
-                    ValueError, "needs C >= 2 classes"),
+        module_bad("a<0", lambda: nn().SphericalZLoss(a=-1.0)(logits, target), ValueError,
+                   "a must be > 0, got -1.0"),
+        module_bad("nan b", lambda: nn().SphericalZLoss(b=float("nan"))(logits, target),
+                   ValueError, "b must be a finite number, got nan"),
+        module_bad("unknown reduction",
+                   lambda: nn().SphericalZLoss(reduction="avg")(logits, target), ValueError,
+                   "unknown reduction 'avg'"),
+        module_bad("wrong target", lambda: nn().SphericalZLoss()(logits, target[:2]),
+                   ValueError, "target must have shape [4]"),
+        module_bad("C=1", lambda: nn().SphericalZLoss()(logits[:, :1], target * 0),
+                   ValueError, "needs C >= 2 classes"),
     ]
 
 
@@ -363,17 +311,17 @@ def linear_module_bad_inputs():
     nn = lambda: fusedloss.nn  # noqa: E731
     h, _, target = _hidden_weight_target("cpu")
     return [
-        _module_bad("wrong D", lambda: nn().SphericalLinear(6, 10)(h, target), ValueError,
-                    "hidden [N, d] and weight [C, d] must share d, got (4, 5) and (10, 6)"),
-        _module_bad("a<=0", lambda: nn().SphericalLinear(5, 10, a=0.0)(h, target), ValueError,
-                    "a must be > 0, got 0.0"),
-        _module_bad("nan b", lambda: nn().SphericalLinear(5, 10, b=float("nan"))(h, target),
-                    ValueError, "b must be a finite number, got nan"),
-        _module_bad("wrong target", lambda: nn().SphericalLinear(5, 10)(h, target[:3]),
-                    ValueError, "target must have shape [4]"),
-        _module_bad("target out of range",
-                    lambda: nn().SphericalLinear(5, 3)(h, target), ValueError,
-                    "target[3] = 3 is outside [0, 3)"),
+        module_bad("wrong D", lambda: nn().SphericalLinear(6, 10)(h, target), ValueError,
+                   "hidden [N, d] and weight [C, d] must share d, got (4, 5) and (10, 6)"),
+        module_bad("a<=0", lambda: nn().SphericalLinear(5, 10, a=0.0)(h, target), ValueError,
+                   "a must be > 0, got 0.0"),
+        module_bad("nan b", lambda: nn().SphericalLinear(5, 10, b=float("nan"))(h, target),
+                   ValueError, "b must be a finite number, got nan"),
+        module_bad("wrong target", lambda: nn().SphericalLinear(5, 10)(h, target[:3]),
+                   ValueError, "target must have shape [4]"),
+        module_bad("target out of range",
+                   lambda: nn().SphericalLinear(5, 3)(h, target), ValueError,
+                   "target[3] = 3 is outside [0, 3)"),
     ]
 
 
@@ -381,26 +329,26 @@ def factored_module_bad_inputs():
     nn = lambda: fusedloss.nn  # noqa: E731
     h, _, target = _hidden_weight_target("cpu")
     return [
-        _module_bad("lr<0", lambda: nn().FactoredSphericalLinear(5, 10, lr=-0.1), ValueError,
-                    "lr must be >= 0.0, got -0.1"),
-        _module_bad("one class", lambda: nn().FactoredSphericalLinear(5, 1, lr=0.1), ValueError,
-                    "num_classes >= 2"),
-        _module_bad("reduction none",
-                    lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, reduction="none"),
-                    ValueError, "reduction must be 'mean' or 'sum', got 'none'"),
-        _module_bad("a<=0", lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, a=0.0),
-                    ValueError, "a must be > 0, got 0.0"),
-        _module_bad("stabilize_every 0",
-                    lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, stabilize_every=0),
-                    ValueError, "stabilize_every must be >= 1, got 0"),
-        _module_bad("wrong D", lambda: nn().FactoredSphericalLinear(6, 10, lr=0.1)(h, target),
-                    ValueError, "hidden must be [N, 6], got (4, 5)"),
-        _module_bad("float target",
-                    lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1)(h, target.float()),
-                    ValueError, "target must be an integer tensor [N]"),
-        _module_bad("target out of range",
-                    lambda: nn().FactoredSphericalLinear(5, 3, lr=0.1)(h, target), ValueError,
-                    "target values must lie in [0, 3)"),
+        module_bad("lr<0", lambda: nn().FactoredSphericalLinear(5, 10, lr=-0.1), ValueError,
+                   "lr must be >= 0.0, got -0.1"),
+        module_bad("one class", lambda: nn().FactoredSphericalLinear(5, 1, lr=0.1), ValueError,
+                   "num_classes >= 2"),
+        module_bad("reduction none",
+                   lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, reduction="none"),
+                   ValueError, "reduction must be 'mean' or 'sum', got 'none'"),
+        module_bad("a<=0", lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, a=0.0),
+                   ValueError, "a must be > 0, got 0.0"),
+        module_bad("stabilize_every 0",
+                   lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, stabilize_every=0),
+                   ValueError, "stabilize_every must be >= 1, got 0"),
+        module_bad("wrong D", lambda: nn().FactoredSphericalLinear(6, 10, lr=0.1)(h, target),
+                   ValueError, "hidden must be [N, 6], got (4, 5)"),
+        module_bad("float target",
+                   lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1)(h, target.float()),
+                   ValueError, "target must be an integer tensor [N]"),
+        module_bad("target out of range",
+                   lambda: nn().FactoredSphericalLinear(5, 3, lr=0.1)(h, target), ValueError,
+                   "target values must lie in [0, 3)"),
     ]
 
 
