@@ -396,3 +396,62 @@ def spec_backends(specs, gpu_only=False):
                 params.append(pytest.param(spec, backend, device, id=f"{spec.name}-{p.id}",
                                            marks=p.marks))
     return params
+
+
+class ScoresLossContract:
+    """The tests that every loss of scores [N, C] and class targets [N] passes, whatever its
+    math, on every backend of device_backends(): the oracle under every reduction with
+    ignored rows, non-contiguous scores, autocast, no gradient, a second backward, the auto
+    backend and an empty batch. A test module subclasses it in a class named Test... (which
+    pytest collects) and sets
+
+        loss       loss(**options) -> call(backend, scores, target)
+        inputs     inputs(n, c, dtype, device, ignore=()) -> (scores, target), the rows in
+                   `ignore` ignored
+        options    the keywords of the calls (a typical configuration of the loss)
+    """
+
+    options: dict = {}
+
+    def call(self, **options):
+        """The loss with the class's options, `options` taking precedence."""
+        return self.loss(**{**self.options, **options})
+
+    @pytest.mark.parametrize("backend,device", device_backends())
+    @pytest.mark.parametrize("reduction", REDUCTIONS)
+    @IGNORED_ROWS_OF_6
+    def test_reductions_and_ignored_rows(self, backend, device, reduction, ignored):
+        inputs = self.inputs(6, 40, torch.float32, device, ignore=ignored)
+        call = self.call(reduction=reduction)
+        assert_matches_oracle(call, backend, inputs)
+        assert_ignored_rows_count_for_nothing(call, backend, inputs, ignored, reduction)
+
+    @pytest.mark.parametrize("backend,device", device_backends())
+    @pytest.mark.parametrize("layout", NON_CONTIGUOUS_LAYOUTS)
+    def test_non_contiguous_scores(self, backend, device, layout):
+        base, target = self.inputs(6, 90, torch.float32, device)
+        assert_matches_oracle(self.call(), backend, (non_contiguous(base, layout), target))
+
+    @pytest.mark.parametrize("backend,device", device_backends())
+    def test_autocast_gives_fp32_loss(self, backend, device):
+        inputs = self.inputs(4, 40, torch.bfloat16, device)
+        assert_autocast_gives_fp32_loss(self.call(), backend, inputs, device)
+
+    @pytest.mark.parametrize("backend,device", device_backends())
+    def test_no_gradient_path(self, backend, device):
+        assert_no_grad_matches_oracle(self.call(), backend,
+                                      self.inputs(4, 40, torch.float32, device))
+
+    @pytest.mark.parametrize("backend,device", device_backends())
+    def test_second_backward_recomputes_the_spent_gradient(self, backend, device):
+        assert_second_backward_scales(self.call(reduction="none"), backend,
+                                      self.inputs(4, 40, torch.float32, device))
+
+    def test_auto_backend_picks_cpu_for_cpu_tensors(self):
+        assert_auto_backend_is_cpu(self.call(), self.inputs(3, 10, torch.float32))
+
+    def test_empty_batch_behaves_like_cross_entropy(self):
+        scores = torch.rand(0, 5, requires_grad=True)
+        target = torch.zeros(0, dtype=torch.long)
+        assert_empty_batch_like_cross_entropy(
+            lambda reduction: self.call(reduction=reduction)("auto", scores, target))

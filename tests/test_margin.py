@@ -8,14 +8,10 @@ import torch.nn.functional as F
 import fusedloss
 from fusedloss.reference import margin as ref
 
-from conftest import (DTYPES, IGNORED_ROWS_OF_6, MARGIN_VARIANTS, NON_CONTIGUOUS_LAYOUTS,
-                      REDUCTIONS, assert_auto_backend_is_cpu, assert_autocast_gives_fp32_loss,
-                      assert_close, assert_curves_agree, assert_empty_batch_like_cross_entropy,
-                      assert_gradcheck, assert_ignored_rows_count_for_nothing,
-                      assert_no_grad_matches_oracle, assert_second_backward_scales,
-                      bad_input_params, clustered_data, device_backends, loss_and_grads,
-                      nan_rows_loss_and_grad, non_contiguous, oracle, scores_and_target_bad_inputs,
-                      scores_drivers, sgd_loss_curve, small_mlp)
+from conftest import (DTYPES, MARGIN_VARIANTS, REDUCTIONS, ScoresLossContract, assert_close,
+                      assert_curves_agree, assert_gradcheck, bad_input_params, clustered_data,
+                      device_backends, loss_and_grads, nan_rows_loss_and_grad, oracle,
+                      scores_and_target_bad_inputs, scores_drivers, sgd_loss_curve, small_mlp)
 
 
 VARIANTS = {
@@ -53,6 +49,15 @@ def margin(**options):
 run, check_against_oracle = scores_drivers(margin)
 
 
+class TestScoresContract(ScoresLossContract):
+    """The contract of every loss of [N, C] scores (tests/conftest.py), with the combined
+    margin and label smoothing."""
+
+    loss = staticmethod(margin)
+    inputs = staticmethod(make_inputs)
+    options = dict(m1=1.0, m2=0.3, m3=0.2, label_smoothing=0.05)
+
+
 @pytest.mark.parametrize("backend,device", device_backends())
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -62,27 +67,10 @@ def test_variants_match_oracle(backend, device, variant, dtype):
 
 
 @pytest.mark.parametrize("backend,device", device_backends())
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@IGNORED_ROWS_OF_6
-def test_reductions_and_ignored_rows(backend, device, reduction, ignored):
-    cos, target = make_inputs(6, 40, torch.float32, device, ignore=ignored)
-    check_against_oracle(cos, target, backend, m2=0.5, label_smoothing=0.05, reduction=reduction)
-    assert_ignored_rows_count_for_nothing(margin(m2=0.5, reduction=reduction), backend,
-                                          (cos, target), ignored, reduction)
-
-
-@pytest.mark.parametrize("backend,device", device_backends())
 @pytest.mark.parametrize("n,c", [(1, 1), (1, 5), (3, 1), (2, 1000), (5, 129), (4, 2051)])
 def test_odd_shapes(backend, device, n, c):
     cos, target = make_inputs(n, c, torch.float32, device, edges=c > 1)
     check_against_oracle(cos, target, backend, m2=0.5, label_smoothing=0.1)
-
-
-@pytest.mark.parametrize("backend,device", device_backends())
-@pytest.mark.parametrize("layout", NON_CONTIGUOUS_LAYOUTS)
-def test_non_contiguous_cos(backend, device, layout):
-    base, target = make_inputs(6, 90, torch.float32, device)
-    check_against_oracle(non_contiguous(base, layout), target, backend, m1=1.0, m2=0.3, m3=0.2)
 
 
 @pytest.mark.parametrize("backend,device", device_backends())
@@ -191,28 +179,6 @@ def test_gradcheck_fp64(backend):
         assert_gradcheck(margin(reduction="none", **kw), backend, (cos, target))
 
 
-@pytest.mark.parametrize("backend,device", device_backends())
-def test_autocast_gives_fp32_loss(backend, device):
-    cos, target = make_inputs(4, 40, torch.bfloat16, device)
-    assert_autocast_gives_fp32_loss(margin(m2=0.5), backend, (cos, target), device)
-
-
-@pytest.mark.parametrize("backend,device", device_backends())
-def test_no_gradient_path(backend, device):
-    cos, target = make_inputs(4, 40, torch.float32, device)
-    assert_no_grad_matches_oracle(margin(m2=0.5), backend, (cos, target))
-
-
-@pytest.mark.parametrize("backend,device", device_backends())
-def test_second_backward_recomputes_the_spent_gradient(backend, device):
-    cos, target = make_inputs(4, 40, torch.float32, device)
-    assert_second_backward_scales(margin(m2=0.5, reduction="none"), backend, (cos, target))
-
-
-def test_auto_backend_picks_cpu_for_cpu_tensors():
-    assert_auto_backend_is_cpu(margin(m2=0.5), make_inputs(3, 10, torch.float32))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -293,13 +259,6 @@ def test_lse_square_term_is_palm_z_loss(backend, device, reduction):
     want = torch.where(valid, lam * lse * lse, torch.zeros_like(lse))
     torch.testing.assert_close(with_term - plain, want, rtol=1e-9, atol=1e-9)
     check_against_oracle(cos, target, backend, m2=0.5, lse_square_scale=lam, reduction=reduction)
-
-
-def test_empty_batch_behaves_like_cross_entropy():
-    cos = torch.rand(0, 5, requires_grad=True)
-    target = torch.zeros(0, dtype=torch.long)
-    assert_empty_batch_like_cross_entropy(
-        lambda reduction: fusedloss.margin_cross_entropy(cos, target, reduction=reduction))
 
 
 @pytest.mark.parametrize("backend,device", device_backends())
