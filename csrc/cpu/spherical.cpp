@@ -22,14 +22,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <fusedloss/spherical.h>
 
 #include "margin_row.h"  // check_targets, kChunk
-#include "memory.h"
+#include "scores_op.h"
 #include "vec_math.h"
 
 namespace fusedloss {
@@ -141,14 +139,7 @@ std::tuple<at::Tensor, at::Tensor> spherical_z_loss(const at::Tensor& logits_in,
                                                     const at::Tensor& target_in, double a,
                                                     double b, int64_t ignore_index,
                                                     bool compute_grad) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, kOp, ": logits must be 2-D [N, C], got ",
-                    logits_in.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits_in.scalar_type()), kOp,
-                   ": logits must be a floating tensor, got ", logits_in.scalar_type());
-  TORCH_CHECK_VALUE(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0), kOp,
-                    ": target must have shape [", logits_in.size(0), "], got ", target_in.sizes());
-  TORCH_CHECK_TYPE(target_in.scalar_type() == at::kLong, kOp, ": target must be int64, got ",
-                   target_in.scalar_type());
+  check_scores_and_target(kOp, "logits", logits_in, target_in);
   TORCH_CHECK(target_in.device().is_cpu(), kOp, ": target must be on the CPU, got ",
               target_in.device());
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
@@ -158,14 +149,12 @@ std::tuple<at::Tensor, at::Tensor> spherical_z_loss(const at::Tensor& logits_in,
   TORCH_CHECK_VALUE(std::isfinite(a) && a > 0, kOp, ": a must be > 0 and finite, got ", a);
   TORCH_CHECK_VALUE(std::isfinite(b), kOp, ": b must be finite, got ", b);
 
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = unit_column_stride(logits_in);
   const at::Tensor target = target_in.contiguous();
   check_targets(target, C, ignore_index, kOp);
 
-  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({N}, logits.options().dtype(acc_type));
-  at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
-  if (compute_grad) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  at::Tensor loss, grad;
+  std::tie(loss, grad) = row_outputs(logits, compute_grad);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), kOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -173,10 +162,7 @@ std::tuple<at::Tensor, at::Tensor> spherical_z_loss(const at::Tensor& logits_in,
         logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(), acc_t(a),
         acc_t(b), ignore_index, C, loss.data_ptr<acc_t>(),
         compute_grad ? grad.data_ptr<scalar_t>() : nullptr};
-    const int64_t grain = std::max<int64_t>(1, 32768 / C);
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) spherical_row::z_loss_row(args, i);
-    });
+    for_each_row(N, C, [&](int64_t i) { spherical_row::z_loss_row(args, i); });
   });
   return {loss, grad};
 }
