@@ -1,8 +1,10 @@
-"""Pointer offsets of the Triton kernels are computed in int64 wherever a product can pass 2^31.
+"""What the compiled Triton kernels must hold that the interpreter cannot show: pointer
+offsets in int64 wherever a product can pass 2^31, and maxima and minima that propagate NaN
+as torch's do. With these, the NaN behaviour of the kernels under the interpreter, as on CPU.
 
-Every kernel variant that the launchers produce for a matrix of ops, dtypes and modes (with a
-GPU's launch choices: tests/triton_capture.py) is compiled to TTIR for sm_90, and the TTIR of
-each is checked by `wrapping_products`:
+64-bit offsets. Every kernel variant that the launchers produce for a matrix of ops, dtypes and
+modes (with a GPU's launch choices: tests/triton_capture.py) is compiled to TTIR for sm_90,
+and the TTIR of each is checked by `wrapping_products`:
 
     For every tt.addptr, the backward slice of its offset is walked through the integer ops
     that define it (arith, splat / broadcast / expand_dims, extsi / trunci, select, the bounds
@@ -24,7 +26,17 @@ dimension within one block of 2^31 elements. Multiplies in int64 are not flagged
 The launches are made with shapes whose sizes, strides and split counts are not 1 (Triton
 specialises an integer argument equal to 1 into a constant, which would hide a product), at
 two SM counts: 132 (one split where the grid is full) and 1 (several splits, each of several
-blocks)."""
+blocks).
+
+NaN. tl.max / tl.min and tl.maximum / tl.minimum by default lower to arith.maxnumf /
+minnumf, which drop NaN (max.f32 on the GPU); the interpreter's numpy behaves otherwise, so
+only the compiled code shows it. The TTIR of every variant must hold no maxnumf / minnumf
+(every float extremum, elementwise or a reduction's combine, is maximumf / minimumf), and the
+PTX of pair_extrema and of the margin row kernel must carry it through: max.NaN / min.NaN for
+fp32, a NaN test (setp.nan) beside every max / min for fp64. The interpreter tests then
+check the behaviour: a NaN candidate wins pair_extrema (torch.min's rule, first NaN column),
+a NaN input gives NaN statistics and losses where the CPU kernels give them.
+"""
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -36,7 +48,9 @@ from fusedloss import _ops
 
 import triton_capture as tc
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton,
+              # numpy's nanmax under the interpreter, on the all-NaN rows of the NaN tests
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
 
 I32 = (-(1 << 31), (1 << 31) - 1)
 I64 = (-(1 << 63), (1 << 63) - 1)
@@ -457,3 +471,190 @@ def test_the_check_sees_what_it_should():
     assert any("arith.muli 2 * n" in line for line in found), found  # 2 N, N unknown
     assert any("arith.muli i * s" in line for line in found), found  # loop index times stride
     assert len(found) == 2, found  # not program_id(1) * 64, not the int64 product
+
+
+# ---------------------------------------------------------------------------------------
+# NaN: the compiled lowering
+
+def test_no_nan_dropping_extremum_in_any_variant(ttir_of_variants):
+    launches, texts = ttir_of_variants
+    bad = sorted({launch.describe() for launch in launches
+                  if re.search(r"arith\.(maxnumf|minnumf)", texts[launch.key])})
+    assert not bad, "NaN-dropping float max / min (tl.max, tl.min, tl.maximum, tl.minimum " \
+        "without propagate_nan; use _common.nan_max and friends) in:\n" + "\n".join(bad)
+
+
+def _ptx_extrema(ptx: str) -> dict:
+    """{instruction: count} of the floating max / min instructions of a PTX listing."""
+    found: dict = {}
+    for op in re.findall(r"\b((?:max|min)(?:\.[A-Za-z]+)*\.f(?:16|32|64)(?:x2)?)\b", ptx):
+        found[op] = found.get(op, 0) + 1
+    return found
+
+
+def test_pair_extrema_and_the_row_lse_propagate_nan_in_ptx(ttir_of_variants):
+    launches, _ = ttir_of_variants
+    wanted = [launch for launch in launches
+              if launch.name == "pairs._extrema_kernel"
+              or (launch.name == "margin._margin_ce_kernel" and launch.constexpr("COMPUTE_GRAD"))]
+    picked = tc.unique(wanted)
+    kernels = tc.compile_all(picked)
+    seen = set()
+    for launch in picked:
+        ptx = kernels[launch.key].asm["ptx"]
+        extrema = _ptx_extrema(ptx)
+        seen |= set(extrema)
+        dropping = {op: n for op, n in extrema.items()
+                    if (op.endswith(".f32") or op.endswith(".f16")) and ".NaN" not in op}
+        assert not dropping, f"{launch.describe()}: NaN-dropping {dropping}"
+        f64 = sum(n for op, n in extrema.items() if op.endswith(".f64"))
+        assert len(re.findall(r"setp\.nan\.f64", ptx)) >= f64, \
+            f"{launch.describe()}: {f64} fp64 max / min, fewer NaN tests"
+    assert "min.NaN.f32" in seen and "max.NaN.f32" in seen, seen
+
+
+# ---------------------------------------------------------------------------------------
+# NaN: the behaviour, under the interpreter (or on the GPU)
+
+NAN = float("nan")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pair_inputs(dtype=torch.float32):
+    """x [37, 20] and ref [70, 20] spanning several blocks and splits, with NaN in x row 3
+    (every candidate of that row is NaN), in ref rows 7 and 50 (a NaN candidate in every
+    other row), and a row 11 of x whose only NaN candidates come from ref."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 20, generator=gen, dtype=dtype)
+    ref = torch.randn(70, 20, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 4, (37,), generator=gen)
+    ref_labels = torch.randint(0, 4, (70,), generator=gen)
+    x[3, 4] = NAN
+    ref[7, 0] = NAN
+    ref[50, 19] = NAN
+    return x, labels, ref, ref_labels
+
+
+def _on(*tensors):
+    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def _nan_keeping_extrema(x, labels, ref, ref_labels, distance):
+    """pair_extrema by its contract (csrc/include/fusedloss/pairs.h: NaN stays NaN in the
+    scores; torch.min / max: a NaN candidate wins, first NaN column), dense."""
+    from fusedloss.reference import pairs as reference
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    values = reference.scores(x, ref, distance)
+    values = torch.where((x.to(acc) @ ref.to(acc).T).isnan(), NAN, values)
+    pos, neg = reference.pair_masks(labels, ref_labels, -1)
+    largest = distance == reference.EUCLIDEAN
+    pos_value, pos_index = reference._masked_extreme(values, pos, largest)
+    neg_value, neg_index = reference._masked_extreme(values, neg, not largest)
+    return torch.stack([pos_value, neg_value], 1), torch.stack([pos_index, neg_index], 1)
+
+
+@pytest.mark.parametrize("distance", [0, 1])
+def test_a_nan_candidate_wins_pair_extrema(distance):
+    x, labels, ref, ref_labels = _pair_inputs()
+    values, index = _ops.OPS["pair_extrema"].triton(*_on(x, labels, ref, ref_labels), distance,
+                                                    -1, 0)
+    want_values, want_index = _nan_keeping_extrema(x, labels, ref, ref_labels, distance)
+    torch.testing.assert_close(values.cpu(), want_values, equal_nan=True, rtol=2e-5, atol=2e-5)
+    assert torch.equal(index.cpu(), want_index)
+    assert values[3].isnan().all() and (index[3] >= 0).all()  # all-NaN row: NaN, a column
+    if distance == 0:  # the oracle keeps NaN similarities as they are
+        from fusedloss.reference import pairs as reference
+
+        oracle_values, oracle_index = reference.pair_extrema(x, labels, ref, ref_labels, 0, -1)
+        torch.testing.assert_close(values.cpu(), oracle_values, equal_nan=True, rtol=2e-5,
+                                   atol=2e-5)
+        assert torch.equal(index.cpu(), oracle_index)
+
+
+def _cpu_kernel(op: str):
+    if "cpu" not in _ops.kernel_backends(op):
+        pytest.skip(f"fusedloss::{op} has no CPU kernel here (fusedloss._C not built)")
+    return _ops.OPS[op].cpp
+
+
+def _assert_same(triton_out, cpu_out, what):
+    torch.testing.assert_close(triton_out.cpu(), cpu_out, equal_nan=True, rtol=2e-5, atol=2e-5,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("distance", [0, 1])
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_pair_row_stats_with_nan_as_the_cpu_kernel(kind, distance):
+    x, labels, ref, ref_labels = _pair_inputs()
+    args = (None, kind, distance, KIND_HYPER[kind], -1, 0)
+    want = _cpu_kernel("pair_row_stats")(x, labels, ref, ref_labels, *args)
+    got = _ops.OPS["pair_row_stats"].triton(*_on(x, labels, ref, ref_labels), *args)
+    assert want[3, 0].isnan() and want.isnan().any(1).sum() > 10, want  # row 3: all NaN
+    _assert_same(got, want, f"kind {kind}, distance {distance}")
+
+
+def _row_case():
+    gen = torch.Generator().manual_seed(6)
+    cos = torch.rand(6, 300, generator=gen) * 2 - 1
+    target = torch.randint(0, 300, (6,), generator=gen)
+    cos[1, 17] = NAN  # a row with NaN off its target
+    cos[2, target[2]] = NAN  # NaN at the target
+    cos[4, 3] = NAN  # an ignored row with NaN
+    target[4] = -100
+    return cos, target
+
+
+def test_row_ops_with_nan_as_the_cpu_kernels():
+    cos, target = _row_case()
+    for op, args in [
+            ("margin_cross_entropy", (cos, target, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1,
+                                      1e-4, -100, True)),
+            ("spherical_z_loss", (cos, target, 1.5, 0.5, -100, True)),
+            ("sharded_margin_stats", (cos, target, None, None, 64.0, 1.0, 0.5, 0.0, 100,
+                                      -100))]:
+        want = _cpu_kernel(op)(*args)
+        got = _ops.OPS[op].triton(*_on(*args))
+        loss = got[0] if isinstance(got, tuple) else got
+        if op != "sharded_margin_stats":
+            assert loss[[1, 2]].isnan().all() and not loss[[0, 3, 4, 5]].isnan().any(), \
+                f"{op}: {loss}"
+            assert loss[4] == 0, op
+        for k, (g, w) in enumerate(zip(got if isinstance(got, tuple) else (got,),
+                                       want if isinstance(want, tuple) else (want,))):
+            _assert_same(g, w, f"{op} output {k}")
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(6, 24, generator=gen), torch.randn(300, 24, generator=gen)
+    x[1, 5] = NAN
+    x[4, 0] = NAN
+    args = (x, w, target, None, None, None, 64.0, 1.0, 0.5, 0.0, False, 0.1, 1e-4, -100, True,
+            0, False, True)
+    got = _ops.OPS["margin_linear_cross_entropy"].triton(*_on(*args))
+    want = _cpu_kernel("margin_linear_cross_entropy")(*args)
+    assert got[0][1].isnan() and got[0][4] == 0 and not got[0][[0, 2, 3, 5]].isnan().any()
+    _assert_same(got[0], want[0], "margin_linear_cross_entropy loss")
+
+
+PAIR_LOSSES = [("multi_similarity_loss", {}), ("multi_similarity_loss", dict(mining=False)),
+               ("info_nce_loss", {}), ("contrastive_loss", dict(distance="cosine")),
+               ("contrastive_loss", dict(distance="euclidean")),
+               ("batch_hard_triplet_loss", dict(distance="cosine")),
+               ("batch_hard_triplet_loss", dict(distance="euclidean"))]
+
+
+@pytest.mark.parametrize("name,options", PAIR_LOSSES,
+                         ids=[f"{n}-{'-'.join(map(str, o.values())) or 'default'}"
+                              for n, o in PAIR_LOSSES])
+def test_pair_losses_with_a_nan_embedding_are_nan(name, options):
+    """One NaN coordinate in one embedding (normalised: its whole row, and every similarity
+    with it) makes the loss NaN on the Triton backend."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 12, generator=gen)
+    labels = torch.randint(0, 3, (20,), generator=gen)
+    x[5, 2] = NAN
+    fn = getattr(fusedloss, name)
+    if name == "info_nce_loss":
+        loss = fn(*_on(x, x.flip(0)), backend="triton", **options)
+    else:
+        loss = fn(*_on(x, labels), backend="triton", **options)
+    assert loss.isnan(), f"{name}({options}) = {float(loss)}"
