@@ -15,7 +15,8 @@ def _function_cases():
         spec = p.values[0]
         params += [pytest.param(*p.values, k, id=f"{p.id}-{case.id}", marks=p.marks)
                    for k, case in enumerate(spec.bad_inputs())
-                   if not case.backends or p.values[1] in case.backends]
+                   if (not case.backends or p.values[1] in case.backends)
+                   and p.values[2] in case.devices]
     return params
 
 

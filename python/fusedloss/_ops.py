@@ -300,7 +300,8 @@ def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str,
 
 def result_dtype(x: torch.Tensor) -> torch.dtype:
     """The loss dtype: the input's, or fp32 under autocast, as F.cross_entropy."""
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+    if (x.dtype in (torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         return torch.float32
     return x.dtype
 

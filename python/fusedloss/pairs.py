@@ -134,10 +134,10 @@ class _Pairs:
         return STATS.for_backend(self.backend)(*args, 0)
 
     def dense_pair_counts(self):
-        """(positive, negative) pairs of the loss, counted from an N x M mask: for tiny
-        batches only (num_pairs <= 2, see _few_pairs)."""
+        """(positive, negative) pairs of the loss, counted on the device from an N x M mask:
+        for tiny batches only (num_pairs <= 2, see _unless_few_pairs)."""
         pos, neg = reference.pair_masks(self.labels, self.ref_labels, self.pair_offset)
-        return int(pos.sum()), int(neg.sum())
+        return pos.sum(), neg.sum()
 
     def zero(self) -> torch.Tensor:
         """A zero loss connected to the inputs, so that its gradient is zero, not None."""
@@ -164,13 +164,14 @@ def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, back
     return _Pairs(x, labels.long(), ref, ref_labels.long(), backend, -1, bank_offset)
 
 
-def _few_pairs(pairs: _Pairs) -> bool:
-    """PML's GenericPairLoss returns 0 when there is at most one positive and at most one
-    negative pair. With every pair taken, that needs num_pairs <= 2, a property of the shapes."""
+def _unless_few_pairs(pairs: _Pairs, loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, or PML's GenericPairLoss zero when there is at most one positive and at most one
+    negative pair. With every pair taken, that needs num_pairs <= 2, a property of the shapes;
+    the pairs are then counted on the device (no host read)."""
     if pairs.num_pairs > 2:
-        return False
+        return loss
     num_pos, num_neg = pairs.dense_pair_counts()
-    return num_pos <= 1 and num_neg <= 1
+    return torch.where((num_pos <= 1) & (num_neg <= 1), pairs.zero(), loss)
 
 
 def _few_mined_pairs(pairs: _Pairs, thresholds: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -266,7 +267,7 @@ def _multi_similarity(pairs: _Pairs, *, alpha, beta, base, epsilon, mining) -> t
         return pairs.zero()
     loss = (stats[:, 0] / alpha + stats[:, 1] / beta).mean()
     if not mining:
-        return pairs.zero() if _few_pairs(pairs) else loss
+        return _unless_few_pairs(pairs, loss)
     few = _few_mined_pairs(pairs, thresholds, epsilon)
     return torch.where(few, pairs.zero(), loss)
 
@@ -447,12 +448,10 @@ def _check_contrastive(fn, *, pos_margin, neg_margin, distance):
 
 
 def _contrastive(pairs: _Pairs, *, pos_margin, neg_margin, distance) -> torch.Tensor:
-    if _few_pairs(pairs):
-        return pairs.zero()
     margins = _contrastive_margins(distance, pos_margin, neg_margin)
     stats = pairs.row_stats(None, CONTRASTIVE, _DISTANCES[distance], margins)
     counts = stats[:, [1, 3]].detach().sum(0).clamp(min=1)
-    return stats[:, 0].sum() / counts[0] + stats[:, 2].sum() / counts[1]
+    return _unless_few_pairs(pairs, stats[:, 0].sum() / counts[0] + stats[:, 2].sum() / counts[1])
 
 
 def batch_hard_triplet_loss(

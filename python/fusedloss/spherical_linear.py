@@ -61,6 +61,7 @@ forward or backward, and no copy of W. Reductions run in fp32 (fp64 for fp64 inp
 fp16/bf16 weights are read in their dtype and converted a block at a time; gradients are
 written in the inputs' dtype.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -230,12 +231,20 @@ def _augmented_hidden(hidden, bias, acc):
     return x
 
 
+def _without_autocast(device: torch.device):
+    """Autocast off on `device` (the statistics are accumulated in acc dtype); nothing to turn
+    off on a device without autocast (meta tensors, for shape inference)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _LinearSphericalZLoss(torch.autograd.Function):
     """Per-row losses (acc dtype, 0 on ignored rows) of o = hidden @ weight^T + bias."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, a, b, ignore_index):
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _without_autocast(hidden.device):
             acc = accumulation_dtype(hidden)
             classes = _Classes(weight, bias, acc)
             num_classes, D = classes.num_classes, classes.D
@@ -268,7 +277,7 @@ class _LinearSphericalZLoss(torch.autograd.Function):
         classes = _Classes(weight, bias, X.dtype, centre)
         need_h, need_w, need_q = ctx.needs_input_grad[:3]
         grad_h = grad_w = grad_q = None
-        with torch.autocast(X.device.type, enabled=False):
+        with _without_autocast(X.device):
             acc, d = X.dtype, classes.d
             num_classes = classes.num_classes
             zero = torch.zeros_like(z)

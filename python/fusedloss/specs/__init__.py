@@ -72,13 +72,16 @@ class Sample:
 class BadInput:
     """A wrong call and the error it must raise before any kernel runs: `call(backend, device)`
     makes the call with tensors on `device`; `exception` and a fragment of the message are
-    the same on every backend listed in `backends` (all of the spec's when empty)."""
+    the same on every backend listed in `backends` (all of the spec's when empty) and every
+    device in `devices` (a check that reads tensor values runs at the call on the CPU only:
+    on a GPU it is queued on the device, see fusedloss._checks.target_values)."""
 
     id: str
     call: Callable[[str, str], Any]
     exception: type
     message: str
     backends: Tuple[str, ...] = ()
+    devices: Tuple[str, ...] = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,9 @@ class OpSpec:
     per-row loss). memcheck(): small CPU samples, in the dtypes to check, that the GPU memcheck
     subset moves to CUDA and runs under compute-sanitizer (bench/gpu_check.sh).
     differentiable: False for a function that returns integer tensors (the miner's indices),
-    which the tests compare exactly and take no gradient of.
+    which the tests compare exactly and take no gradient of. host_sync: why the function
+    synchronises with the host on a GPU by nature (empty: it must not; tests/
+    test_no_host_sync.py).
     """
 
     name: str
@@ -128,6 +133,7 @@ class OpSpec:
     no_fuzz: str = ""
     no_compile: str = ""
     differentiable: bool = True
+    host_sync: str = ""
     stress: Callable[[str], List[Sample]] = lambda device: []
     empty_batch: Optional[Callable[[str, str, str], torch.Tensor]] = None
     memcheck: Callable[[], List[Sample]] = lambda: []

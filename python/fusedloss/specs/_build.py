@@ -30,8 +30,8 @@ def row_op_spec(name: str, family: str, oracle: Callable, **parts) -> OpSpec:
     return OpSpec(name, family, oracle, ops=(name,), backends=BACKENDS,
                   empty_batch=empty_batch(lambda: getattr(fusedloss, name), (0, 7)), **parts)
 
-# (id, alter, kwargs, exception, message fragment)
-Case = Tuple[str, Callable, dict, type, str]
+# (id, alter, kwargs, exception, message fragment[, devices where it raises at the call])
+Case = tuple
 
 
 def bad_calls(function: Callable[[], Callable], make: Callable, **fixed) -> Callable:
@@ -39,10 +39,10 @@ def bad_calls(function: Callable[[], Callable], make: Callable, **fixed) -> Call
     ``function()(*alter(*make(device)), backend=backend, **fixed, **kwargs)``, kwargs taking
     precedence over `fixed` (keywords that every call needs, as a shard's class range).
     `function` is a thunk, so that building a spec imports nothing."""
-    def bad(id_, alter, kwargs, exc, message):
+    def bad(id_, alter, kwargs, exc, message, devices=("cpu", "cuda")):
         def call(backend, device):
             return function()(*alter(*make(device)), backend=backend, **{**fixed, **kwargs})
-        return BadInput(id_, call, exc, message)
+        return BadInput(id_, call, exc, message, devices=devices)
     return bad
 
 
@@ -119,8 +119,10 @@ def floating_matrix(name: str, index: int, shape: Tuple[int, int],
 def class_target(index: int, rows: int, num_classes: int, where: str = "") -> List[Case]:
     """The cases of _checks.target_tensor and _checks.target_values for the class targets,
     input `index` of good inputs with `rows` rows and `num_classes` classes: float targets,
-    two targets, and a last target of `num_classes` (the sharded ops name the rank first:
-    `where`)."""
+    two targets, and a last target of `num_classes`. The sharded ops name the rank first
+    (`where`) and read their targets on the host to agree on errors across ranks, so theirs
+    raises at the call on every device; the others raise at the call on the CPU only (on a
+    GPU the range check is queued on the device)."""
     out_of_range = list(range(rows - 1)) + [num_classes]
     return [
         ("float target", at(index, lambda t: t.float()), {}, TypeError,
@@ -129,7 +131,8 @@ def class_target(index: int, rows: int, num_classes: int, where: str = "") -> Li
          f"target must have shape [{rows}] (one class per row), got (2,)"),
         ("target out of range", at(index, lambda t: torch.tensor(out_of_range, device=t.device)),
          {}, ValueError, f"{where}target[{rows - 1}] = {num_classes} is outside "
-                         f"[0, {num_classes}) and is not ignore_index"),
+                         f"[0, {num_classes}) and is not ignore_index",
+         ("cpu", "cuda") if where else ("cpu",)),
     ]
 
 

@@ -252,12 +252,16 @@ NO_COMPILE = ("the agreement on errors before the collectives is not traceable: 
               "fusedloss.distributed.fingerprint (zlib.crc32 of a dataclass repr, which calls "
               "_thread.get_ident) and distributed.bad_target (a Python branch on "
               "bool(bad.any()) of the target's values)")
+# Why they synchronise with the host on a GPU.
+HOST_SYNC = ("the ranks agree on bad inputs before any collective (the targets are read on the "
+             "host), and the collectives themselves synchronise")
 
 SPECS = [
     OpSpec("sharded_margin_cross_entropy", "sharded", reference.sharded_margin_stats,
            ops=("sharded_margin_stats", "sharded_margin_grad"), backends=("cpu", "triton"),
            samples=sharded_samples, op_samples=sharded_op_samples,
-           compile_sample=None, no_compile=NO_COMPILE, bad_inputs=sharded_bad_inputs,
+           compile_sample=None, no_compile=NO_COMPILE, host_sync=HOST_SYNC,
+           bad_inputs=sharded_bad_inputs,
            fuzz=sharded_fuzz, stress=sharded_stress,
            empty_batch=empty_batch(lambda: fusedloss.sharded_margin_cross_entropy, (0, 7),
                                    **_whole(7)),
@@ -267,7 +271,8 @@ SPECS = [
            ops=("sharded_margin_linear_stats", "sharded_margin_linear_grad"),
            backends=("cpu", "triton"),
            samples=linear_samples, op_samples=linear_op_samples,
-           compile_sample=None, no_compile=NO_COMPILE, bad_inputs=linear_bad_inputs,
+           compile_sample=None, no_compile=NO_COMPILE, host_sync=HOST_SYNC,
+           bad_inputs=linear_bad_inputs,
            fuzz=linear_fuzz, stress=linear_stress,
            empty_batch=empty_batch(lambda: fusedloss.linear_sharded_margin_cross_entropy,
                                    (0, 5), (7, 5), **_whole(7)),
