@@ -13,7 +13,8 @@
 # its own limit and never more than the time left.
 #
 # Writes into OUT_DIR: gpu_check.log (every command's output), gpu_check_summary.md (date,
-# GPU, versions, each stage's status and duration; rewritten after every stage) and, from
+# GPU, versions, each stage's status and duration, and the GPU tests this machine skipped
+# with their reasons, such as the two-device test on one GPU; rewritten after every stage) and, from
 # the bench stage, bench_cuda.md, bench_cuda.json and bench_cuda.png. Exits 0 only if every
 # stage asked for succeeded.
 #
@@ -80,6 +81,7 @@ cd "$REPO" || exit 2
 
 readonly START_S=$SECONDS
 declare -A status=() duration=()
+not_run=""
 stage_order=()
 any_failed=0
 
@@ -131,6 +133,14 @@ write_summary() {
       echo "| $s | ${status[$s]} | ${duration[$s]} |"
     done
     echo
+    if [[ -n $not_run ]]; then
+      echo "GPU checks skipped on this machine (pytest -rs):"
+      echo
+      echo '```'
+      echo "$not_run"
+      echo '```'
+      echo
+    fi
     echo "Full output: gpu_check.log"
   } >"$SUMMARY"
 }
@@ -213,9 +223,12 @@ stage_sharded_nccl() {
 }
 
 stage_tests() {
-  run_step tests "$TESTS_LIMIT_S" "$PYTHON" -m pytest -q tests/ \
+  local first_line=$(($(wc -l <"$LOG") + 1))
+  run_step tests "$TESTS_LIMIT_S" "$PYTHON" -m pytest -q -rs tests/ \
     -m "(gpu or triton) and not (gpu and dist)"
   describe_rc "$step_rc"
+  # The GPU-only checks this machine could not run (e.g. the two-device guard test on one GPU).
+  not_run=$(tail -n "+$first_line" "$LOG" | grep '^SKIPPED' || true)
   record tests "$step_text" "$step_s" "$step_failed"
   stage_sharded_nccl
   if "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fusedloss.info') is None)" \
