@@ -14,9 +14,9 @@
 #
 # Writes into OUT_DIR: gpu_check.log (every command's output), gpu_check_summary.md (date,
 # GPU, versions, each stage's status and duration, and the GPU tests this machine skipped
-# with their reasons, such as the two-device test on one GPU; rewritten after every stage) and, from
-# the bench stage, bench_cuda.md, bench_cuda.json and bench_cuda.png. Exits 0 only if every
-# stage asked for succeeded.
+# with their reasons, such as the two-device test on one GPU; rewritten after every stage)
+# and, from the bench stage, bench_cuda.md, bench_cuda.json and bench_cuda.png. Exits 0 only
+# if every stage asked for succeeded.
 #
 # The tests stage runs the tests marked gpu or triton, except those marked both gpu and dist,
 # which then run on their own (row "sharded-nccl"): the sharded ops over a 1-rank NCCL group
