@@ -32,7 +32,7 @@ for C = 1. The same loop sums z_j for label smoothing. Pass 2 (only when COMPUTE
 rereads the row and writes the gradient. Ignored rows read nothing and get loss 0 and a
 zero gradient row. A target outside [0, C) that is not ignore_index makes z_y NaN (no
 out-of-bounds read), hence a NaN loss and gradient row. NaN anywhere in a row reaches
-the loss through the sums of exp, which propagate it (tl.max / tl.maximum may drop NaN).
+the loss through the sums of exp and the running max (both propagate it: _common.nan_max).
 BLOCK_C = next_power_of_2(C) capped at 4096 on GPU (128 under the interpreter, so that
 small test rows still take several chunks), num_warps = BLOCK_C / 256 in [1, 16].
 

@@ -6,7 +6,8 @@ Contract: the schemas and comments of pair_extrema, pair_row_stats and pair_row_
 in csrc/ops.cpp. The per-pair math is derived in csrc/include/fusedloss/pairs.h; in brief:
 
 Scores and pairs. x [N, D] queries, r [M, D] references, S_ij = x_i . r_j. The score v_ij is
-S_ij (DISTANCE 0) or d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)) (DISTANCE 1). (i, j) is a
+S_ij (DISTANCE 0) or d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)) (DISTANCE 1; the max
+keeps NaN, as pairs.h's). (i, j) is a
 pair unless self_offset >= 0 and j = (self_offset + i) mod M; positive when the labels agree,
 negative otherwise. The kinds write their formulas in v, so S for distance 0.
 
@@ -53,7 +54,9 @@ under the interpreter, so that tests take several splits); torch combines the sp
     positives and for the negatives, key = v for distance 0 and -d for distance 1 (so that the
     hardest positive has the smallest key), negated for the negatives. A later block, and in
     the combine a later split, replaces the pick only when strictly smaller: ties keep the
-    first column. The combine turns keys back into values.
+    first column. NaN counts as smaller than every number (torch.min's rule): a NaN score
+    wins with its first column, so NaN reaches the losses built on the picks. The combine
+    turns keys back into values.
   pair_row_stats: `_row_stats_kernel`, grid (N / BLOCK_Q, SPLIT): one pass of the split's
     reference blocks writing the running state per row, [SPLIT, N, 4]: (m, s) of each
     log-sum-exp (kinds 0, 1) and plain sums; the combine rescales the (m, s) pairs to their
