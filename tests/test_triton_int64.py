@@ -328,8 +328,17 @@ KIND_HYPER = {0: MS_HYPER, 1: [0.1], 2: [0.5, 1.2]}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter
+
+
+def _on(*tensors):
+    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
 def _op(name: str):
-    return _ops.OPS[name].triton
+    """The Triton twin of fusedloss::<name>, called with its tensors moved to DEVICE."""
+    op = _ops.OPS[name].triton
+    return lambda *args: op(*_on(*args))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -517,7 +526,6 @@ def test_pair_extrema_and_the_row_lse_propagate_nan_in_ptx(ttir_of_variants):
 # NaN: the behaviour, under the interpreter (or on the GPU)
 
 NAN = float("nan")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pair_inputs(dtype=torch.float32):
@@ -533,10 +541,6 @@ def _pair_inputs(dtype=torch.float32):
     ref[7, 0] = NAN
     ref[50, 19] = NAN
     return x, labels, ref, ref_labels
-
-
-def _on(*tensors):
-    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 def _nan_keeping_extrema(x, labels, ref, ref_labels, distance):

@@ -178,12 +178,20 @@ def run_sample(spec, sample, backend: str = "triton"):
     return out
 
 
-def spec_launches(device: str = "cpu", sms: int = H100_SMS, tf32: bool = False,
+def spec_launches(device: Optional[str] = None, sms: int = H100_SMS, tf32: bool = False,
                   specs: Optional[Iterable] = None) -> List[Launch]:
     """The launches of forward and backward of every sample of every OpSpec with a Triton
     backend (fusedloss.specs.registry(), or `specs`), captured with a GPU's choices. The
-    launches run (capture's `execute`): the pair losses index with pair_extrema's output."""
+    launches run (capture's `execute`): the pair losses index with pair_extrema's output. On
+    `device`: by default CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it
+    without a GPU), CUDA tensors otherwise."""
+    import torch
+
+    from fusedloss._ops import triton_interpreted
     from fusedloss.specs import registry
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu"
 
     launches: List[Launch] = []
     for spec in (registry() if specs is None else specs):
