@@ -20,6 +20,10 @@ Adding an op, file by file (the README's contributor section says the same):
 5. Its `OpSpec` in `python/fusedloss/specs/<family>.py`, listed in that file's `SPECS`.
 6. `tests/test_<family>.py` for what is particular to it (its math, its variants).
 
+Besides its specs, each family file gives `kernel_arguments(op)` (valid arguments of each
+of its ops) and `kernel_bad_inputs()` (wrong calls of the ops themselves, which
+tests/test_kernel_checks.py runs on every backend's kernel).
+
 The spec's parts, each a function of the device so that one spec serves CPU and GPU:
 samples (public calls compared with the fp64 oracle on every backend), op samples
 (`torch.library.opcheck` arguments), a compile sample (`torch.compile(fullgraph=True)`),
@@ -82,6 +86,19 @@ class BadInput:
     message: str
     backends: Tuple[str, ...] = ()
     devices: Tuple[str, ...] = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class KernelBadInput:
+    """A wrong call of the op `torch.ops.fusedloss.<op>` itself (the kernels check their
+    arguments too, for callers that skip the public function): `bad()` gives the arguments,
+    by schema name, that replace the valid ones of the family's `kernel_arguments(op)`; every
+    backend's kernel raises `exception` with a message that matches the regex `message`."""
+
+    op: str
+    bad: Callable[[], Dict[str, Any]]
+    exception: type
+    message: str
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,20 @@ def registry() -> List[OpSpec]:
 
 def module_registry() -> List[ModuleSpec]:
     return [spec for family in FAMILIES for spec in _family(family).MODULE_SPECS]
+
+
+def kernel_bad_inputs() -> List[KernelBadInput]:
+    """The wrong calls of the ops themselves, family by family."""
+    return [case for family in FAMILIES for case in _family(family).kernel_bad_inputs()]
+
+
+def kernel_arguments(op: str) -> Dict[str, Any]:
+    """Valid arguments of fusedloss::<op> by schema name, from the family that owns it."""
+    for family in FAMILIES:
+        arguments = _family(family).kernel_arguments(op)
+        if arguments is not None:
+            return arguments
+    raise KeyError(f"no family gives valid arguments of fusedloss::{op}")
 
 
 def spec(name: str) -> OpSpec:

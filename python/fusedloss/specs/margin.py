@@ -7,7 +7,8 @@ from ..reference import margin as reference
 from . import _draw
 from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
                      not_finite, option, row_op_spec, scores_cases)
-from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
+from . import (FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on,
+               with_ignored)
 
 
 def cosines(n, c, dtype=torch.float32, seed=0):
@@ -322,3 +323,52 @@ MODULE_SPECS = [
     ModuleSpec("MarginCrossEntropy", "margin", margin_module_bad_inputs),
     ModuleSpec("MarginSoftmaxHead", "margin", head_bad_inputs),
 ]
+
+
+# ---- the ops themselves ------------------------------------------------------------------------
+
+# The hyperparameters of the kernel-level calls: N = 4 rows, C = 6 classes, D = 8.
+KERNEL_MARGIN = dict(scale=16.0, m1=1.0, m2=0.5, m3=0.0)
+
+
+def _rows(n=4):
+    return dict(target=torch.arange(n), row_m2=None, row_m3=None)
+
+
+def kernel_arguments(op):
+    """Valid arguments of this family's ops by schema name (None for another family's op)."""
+    if op == "margin_cross_entropy":
+        return dict(cos=torch.rand(4, 6) * 2 - 1, **_rows(), **KERNEL_MARGIN, detach_margin=False,
+                    label_smoothing=0.0, lse_square_scale=0.0, ignore_index=-100,
+                    compute_grad=True)
+    if op == "margin_linear_cross_entropy":
+        return dict(embeddings=torch.randn(4, 8), weight=torch.randn(6, 8), **_rows(),
+                    row_grad=None, **KERNEL_MARGIN, detach_margin=False, label_smoothing=0.0,
+                    lse_square_scale=0.0, ignore_index=-100, normalize=True, block_size=0,
+                    deterministic=False, compute_grad=True)
+    return None
+
+
+def kernel_bad_inputs():
+    """Wrong calls of margin_cross_entropy and margin_linear_cross_entropy themselves."""
+    int32_target = lambda: dict(target=torch.arange(4, dtype=torch.int32))  # noqa: E731
+    short_target = lambda: dict(target=torch.arange(3))  # noqa: E731
+    ops = ("margin_cross_entropy", "margin_linear_cross_entropy")
+    return [
+        KernelBadInput(ops[0], lambda: dict(cos=torch.rand(4)), ValueError, "cos"),
+        KernelBadInput(ops[0], short_target, ValueError, "target"),
+        KernelBadInput(ops[0], lambda: dict(cos=torch.ones(4, 6, dtype=torch.long)), TypeError,
+                       "cos"),
+        KernelBadInput(ops[0], int32_target, TypeError, "int64"),
+        KernelBadInput(ops[0], lambda: dict(row_m2=torch.zeros(3)), ValueError, "row_m2"),
+        KernelBadInput(ops[0], lambda: dict(row_m2=torch.zeros(4, dtype=torch.float64)),
+                       TypeError, "row_m2"),
+        KernelBadInput(ops[0], lambda: dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        KernelBadInput(ops[1], lambda: dict(embeddings=torch.randn(8)), ValueError, "embeddings"),
+        KernelBadInput(ops[1], lambda: dict(weight=torch.randn(6, 7)), ValueError, "share D"),
+        KernelBadInput(ops[1], short_target, ValueError, "target"),
+        KernelBadInput(ops[1], lambda: dict(weight=torch.randn(6, 8, dtype=torch.float64)),
+                       TypeError, "dtype"),
+        KernelBadInput(ops[1], int32_target, TypeError, "int64"),
+        KernelBadInput(ops[1], lambda: dict(row_grad=torch.ones(3)), ValueError, "row_grad"),
+    ]

@@ -19,7 +19,7 @@ from ..reference import pairs as reference
 from . import _draw
 from ._build import (at, bad_inputs, device_mix, floating_matrix, module_bad, not_finite,
                      option, unknown_keyword)
-from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
+from . import FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on
 from .margin import stress_inputs as margin_stress_inputs
 
 
@@ -686,3 +686,55 @@ def memory_bad_inputs():
 MODULE_SPECS = [
     ModuleSpec("CrossBatchMemory", "pairs", memory_bad_inputs),
 ]
+
+
+# ---- the ops themselves ------------------------------------------------------------------------
+
+_KERNEL_HYPER = [2.0, 50.0, 0.5, 0.1]  # multi-similarity (alpha, beta, base, epsilon)
+
+
+def kernel_arguments(op):
+    """Valid arguments of this family's ops by schema name (None for another family's op):
+    x [4, 8] against a reference set [5, 8], multi-similarity statistics."""
+    pair = dict(x=torch.randn(4, 8), labels=torch.tensor([0, 1, 0, 1]), ref=torch.randn(5, 8),
+                ref_labels=torch.tensor([0, 1, 1, 0, 2]))
+    stats = dict(pair, thresholds=None, kind=0, distance=0, hyper=_KERNEL_HYPER, self_offset=-1,
+                 block_size=0)
+    return {
+        "pair_extrema": lambda: dict(pair, distance=0, self_offset=-1, block_size=0),
+        "pair_row_stats": lambda: stats,
+        "pair_row_stats_backward": lambda: dict(stats, grad_stats=torch.ones(4, 2),
+                                                stats=torch.zeros(4, 2), x_grad=True,
+                                                ref_grad=True),
+    }.get(op, lambda: None)()
+
+
+def kernel_bad_inputs():
+    """Wrong calls of the three pair ops themselves."""
+    extrema, stats, backward = "pair_extrema", "pair_row_stats", "pair_row_stats_backward"
+    return [
+        KernelBadInput(extrema, lambda: dict(x=torch.randn(8)), ValueError, "x must be 2-D"),
+        KernelBadInput(extrema, lambda: dict(labels=torch.tensor([0, 1, 0])), ValueError,
+                       "labels"),
+        KernelBadInput(extrema, lambda: dict(ref=torch.randn(5, 7)), ValueError, "share D"),
+        KernelBadInput(extrema, lambda: dict(labels=torch.tensor([0.0, 1.0, 0.0, 1.0])),
+                       TypeError, "int64"),
+        KernelBadInput(extrema, lambda: dict(ref=torch.randn(5, 8, dtype=torch.float64)),
+                       TypeError, "dtype"),
+        KernelBadInput(stats, lambda: dict(thresholds=torch.zeros(4, 3)), ValueError,
+                       "thresholds"),
+        KernelBadInput(stats, lambda: dict(thresholds=torch.zeros(4, 2, dtype=torch.long)),
+                       TypeError, "thresholds"),
+        KernelBadInput(stats, lambda: dict(ref_labels=torch.tensor([0, 1])), ValueError,
+                       "ref_labels"),
+        KernelBadInput(stats, lambda: dict(labels=torch.tensor([0, 1, 0, 1], dtype=torch.int32)),
+                       TypeError, "int64"),
+        KernelBadInput(backward, lambda: dict(grad_stats=torch.zeros(4, 3)), ValueError,
+                       "grad_stats"),
+        KernelBadInput(backward, lambda: dict(stats=torch.zeros(3, 2)), ValueError, "stats"),
+        KernelBadInput(backward, lambda: dict(grad_stats=torch.zeros(4, 2, dtype=torch.long)),
+                       TypeError, "grad_stats"),
+        KernelBadInput(backward, lambda: dict(x=torch.ones(4, 8, dtype=torch.long),
+                                              ref=torch.ones(5, 8, dtype=torch.long)),
+                       TypeError, "x"),
+    ]

@@ -16,9 +16,10 @@ import torch
 import fusedloss
 from ..reference import sharded as reference
 from ._build import bad_inputs, empty_batch, linear_cases, module_bad, option, scores_cases
-from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on
-from .margin import (MARGINS, class_targets, cosines, linear_inputs, stress_inputs, transposed,
-                     fuzz_cosines, fuzz_linear, margin_fuzz_options, margin_option_cases)
+from . import FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on
+from .margin import (KERNEL_MARGIN, MARGINS, class_targets, cosines, fuzz_cosines, fuzz_linear,
+                     linear_inputs, margin_fuzz_options, margin_option_cases, stress_inputs,
+                     transposed)
 
 
 def _whole(c):
@@ -319,3 +320,49 @@ def partial_fc_bad_inputs():
 MODULE_SPECS = [
     ModuleSpec("PartialFC", "sharded", partial_fc_bad_inputs),
 ]
+
+
+# ---- the ops themselves ------------------------------------------------------------------------
+
+def kernel_arguments(op):
+    """Valid arguments of this family's ops by schema name (None for another family's op):
+    the whole class range [0, 6) on one shard."""
+    rows = dict(target=torch.arange(4), row_m2=None, row_m3=None, **KERNEL_MARGIN)
+    linear = dict(embeddings=torch.randn(4, 8), weight=torch.randn(6, 8), **rows,
+                  normalize=True, class_start=0, ignore_index=-100)
+    cos = dict(cos=torch.rand(4, 6) * 2 - 1, **rows)
+    return {
+        "sharded_margin_stats": lambda: dict(cos, class_start=0, ignore_index=-100),
+        "sharded_margin_grad": lambda: dict(cos, coef=torch.zeros(4, 4), detach_margin=False,
+                                            class_start=0, ignore_index=-100),
+        "sharded_margin_linear_stats": lambda: dict(linear, block_size=0),
+        "sharded_margin_linear_grad": lambda: dict(linear, coef=torch.zeros(4, 4),
+                                                   detach_margin=False, block_size=0),
+    }.get(op, lambda: None)()
+
+
+def kernel_bad_inputs():
+    """Wrong calls of the four sharded ops themselves."""
+    stats, grad = "sharded_margin_stats", "sharded_margin_grad"
+    linear_stats, linear_grad = "sharded_margin_linear_stats", "sharded_margin_linear_grad"
+    return [
+        KernelBadInput(stats, lambda: dict(cos=torch.rand(4)), ValueError, "cos"),
+        KernelBadInput(stats, lambda: dict(target=torch.arange(3)), ValueError, "target"),
+        KernelBadInput(stats, lambda: dict(cos=torch.ones(4, 6, dtype=torch.long)), TypeError,
+                       "cos"),
+        KernelBadInput(stats, lambda: dict(target=torch.arange(4, dtype=torch.int32)),
+                       TypeError, "int64"),
+        KernelBadInput(stats, lambda: dict(row_m2=torch.zeros(4, dtype=torch.float64)),
+                       TypeError, "row_m2"),
+        KernelBadInput(grad, lambda: dict(coef=torch.zeros(4, 3)), ValueError, "coef"),
+        KernelBadInput(grad, lambda: dict(coef=torch.zeros(4, 4, dtype=torch.float64)),
+                       TypeError, "coef"),
+        KernelBadInput(linear_stats, lambda: dict(weight=torch.randn(6, 7)), ValueError,
+                       "share D"),
+        KernelBadInput(linear_stats, lambda: dict(weight=torch.randn(6, 8, dtype=torch.float64)),
+                       TypeError, "dtype"),
+        KernelBadInput(linear_stats, lambda: dict(target=torch.arange(3)), ValueError, "target"),
+        KernelBadInput(linear_grad, lambda: dict(coef=torch.zeros(3, 4)), ValueError, "coef"),
+        KernelBadInput(linear_grad, lambda: dict(coef=torch.zeros(4, 4, dtype=torch.half)),
+                       TypeError, "coef"),
+    ]

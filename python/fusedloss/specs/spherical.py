@@ -14,7 +14,8 @@ from ..reference import spherical as reference
 from . import _draw
 from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
                      not_finite, option, row_op_spec, scores_cases)
-from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
+from . import (FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on,
+               with_ignored)
 from .margin import stress_inputs
 
 
@@ -357,3 +358,27 @@ MODULE_SPECS = [
     ModuleSpec("SphericalLinear", "spherical", linear_module_bad_inputs),
     ModuleSpec("FactoredSphericalLinear", "spherical", factored_module_bad_inputs),
 ]
+
+
+# ---- the ops themselves ------------------------------------------------------------------------
+
+def kernel_arguments(op):
+    """Valid arguments of spherical_z_loss by schema name (None for another family's op)."""
+    if op != "spherical_z_loss":
+        return None
+    return dict(logits=torch.randn(4, 6), target=torch.arange(4), a=1.0, b=0.0,
+                ignore_index=-100, compute_grad=True)
+
+
+def kernel_bad_inputs():
+    """Wrong calls of spherical_z_loss itself."""
+    op = "spherical_z_loss"
+    return [
+        KernelBadInput(op, lambda: dict(logits=torch.randn(4)), ValueError, "logits"),
+        KernelBadInput(op, lambda: dict(logits=torch.randn(4, 1)), ValueError, "C >= 2"),
+        KernelBadInput(op, lambda: dict(target=torch.arange(3)), ValueError, "target"),
+        KernelBadInput(op, lambda: dict(logits=torch.ones(4, 6, dtype=torch.long)), TypeError,
+                       "logits"),
+        KernelBadInput(op, lambda: dict(target=torch.arange(4, dtype=torch.int32)), TypeError,
+                       "int64"),
+    ]
