@@ -21,8 +21,10 @@ Adding an op, file by file (the README's contributor section says the same):
 6. `tests/test_<family>.py` for what is particular to it (its math, its variants).
 
 Besides its specs, each family file gives `kernel_arguments(op)` (valid arguments of each
-of its ops) and `kernel_bad_inputs()` (wrong calls of the ops themselves, which
-tests/test_kernel_checks.py runs on every backend's kernel).
+of its ops) and `kernel_value_checks()` (wrong values of the ops' arguments); with the wrong
+ranks, dtypes and lengths that `kernel_bad_inputs()` derives from the schemas, they are the
+wrong calls of the ops themselves that tests/test_kernel_checks.py runs on every backend's
+kernel.
 
 The spec's parts, each a function of the device so that one spec serves CPU and GPU:
 samples (public calls compared with the fp64 oracle on every backend), op samples
@@ -40,6 +42,7 @@ import torch
 
 import fusedloss
 import fusedloss.nn
+from fusedloss import _schemas
 
 FAMILIES = ("margin", "spherical", "pairs", "sharded")
 BACKENDS = ("cpu", "cuda", "triton")
@@ -96,6 +99,7 @@ class KernelBadInput:
     backend's kernel raises `exception` with a message that matches the regex `message`."""
 
     op: str
+    id: str
     bad: Callable[[], Dict[str, Any]]
     exception: type
     message: str
@@ -189,8 +193,30 @@ def module_registry() -> List[ModuleSpec]:
 
 
 def kernel_bad_inputs() -> List[KernelBadInput]:
-    """The wrong calls of the ops themselves, family by family."""
-    return [case for family in FAMILIES for case in _family(family).kernel_bad_inputs()]
+    """The wrong calls of the ops themselves: for every tensor argument of every op (its valid
+    value from kernel_arguments), another rank (a ValueError), an integer dtype, or int32 for
+    an int64 one (a TypeError), and, for a 1-D one, a row short (a ValueError), each error
+    naming the argument; then each family's checks of values and shapes between arguments
+    (`kernel_value_checks()`)."""
+    cases = []
+    for op in _schemas.SCHEMAS:
+        for name, value in kernel_arguments(op).items():
+            if isinstance(value, torch.Tensor):
+                cases += _tensor_argument_cases(op, name, value)
+    return cases + [case for family in FAMILIES for case in _family(family).kernel_value_checks()]
+
+
+def _tensor_argument_cases(op: str, name: str, t: torch.Tensor) -> List[KernelBadInput]:
+    other_rank = t[0] if t.dim() > 1 else t[:, None]
+    other_dtype = t.long() if t.is_floating_point() else t.int()
+    cases = [KernelBadInput(op, f"{name} {t.dim()}-D to {other_rank.dim()}-D",
+                            lambda: {name: other_rank}, ValueError, name),
+             KernelBadInput(op, f"{name} {t.dtype} to {other_dtype.dtype}",
+                            lambda: {name: other_dtype}, TypeError, f"{name}|int64")]
+    if t.dim() == 1:
+        cases.append(KernelBadInput(op, f"{name} a row short", lambda: {name: t[:-1]},
+                                    ValueError, name))
+    return cases
 
 
 def kernel_arguments(op: str) -> Dict[str, Any]:

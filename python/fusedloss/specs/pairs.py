@@ -709,32 +709,13 @@ def kernel_arguments(op):
     }.get(op, lambda: None)()
 
 
-def kernel_bad_inputs():
-    """Wrong calls of the three pair ops themselves."""
-    extrema, stats, backward = "pair_extrema", "pair_row_stats", "pair_row_stats_backward"
+def kernel_value_checks():
+    """Wrong shapes between the pair ops' arguments."""
     return [
-        KernelBadInput(extrema, lambda: dict(x=torch.randn(8)), ValueError, "x must be 2-D"),
-        KernelBadInput(extrema, lambda: dict(labels=torch.tensor([0, 1, 0])), ValueError,
-                       "labels"),
-        KernelBadInput(extrema, lambda: dict(ref=torch.randn(5, 7)), ValueError, "share D"),
-        KernelBadInput(extrema, lambda: dict(labels=torch.tensor([0.0, 1.0, 0.0, 1.0])),
-                       TypeError, "int64"),
-        KernelBadInput(extrema, lambda: dict(ref=torch.randn(5, 8, dtype=torch.float64)),
-                       TypeError, "dtype"),
-        KernelBadInput(stats, lambda: dict(thresholds=torch.zeros(4, 3)), ValueError,
-                       "thresholds"),
-        KernelBadInput(stats, lambda: dict(thresholds=torch.zeros(4, 2, dtype=torch.long)),
-                       TypeError, "thresholds"),
-        KernelBadInput(stats, lambda: dict(ref_labels=torch.tensor([0, 1])), ValueError,
-                       "ref_labels"),
-        KernelBadInput(stats, lambda: dict(labels=torch.tensor([0, 1, 0, 1], dtype=torch.int32)),
-                       TypeError, "int64"),
-        KernelBadInput(backward, lambda: dict(grad_stats=torch.zeros(4, 3)), ValueError,
-                       "grad_stats"),
-        KernelBadInput(backward, lambda: dict(stats=torch.zeros(3, 2)), ValueError, "stats"),
-        KernelBadInput(backward, lambda: dict(grad_stats=torch.zeros(4, 2, dtype=torch.long)),
-                       TypeError, "grad_stats"),
-        KernelBadInput(backward, lambda: dict(x=torch.ones(4, 8, dtype=torch.long),
-                                              ref=torch.ones(5, 8, dtype=torch.long)),
-                       TypeError, "x"),
+        KernelBadInput("pair_extrema", "D mismatch", lambda: dict(ref=torch.randn(5, 7)),
+                       ValueError, "share D"),
+        KernelBadInput("pair_row_stats", "thresholds [4, 3]",
+                       lambda: dict(thresholds=torch.zeros(4, 3)), ValueError, "thresholds"),
+        KernelBadInput("pair_row_stats_backward", "grad_stats [4, 3]",
+                       lambda: dict(grad_stats=torch.zeros(4, 3)), ValueError, "grad_stats"),
     ]

@@ -341,28 +341,13 @@ def kernel_arguments(op):
     }.get(op, lambda: None)()
 
 
-def kernel_bad_inputs():
-    """Wrong calls of the four sharded ops themselves."""
-    stats, grad = "sharded_margin_stats", "sharded_margin_grad"
-    linear_stats, linear_grad = "sharded_margin_linear_stats", "sharded_margin_linear_grad"
+def kernel_value_checks():
+    """Wrong shapes between the sharded ops' arguments."""
     return [
-        KernelBadInput(stats, lambda: dict(cos=torch.rand(4)), ValueError, "cos"),
-        KernelBadInput(stats, lambda: dict(target=torch.arange(3)), ValueError, "target"),
-        KernelBadInput(stats, lambda: dict(cos=torch.ones(4, 6, dtype=torch.long)), TypeError,
-                       "cos"),
-        KernelBadInput(stats, lambda: dict(target=torch.arange(4, dtype=torch.int32)),
-                       TypeError, "int64"),
-        KernelBadInput(stats, lambda: dict(row_m2=torch.zeros(4, dtype=torch.float64)),
-                       TypeError, "row_m2"),
-        KernelBadInput(grad, lambda: dict(coef=torch.zeros(4, 3)), ValueError, "coef"),
-        KernelBadInput(grad, lambda: dict(coef=torch.zeros(4, 4, dtype=torch.float64)),
-                       TypeError, "coef"),
-        KernelBadInput(linear_stats, lambda: dict(weight=torch.randn(6, 7)), ValueError,
-                       "share D"),
-        KernelBadInput(linear_stats, lambda: dict(weight=torch.randn(6, 8, dtype=torch.float64)),
-                       TypeError, "dtype"),
-        KernelBadInput(linear_stats, lambda: dict(target=torch.arange(3)), ValueError, "target"),
-        KernelBadInput(linear_grad, lambda: dict(coef=torch.zeros(3, 4)), ValueError, "coef"),
-        KernelBadInput(linear_grad, lambda: dict(coef=torch.zeros(4, 4, dtype=torch.half)),
-                       TypeError, "coef"),
+        KernelBadInput(op, "coef [4, 3]", lambda: dict(coef=torch.zeros(4, 3)), ValueError, "coef")
+        for op in ("sharded_margin_grad", "sharded_margin_linear_grad")
+    ] + [
+        KernelBadInput(op, "D mismatch", lambda: dict(weight=torch.randn(6, 7)), ValueError,
+                       "share D")
+        for op in ("sharded_margin_linear_stats", "sharded_margin_linear_grad")
     ]
