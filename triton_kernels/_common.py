@@ -19,7 +19,7 @@ Host side
 Device side (@triton.jit, called from the kernels)
     from_hi_lo           the scalar hi + lo in the accumulation dtype
     wide                 an index as int64, before it multiplies a stride
-    nan_max, nan_min, nan_maximum, nan_minimum
+    nan_max, nan_min (nan_extreme), nan_maximum, nan_minimum
                          reductions and elementwise extrema that propagate NaN
     online_lse_update    one block of a running, max-rescaled log-sum-exp
     row_margins, target_logit (with acos_series, continuation_sign)
@@ -277,27 +277,34 @@ def nan_minimum(a, b):
 
 
 @triton.jit
-def nan_max(x, axis: tl.constexpr):
-    """max of x along `axis`, NaN when any entry is NaN (as torch.amax). tl.max drops NaN:
-    max.f32 on the GPU, numpy's nanmax under the interpreter. Compiled, a reduction whose
-    combine is the NaN-propagating maximum (arith.maximumf, max.NaN.f32 on sm_80+); under
-    the interpreter, which runs such a combine once per entry in Python, the same value as
-    tl.max with NaN put back where the row holds one (a sum over its NaN entries)."""
+def nan_extreme(x, axis: tl.constexpr, LARGEST: tl.constexpr):
+    """max (LARGEST) or min of x along `axis`, NaN when any entry is NaN (as torch.amax and
+    torch.amin). tl.max and tl.min drop NaN: max.f32 / min.f32 on the GPU, numpy's nanmax /
+    nanmin under the interpreter. Compiled, a reduction whose combine is the NaN-propagating
+    maximum or minimum (arith.maximumf, max.NaN.f32 on sm_80+); under the interpreter, which
+    runs such a combine once per entry in Python, the same value as tl.max / tl.min with NaN
+    put back where the row holds one (a sum over its NaN entries)."""
     if _INTERPRETER:
         poison = tl.sum(tl.where(x != x, x, 0.0), axis=axis)
-        return tl.where(poison != poison, poison, tl.max(x, axis=axis))
-    else:
+        if LARGEST:
+            plain = tl.max(x, axis=axis)
+        else:
+            plain = tl.min(x, axis=axis)
+        return tl.where(poison != poison, poison, plain)
+    elif LARGEST:
         return tl.reduce(x, axis, nan_maximum)
+    else:
+        return tl.reduce(x, axis, nan_minimum)
+
+
+@triton.jit
+def nan_max(x, axis: tl.constexpr):
+    return nan_extreme(x, axis, True)
 
 
 @triton.jit
 def nan_min(x, axis: tl.constexpr):
-    """min of x along `axis`, NaN when any entry is NaN (as torch.amin); see nan_max."""
-    if _INTERPRETER:
-        poison = tl.sum(tl.where(x != x, x, 0.0), axis=axis)
-        return tl.where(poison != poison, poison, tl.min(x, axis=axis))
-    else:
-        return tl.reduce(x, axis, nan_minimum)
+    return nan_extreme(x, axis, False)
 
 
 # ---------------------------------------------------------------------------------------
