@@ -19,9 +19,11 @@ import torch
 
 import fusedloss  # noqa: F401  (makes every Op)
 from fusedloss.specs import registry
-from fusedloss.triton_kernels import _common
 
-import triton_capture as tc
+pytest.importorskip("triton")
+from fusedloss.triton_kernels import _common  # noqa: E402
+
+import triton_capture as tc  # noqa: E402
 from conftest import HAS_CUDA, HAS_TRITON, assert_exactly_as_oracle, assert_matches_oracle
 
 pytestmark = pytest.mark.triton
