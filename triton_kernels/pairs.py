@@ -31,8 +31,9 @@ Per-row statistics and their derivatives dstat/dv_ij (zero outside the pairs nam
       T_i = sum_pos v_ij / t,              dT_i/dv_ij = 1 / t,       and the count of positives
     A row without pairs gets L = -inf.
   KIND 2, contrastive, hyper (m_pos, m_neg), sigma = +1 (DISTANCE 1) or -1 (DISTANCE 0):
-      l_pos = relu(sigma (v - m_pos)),     dl_pos/dv = sigma [l_pos > 0]
-      l_neg = relu(sigma (m_neg - v)),     dl_neg/dv = -sigma [l_neg > 0]
+      l_pos = relu(sigma (v - m_pos)),     dl_pos/dv = sigma [not l_pos <= 0]
+      l_neg = relu(sigma (m_neg - v)),     dl_neg/dv = -sigma [not l_neg <= 0]
+    (relu' as torch's: 0 at 0, 1 at a NaN l, whose gradient passes on; pairs.h).
     stats: (sum l_pos, #(l_pos > 0), sum l_neg, #(l_neg > 0)).
 Every log-sum-exp is online and max-rescaled: per row a running max m (starting at -inf) and
 s = sum exp(z - m); a block with new max m' rescales s by exp(m - m'), with the shift taken as 0
@@ -41,7 +42,7 @@ while m' is still -inf, so that -inf - -inf never appears.
 Backward. With g = grad_stats (the counts' columns ignored), G_ij = sum_k g_ik dstat_ik/dv_ij.
 DISTANCE 0: dL/dS = G, so grad_x_i = sum_j G_ij r_j and grad_r_j = sum_i G_ij x_i.
 DISTANCE 1: dd/dS = -1/d and dd/dx_i = (x_i - r_j) / d, so with a_ij = G_ij / d_ij (0 where
-d_ij = 0, as torch.cdist's gradient) and W = dL/dS = -a:
+d_ij = 0, as torch.cdist's gradient; NaN where d_ij is NaN, as pairs.h's) and W = dL/dS = -a:
     grad_x_i = sum_j W_ij r_j + x_i sum_j a_ij,    grad_r_j = sum_i W_ij x_i + r_j sum_i a_ij.
 
 Passes. Each recomputes its S tiles; deterministic: no atomics, every sum in an order fixed by
@@ -385,11 +386,11 @@ def _grad_tile(
     else:  # hyper (m_pos, m_neg)
         g2 = _row_column(gstats_ptr, rows, N, K, 2, ACC)[:, None]
         sigma = 1.0 if DISTANCE == 1 else -1.0
-        g = tl.where(pos & (sigma * (v - h0) > 0), sigma * g0, 0.0)
-        g += tl.where(neg & (sigma * (h1 - v) > 0), -sigma * g2, 0.0)
+        g = tl.where(pos & ~(sigma * (v - h0) <= 0), sigma * g0, 0.0)  # NaN passes (pairs.h)
+        g += tl.where(neg & ~(sigma * (h1 - v) <= 0), -sigma * g2, 0.0)
     a = g
     if DISTANCE == 1:
-        a = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        a = tl.where(v == 0, 0.0, g / tl.where(v == 0, 1.0, v))  # NaN at a NaN d (pairs.h)
         a = tl.where(near, a, 0.0) if NEAR_PASS else tl.where(near, 0.0, a)
         g = -a
     return inner, g, a, near

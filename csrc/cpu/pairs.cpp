@@ -14,6 +14,7 @@
 //   pair_extrema: one pass over the tiles. Each row keeps its smallest key (pairs.h) and
 //     its first index, for positives and for negatives: per row and tile a vectorised
 //     masked minimum, and only when it beats the running one a scan for its first column.
+//     NaN is the smallest key (torch.min's rule): a NaN score wins with its first column.
 //   pair_row_stats: one pass over the tiles. Kinds 0 and 1 fold each tile row into an
 //     online, max-rescaled log-sum-exp: a vectorised maximum of the kept exponents, the
 //     running sum rescaled once when the maximum grows, then a vectorised sum of
@@ -387,28 +388,54 @@ struct Best {
   int64_t index = -1;
 };
 
-// Smallest key = sign * s (positives) and -sign * s (negatives) over [b, e) of one row.
+// NaN is smaller than every key, as in torch.min: a NaN candidate wins, and the first NaN
+// column of a row stays its pick (the reference and the Triton kernel's _first_min agree).
+
+// Whether the smallest key of a later range replaces the running one: strictly smaller (ties
+// keep the earlier column), or NaN over a number.
+template <typename acc_t>
+bool beats(acc_t key, acc_t running) {
+  return key < running || (key != key && running == running);
+}
+
+// Smallest key = sign * s (positives) and -sign * s (negatives) over [b, e) of one row, NaN
+// when a candidate of that polarity is NaN. The vectorised loop takes the minimum of the
+// numbers (a NaN key fails `key < kp` and drops out there) and, beside it, `nan`: 0 in every
+// lane until the lane meets a NaN score, NaN from then on (one blend per entry; the lanes'
+// sum is NaN iff one is). Only a range that holds a NaN pays for the scalar scan that gives
+// the NaN scores their polarities.
 template <typename acc_t>
 FL_PAIR_LOOP void smallest_keys(const acc_t* s, const int64_t* lab, int64_t label, acc_t sign,
                                  int64_t b, int64_t e, acc_t* pos_key, acc_t* neg_key) {
-  acc_t kp = kInf<acc_t>, kn = kInf<acc_t>;
-#pragma omp simd reduction(min : kp, kn)
+  acc_t kp = kInf<acc_t>, kn = kInf<acc_t>, nan = 0;
+#pragma omp simd reduction(min : kp, kn) reduction(+ : nan)
   for (int64_t j = b; j < e; ++j) {
     const acc_t key = sign * s[j];
     const bool positive = lab[j] == label;
     kp = positive && key < kp ? key : kp;
     kn = !positive && -key < kn ? -key : kn;
+    nan = s[j] != s[j] ? s[j] : nan;
+  }
+  if (nan != nan) {
+    for (int64_t j = b; j < e; ++j) {
+      if (s[j] == s[j]) continue;
+      (lab[j] == label ? kp : kn) = s[j];
+    }
   }
   *pos_key = kp;
   *neg_key = kn;
 }
 
-// First j in [b, e) of the wanted polarity whose key equals `key` (which one of them has).
+// First j in [b, e) of the wanted polarity whose key equals `key` (which one of them has;
+// for a NaN key, the first NaN).
 template <typename acc_t>
 int64_t first_with_key(const acc_t* s, const int64_t* lab, int64_t label, acc_t sign,
                        bool positive, acc_t key, int64_t b, int64_t e) {
+  const bool nan = key != key;
   for (int64_t j = b; j < e; ++j) {
-    if ((lab[j] == label) == positive && sign * s[j] == key) return j;
+    if ((lab[j] == label) != positive) continue;
+    const acc_t k = sign * s[j];
+    if (nan ? k != k : k == key) return j;
   }
   return -1;  // unreachable: `key` came from these columns
 }
@@ -423,10 +450,10 @@ void pair_extrema_kernel(const PairInputs<acc_t>& in, const Tiling& tiling, int6
     for_pair_ranges(in, i, j0, cols, [&](int64_t b, int64_t e) {
       acc_t kp, kn;
       smallest_keys(s, lab, in.labels[i], sign, b, e, &kp, &kn);
-      if (kp < pos[i].key) {
+      if (beats(kp, pos[i].key)) {
         pos[i] = {kp, j0 + first_with_key(s, lab, in.labels[i], sign, true, kp, b, e)};
       }
-      if (kn < neg[i].key) {
+      if (beats(kn, neg[i].key)) {
         neg[i] = {kn, j0 + first_with_key(s, lab, in.labels[i], -sign, false, kn, b, e)};
       }
     });

@@ -22,6 +22,9 @@ PML correspondences (each function's docstring gives the formula):
 PML's global rule of GenericPairLoss holds for the pair losses: a batch with at most one
 positive pair and at most one negative pair gives 0. So does PML's zero for a batch with no
 pairs of a needed sign; every such 0 has a zero gradient.
+NaN: a NaN in an embedding that takes part in the loss gives a NaN loss, on every backend.
+The hardest pick of a row with a NaN score is NaN (torch.min's rule, pair_extrema's contract),
+and the AvgNonZero means count NaN entries, where PML's `> 0` would drop them.
 """
 from dataclasses import dataclass
 import importlib.util
@@ -200,8 +203,10 @@ def _few_mined_pairs(pairs: _Pairs, thresholds: torch.Tensor, epsilon: float) ->
 
 
 def _mean_over_positive(values: torch.Tensor) -> torch.Tensor:
-    """PML's AvgNonZeroReducer: the mean of the entries > 0, and 0 when there is none."""
-    nonzero = values > 0
+    """PML's AvgNonZeroReducer: the mean of the entries > 0, and 0 when there is none. A NaN
+    entry counts too, so that the mean is NaN (PML's `> 0` would drop it and hide the NaN
+    input behind a finite loss); finite entries reduce exactly as PML's."""
+    nonzero = (values > 0) | values.isnan()
     count = nonzero.sum().clamp(min=1).to(values.dtype)
     return torch.where(nonzero, values, 0.0).sum() / count
 
@@ -244,7 +249,9 @@ def multi_similarity_loss(
     a row without kept pairs contributing 0; the loss is the mean over all N rows (PML's
     MeanReducer). ``mining=False`` keeps every pair. As in PML, the loss is 0 (with a zero
     gradient) when at most one positive and at most one negative pair are kept. The
-    exponentials are max-rescaled, so beta = 50 cannot overflow in any dtype.
+    exponentials are max-rescaled, so beta = 50 cannot overflow in any dtype. A row whose
+    hardest positive or negative is NaN (a NaN embedding) has a NaN loss, the miner's rule
+    being undecided there.
 
     ``alpha > 0`` and ``beta > 0``. The loss has the dtype of ``embeddings``; statistics are
     accumulated in fp32 (fp64 for fp64). ``backend``: "auto", "reference", "cpu", "triton".
@@ -265,11 +272,16 @@ def _multi_similarity(pairs: _Pairs, *, alpha, beta, base, epsilon, mining) -> t
     stats = pairs.row_stats(thresholds, MULTI_SIMILARITY, SIMILARITY, (alpha, beta, base, epsilon))
     if stats.shape[0] == 0:
         return pairs.zero()
-    loss = (stats[:, 0] / alpha + stats[:, 1] / beta).mean()
+    rows = stats[:, 0] / alpha + stats[:, 1] / beta
     if not mining:
-        return _unless_few_pairs(pairs, loss)
-    few = _few_mined_pairs(pairs, thresholds, epsilon)
-    return torch.where(few, pairs.zero(), loss)
+        return _unless_few_pairs(pairs, rows.mean())
+    # A NaN threshold (a NaN score among the row's pairs: pair_extrema lets NaN win) leaves
+    # the miner's rule undecided, and every comparison with it false, which would keep no
+    # pair and hide the NaN: such a row's loss is NaN (NaN + its stats), and so is the batch's.
+    undecided = thresholds.isnan()
+    rows = rows + torch.where(undecided, thresholds, 0.0).sum(1)
+    few = _few_mined_pairs(pairs, thresholds, epsilon) & ~undecided.any()
+    return torch.where(few, pairs.zero(), rows.mean())
 
 
 def _ms_thresholds(pairs: _Pairs) -> torch.Tensor:

@@ -33,12 +33,15 @@
 // with sigma = +1 for distances and -1 for similarities: relu(d - pos_margin),
 // relu(neg_margin - d), relu(pos_margin - S), relu(S - neg_margin) (tau (s - m) rounds as
 // these do: negating a difference is exact). stats = (sum_pos l, #{pos: l > 0}, sum_neg l,
-// #{neg: l > 0}), and dl/ds = tau [l > 0] (relu' = 0 at 0, as torch's).
+// #{neg: l > 0}), and dl/ds = tau [not l <= 0]: relu' as torch's, 0 at 0, and 1 at a NaN l
+// (torch's relu backward masks by l <= 0, so a NaN pair passes its gradient on).
 //
 // Backward, all kinds: w_ij = sum_k g_ik dstat_ik/ds_ij with g = grad_stats (count entries
 // ignored) is dL/ds_ij. Distance 0: dL/dS = w, so grad_x = W r and grad_r = W^T x.
 // Distance 1: dd_ij/dx_i = (x_i - r_j) / d_ij, taken as 0 where d_ij = 0 (as torch.cdist's
-// gradient), so with a_ij = w_ij / d_ij (0 at d_ij = 0)
+// gradient), so with a_ij = w_ij / d_ij (0 at d_ij = 0; NaN at a NaN d_ij, even where w_ij = 0,
+// as for a pair that the miner leaves out: a NaN distance, as the oracle's sqrt, gets a NaN
+// gradient)
 //   grad_x_i = sum_j a_ij (x_i - r_j) = (sum_j a_ij) x_i - sum_j a_ij r_j,
 //   grad_r_j = sum_i a_ij (r_j - x_i) = (sum_i a_ij) r_j - sum_i a_ij x_i:
 // the products of distance 0 with W = -a, plus a row-sum (column-sum) multiple of x_i (r_j).
@@ -130,10 +133,11 @@ FL_HOST_DEVICE acc_t direct_squared_distance(const acc_t* x, const acc_t* r, int
   return sum;
 }
 
-// a = w / d, 0 where d = 0: the coefficient of (x_i - r_j) in the distance-1 gradient.
+// a = w / d, 0 where d = 0: the coefficient of (x_i - r_j) in the distance-1 gradient. d is
+// >= 0 or NaN; a NaN d (a NaN input, whose loss is NaN) gives a NaN a, not 0.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t euclidean_coef(acc_t w, acc_t d) {
-  return d > acc_t(0) ? w / d : acc_t(0);
+  return d == acc_t(0) ? acc_t(0) : w / d;
 }
 
 // The sign of the positives' keys in pair_extrema (see above).
@@ -181,9 +185,10 @@ struct Contrastive {
     const acc_t v = direction(positive) * (s - margin(positive));
     return v < acc_t(0) ? acc_t(0) : v;
   }
+  // dl/ds: 0 where l <= 0, tau elsewhere, NaN l included (as torch's relu backward).
   FL_HOST_DEVICE acc_t slope(acc_t s, bool positive) const {
     const acc_t tau = direction(positive);
-    return tau * (s - margin(positive)) > acc_t(0) ? tau : acc_t(0);
+    return tau * (s - margin(positive)) <= acc_t(0) ? acc_t(0) : tau;
   }
 };
 

@@ -9,8 +9,9 @@ Notation: x [N, D] queries, r [M, D] references, S_ij = x_i . r_j, computed in f
 fp64 inputs) whatever the input dtype. Pair (i, j) is positive when labels[i] ==
 ref_labels[j], negative otherwise; with self_offset >= 0 column (self_offset + i) mod M is no
 pair of row i at all. distance 1 replaces S by the euclidean distance d_ij = |x_i - r_j|, whose
-gradient is taken as 0 where d_ij = 0 (as torch.cdist's). It is formed as the kernels form it
-(csrc/include/fusedloss/pairs.h, "Near-duplicate pairs"): the Gram form
+gradient is taken as 0 where d_ij = 0 (as torch.cdist's); where S_ij or a norm is NaN, d_ij and
+its gradient are NaN (a NaN input gives a NaN score, on every backend). It is formed as the
+kernels form it (csrc/include/fusedloss/pairs.h, "Near-duplicate pairs"): the Gram form
 sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)), except for the near pairs, d^2 < NEAR_FRACTION
 (|x_i|^2 + |r_j|^2), where it cancels and d^2 = sum_k (x_ik - r_jk)^2 is taken from the
 differences instead. So the oracle is accurate for every pair (in fp64: relative error
@@ -43,9 +44,11 @@ def scores(x: torch.Tensor, ref: torch.Tensor, distance: int) -> torch.Tensor:
     near = (squared < NEAR_FRACTION * norms).nonzero(as_tuple=True)
     direct = (x[near[0]] - ref[near[1]]).square().sum(1)
     squared = squared.index_put(near, direct)
-    positive = squared > 0
-    # sqrt only where the argument is positive, so that d = 0 has gradient 0, not inf * 0.
-    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
+    # sqrt except where d^2 <= 0, so that d = 0 has gradient 0, not inf * 0. A NaN d^2 goes
+    # through the sqrt: d is NaN, and so is its derivative, as the kernels' a = w / d is
+    # (pairs.h: a NaN score gets a NaN gradient, whatever weight w the loss gives it).
+    root = ~(squared <= 0)
+    return torch.where(root, torch.where(root, squared, 1.0).sqrt(), 0.0)
 
 
 def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor, self_offset: int):
