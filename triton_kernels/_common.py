@@ -16,6 +16,8 @@ Host side
     allow_tf32, pow2_clamp, target_programs, split_blocks
                          precision and block sizes of the tiled (tl.dot) kernels, and the
                          split of an inner loop that fills the device
+    cap_block, BLOCK_CAPS
+                         a user's block_size capped at the largest spill-free tile
 Device side (@triton.jit, called from the kernels)
     from_hi_lo           the scalar hi + lo in the accumulation dtype
     wide                 an index as int64, before it multiplies a stride
@@ -393,6 +395,33 @@ def allow_tf32() -> bool:
 def pow2_clamp(n: int, low: int, high: int) -> int:
     """next_power_of_2(n) clamped to [low, high]."""
     return min(max(triton.next_power_of_2(n), low), high)
+
+
+# The largest block that a user's block_size may set, per tile dimension and input dtype: the
+# largest power of two whose kernel variants all compile for sm_90 without register spills
+# beyond those of the launchers' own sizes (ptxas -v; tests/test_triton_aot.py compiles
+# block_size 128 and 256 in every dtype). Each equals the launchers' own size: a block_size
+# can make the tiles smaller, never larger.
+#   linear_rows    BLOCK_N of margin_linear's forward tiles (embedding rows)
+#   linear_grad_x  BLOCK_O of its grad_x pass (embedding rows)
+#   linear_grad_w  BLOCK_I of its grad_w pass (embedding rows)
+#   pair_rows      BLOCK_Q = BLOCK_R of the pair kernels
+BLOCK_CAPS = {
+    "linear_rows": {torch.float64: 64, torch.float32: 128, torch.float16: 128,
+                    torch.bfloat16: 128},
+    "linear_grad_x": {torch.float64: 32, torch.float32: 64, torch.float16: 64,
+                      torch.bfloat16: 64},
+    "linear_grad_w": {torch.float64: 32, torch.float32: 32, torch.float16: 32,
+                      torch.bfloat16: 32},
+    "pair_rows": {torch.float64: 32, torch.float32: 64, torch.float16: 64, torch.bfloat16: 64},
+}
+
+
+def cap_block(block: int, dtype: torch.dtype, tile: str) -> int:
+    """A user's block size for the tile dimension `tile` (a key of BLOCK_CAPS) of kernels whose
+    inputs have `dtype`: min(block, the cap). One rule on every device, so that a block_size
+    tiles alike under the interpreter and on the GPU."""
+    return min(block, BLOCK_CAPS[tile][dtype])
 
 
 @functools.lru_cache(maxsize=None)

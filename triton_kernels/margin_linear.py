@@ -104,9 +104,11 @@ that keep register spills within a few dozen bytes per thread at D = 512 (ptxas 
     fp64          64 x 64 x 16, 4 warps                 32 x 32 x 16, <= 64, 4 warps
 
 `block_size` > 0 sets the number of embedding rows per block of the matmuls, rounded up to
-a power of two in [16, 256]: BLOCK_N of the forward kernel, and min(block_size, 64) rows in
-the gradient kernels (BLOCK_O of the grad_x kernel, BLOCK_I of the grad_w kernel; more would
-spill registers).
+a power of two in [16, 256] and capped per dtype at the largest size whose variants compile
+without register spills (_common.cap_block, BLOCK_CAPS; the table's sizes): BLOCK_N of the
+forward kernel (at most 64 for fp64, 128 otherwise), BLOCK_O of the grad_x kernel (at most 32
+for fp64, 64 otherwise) and BLOCK_I of the grad_w kernel (at most 32). Above the caps, ptxas -v
+reports hundreds of bytes to tens of KB of spills per thread.
 """
 from typing import NamedTuple, Optional
 
@@ -116,8 +118,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels._common import (allow_tf32, asin_terms, check_args, dot_tile,
-                                              from_hi_lo, hi_lo, interpreted, launch,
+from fusedloss.triton_kernels._common import (allow_tf32, asin_terms, cap_block, check_args,
+                                              dot_tile, from_hi_lo, hi_lo, interpreted, launch,
                                               online_lse_update, pow2_clamp, row_margins,
                                               split_blocks, split_range, target_logit,
                                               target_programs, uses_angle, wide)
@@ -353,9 +355,11 @@ def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -
                    tgt_n=16, tgt_d=64, tgt_warps=4,
                    g_o=64, g_i=32, g_d=64, g_do=pow2_clamp(d, 16, 256), g_warps=8, g_stages=2)
     cfg.update(g_o_x=cfg["g_o"], g_i_w=cfg["g_i"])  # embedding-row blocks of the gradient kernels
-    if block_size > 0:  # embedding rows per block of the matmuls
+    if block_size > 0:  # embedding rows per block of the matmuls, capped (cap_block)
         rows = pow2_clamp(block_size, 16, 256)
-        cfg.update(fwd_n=rows, g_o_x=min(rows, 64), g_i_w=min(rows, 64))  # larger would spill
+        cfg.update(fwd_n=cap_block(rows, dtype, "linear_rows"),
+                   g_o_x=cap_block(rows, dtype, "linear_grad_x"),
+                   g_i_w=cap_block(rows, dtype, "linear_grad_w"))
     return cfg
 
 

@@ -103,8 +103,10 @@ BLOCK_K (near pairs only) keeps their 3-D tile at about 16 values per thread: 1 
 (`_near_pair_pass`) after the main loop, so that their registers are not held across it:
 that call's saved registers are most of the backward's stack at distance 1.
 
-block_size > 0 sets BLOCK_Q = BLOCK_R (a power of two in [16, 128]; above the table's sizes
-the GPU kernels may spill registers).
+block_size > 0 sets BLOCK_Q = BLOCK_R: a power of two in [16, 128], capped per dtype at the
+largest size whose variants compile without register spills (_common.cap_block, BLOCK_CAPS:
+the table's sizes, 32 for fp64 and 64 otherwise; at 128, ptxas -v reports hundreds of bytes to
+tens of KB of spills per thread).
 """
 from typing import Optional, Sequence
 
@@ -114,9 +116,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss._ops import accumulation_dtype
-from fusedloss.triton_kernels._common import (allow_tf32, check_args, dot_tile, from_hi_lo,
-                                              hi_lo, interpreted, launch, load_rows, nan_maximum,
-                                              nan_min, online_lse_update, pow2_clamp,
+from fusedloss.triton_kernels._common import (allow_tf32, cap_block, check_args, dot_tile,
+                                              from_hi_lo, hi_lo, interpreted, launch, load_rows,
+                                              nan_maximum, nan_min, online_lse_update, pow2_clamp,
                                               split_blocks, split_range, target_programs, wide)
 
 _NO_COLUMN = tl.constexpr(-1)  # the index of an empty extremum
@@ -561,8 +563,9 @@ def _config(x: Tensor, block_size: int) -> dict:
         cfg = dict(q=64, r=64, d=32, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
     else:
         cfg = dict(q=64, r=64, d=64, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
-    if block_size > 0:
-        cfg.update(q=pow2_clamp(block_size, 16, 128), r=pow2_clamp(block_size, 16, 128))
+    if block_size > 0:  # capped (cap_block)
+        rows = cap_block(pow2_clamp(block_size, 16, 128), x.dtype, "pair_rows")
+        cfg.update(q=rows, r=rows)
     # BLOCK_K of the near pairs' 3-D differences: about 16 values per thread on the GPU.
     threads = 32 * cfg["warps"]
     cfg["k"] = 16 if interpreted(x.device) else max(1, 16 * threads // (cfg["q"] * cfg["r"]))

@@ -88,7 +88,12 @@ def linear_margin_cross_entropy(
       they are used as they are (with ``scale=1`` and no margins: plain fused linear
       cross-entropy, as for a language-model head).
     * ``block_size``: the tiling block of the backend, a positive int; None: the backend
-      chooses.
+      chooses. The triton backend takes it as the embedding rows per tile, rounded up to a
+      power of two in [16, 256] and capped per dtype at the largest tile whose kernels compile
+      for sm_90 without register spills: at most 64 rows in fp64 and 128 otherwise in the
+      forward tiles, 32 in fp64 and 64 otherwise in the embedding-gradient pass, 32 in the
+      weight-gradient pass: the backend's own tile sizes, so block_size can make tiles smaller,
+      never larger (larger tiles spill hundreds of bytes to tens of KB per thread).
     * ``deterministic``: True promises bit-identical results run to run (every backend here
       is deterministic; the flag keeps that promise explicit).
     * ``backend``: "auto", "reference", "cpu", "cuda" or "triton".
