@@ -53,6 +53,10 @@ def _extension():
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension(
         "fusedloss._C", sources, include_dirs=include,
+        # nvcc keeps its default --fmad=true (contraction of a * b + c into an fma) for every
+        # kernel; the one expression whose result is promised exact, z - M = 0 at the row
+        # maximum, rounds z = s c and the difference explicitly (__fmul_rn, __fsub_rn in
+        # csrc/cuda/margin.cu). .ci/run compiles the .cu files with these flags and ptxas -v.
         extra_compile_args={"cxx": cxx + macros,
                             "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=_sanitizer_link_args())

@@ -48,7 +48,11 @@
 // lse = M + log S for the cross-entropy (only the optional auxiliary term lambda lse^2
 // uses it, through the factor g = 2 lambda lse that thread 0 publishes with M and 1 / S).
 // Both passes evaluate exp(z - M) as 2^((z - M) log2 e) (exp_shifted): exactly 1 at the
-// maximum and within ~1e-6 relative elsewhere. NaN anywhere in a row reaches S (fmax may
+// maximum and within ~1e-6 relative elsewhere. Exactly 1 needs z - M = 0 for the z that
+// gave M, so z = s c is rounded once (scaled_logit, mul.rn) and z - M subtracted with
+// sub.rn: nvcc contracts a plain s * c - M into fma(s, c, -M), whose result is the
+// rounding error of s c rather than 0 (the CPU build uses -ffp-contract=off for the same
+// reason). NaN anywhere in a row reaches S (fmax may
 // drop it from the running max, never from the sum), so the loss of that row is NaN. A
 // target outside [0, C) that is not ignore_index gives a NaN loss and a NaN gradient row
 // and is never used as an index.
@@ -71,16 +75,24 @@ using namespace rows;  // NOLINT: the row building blocks shared with the other 
 __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
 
-// exp(x - shift) as 2^((x - shift) log2 e): exactly 1 at x = shift. In fp32 the hardware
-// 2^x (relative error ~2^-22) without exp2f's subnormal fix-up: a term below 2^-126 is
-// negligible next to S >= 1, which holds the maximum's own term, 1.
+// z = s c rounded to acc_t, the same bits wherever it is formed: the _rn intrinsics are never
+// contracted with a neighbouring add or subtract.
+__device__ __forceinline__ float scaled_logit(float scale, float c) { return __fmul_rn(scale, c); }
+__device__ __forceinline__ double scaled_logit(double scale, double c) {
+  return __dmul_rn(scale, c);
+}
+
+// exp(x - shift) as 2^((x - shift) log2 e): exactly 1 at x = shift (x - shift is a sub.rn of
+// two rounded values, so 0 there). In fp32 the hardware 2^x (relative error ~2^-22) without
+// exp2f's subnormal fix-up: a term below 2^-126 is negligible next to S >= 1, which holds the
+// maximum's own term, 1.
 __device__ __forceinline__ float exp_shifted(float x, float shift) {
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"((x - shift) * 1.4426950408889634f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(__fsub_rn(x, shift) * 1.4426950408889634f));
   return y;
 }
 __device__ __forceinline__ double exp_shifted(double x, double shift) {
-  return exp2((x - shift) * 1.4426950408889634);
+  return exp2(__dsub_rn(x, shift) * 1.4426950408889634);
 }
 
 template <typename acc_t> __device__ __forceinline__ acc_t negative_infinity() {
@@ -126,7 +138,7 @@ __device__ __forceinline__ void add_logits(OnlineLse<acc_t>& state, const scalar
   acc_t block_max = negative_infinity<acc_t>();
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    z[e] = scale * to_acc(c[e]);
+    z[e] = scaled_logit(scale, to_acc(c[e]));
     if (kSkipOne && e == skipped) z[e] = negative_infinity<acc_t>();
     else state.sum_z += z[e];
     block_max = max_of(block_max, z[e]);
@@ -273,7 +285,7 @@ __device__ __forceinline__ void gradients(const scalar_t (&c)[N], scalar_t (&g)[
                                           acc_t uniform) {
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    const acc_t exp_z = exp_shifted(scale * to_acc(c[e]), result.max);
+    const acc_t exp_z = exp_shifted(scaled_logit(scale, to_acc(c[e])), result.max);
     const acc_t other = margin::grad_other(exp_z, result.inv_sum, scale, uniform, result.z_grad);
     g[e] = from_acc<scalar_t>(kHoldsTarget && col + e == target ? result.target_grad : other);
   }
