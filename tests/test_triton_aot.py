@@ -39,6 +39,7 @@ each within the bytes recorded there. bench/triton_aot_table.py writes the per-k
 import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -51,11 +52,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import pytest
 import torch
 
-import fusedloss  # noqa: F401  (makes every Op)
-from fusedloss import _ops
-from fusedloss.specs import Sample, registry
+pytest.importorskip("triton")
 
-import triton_capture as tc
+import fusedloss  # noqa: E402,F401  (makes every Op)
+from fusedloss import _ops  # noqa: E402
+from fusedloss.specs import Sample, registry  # noqa: E402
+
+import triton_capture as tc  # noqa: E402
 
 pytestmark = pytest.mark.aot
 
@@ -403,7 +406,7 @@ def results() -> List[Result]:
 
 def _kernels_of(module_name: str) -> List[str]:
     """The kernels (jit functions named *_kernel) of a module of fusedloss.triton_kernels."""
-    module = tc.importlib.import_module(f"{tc.PACKAGE}.{module_name}")
+    module = importlib.import_module(f"{tc.PACKAGE}.{module_name}")
     return [f"{module_name}.{name}" for name, value in vars(module).items()
             if name.endswith("_kernel") and callable(getattr(value, "fn", None))]
 
