@@ -94,8 +94,11 @@ def linear_margin_cross_entropy(
       forward tiles, 32 in fp64 and 64 otherwise in the embedding-gradient pass, 32 in the
       weight-gradient pass: the backend's own tile sizes, so block_size can make tiles smaller,
       never larger (larger tiles spill hundreds of bytes to tens of KB per thread).
-    * ``deterministic``: True promises bit-identical results run to run (every backend here
-      is deterministic; the flag keeps that promise explicit).
+    * ``deterministic``: True promises bit-identical results run to run for the same inputs,
+      block_size, TF32 setting, software and device (every backend here is deterministic in
+      that sense; the flag keeps the promise explicit). The triton backend's splits follow
+      the GPU's SM count, so another SM count (a MIG slice included) may differ in the last
+      bits.
     * ``backend``: "auto", "reference", "cpu", "cuda" or "triton".
     """
     opts = options_of(_FN, margin)
