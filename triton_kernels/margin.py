@@ -34,7 +34,10 @@ zero gradient row. A target outside [0, C) that is not ignore_index makes z_y Na
 out-of-bounds read), hence a NaN loss and gradient row. NaN anywhere in a row reaches
 the loss through the sums of exp and the running max (both propagate it: _common.nan_max).
 BLOCK_C = next_power_of_2(C) capped at 4096 on GPU (128 under the interpreter, so that
-small test rows still take several chunks), num_warps = BLOCK_C / 256 in [1, 16].
+small test rows still take several chunks), num_warps = BLOCK_C / 256 in [1, 16], at most 8
+for fp64 (sm_90: 16 warps leave 128 registers a thread, which the fp64 kernel at BLOCK_C =
+4096 exceeds; with 8 it fits in 255 without spills). num_warps sets which elements each
+thread sums and the shape of the cross-thread tree, so the order of the row sums follows it.
 
 Precision: accumulation in the dtype of `loss` (fp32, fp64 for fp64 cos). Triton passes
 Python floats as fp32 kernel arguments, so each scalar is sent as fp32 hi + lo parts and
@@ -149,6 +152,7 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
             HAS_ROW_M2=row_m2 is not None, HAS_ROW_M3=row_m3 is not None,
             HAS_LSE_SQUARE=lse_square_scale != 0.0, USE_ANGLE=uses_angle(row_m2, m1, m2),
             DETACH_MARGIN=detach_margin, COMPUTE_GRAD=compute_grad, BLOCK_C=block_c,
-            ASIN_TERMS=asin_terms(loss.dtype), num_warps=row_num_warps(block_c),
+            ASIN_TERMS=asin_terms(loss.dtype),
+            num_warps=min(row_num_warps(block_c), 8 if loss.dtype == torch.float64 else 16),
         )
     return loss, grad

@@ -74,8 +74,8 @@ column as t - class_start (class_start = 0 here). The steps are public for that 
 
 Matmul work, in units of N C D multiply-adds: 1 in the forward; with compute_grad each of
 the two gradient kernels adds ceil(D / BLOCK_DO) for recomputing the cos tiles plus 1 for
-its product, so 5 in all when D <= BLOCK_DO (256 on the GPU, 64 for fp64), more for wider
-D (D = 512 in fp64: 2 x (8 + 1) + 1). SPLIT is chosen per kernel so that the grid has about
+its product, so 5 in all when D <= BLOCK_DO (on the GPU 256 for fp32, 128 for fp16 and bf16,
+32 for fp64), more for wider D (D = 512 in fp64: 2 x (16 + 1) + 1). SPLIT is chosen per kernel so that the grid has about
 twice as many programs as the GPU has SMs; a split buffer therefore holds about
 2 SMs x BLOCK_O x BLOCK_DO numbers (~17 MB on an H200), and the forward's O(SPLIT N).
 Never an N x C buffer.
@@ -99,9 +99,9 @@ so that small test shapes still span several blocks and splits. On the GPU (sm_9
 that keep register spills within a few dozen bytes per thread at D = 512 (ptxas -v):
 
     dtype        forward BLOCK_N x BLOCK_C x BLOCK_D   gradients BLOCK_O x BLOCK_I x BLOCK_D, BLOCK_DO
-    fp16, bf16   128 x 64 x 64, 8 warps                 64 x 32 x 64, <= 256, 8 warps
+    fp16, bf16   128 x 64 x 64, 8 warps                 64 x 32 x 64, <= 128, 8 warps, 1 stage
     fp32         128 x 64 x 32, 8 warps                 64 x 32 x 32, <= 256, 8 warps
-    fp64          64 x 64 x 16, 4 warps                 32 x 32 x 16, <= 64, 4 warps
+    fp64          64 x 64 x 16, 4 warps                 32 x 32 x 16, <= 32, 4 warps
 
 `block_size` > 0 sets the number of embedding rows per block of the matmuls, rounded up to
 a power of two in [16, 256] and capped per dtype at the largest size whose variants compile
@@ -345,7 +345,7 @@ def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -
     elif dtype == torch.float64:
         cfg = dict(fwd_n=64, fwd_c=64, fwd_d=16, fwd_warps=4, fwd_stages=2,
                    tgt_n=16, tgt_d=32, tgt_warps=4,
-                   g_o=32, g_i=32, g_d=16, g_do=pow2_clamp(d, 16, 64), g_warps=4, g_stages=2)
+                   g_o=32, g_i=32, g_d=16, g_do=pow2_clamp(d, 16, 32), g_warps=4, g_stages=2)
     elif dtype == torch.float32:
         cfg = dict(fwd_n=128, fwd_c=64, fwd_d=32, fwd_warps=8, fwd_stages=3,
                    tgt_n=16, tgt_d=64, tgt_warps=4,
@@ -353,7 +353,7 @@ def _config(dtype: torch.dtype, d: int, device: torch.device, block_size: int) -
     else:  # fp16, bf16
         cfg = dict(fwd_n=128, fwd_c=64, fwd_d=64, fwd_warps=8, fwd_stages=3,
                    tgt_n=16, tgt_d=64, tgt_warps=4,
-                   g_o=64, g_i=32, g_d=64, g_do=pow2_clamp(d, 16, 256), g_warps=8, g_stages=2)
+                   g_o=64, g_i=32, g_d=64, g_do=pow2_clamp(d, 16, 128), g_warps=8, g_stages=1)
     cfg.update(g_o_x=cfg["g_o"], g_i_w=cfg["g_i"])  # embedding-row blocks of the gradient kernels
     if block_size > 0:  # embedding rows per block of the matmuls, capped (cap_block)
         rows = pow2_clamp(block_size, 16, 256)

@@ -560,7 +560,10 @@ def _config(x: Tensor, block_size: int) -> dict:
     elif x.dtype == torch.float64:
         cfg = dict(q=32, r=32, d=16, do=pow2_clamp(d, 16, 64), warps=4, stages=2)
     elif x.dtype == torch.float32:
-        cfg = dict(q=64, r=64, d=32, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
+        # the gradient kernel's tl.dot in ieee fp32 (tf32 off) holds more registers: 1 stage
+        # keeps it within 255 a thread
+        cfg = dict(q=64, r=64, d=32, do=pow2_clamp(d, 16, 128), warps=8, stages=3,
+                   grad_stages=3 if allow_tf32() else 1)
     else:
         cfg = dict(q=64, r=64, d=64, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
     if block_size > 0:  # capped (cap_block)
@@ -698,8 +701,8 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
     stats = stats.to(run.acc).contiguous()
     thr = thresholds.contiguous() if thresholds is not None else stats  # unused without
     args = (*run.inputs(), thr, stats, gstats)
-    meta = dict(KIND=kind, HAS_THRESHOLDS=thresholds is not None, BLOCK_DO=run.cfg["do"],
-                **run.meta)
+    meta = dict(run.meta, KIND=kind, HAS_THRESHOLDS=thresholds is not None,
+                BLOCK_DO=run.cfg["do"], num_stages=run.cfg.get("grad_stages", run.cfg["stages"]))
     d_blocks = triton.cdiv(run.d, run.cfg["do"])
 
     def grad(ref_side: bool, outer: Tensor, outer_block: int, inner_len: int,
