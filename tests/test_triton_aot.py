@@ -436,8 +436,6 @@ KNOWN_DEFAULT_SPILLS = [
     ("pairs._grad_kernel", dict(DISTANCE=1), 700),
     # fp32 without tf32: SupCon statistics
     ("pairs._row_stats_kernel", dict(KIND=1, PRECISION="ieee"), 24),
-    # embeddings of width D = 1 (Triton makes D == 1 a constant): InfoNCE gradient
-    ("pairs._grad_kernel", dict(D=1), 16),
 ]
 
 

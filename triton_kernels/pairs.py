@@ -95,7 +95,7 @@ specialization (16-byte aligned pointers; N, M, D and strides multiples of 16):
 
     dtype        BLOCK_Q x BLOCK_R   BLOCK_D   BLOCK_DO (backward)   warps
     fp16, bf16   64 x 64             64        <= 128                8
-    fp32         64 x 64             32        <= 128                8
+    fp32         64 x 64             32 (D = 1: 16)  <= 128          8
     fp64         32 x 32             16        <= 64                 4
 
 BLOCK_K (near pairs only) keeps their 3-D tile at about 16 values per thread: 1 for 64 x 64 and
@@ -561,8 +561,10 @@ def _config(x: Tensor, block_size: int) -> dict:
         cfg = dict(q=32, r=32, d=16, do=pow2_clamp(d, 16, 64), warps=4, stages=2)
     elif x.dtype == torch.float32:
         # the gradient kernel's tl.dot in ieee fp32 (tf32 off) holds more registers: 1 stage
-        # keeps it within 255 a thread
-        cfg = dict(q=64, r=64, d=32, do=pow2_clamp(d, 16, 128), warps=8, stages=3,
+        # keeps it within 255 a thread. BLOCK_D = 16 for D = 1 (a constant to Triton): one D
+        # block either way, the padding columns only add exact zero products.
+        cfg = dict(q=64, r=64, d=16 if d == 1 else 32, do=pow2_clamp(d, 16, 128), warps=8,
+                   stages=3,
                    grad_stages=3 if allow_tf32() else 1)
     else:
         cfg = dict(q=64, r=64, d=64, do=pow2_clamp(d, 16, 128), warps=8, stages=3)
