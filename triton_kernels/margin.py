@@ -33,6 +33,10 @@ rereads the row and writes the gradient. Ignored rows read nothing and get loss 
 zero gradient row. A target outside [0, C) that is not ignore_index makes z_y NaN (no
 out-of-bounds read), hence a NaN loss and gradient row. NaN anywhere in a row reaches
 the loss through the sums of exp and the running max (both propagate it: _common.nan_max).
+Triton's default fp fusion may evaluate a shifted logit z - M = s c - M as fma(s, c, -M),
+unlike the CPU and CUDA kernels, which round s c first: at the row maximum the exponent is
+then the product's rounding error, not 0, so that softmax entry is 1 + d with
+|d| <= 2^-24 |z_max| in fp32 (2^-53 |z_max| in fp64), not exactly 1.
 BLOCK_C = next_power_of_2(C) capped at 4096 on GPU (128 under the interpreter, so that
 small test rows still take several chunks), num_warps = BLOCK_C / 256 in [1, 16], at most 8
 for fp64 (sm_90: 16 warps leave 128 registers a thread, which the fp64 kernel at BLOCK_C =
@@ -132,7 +136,7 @@ def margin_cross_entropy(cos: Tensor, target: Tensor, row_m2: Optional[Tensor], 
                          scale: float, m1: float, m2: float, m3: float, detach_margin: bool,
                          label_smoothing: float, lse_square_scale: float, ignore_index: int,
                          compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """fusedloss::margin_cross_entropy (csrc/ops.cpp): per-row loss, and d loss_i / d cos_ij
+    """fusedloss::margin_cross_entropy (_schemas.py): per-row loss, and d loss_i / d cos_ij
     in the dtype of `cos` when compute_grad (else an empty tensor). Target values are not
     checked (a bad one gives a NaN row); the rest as the C++ kernel (check_args)."""
     check_args("margin_cross_entropy", cos=cos, target=target, row_m2=row_m2, row_m3=row_m3,

@@ -36,8 +36,11 @@ I / 1e-12 where the norm is clamped):
 
 Algorithm
 ---------
-Deterministic throughout: no atomics, every sum in a fixed order that depends on the shapes
-and the block sizes only. `deterministic` is therefore accepted and has nothing to switch.
+Deterministic run to run: no atomics, every sum in a fixed order set by the shapes, the block
+sizes and SPLIT. SPLIT follows the device's SM count (about two programs per SM), so the bits
+repeat for the same shapes, dtypes, block_size, TF32 setting and software on GPUs of one
+model and SM count, and may differ in the last bits on another SM count or a MIG slice.
+`deterministic` is therefore accepted and has nothing to switch.
 
 0. Norms (normalize only): 1/m [N] and 1/n [C] with torch ops, O((N + C) D).
 1. `_target_kernel`, grid (N / BLOCK_N): cos_iy = x_i . w_{y_i} / (m_i n_{y_i}) as a gathered
@@ -493,7 +496,7 @@ def margin_linear_cross_entropy(
     m3: float, detach_margin: bool, label_smoothing: float, lse_square_scale: float,
     ignore_index: int, normalize: bool, block_size: int, deterministic: bool, compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """fusedloss::margin_linear_cross_entropy (csrc/ops.cpp): per-row loss [N] (fp32, fp64 for
+    """fusedloss::margin_linear_cross_entropy (_schemas.py): per-row loss [N] (fp32, fp64 for
     fp64) and, when compute_grad, the gradients of sum_i row_grad_i loss_i with respect to
     embeddings and weight in their dtypes (else two empty tensors). Target values are not
     checked (a bad one gives a NaN row); the rest as the C++ kernel (check_args).

@@ -3,7 +3,7 @@ the similarity matrix S = x ref^T is made tile by tile with tl.dot and folded at
 per-row statistics. No N x M matrix or mask is stored, in the forward or the backward pass.
 
 Contract: the schemas and comments of pair_extrema, pair_row_stats and pair_row_stats_backward
-in csrc/ops.cpp. The per-pair math is derived in csrc/include/fusedloss/pairs.h; in brief:
+in fusedloss/_schemas.py. The per-pair math is derived in csrc/include/fusedloss/pairs.h; in brief:
 
 Scores and pairs. x [N, D] queries, r [M, D] references, S_ij = x_i . r_j. The score v_ij is
 S_ij (DISTANCE 0) or d_ij = sqrt(max(|x_i|^2 + |r_j|^2 - 2 S_ij, 0)) (DISTANCE 1; the max
@@ -45,11 +45,13 @@ DISTANCE 1: dd/dS = -1/d and dd/dx_i = (x_i - r_j) / d, so with a_ij = G_ij / d_
 d_ij = 0, as torch.cdist's gradient; NaN where d_ij is NaN, as pairs.h's) and W = dL/dS = -a:
     grad_x_i = sum_j W_ij r_j + x_i sum_j a_ij,    grad_r_j = sum_i W_ij x_i + r_j sum_i a_ij.
 
-Passes. Each recomputes its S tiles; deterministic: no atomics, every sum in an order fixed by
-the shapes and block sizes. To fill the GPU when one side is short (a memory bank: N = 256,
-M = 65,536), every kernel splits its inner loop into SPLIT contiguous ranges of blocks (a third
-grid axis), chosen so that the grid has about twice as many programs as the GPU has SMs (4
-under the interpreter, so that tests take several splits); torch combines the splits in order.
+Passes. Each recomputes its S tiles; deterministic run to run: no atomics, every sum in an
+order fixed by the shapes, the block sizes and SPLIT, which follows the SM count (below): the
+same bits on GPUs of one model and SM count with the same software. To fill the GPU when one
+side is short (a memory bank: N = 256, M = 65,536), every kernel splits its inner loop into
+SPLIT contiguous ranges of blocks (a third grid axis), chosen so that the grid has about twice
+as many programs as the GPU has SMs (4 under the interpreter, so that tests take several
+splits); torch combines the splits in order.
   pair_extrema: `_extrema_kernel`, grid (N / BLOCK_Q, SPLIT): a block of query rows walks its
     split's reference blocks keeping per row the smallest key and its first column for the
     positives and for the negatives, key = v for distance 0 and -d for distance 1 (so that the
@@ -622,7 +624,7 @@ class _Launch:
 
 def pair_extrema(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, distance: int,
                  self_offset: int, block_size: int) -> tuple[Tensor, Tensor]:
-    """fusedloss::pair_extrema (csrc/ops.cpp): values [N, 2] (fp32, fp64 for fp64) and first
+    """fusedloss::pair_extrema (_schemas.py): values [N, 2] (fp32, fp64 for fp64) and first
     indices [N, 2] of each row's hardest positive and negative. Arguments checked as the C++
     kernel checks them (check_args)."""
     check_args("pair_extrema", x=x, labels=labels, ref=ref, ref_labels=ref_labels,
@@ -672,7 +674,7 @@ def _combine_stats(part: Tensor, kind: int) -> Tensor:
 def pair_row_stats(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor,
                    thresholds: Optional[Tensor], kind: int, distance: int, hyper: Sequence[float],
                    self_offset: int, block_size: int) -> Tensor:
-    """fusedloss::pair_row_stats (csrc/ops.cpp): per-row statistics [N, K] of loss `kind`
+    """fusedloss::pair_row_stats (_schemas.py): per-row statistics [N, K] of loss `kind`
     (fp32, fp64 for fp64). Arguments checked as the C++ kernel checks them (check_args)."""
     check_args("pair_row_stats", x=x, labels=labels, ref=ref, ref_labels=ref_labels,
                distance=distance, self_offset=self_offset, block_size=block_size, kind=kind,
@@ -692,7 +694,7 @@ def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels
                             ref: Tensor, ref_labels: Tensor, thresholds: Optional[Tensor],
                             kind: int, distance: int, hyper: Sequence[float], self_offset: int,
                             block_size: int, x_grad: bool, ref_grad: bool) -> tuple[Tensor, Tensor]:
-    """fusedloss::pair_row_stats_backward (csrc/ops.cpp): the gradients of
+    """fusedloss::pair_row_stats_backward (_schemas.py): the gradients of
     sum_ik grad_stats_ik stats_ik with respect to x and ref, in their dtypes (an empty tensor
     for each one not asked for). Arguments checked as the C++ kernel checks them (check_args)."""
     check_args("pair_row_stats_backward", x=x, labels=labels, ref=ref, ref_labels=ref_labels,

@@ -6,7 +6,8 @@ global class ids. Logits are margin.h's (z_j = s c_j, z_y the margin logit of
 csrc/include/fusedloss/margin.h, computed by _common.target_logit).
 The split of the loss into per-shard partials and of its gradient into per-row coefficients
 is derived in margin.h (section "Sharded rows") and combined across ranks in
-python/fusedloss/sharded.py; the contracts are the schema comments of csrc/ops.cpp. Per row i
+python/fusedloss/sharded.py; the contracts are the schema comments of
+fusedloss/_schemas.py. Per row i
 with global target y ("local": class_start <= y < class_start + C_local):
 
     stats_i = (lse_other = log sum_{local j != y} exp(z_j)     (-inf when there is no such j),
@@ -37,7 +38,8 @@ Fused linear (embeddings [N, D], weight shard [C_local, D]): the tiled pipeline 
 triton_kernels/margin_linear.py, on the shard, through its public steps (its docstring
 describes the tiles and the "sharded mode"): `target_logits` with sharded=True for z_y and
 the slope, `split_lse`'s split partials combined here into the stats, and `input_grads` for
-both gradients with G given by coef. No N x C_local buffer; deterministic, no atomics. The
+both gradients with G given by coef. No N x C_local buffer; no atomics, deterministic on one
+GPU model and SM count (margin_linear's splits follow the SM count). The
 embedding gradient is this shard's contribution (the caller sums it over ranks).
 
 Precision: accumulation in fp32 (fp64 for fp64 inputs); stats in that dtype, gradients in
@@ -161,7 +163,7 @@ def _grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers: the four ops of csrc/ops.cpp. Each checks its arguments as the C++ kernel does
+# Launchers: the four ops of fusedloss/_schemas.py. Each checks its arguments as the C++ kernel does
 # (check_args), target values excepted: a target that is neither ignore_index nor local only
 # means that its column is elsewhere.
 

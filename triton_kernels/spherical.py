@@ -160,7 +160,7 @@ def _spherical_z_loss_kernel(
 
 def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, ignore_index: int,
                      compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """fusedloss::spherical_z_loss (csrc/ops.cpp): per-row loss, and d loss_i / d logits_ij
+    """fusedloss::spherical_z_loss (_schemas.py): per-row loss, and d loss_i / d logits_ij
     in the dtype of `logits` when compute_grad (else an empty tensor). Target values are not
     checked (a bad one gives a NaN row); the rest as the C++ kernel (check_args)."""
     check_args("spherical_z_loss", logits=logits, target=target, a=a, b=b)
