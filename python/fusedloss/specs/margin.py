@@ -3,6 +3,7 @@
 import torch
 
 import fusedloss
+from fusedloss import nn
 from ..reference import margin as reference
 from . import _draw
 from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
@@ -294,27 +295,25 @@ SPECS = [
 # ---- modules -----------------------------------------------------------------------------------
 
 def margin_module_bad_inputs():
-    nn = lambda: fusedloss.nn  # noqa: E731
     cos, target = _cos_and_target("cpu")
     return [
-        module_bad("unknown preset", lambda: nn().MarginCrossEntropy("arcfase"), ValueError,
+        module_bad("unknown preset", lambda: nn.MarginCrossEntropy("arcfase"), ValueError,
                    "unknown loss preset 'arcfase'; expected one of ('arcface', 'cosface', 'c"),
-        module_bad("scale<=0 at construction", lambda: nn().MarginCrossEntropy(scale=0.0),
+        module_bad("scale<=0 at construction", lambda: nn.MarginCrossEntropy(scale=0.0),
                    ValueError, "scale must be > 0, got 0.0"),
-        module_bad("wrong target", lambda: nn().MarginCrossEntropy()(cos, target[:2]),
+        module_bad("wrong target", lambda: nn.MarginCrossEntropy()(cos, target[:2]),
                    ValueError, "target must have shape [4]"),
     ]
 
 
 def head_bad_inputs():
-    nn = lambda: fusedloss.nn  # noqa: E731
     x, _, target = _x_w_target("cpu")
     return [
-        module_bad("dim 0", lambda: nn().MarginSoftmaxHead(0, 10), ValueError,
+        module_bad("dim 0", lambda: nn.MarginSoftmaxHead(0, 10), ValueError,
                    "embedding_dim and num_classes must be >= 1, got 0 and 10"),
-        module_bad("wrong D", lambda: nn().MarginSoftmaxHead(4, 10)(x, target), ValueError,
+        module_bad("wrong D", lambda: nn.MarginSoftmaxHead(4, 10)(x, target), ValueError,
                    "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (10, 4)"),
-        module_bad("m1<1 at construction", lambda: nn().MarginSoftmaxHead(5, 10, m1=0.5),
+        module_bad("m1<1 at construction", lambda: nn.MarginSoftmaxHead(5, 10, m1=0.5),
                    ValueError, "m1 must be >= 1.0, got 0.5"),
     ]
 

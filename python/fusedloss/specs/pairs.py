@@ -15,6 +15,7 @@ duplicate is at distance 0 with gradient 0)."""
 import torch
 
 import fusedloss
+from fusedloss import nn
 from ..reference import pairs as reference
 from . import _draw
 from ._build import (at, bad_inputs, device_mix, floating_matrix, module_bad, not_finite,
@@ -652,33 +653,32 @@ SPECS = [
 def memory_bad_inputs():
     """Constructor arguments, loss options that may be checked at construction or at the first
     forward (those cases construct and forward, so that either passes), bad forwards."""
-    nn = lambda: fusedloss.nn  # noqa: E731
     x, labels = _batch("cpu")
     return [
-        module_bad("batch > memory", lambda: nn().CrossBatchMemory(5, 4)(x, labels), ValueError,
+        module_bad("batch > memory", lambda: nn.CrossBatchMemory(5, 4)(x, labels), ValueError,
                    "a batch of 6 does not fit in a memory of 4"),
-        module_bad("unknown loss", lambda: nn().CrossBatchMemory(5, 8, loss="arcface"),
+        module_bad("unknown loss", lambda: nn.CrossBatchMemory(5, 8, loss="arcface"),
                    ValueError, "unknown loss 'arcface'; expected one of ('multi_similarity', "
                                "'supcon', '"),
-        module_bad("memory 0", lambda: nn().CrossBatchMemory(5, 0), ValueError,
+        module_bad("memory 0", lambda: nn.CrossBatchMemory(5, 0), ValueError,
                    "embedding_dim and memory_size must be >= 1, got 5 and 0"),
-        module_bad("unknown loss keyword", lambda: nn().CrossBatchMemory(5, 8, margin=0.1),
+        module_bad("unknown loss keyword", lambda: nn.CrossBatchMemory(5, 8, margin=0.1),
                    TypeError, "multi_similarity takes no keyword(s) ['margin']"),
-        module_bad("private keyword", lambda: nn().CrossBatchMemory(5, 8, loss="supcon",
+        module_bad("private keyword", lambda: nn.CrossBatchMemory(5, 8, loss="supcon",
                                                                     _self_offset=0),
                    TypeError, "supcon takes no keyword(s) ['_self_offset']"),
         module_bad("temperature<=0",
-                   lambda: nn().CrossBatchMemory(5, 8, loss="supcon", temperature=0.0)(x, labels),
+                   lambda: nn.CrossBatchMemory(5, 8, loss="supcon", temperature=0.0)(x, labels),
                    ValueError, "temperature must be > 0, got 0.0"),
         module_bad("unknown distance",
-                   lambda: nn().CrossBatchMemory(5, 8, loss="contrastive",
+                   lambda: nn.CrossBatchMemory(5, 8, loss="contrastive",
                                                  distance="l1")(x, labels),
                    ValueError, "unknown distance 'l1'"),
-        module_bad("wrong D", lambda: nn().CrossBatchMemory(5, 8)(x[:, :4], labels),
+        module_bad("wrong D", lambda: nn.CrossBatchMemory(5, 8)(x[:, :4], labels),
                    ValueError, "embeddings must have shape [B, 5], got (6, 4)"),
-        module_bad("label length", lambda: nn().CrossBatchMemory(5, 8)(x, labels[:3]),
+        module_bad("label length", lambda: nn.CrossBatchMemory(5, 8)(x, labels[:3]),
                    ValueError, "labels must have shape [6], got (3,)"),
-        module_bad("float labels", lambda: nn().CrossBatchMemory(5, 8)(x, labels.float()),
+        module_bad("float labels", lambda: nn.CrossBatchMemory(5, 8)(x, labels.float()),
                    TypeError, "labels must hold integer class labels, got torch.float32"),
     ]
 

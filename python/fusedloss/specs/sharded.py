@@ -14,6 +14,7 @@ per call."""
 import torch
 
 import fusedloss
+from fusedloss import nn
 from ..reference import sharded as reference
 from ._build import bad_inputs, empty_batch, linear_cases, module_bad, option, scores_cases
 from . import FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on
@@ -287,31 +288,30 @@ def partial_fc_bad_inputs():
     """Constructor arguments, and options that may be checked at construction or at the first
     forward (those cases construct and forward, so that either passes); bad forwards, at
     world size 1."""
-    nn = lambda: fusedloss.nn  # noqa: E731
     x, _, target = _x_w_target("cpu")
     return [
-        module_bad("rate 0", lambda: nn().PartialFC(5, 10, sample_rate=0.0), ValueError,
+        module_bad("rate 0", lambda: nn.PartialFC(5, 10, sample_rate=0.0), ValueError,
                    "sample_rate must lie in (0, 1], got 0.0"),
-        module_bad("rate > 1", lambda: nn().PartialFC(5, 10, sample_rate=1.5), ValueError,
+        module_bad("rate > 1", lambda: nn.PartialFC(5, 10, sample_rate=1.5), ValueError,
                    "sample_rate must lie in (0, 1], got 1.5"),
-        module_bad("dim 0", lambda: nn().PartialFC(0, 10), ValueError,
+        module_bad("dim 0", lambda: nn.PartialFC(0, 10), ValueError,
                    "embedding_dim and num_classes must be >= 1, got 0 and 10"),
-        module_bad("unknown preset", lambda: nn().PartialFC(5, 10, loss="arcfase"), ValueError,
+        module_bad("unknown preset", lambda: nn.PartialFC(5, 10, loss="arcfase"), ValueError,
                    "unknown loss preset 'arcfase'"),
         module_bad("elastic plus preset",
-                   lambda: nn().PartialFC(5, 10, loss="elastic_arcface_plus")(x, target),
+                   lambda: nn.PartialFC(5, 10, loss="elastic_arcface_plus")(x, target),
                    ValueError, "elastic_plus=True is not supported when sharded"),
-        module_bad("scale<=0", lambda: nn().PartialFC(5, 10, scale=0.0)(x, target), ValueError,
+        module_bad("scale<=0", lambda: nn.PartialFC(5, 10, scale=0.0)(x, target), ValueError,
                    "scale must be > 0, got 0.0"),
-        module_bad("negative block", lambda: nn().PartialFC(5, 10, block_size=-1)(x, target),
+        module_bad("negative block", lambda: nn.PartialFC(5, 10, block_size=-1)(x, target),
                    ValueError, "block_size must be a positive int or None, got -1"),
-        module_bad("label out of range", lambda: nn().PartialFC(5, 10)(
+        module_bad("label out of range", lambda: nn.PartialFC(5, 10)(
             x, torch.tensor([0, 1, 2, 10])), ValueError,
             "on rank 0, local_labels[3] = 10 is outside [0, 10) and is not ignore_ind"),
-        module_bad("wrong D", lambda: nn().PartialFC(6, 10)(x, target), ValueError,
+        module_bad("wrong D", lambda: nn.PartialFC(6, 10)(x, target), ValueError,
                    "local_embeddings on rank(s) [0] are not [n, 6] tensors of dtype "
                    "torch.float32"),
-        module_bad("float labels", lambda: nn().PartialFC(5, 10)(x, target.float()), ValueError,
+        module_bad("float labels", lambda: nn.PartialFC(5, 10)(x, target.float()), ValueError,
                    "local_labels on rank(s) [0] are not integer tensors of shape [n] matching "
                    "local_embeddings"),
     ]

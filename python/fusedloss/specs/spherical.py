@@ -10,6 +10,7 @@ the comparison), and the fuzz draws C >= 3."""
 import torch
 
 import fusedloss
+from fusedloss import nn
 from ..reference import spherical as reference
 from . import _draw
 from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
@@ -291,64 +292,61 @@ SPECS = [
 def z_loss_module_bad_inputs():
     """Hyperparameters are checked at construction or at the first forward (either passes:
     each such case constructs and forwards), bad calls at forward."""
-    nn = lambda: fusedloss.nn  # noqa: E731
     logits, target = _logits_and_target("cpu")
     return [
-        module_bad("a<0", lambda: nn().SphericalZLoss(a=-1.0)(logits, target), ValueError,
+        module_bad("a<0", lambda: nn.SphericalZLoss(a=-1.0)(logits, target), ValueError,
                    "a must be > 0, got -1.0"),
-        module_bad("nan b", lambda: nn().SphericalZLoss(b=float("nan"))(logits, target),
+        module_bad("nan b", lambda: nn.SphericalZLoss(b=float("nan"))(logits, target),
                    ValueError, "b must be a finite number, got nan"),
         module_bad("unknown reduction",
-                   lambda: nn().SphericalZLoss(reduction="avg")(logits, target), ValueError,
+                   lambda: nn.SphericalZLoss(reduction="avg")(logits, target), ValueError,
                    "unknown reduction 'avg'"),
-        module_bad("wrong target", lambda: nn().SphericalZLoss()(logits, target[:2]),
+        module_bad("wrong target", lambda: nn.SphericalZLoss()(logits, target[:2]),
                    ValueError, "target must have shape [4]"),
-        module_bad("C=1", lambda: nn().SphericalZLoss()(logits[:, :1], target * 0),
+        module_bad("C=1", lambda: nn.SphericalZLoss()(logits[:, :1], target * 0),
                    ValueError, "needs C >= 2 classes"),
     ]
 
 
 def linear_module_bad_inputs():
-    nn = lambda: fusedloss.nn  # noqa: E731
     h, _, target = _hidden_weight_target("cpu")
     return [
-        module_bad("wrong D", lambda: nn().SphericalLinear(6, 10)(h, target), ValueError,
+        module_bad("wrong D", lambda: nn.SphericalLinear(6, 10)(h, target), ValueError,
                    "hidden [N, d] and weight [C, d] must share d, got (4, 5) and (10, 6)"),
-        module_bad("a<=0", lambda: nn().SphericalLinear(5, 10, a=0.0)(h, target), ValueError,
+        module_bad("a<=0", lambda: nn.SphericalLinear(5, 10, a=0.0)(h, target), ValueError,
                    "a must be > 0, got 0.0"),
-        module_bad("nan b", lambda: nn().SphericalLinear(5, 10, b=float("nan"))(h, target),
+        module_bad("nan b", lambda: nn.SphericalLinear(5, 10, b=float("nan"))(h, target),
                    ValueError, "b must be a finite number, got nan"),
-        module_bad("wrong target", lambda: nn().SphericalLinear(5, 10)(h, target[:3]),
+        module_bad("wrong target", lambda: nn.SphericalLinear(5, 10)(h, target[:3]),
                    ValueError, "target must have shape [4]"),
         module_bad("target out of range",
-                   lambda: nn().SphericalLinear(5, 3)(h, target), ValueError,
+                   lambda: nn.SphericalLinear(5, 3)(h, target), ValueError,
                    "target[3] = 3 is outside [0, 3)"),
     ]
 
 
 def factored_module_bad_inputs():
-    nn = lambda: fusedloss.nn  # noqa: E731
     h, _, target = _hidden_weight_target("cpu")
     return [
-        module_bad("lr<0", lambda: nn().FactoredSphericalLinear(5, 10, lr=-0.1), ValueError,
+        module_bad("lr<0", lambda: nn.FactoredSphericalLinear(5, 10, lr=-0.1), ValueError,
                    "lr must be >= 0.0, got -0.1"),
-        module_bad("one class", lambda: nn().FactoredSphericalLinear(5, 1, lr=0.1), ValueError,
+        module_bad("one class", lambda: nn.FactoredSphericalLinear(5, 1, lr=0.1), ValueError,
                    "num_classes >= 2"),
         module_bad("reduction none",
-                   lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, reduction="none"),
+                   lambda: nn.FactoredSphericalLinear(5, 10, lr=0.1, reduction="none"),
                    ValueError, "reduction must be 'mean' or 'sum', got 'none'"),
-        module_bad("a<=0", lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, a=0.0),
+        module_bad("a<=0", lambda: nn.FactoredSphericalLinear(5, 10, lr=0.1, a=0.0),
                    ValueError, "a must be > 0, got 0.0"),
         module_bad("stabilize_every 0",
-                   lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1, stabilize_every=0),
+                   lambda: nn.FactoredSphericalLinear(5, 10, lr=0.1, stabilize_every=0),
                    ValueError, "stabilize_every must be >= 1, got 0"),
-        module_bad("wrong D", lambda: nn().FactoredSphericalLinear(6, 10, lr=0.1)(h, target),
+        module_bad("wrong D", lambda: nn.FactoredSphericalLinear(6, 10, lr=0.1)(h, target),
                    ValueError, "hidden must be [N, 6], got (4, 5)"),
         module_bad("float target",
-                   lambda: nn().FactoredSphericalLinear(5, 10, lr=0.1)(h, target.float()),
+                   lambda: nn.FactoredSphericalLinear(5, 10, lr=0.1)(h, target.float()),
                    ValueError, "target must be an integer tensor [N]"),
         module_bad("target out of range",
-                   lambda: nn().FactoredSphericalLinear(5, 3, lr=0.1)(h, target), ValueError,
+                   lambda: nn.FactoredSphericalLinear(5, 3, lr=0.1)(h, target), ValueError,
                    "target values must lie in [0, 3)"),
     ]
 
