@@ -70,10 +70,10 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
 # Argument checks
 
 _MAX_TARGET = 1 << 62  # sharded.cpp kMaxTarget: class ids and class_start below 2^62
-_NUM_STATS = {0: 2, 1: 3, 2: 4}  # pairs.h num_stats(kind): the columns of pair_row_stats
-_NUM_HYPER = {0: 4, 1: 1, 2: 2}  # pairs.h num_hyper(kind)
+_NUM_STATS = {0: 2, 1: 3, 2: 4, 3: 4}  # pairs.h num_stats(kind): the columns of pair_row_stats
+_NUM_HYPER = {0: 4, 1: 1, 2: 2, 3: 1}  # pairs.h num_hyper(kind)
 _HYPER_NAMES = {0: "(alpha, beta, base, epsilon)", 1: "(temperature)",
-                2: "(pos_margin, neg_margin)"}
+                2: "(pos_margin, neg_margin)", 3: "(absolute)"}
 
 
 def _shape(t: Tensor) -> list:
@@ -207,7 +207,7 @@ def check_args(op: str, **args) -> None:
     if "kind" in args:  # pairs.cpp check_kind, check_thresholds, check_stats_tensor
         kind, hyper = args["kind"], list(args["hyper"])
         _value(kind in _NUM_STATS, op, "kind must be 0 (multi-similarity), 1 (supcon / "
-               "info-nce) or 2 (contrastive), got ", kind)
+               "info-nce), 2 (contrastive) or 3 (orthogonal projection), got ", kind)
         _value(len(hyper) == _NUM_HYPER[kind], op, "kind ", kind, " takes hyper = ",
                _HYPER_NAMES[kind], ", got ", len(hyper), " values")
         _value(all(math.isfinite(h) for h in hyper), op, "hyper ", _HYPER_NAMES[kind],
@@ -217,6 +217,9 @@ def check_args(op: str, **args) -> None:
                    "beta > 0, got alpha = ", hyper[0], ", beta = ", hyper[1])
         elif kind == 1:
             _value(hyper[0] > 0, op, "temperature must be > 0, got ", hyper[0])
+        elif kind == 3:
+            _value(hyper[0] in (0, 1), op, "orthogonal projection takes absolute = 0 or 1, "
+                   "got ", hyper[0])
         thresholds = args.get("thresholds")
         if thresholds is not None:
             _value(kind == 0, op, "thresholds apply to kind 0 (multi-similarity) only, got "

@@ -35,6 +35,9 @@ Per-row statistics and their derivatives dstat/dv_ij (zero outside the pairs nam
       l_neg = relu(sigma (m_neg - v)),     dl_neg/dv = -sigma [not l_neg <= 0]
     (relu' as torch's: 0 at 0, 1 at a NaN l, whose gradient passes on; pairs.h).
     stats: (sum l_pos, #(l_pos > 0), sum l_neg, #(l_neg > 0)).
+  KIND 3, orthogonal projection, hyper (absolute), f(v) = v, or |v| when absolute:
+      stats (sum_pos v, #pos, sum_neg f(v), #neg),   dstat_0/dv = [pos],
+      dstat_2/dv = [neg] f'(v), f'(v) = 1 or sgn(v) (0 at 0, NaN at NaN, as torch's abs').
 Every log-sum-exp is online and max-rescaled: per row a running max m (starting at -inf) and
 s = sum exp(z - m); a block with new max m' rescales s by exp(m - m'), with the shift taken as 0
 while m' is still -inf, so that -inf - -inf never appears.
@@ -226,6 +229,19 @@ def _kept_by_thresholds(pos, neg, v, thr_ptr, rows, N, eps, HAS_THRESHOLDS: tl.c
 
 
 @triton.jit
+def _projection_term(v, absolute):
+    """Kind 3's f(v) of a negative pair: |v| when absolute (1), else v."""
+    return tl.where(absolute != 0, tl.abs(v), v)
+
+
+@triton.jit
+def _projection_slope(v, absolute):
+    """f'(v): sgn(v) when absolute (v * 0 keeps 0 at 0 and NaN at NaN), else 1."""
+    sgn = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, v * 0.0))
+    return tl.where(absolute != 0, sgn, 1.0)
+
+
+@triton.jit
 def _row_column(ptr, rows, N, K: tl.constexpr, k: tl.constexpr, ACC: tl.constexpr):
     """Column k of a row-major [N, K] matrix, for the given rows, in ACC."""
     return tl.load(ptr + rows * K + k, mask=rows < N, other=0.0).to(ACC)
@@ -298,12 +314,13 @@ def _row_stats_kernel(
 ):
     """Per row and split of the references, the running state part [SPLIT, N, 4] of loss KIND
     in one pass (module docstring): kind 0 (m_pos, s_pos, m_neg, s_neg), two log-sum-exps
-    without their "1 +" term; kind 1 (m, s, sum_pos v / t, count); kind 2 the four sums."""
+    without their "1 +" term; kind 1 (m, s, sum_pos v / t, count); kinds 2 and 3 the four
+    sums."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     split, rows, row_ok, row_labels, skip = _row_block(labels_ptr, N, M, self_offset, BLOCK_Q)
     h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
     zero = tl.zeros([BLOCK_Q], ACC)
-    a0 = zero + float("-inf") if KIND != 2 else zero  # a log-sum-exp's running max
+    a0 = zero + float("-inf") if KIND < 2 else zero  # a log-sum-exp's running max
     a1 = zero
     a2 = zero + float("-inf") if KIND == 0 else zero
     a3 = zero
@@ -323,6 +340,11 @@ def _row_stats_kernel(
             a0, a1 = online_lse_update(a0, a1, tl.where(pos | neg, z, float("-inf")), 1)
             a2 += tl.sum(tl.where(pos, z, 0.0), axis=1)
             a3 += tl.sum(pos.to(ACC), axis=1)
+        elif KIND == 3:  # hyper (absolute)
+            a0 += tl.sum(tl.where(pos, v, 0.0), axis=1)
+            a1 += tl.sum(pos.to(ACC), axis=1)
+            a2 += tl.sum(tl.where(neg, _projection_term(v, h0), 0.0), axis=1)
+            a3 += tl.sum(neg.to(ACC), axis=1)
         else:  # hyper (m_pos, m_neg)
             sigma = 1.0 if DISTANCE == 1 else -1.0
             l_pos = tl.where(pos, nan_maximum(sigma * (v - h0), 0.0), 0.0)  # relu keeping NaN
@@ -387,6 +409,10 @@ def _grad_tile(
         z = tl.where(pos | neg, v / h0, float("-inf"))  # no exp of a pair left out
         g = tl.where(pos | neg, g0 * tl.exp(z - lse) / h0, 0.0)
         g += tl.where(pos, g1 / h0, 0.0)
+    elif KIND == 3:  # hyper (absolute)
+        g2 = _row_column(gstats_ptr, rows, N, K, 2, ACC)[:, None]
+        g = tl.where(pos, g0, 0.0)
+        g += tl.where(neg, g2 * _projection_slope(v, h0), 0.0)
     else:  # hyper (m_pos, m_neg)
         g2 = _row_column(gstats_ptr, rows, N, K, 2, ACC)[:, None]
         sigma = 1.0 if DISTANCE == 1 else -1.0

@@ -737,6 +737,63 @@ struct ContrastiveKind {
   }
 };
 
+// ---- kind 3, orthogonal projection ------------------------------------------------------
+
+template <typename acc_t>
+struct ProjectionSums {
+  acc_t pos_sum, pos_count, neg_sum, neg_count;
+};
+
+template <typename acc_t, bool kAbsolute>
+FL_PAIR_LOOP ProjectionSums<acc_t> projection_sums(const acc_t* s, const int64_t* lab,
+                                                    int64_t label, int64_t b, int64_t e) {
+  using Opl = pairs::OrthogonalProjection<acc_t, kAbsolute>;
+  acc_t ps = 0, pc = 0, ns = 0, nc = 0;
+#pragma omp simd reduction(+ : ps, pc, ns, nc)
+  for (int64_t j = b; j < e; ++j) {
+    const bool positive = lab[j] == label;
+    ps += positive ? s[j] : acc_t(0);
+    pc += positive ? acc_t(1) : acc_t(0);
+    ns += positive ? acc_t(0) : Opl::negative_term(s[j]);
+    nc += positive ? acc_t(0) : acc_t(1);
+  }
+  return {ps, pc, ns, nc};
+}
+
+template <typename acc_t, bool kAbsolute>
+struct ProjectionWeight {
+  acc_t grad_pos, grad_neg;
+
+  acc_t operator()(acc_t s, bool positive) const {
+    using Opl = pairs::OrthogonalProjection<acc_t, kAbsolute>;
+    return positive ? grad_pos : grad_neg * Opl::negative_slope(s);
+  }
+};
+
+template <typename acc_t, bool kAbsolute>
+struct ProjectionKind {
+  static constexpr int64_t K = 4;
+  using State = ProjectionSums<acc_t>;
+
+  void fold(State& st, const acc_t* s, const int64_t* lab, int64_t, int64_t label, int64_t b,
+            int64_t e) const {
+    const State part = projection_sums<acc_t, kAbsolute>(s, lab, label, b, e);
+    st.pos_sum += part.pos_sum;
+    st.pos_count += part.pos_count;
+    st.neg_sum += part.neg_sum;
+    st.neg_count += part.neg_count;
+  }
+  void finish(const State& st, acc_t* out) const {
+    out[0] = st.pos_sum;
+    out[1] = st.pos_count;
+    out[2] = st.neg_sum;
+    out[3] = st.neg_count;
+  }
+  ProjectionWeight<acc_t, kAbsolute> weight(int64_t, const acc_t*, const acc_t* grad) const {
+    return {grad[0], grad[2]};
+  }
+};
+
 // ---- pair_row_stats ---------------------------------------------------------------------
 
 template <typename acc_t, typename Kind>
@@ -967,10 +1024,10 @@ void check_pair_inputs(const char* op, const at::Tensor& x, const at::Tensor& la
 
 void check_kind(const char* op, int64_t kind, c10::ArrayRef<double> hyper) {
   TORCH_CHECK_VALUE(pairs::num_stats(kind) > 0, op,
-                    ": kind must be 0 (multi-similarity), 1 (supcon / info-nce) or 2 "
-                    "(contrastive), got ", kind);
+                    ": kind must be 0 (multi-similarity), 1 (supcon / info-nce), 2 "
+                    "(contrastive) or 3 (orthogonal projection), got ", kind);
   static const char* const kHyperNames[] = {"(alpha, beta, base, epsilon)", "(temperature)",
-                                            "(pos_margin, neg_margin)"};
+                                            "(pos_margin, neg_margin)", "(absolute)"};
   TORCH_CHECK_VALUE(static_cast<int64_t>(hyper.size()) == pairs::num_hyper(kind), op, ": kind ",
                     kind, " takes hyper = ", kHyperNames[kind], ", got ", hyper.size(), " values");
   for (const double h : hyper) {
@@ -983,6 +1040,9 @@ void check_kind(const char* op, int64_t kind, c10::ArrayRef<double> hyper) {
                       ", beta = ", hyper[1]);
   } else if (kind == pairs::kSupCon) {
     TORCH_CHECK_VALUE(hyper[0] > 0, op, ": temperature must be > 0, got ", hyper[0]);
+  } else if (kind == pairs::kOrthogonalProjection) {
+    TORCH_CHECK_VALUE(hyper[0] == 0 || hyper[0] == 1, op,
+                      ": orthogonal projection takes absolute = 0 or 1, got ", hyper[0]);
   }
 }
 
@@ -1028,8 +1088,12 @@ void with_kind(int64_t kind, int64_t distance, c10::ArrayRef<double> hyper,
     }
   } else if (kind == pairs::kSupCon) {
     f(SupConKind<acc_t>{SupCon<acc_t>{acc_t(hyper[0])}});
-  } else {
+  } else if (kind == pairs::kContrastive) {
     f(ContrastiveKind<acc_t>{pairs::make_contrastive(acc_t(hyper[0]), acc_t(hyper[1]), distance)});
+  } else if (hyper[0] != 0) {
+    f(ProjectionKind<acc_t, true>{});
+  } else {
+    f(ProjectionKind<acc_t, false>{});
   }
 }
 

@@ -10,17 +10,21 @@ in ``nn/<family>.py``.
 """
 from . import distributed, nn
 from ._ops import BackendStatus, backends
+from .ldr_kl import ldr_kl_loss, linear_ldr_kl_loss
 from .margin import margin_cross_entropy
 from .margin_linear import linear_margin_cross_entropy
 from .pairs import (batch_hard_triplet_loss, contrastive_loss, info_nce_loss,
-                    multi_similarity_loss, multi_similarity_miner, supcon_loss)
+                    multi_similarity_loss, multi_similarity_miner, orthogonal_projection_loss,
+                    supcon_loss)
 from .sharded import linear_sharded_margin_cross_entropy, sharded_margin_cross_entropy
 from .spherical import spherical_z_loss
 from .spherical_linear import linear_spherical_z_loss
 
 __version__ = "0.1.0"
 __all__ = ["BackendStatus", "backends", "batch_hard_triplet_loss", "contrastive_loss",
-           "distributed", "info_nce_loss", "linear_margin_cross_entropy",
+           "distributed", "info_nce_loss", "ldr_kl_loss", "linear_ldr_kl_loss",
+           "linear_margin_cross_entropy",
            "linear_sharded_margin_cross_entropy", "linear_spherical_z_loss",
            "margin_cross_entropy", "multi_similarity_loss", "multi_similarity_miner", "nn",
+           "orthogonal_projection_loss",
            "sharded_margin_cross_entropy", "spherical_z_loss", "supcon_loss", "__version__"]

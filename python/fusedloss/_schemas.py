@@ -106,6 +106,8 @@ _define(
 #    l = relu(d - pos_margin) / relu(neg_margin - d) (distance 1) or relu(pos_margin - S) /
 #    relu(S - neg_margin) (distance 0) of positives / negatives:
 #    (sum of positive losses, number of them > 0, sum of negative losses, number > 0).
+#  kind 3, orthogonal projection, hyper = (absolute: 0 or 1), K = 4, with f(S) = S, or |S|
+#    when absolute: (sum_{pos} S, number of positives, sum_{neg} f(S), number of negatives).
 # row_stats_backward: given grad_stats [N, K] (the counts' entries are ignored) and the
 # stats of forward, the gradients with respect to x and ref (empty when not asked for).
 # When ref is x (the same data) and both gradients are asked for, a backend may return the

@@ -19,6 +19,7 @@ PML correspondences (each function's docstring gives the formula):
   info_nce_loss             NTXentLoss(temperature) with labels = arange(N), ref_emb = key
   contrastive_loss          ContrastiveLoss(pos_margin, neg_margin) (LpDistance or CosineSimilarity)
   batch_hard_triplet_loss   BatchHardMiner + TripletMarginLoss(margin)
+  orthogonal_projection_loss  (not in PML) the authors' OrthogonalProjectionLoss(gamma)
 PML's global rule of GenericPairLoss holds for the pair losses: a batch with at most one
 positive pair and at most one negative pair gives 0. So does PML's zero for a batch with no
 pairs of a needed sign; every such 0 has a zero gradient.
@@ -35,9 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from . import distributed as fdist
 from ._ops import BACKENDS, Op, accumulation_dtype, resolve_backend, result_dtype
 from .reference import pairs as reference
-from .reference.pairs import CONTRASTIVE, EUCLIDEAN, MULTI_SIMILARITY, NUM_STATS, SIMILARITY, SUPCON
+from .reference.pairs import (CONTRASTIVE, EUCLIDEAN, MULTI_SIMILARITY, NUM_STATS,
+                              ORTHOGONAL_PROJECTION, SIMILARITY, SUPCON)
 
 _DISTANCES = {"euclidean": EUCLIDEAN, "cosine": SIMILARITY}
 # PML's documented margins of ContrastiveLoss for each distance: (pos_margin, neg_margin).
@@ -103,7 +106,11 @@ class _Pairs:
     backend, and which column of row i is not a pair: (offset + i) mod M, none for -1.
     `mining_offset` applies to mining (the extrema), `pair_offset` to the pairs of the loss;
     they differ only for a memory bank that holds the batch (PML's miners see the batch's own
-    slots there, and only its loss drops them)."""
+    slots there, and only its loss drops them).
+
+    Across ranks (`ranks` set, see _Ranks) x holds this rank's rows of the global batch and
+    ref the global reference set; the loss is a function of sums over every rank's rows
+    (`total`, `count`), the same on every rank."""
 
     x: torch.Tensor
     labels: torch.Tensor
@@ -112,12 +119,34 @@ class _Pairs:
     backend: str
     mining_offset: int
     pair_offset: int
+    ranks: Optional["_Ranks"] = None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the (global) batch."""
+        return self.x.shape[0] if self.ranks is None else self.ranks.rows
 
     @property
     def num_pairs(self) -> int:
-        """Pairs of the loss, positive or negative: a shape, not a value."""
-        n, m = self.x.shape[0], self.ref.shape[0]
+        """Pairs of the loss, positive or negative, of the (global) batch: a shape, not a
+        value."""
+        n, m = self.num_rows, self.ref.shape[0]
         return n * (m - 1 if self.pair_offset >= 0 and m > 0 else m)
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks (t itself in one process), differentiable: each rank's
+        partial gets the sum's gradient times the gradient scale (fdist.sum_over_ranks)."""
+        if self.ranks is None:
+            return t
+        return fdist.sum_over_ranks(t, self.ranks.group, self.ranks.grad_scale)
+
+    def count(self, t: torch.Tensor) -> torch.Tensor:
+        """t (counts, flags: no gradient) summed over the ranks."""
+        return t if self.ranks is None else fdist.all_reduce(t, "sum", self.ranks.group)
+
+    def mean_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-row value over the rows of the global batch."""
+        return self.total(rows.sum()) / self.num_rows
 
     def extrema(self, distance: int):
         """pair_extrema (values, indices), without gradient."""
@@ -140,7 +169,7 @@ class _Pairs:
         """(positive, negative) pairs of the loss, counted on the device from an N x M mask:
         for tiny batches only (num_pairs <= 2, see _unless_few_pairs)."""
         pos, neg = reference.pair_masks(self.labels, self.ref_labels, self.pair_offset)
-        return pos.sum(), neg.sum()
+        return self.count(torch.stack([pos.sum(), neg.sum()])).unbind()
 
     def zero(self) -> torch.Tensor:
         """A zero loss connected to the inputs, so that its gradient is zero, not None."""
@@ -151,12 +180,15 @@ class _Pairs:
 
 
 def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend, op_name,
-             self_offset=None) -> _Pairs:
+             self_offset=None, across: Optional["_Across"] = None) -> _Pairs:
     """Checked, normalised inputs. Without a reference set the batch is its own, row i never
     paired with column i (for mining and the loss); with one, every pair counts. A
     `self_offset` k (memory_bank_loss) says that the reference set holds the batch at rows
     (k + i) mod M: the loss drops those pairs, mining keeps them, as PML's CrossBatchMemory
-    does."""
+    does. `across`: the batch is this rank's part of a global batch (_prepare_across)."""
+    if across is not None:
+        return _prepare_across(fn, embeddings, labels, ref_embeddings, ref_labels, normalize,
+                               backend, op_name, self_offset, across)
     _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, self_offset)
     backend = _resolve(fn, backend, embeddings.device, op_name)
     x = F.normalize(embeddings, dim=1) if normalize else embeddings
@@ -165,6 +197,122 @@ def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, back
     ref = F.normalize(ref_embeddings, dim=1) if normalize else ref_embeddings
     bank_offset = -1 if self_offset is None else self_offset
     return _Pairs(x, labels.long(), ref, ref_labels.long(), backend, -1, bank_offset)
+
+
+# ---- the global batch of a process group -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Across:
+    """A call across the ranks of `group`: the gradient convention, the checks of the loss's
+    options (run on every rank inside the agreement on errors) and the values that every
+    rank must share (the options)."""
+
+    group: object
+    ddp_grad_scale: bool
+    check: Callable[[], None]
+    shared: tuple
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This rank's place in the global batch: every rank's number of rows (`sizes`, rank
+    order), this rank, and the factor of the local gradients (W with ddp_grad_scale, else 1)."""
+
+    group: object
+    rank: int
+    sizes: tuple
+    grad_scale: float
+
+    @property
+    def offset(self) -> int:
+        """The global index of this rank's first row."""
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sizes)
+
+    def gather(self, t: torch.Tensor, sizes=None) -> torch.Tensor:
+        """Every rank's t in rank order (fdist.all_gather_rows; autograd-aware, its backward
+        one reduce-scatter of the gradient to the rows' owners)."""
+        return fdist.all_gather_rows(t, self.sizes if sizes is None else sizes, self.group)
+
+
+def _across(group, ddp_grad_scale, check: Callable[[], None], *shared) -> Optional[_Across]:
+    """None without a group: then `check` runs now, and the call is this process's alone."""
+    if group is None:
+        check()
+        return None
+    return _Across(group, ddp_grad_scale, check, shared)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What every rank must share, from the table of the agreement on errors.
+_AGREED = ("embedding_dim", "dtype", "reference_set", "requires_grad", "options.digest")
+
+
+def _agree(fn, across: _Across, prepare: Callable, x, ref):
+    """(prepare(), _Ranks, every rank's number of reference rows) after the agreement on
+    errors (fdist.prepared_everywhere: one all_reduce of a few int64 per rank): a rank whose
+    checks fail raises its error and the others name it; then D, the dtype, whether a
+    reference set is given, whether the inputs need a gradient (the backward's collectives
+    run on every rank or on none) and the options must be the same on every rank."""
+
+    def row_of(prepared):
+        if prepared is None:
+            return dict.fromkeys(("rows", "ref_rows") + _AGREED, 0)
+        grad = torch.is_grad_enabled()
+        return {"rows": x.shape[0], "ref_rows": -1 if ref is None else ref.shape[0],
+                "embedding_dim": x.shape[1], "dtype": _FLOAT_DTYPES.index(x.dtype)
+                if x.dtype in _FLOAT_DTYPES else -1, "reference_set": int(ref is not None),
+                "requires_grad": int(grad and x.requires_grad)
+                + 2 * int(grad and ref is not None and ref.requires_grad),
+                "options.digest": fdist.fingerprint(*across.shared, across.ddp_grad_scale)}
+
+    device = x.device if torch.is_tensor(x) else torch.device("cpu")
+    prepared, table = fdist.prepared_everywhere(fn, across.group, device, prepare, row_of)
+    readable = [{**row, "dtype": str(_FLOAT_DTYPES[row["dtype"]]) if row["dtype"] >= 0 else "?",
+                 "reference_set": "given" if row["reference_set"] else "none"} for row in table]
+    differing = fdist.disagreements(readable, _AGREED)
+    if differing:
+        raise ValueError(f"{fn}: these must be the same on every rank but are not: "
+                         + ", ".join(differing))
+    world, rank = fdist.world_and_rank(across.group)
+    scale = float(world) if across.ddp_grad_scale else 1.0
+    ranks = _Ranks(across.group, rank, tuple(row["rows"] for row in table), scale)
+    return prepared, ranks, [row["ref_rows"] for row in table]
+
+
+def _prepare_across(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                    op_name, self_offset, across: _Across) -> _Pairs:
+    """_prepare for this rank's rows of a global batch, the concatenation of every rank's
+    (rank order, N_r rows on rank r, uneven allowed): the local rows are the queries, after
+    the agreement on errors (_agree). The references: the gathered global batch, row i of
+    this rank never paired with its own global column offset + i; or the concatenation of
+    every rank's reference set; or (self_offset given) a memory bank, the same on every rank,
+    that holds the global batch at rows (self_offset + j) mod M."""
+
+    def prepare():
+        _flag(fn, ddp_grad_scale=across.ddp_grad_scale)
+        across.check()
+        _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, self_offset)
+        return _resolve(fn, backend, embeddings.device, op_name)
+
+    bank = self_offset is not None
+    chosen, ranks, ref_sizes = _agree(fn, across, prepare, embeddings,
+                                      None if bank else ref_embeddings)
+    x = F.normalize(embeddings, dim=1) if normalize else embeddings
+    labels = labels.long()
+    if ref_embeddings is None:
+        offset = ranks.offset
+        return _Pairs(x, labels, ranks.gather(x), ranks.gather(labels), chosen, offset, offset,
+                      ranks)
+    ref = F.normalize(ref_embeddings, dim=1) if normalize else ref_embeddings
+    if not bank:
+        return _Pairs(x, labels, ranks.gather(ref, ref_sizes),
+                      ranks.gather(ref_labels.long(), ref_sizes), chosen, -1, -1, ranks)
+    own = (self_offset + ranks.offset) % max(ref.shape[0], 1)
+    return _Pairs(x, labels, ref, ref_labels.long(), chosen, -1, own, ranks)
 
 
 def _unless_few_pairs(pairs: _Pairs, loss: torch.Tensor) -> torch.Tensor:
@@ -182,33 +330,42 @@ def _few_mined_pairs(pairs: _Pairs, thresholds: torch.Tensor, epsilon: float) ->
 
     A row keeps a pair iff min_pos - eps < max_neg, and then it keeps its hardest negative
     (max_neg + eps > min_pos): two such rows mean two negative pairs. So the rule can only
-    hold with at most one active row, whose kept pairs are counted from one row of S (O(M D))."""
+    hold with at most one active row, whose kept pairs are counted from one row of S (O(M D)).
+    Across ranks each rank counts its active rows and the kept pairs of its first one (none
+    without an active row): with one active row in the global batch, the sums are its counts.
+    A row with a NaN threshold leaves the rule undecided: then False, so that the NaN shows."""
     n, m = pairs.x.shape[0], pairs.ref.shape[0]
-    if n == 0 or m == 0:
-        return torch.ones((), dtype=torch.bool, device=pairs.x.device)
     with torch.no_grad():
         max_neg, min_pos = thresholds.unbind(1)
         active = min_pos - epsilon < max_neg
-        row = active.to(torch.uint8).argmax().view(1)  # the first active row (0 when none)
-        acc = accumulation_dtype(pairs.x)
-        s = (pairs.x.detach().index_select(0, row).to(acc) @ pairs.ref.detach().to(acc).T)[0]
-        pos, neg = reference.pair_masks(pairs.labels.index_select(0, row), pairs.ref_labels, -1)
-        paired = torch.ones(m, dtype=torch.bool, device=s.device)
-        if pairs.pair_offset >= 0:
-            paired = torch.arange(m, device=s.device) != (pairs.pair_offset + row) % m
-        pos, neg = pos[0] & paired, neg[0] & paired
-        kept_pos = (pos & (s - epsilon < max_neg.index_select(0, row))).sum()
-        kept_neg = (neg & (s + epsilon > min_pos.index_select(0, row))).sum()
-        return (active.sum() == 0) | ((active.sum() == 1) & (kept_pos <= 1) & (kept_neg <= 1))
+        counts = torch.zeros(4, dtype=torch.long, device=pairs.x.device)
+        counts[3] = thresholds.isnan().any()
+        if n > 0 and m > 0:
+            row = active.to(torch.uint8).argmax().view(1)  # the first active row (0 when none)
+            acc = accumulation_dtype(pairs.x)
+            s = (pairs.x.detach().index_select(0, row).to(acc) @ pairs.ref.detach().to(acc).T)[0]
+            pos, neg = reference.pair_masks(pairs.labels.index_select(0, row), pairs.ref_labels,
+                                            -1)
+            paired = torch.ones(m, dtype=torch.bool, device=s.device)
+            if pairs.pair_offset >= 0:
+                paired = torch.arange(m, device=s.device) != (pairs.pair_offset + row) % m
+            pos, neg = pos[0] & paired, neg[0] & paired
+            any_active = active.any()
+            counts[0] = active.sum()
+            counts[1] = (pos & (s - epsilon < max_neg.index_select(0, row))).sum() * any_active
+            counts[2] = (neg & (s + epsilon > min_pos.index_select(0, row))).sum() * any_active
+        num_active, kept_pos, kept_neg, undecided = pairs.count(counts).unbind()
+        few = (num_active == 0) | ((num_active == 1) & (kept_pos <= 1) & (kept_neg <= 1))
+        return few & (undecided == 0)
 
 
-def _mean_over_positive(values: torch.Tensor) -> torch.Tensor:
-    """PML's AvgNonZeroReducer: the mean of the entries > 0, and 0 when there is none. A NaN
-    entry counts too, so that the mean is NaN (PML's `> 0` would drop it and hide the NaN
-    input behind a finite loss); finite entries reduce exactly as PML's."""
+def _mean_over_positive(pairs: _Pairs, values: torch.Tensor) -> torch.Tensor:
+    """PML's AvgNonZeroReducer: the mean of the entries > 0 (over every rank's), and 0 when
+    there is none. A NaN entry counts too, so that the mean is NaN (PML's `> 0` would drop it
+    and hide the NaN input behind a finite loss); finite entries reduce exactly as PML's."""
     nonzero = (values > 0) | values.isnan()
-    count = nonzero.sum().clamp(min=1).to(values.dtype)
-    return torch.where(nonzero, values, 0.0).sum() / count
+    count = pairs.count(nonzero.sum()).clamp(min=1).to(values.dtype)
+    return pairs.total(torch.where(nonzero, values, 0.0).sum()) / count
 
 
 def _finish(loss: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -230,6 +387,8 @@ def multi_similarity_loss(
     mining: bool = True,
     normalize: bool = True,
     backend: str = "auto",
+    group=None,
+    ddp_grad_scale: bool = True,
 ) -> torch.Tensor:
     r"""Multi-Similarity loss (Wang et al., CVPR 2019) with its miner, as PML's
     ``MultiSimilarityMiner(epsilon)`` followed by ``MultiSimilarityLoss(alpha, beta, base)``.
@@ -257,8 +416,8 @@ def multi_similarity_loss(
     accumulated in fp32 (fp64 for fp64). ``backend``: "auto", "reference", "cpu", "triton".
     """
     return _batch_loss("multi_similarity", embeddings, labels, ref_embeddings, ref_labels,
-                       normalize, backend, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
-                       mining=mining)
+                       normalize, backend, group, ddp_grad_scale, alpha=alpha, beta=beta,
+                       base=base, epsilon=epsilon, mining=mining)
 
 
 def _check_multi_similarity(fn, *, alpha, beta, base, epsilon, mining):
@@ -270,18 +429,17 @@ def _check_multi_similarity(fn, *, alpha, beta, base, epsilon, mining):
 def _multi_similarity(pairs: _Pairs, *, alpha, beta, base, epsilon, mining) -> torch.Tensor:
     thresholds = _ms_thresholds(pairs) if mining else None
     stats = pairs.row_stats(thresholds, MULTI_SIMILARITY, SIMILARITY, (alpha, beta, base, epsilon))
-    if stats.shape[0] == 0:
+    if pairs.num_rows == 0:
         return pairs.zero()
     rows = stats[:, 0] / alpha + stats[:, 1] / beta
     if not mining:
-        return _unless_few_pairs(pairs, rows.mean())
+        return _unless_few_pairs(pairs, pairs.mean_of_rows(rows))
     # A NaN threshold (a NaN score among the row's pairs: pair_extrema lets NaN win) leaves
     # the miner's rule undecided, and every comparison with it false, which would keep no
     # pair and hide the NaN: such a row's loss is NaN (NaN + its stats), and so is the batch's.
-    undecided = thresholds.isnan()
-    rows = rows + torch.where(undecided, thresholds, 0.0).sum(1)
-    few = _few_mined_pairs(pairs, thresholds, epsilon) & ~undecided.any()
-    return torch.where(few, pairs.zero(), rows.mean())
+    rows = rows + torch.where(thresholds.isnan(), thresholds, 0.0).sum(1)
+    few = _few_mined_pairs(pairs, thresholds, epsilon)
+    return torch.where(few, pairs.zero(), pairs.mean_of_rows(rows))
 
 
 def _ms_thresholds(pairs: _Pairs) -> torch.Tensor:
@@ -299,6 +457,7 @@ def multi_similarity_miner(
     epsilon: float = 0.1,
     normalize: bool = True,
     backend: str = "auto",
+    group=None,
 ):
     r"""The pairs of PML's ``MultiSimilarityMiner(epsilon)``: ``(a1, p, a2, n)`` int64 index
     tensors, positive pairs ``(a1[k], p[k])`` and negative pairs ``(a2[k], n[k])`` (row of
@@ -309,16 +468,32 @@ def multi_similarity_miner(
     are those of :func:`multi_similarity_loss`. The row thresholds come from the tiled
     extrema kernel of ``backend``; the pairs are then found in blocks of rows, never more than
     about 4M similarities at once. No gradient flows through the indices.
+
+    With a process group (``group``; see "Across ranks" in :mod:`fusedloss.pairs`) every rank
+    returns the pairs of the global batch in global indices (rows and reference rows of the
+    rank-ordered concatenation), the same tensors as the single-process miner on that batch:
+    each rank mines its own rows against the gathered references, then the ranks all-gather
+    their pairs (two int64 indices per kept pair).
     """
     fn = "multi_similarity_miner"
-    _checks.finite(fn, epsilon=epsilon)
-    pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     EXTREMA.name)
+    across = _across(group, True, lambda: _checks.finite(fn, epsilon=epsilon), epsilon,
+                     normalize, ref_embeddings is None)
+    with torch.no_grad():
+        pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
+                         EXTREMA.name, across=across)
+        found = _mined_pairs(pairs, epsilon)
+        return found if pairs.ranks is None else _gathered_pairs(pairs.ranks, found)
+
+
+def _mined_pairs(pairs: _Pairs, epsilon: float):
+    """multi_similarity_miner's (a1, p, a2, n) of the prepared pairs; rows numbered
+    globally across ranks."""
     thresholds = _ms_thresholds(pairs)
     found = [[], [], [], []]
     n, m = pairs.x.shape[0], pairs.ref.shape[0]
     block = max(1, _MINER_BLOCK_ELEMENTS // max(m, 1))
     acc = accumulation_dtype(pairs.x)
+    first = 0 if pairs.ranks is None else pairs.ranks.offset
     with torch.no_grad():
         ref = pairs.ref.detach().to(acc)
         for start in range(0, n, block):
@@ -330,10 +505,23 @@ def multi_similarity_miner(
             kept = (pos & (s - epsilon < max_neg), neg & (s + epsilon > min_pos))
             for k, mask in enumerate(kept):
                 i, j = mask.nonzero(as_tuple=True)
-                found[2 * k].append(i + start)
+                found[2 * k].append(i + start + first)
                 found[2 * k + 1].append(j)
-    empty = torch.empty(0, dtype=torch.long, device=embeddings.device)
+    empty = torch.empty(0, dtype=torch.long, device=pairs.x.device)
     return tuple(torch.cat(f) if f else empty for f in found)
+
+
+def _gathered_pairs(ranks: _Ranks, found):
+    """Every rank's mined (a1, p, a2, n), concatenated in rank order: one all_gather of the
+    counts, then one of the pairs of each sign (rows are already global, so rank order is
+    the global row-major order)."""
+    counts = fdist.gather_counts([found[0].numel(), found[2].numel()], ranks.group,
+                                 found[0].device)
+    out = []
+    for k in (0, 1):
+        local = torch.stack([found[2 * k], found[2 * k + 1]], 1)
+        out.extend(ranks.gather(local, counts[:, k].tolist()).unbind(1))
+    return tuple(t.contiguous() for t in out)
 
 
 def supcon_loss(
@@ -345,6 +533,8 @@ def supcon_loss(
     temperature: float = 0.1,
     normalize: bool = True,
     backend: str = "auto",
+    group=None,
+    ddp_grad_scale: bool = True,
 ) -> torch.Tensor:
     r"""Supervised contrastive loss (Khosla et al., 2020), as PML's ``SupConLoss(temperature)``.
 
@@ -358,7 +548,7 @@ def supcon_loss(
     has no positive or no negative pair, or at most one of each, as in PML. ``temperature > 0``.
     """
     return _batch_loss("supcon", embeddings, labels, ref_embeddings, ref_labels, normalize,
-                       backend, temperature=temperature)
+                       backend, group, ddp_grad_scale, temperature=temperature)
 
 
 def _check_supcon(fn, *, temperature):
@@ -369,10 +559,10 @@ def _supcon(pairs: _Pairs, *, temperature) -> torch.Tensor:
     stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
     num_pos = stats[:, 2].detach()
     rows = torch.where(num_pos > 0, stats[:, 0] - stats[:, 1] / num_pos.clamp(min=1), 0.0)
-    total_pos = num_pos.sum()
+    total_pos = pairs.count(num_pos.sum())
     total_neg = pairs.num_pairs - total_pos
     no_loss = (total_pos == 0) | (total_neg == 0) | ((total_pos <= 1) & (total_neg <= 1))
-    return torch.where(no_loss, pairs.zero(), _mean_over_positive(rows))
+    return torch.where(no_loss, pairs.zero(), _mean_over_positive(pairs, rows))
 
 
 def info_nce_loss(
@@ -383,6 +573,8 @@ def info_nce_loss(
     symmetric: bool = False,
     normalize: bool = True,
     backend: str = "auto",
+    group=None,
+    ddp_grad_scale: bool = True,
 ) -> torch.Tensor:
     r"""InfoNCE / NT-Xent with the positives on the diagonal (SimCLR's and CLIP's form).
 
@@ -395,28 +587,69 @@ def info_nce_loss(
     ``NTXentLoss(t)(query, arange(N), ref_emb=key, ref_labels=arange(N))``. With
     ``symmetric=True`` the mean of that and the same loss with query and key swapped (CLIP).
     The N x N matrix is never stored. ``temperature > 0``; an empty batch gives 0.
+
+    With a process group (``group``, ``ddp_grad_scale``; see "Across ranks" in
+    :mod:`fusedloss.pairs`) each rank passes its N_r query and key rows; the loss is that of
+    the concatenated global batch, the positives on its diagonal. The keys (and, symmetric,
+    the queries, in the same all-gather) are gathered; each rank's rows are the queries.
     """
     fn = "info_nce_loss"
-    _checks.positive(fn, temperature=temperature)
-    _flag(fn, symmetric=symmetric)
-    _checks.floating_tensor(fn, "query", query, ndim=2)
-    _checks.floating_tensor(fn, "key", key, ndim=2)
-    if query.shape != key.shape:
-        raise ValueError(f"{fn}: query and key must have the same shape [N, D], got "
-                         f"{tuple(query.shape)} and {tuple(key.shape)}")
-    ids = torch.arange(query.shape[0], device=query.device)
 
-    def one_way(q, k):
-        pairs = _prepare(fn, q, ids, k, ids, normalize, backend, STATS.name)
-        stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
-        if stats.shape[0] == 0:
-            return pairs.zero()
-        return (stats[:, 0] - stats[:, 1]).mean()
+    def check():
+        _checks.positive(fn, temperature=temperature)
+        _flag(fn, symmetric=symmetric, normalize=normalize)
+        _checks.floating_tensor(fn, "query", query, ndim=2)
+        _checks.floating_tensor(fn, "key", key, ndim=2)
+        if query.shape != key.shape:
+            raise ValueError(f"{fn}: query and key must have the same shape [N, D], got "
+                             f"{tuple(query.shape)} and {tuple(key.shape)}")
 
-    loss = one_way(query, key)
-    if symmetric:
-        loss = (loss + one_way(key, query)) / 2
+    across = _across(group, ddp_grad_scale, check, temperature, symmetric, normalize)
+    directions = (_info_nce_pairs(fn, query, key, symmetric, normalize, backend) if across is None
+                  else _info_nce_pairs_across(fn, query, key, symmetric, normalize, backend,
+                                              across))
+    losses = [_info_nce(pairs, temperature) for pairs in directions]
+    loss = losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
     return _finish(loss, query)
+
+
+def _info_nce_pairs(fn, query, key, symmetric, normalize, backend):
+    """The prepared (query -> key) pairs, and (key -> query) when symmetric: each row's
+    positive is the reference of the same index (labels = the row index)."""
+    ids = torch.arange(query.shape[0], device=query.device)
+    ways = [(query, key), (key, query)] if symmetric else [(query, key)]
+    return [_prepare(fn, q, ids, k, ids, normalize, backend, STATS.name) for q, k in ways]
+
+
+def _info_nce_pairs_across(fn, query, key, symmetric, normalize, backend, across: _Across):
+    """_info_nce_pairs for this rank's rows of the global batch: the local rows (global ids
+    offset + i) against the gathered keys (ids 0 .. N - 1), and the local keys against the
+    gathered queries; one all-gather of [query | key] rows when symmetric, of the keys alone
+    otherwise."""
+
+    def prepare():
+        _flag(fn, ddp_grad_scale=across.ddp_grad_scale)
+        across.check()
+        _checks.same_device(fn, query=query, key=key)
+        return _resolve(fn, backend, query.device, STATS.name)
+
+    chosen, ranks, _ = _agree(fn, across, prepare, query, key)
+    q, k = (F.normalize(t, dim=1) if normalize else t for t in (query, key))
+    ids = torch.arange(q.shape[0], device=q.device) + ranks.offset
+    every_id = torch.arange(ranks.rows, device=q.device)
+    if not symmetric:
+        return [_Pairs(q, ids, ranks.gather(k), every_id, chosen, -1, -1, ranks)]
+    every_q, every_k = ranks.gather(torch.cat([q, k], 1)).split(q.shape[1], 1)
+    return [_Pairs(q, ids, every_k, every_id, chosen, -1, -1, ranks),
+            _Pairs(k, ids, every_q, every_id, chosen, -1, -1, ranks)]
+
+
+def _info_nce(pairs: _Pairs, temperature: float) -> torch.Tensor:
+    """InfoNCE of prepared pairs whose labels put each row's positive on the diagonal."""
+    stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
+    if pairs.num_rows == 0:
+        return pairs.zero()
+    return pairs.mean_of_rows(stats[:, 0] - stats[:, 1])
 
 
 def contrastive_loss(
@@ -430,6 +663,8 @@ def contrastive_loss(
     distance: str = "euclidean",
     normalize: bool = True,
     backend: str = "auto",
+    group=None,
+    ddp_grad_scale: bool = True,
 ) -> torch.Tensor:
     r"""Contrastive loss (Hadsell et al., 2006), as PML's
     ``ContrastiveLoss(pos_margin, neg_margin)``.
@@ -443,7 +678,8 @@ def contrastive_loss(
     :func:`multi_similarity_loss`; at most one positive and one negative pair give 0.
     """
     return _batch_loss("contrastive", embeddings, labels, ref_embeddings, ref_labels, normalize,
-                       backend, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
+                       backend, group, ddp_grad_scale, pos_margin=pos_margin,
+                       neg_margin=neg_margin, distance=distance)
 
 
 def _contrastive_margins(distance, pos_margin, neg_margin):
@@ -462,8 +698,9 @@ def _check_contrastive(fn, *, pos_margin, neg_margin, distance):
 def _contrastive(pairs: _Pairs, *, pos_margin, neg_margin, distance) -> torch.Tensor:
     margins = _contrastive_margins(distance, pos_margin, neg_margin)
     stats = pairs.row_stats(None, CONTRASTIVE, _DISTANCES[distance], margins)
-    counts = stats[:, [1, 3]].detach().sum(0).clamp(min=1)
-    return _unless_few_pairs(pairs, stats[:, 0].sum() / counts[0] + stats[:, 2].sum() / counts[1])
+    counts = pairs.count(stats[:, [1, 3]].detach().sum(0)).clamp(min=1)
+    sums = pairs.total(stats[:, [0, 2]].sum(0))
+    return _unless_few_pairs(pairs, sums[0] / counts[0] + sums[1] / counts[1])
 
 
 def batch_hard_triplet_loss(
@@ -476,6 +713,8 @@ def batch_hard_triplet_loss(
     distance: str = "euclidean",
     normalize: bool = True,
     backend: str = "auto",
+    group=None,
+    ddp_grad_scale: bool = True,
 ) -> torch.Tensor:
     r"""Batch-hard triplet loss (Hermans et al., 2017), as PML's ``BatchHardMiner`` followed by
     ``TripletMarginLoss(margin)``.
@@ -490,7 +729,8 @@ def batch_hard_triplet_loss(
     torch (O(N D)), and the gradient flows through them.
     """
     return _batch_loss("batch_hard_triplet", embeddings, labels, ref_embeddings, ref_labels,
-                       normalize, backend, margin=margin, distance=distance)
+                       normalize, backend, group, ddp_grad_scale, margin=margin,
+                       distance=distance)
 
 
 def _check_batch_hard_triplet(fn, *, margin, distance):
@@ -517,7 +757,58 @@ def _batch_hard_triplet(pairs: _Pairs, *, margin, distance) -> torch.Tensor:
     else:
         violation = (x * negative).sum(1) - (x * positive).sum(1)
     losses = torch.where(keep, (violation + margin).relu(), 0.0)
-    return _mean_over_positive(losses) + pairs.zero()
+    return _mean_over_positive(pairs, losses) + pairs.zero()
+
+
+def orthogonal_projection_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    gamma: float = 0.5,
+    absolute: bool = False,
+    normalize: bool = True,
+    backend: str = "auto",
+    group=None,
+    ddp_grad_scale: bool = True,
+) -> torch.Tensor:
+    r"""Orthogonal Projection Loss (Ranasinghe et al., ICCV 2021): same-class features pulled
+    together, different classes pushed towards orthogonality.
+
+    With S the cosine matrix of the (normalised) rows against the reference set (the batch
+    itself by default, pairs i != j; with ``ref_embeddings`` every pair counts), over the
+    positive pairs P and the negative pairs Q::
+
+        s = sum_{P} S_ij / (|P| + 1e-6),    d = sum_{Q} f(S_ij) / (|Q| + 1e-6),
+        loss = (1 - s) + gamma d,           f(S) = S, or |S| when ``absolute``
+
+    ``gamma = 0.5`` and the signed mean are the defaults of the authors' README and loss.py;
+    ``absolute=True`` is their CIFAR / ImageNet variant. The sums and the pair counts come from
+    one tiled pass (pair_row_stats, kind 3); the backward recomputes the tiles; no N x M
+    matrix is stored. A batch of one class has no negative pair (d = 0), a batch without
+    positive pairs s = 0, and an empty batch gives 1 with a zero gradient, as the authors'
+    formula does. ``gamma >= 0``.
+    """
+    return _batch_loss("orthogonal_projection", embeddings, labels, ref_embeddings, ref_labels,
+                       normalize, backend, group, ddp_grad_scale, gamma=gamma, absolute=absolute)
+
+
+def _check_orthogonal_projection(fn, *, gamma, absolute):
+    _checks.at_least(fn, 0.0, gamma=gamma)
+    _flag(fn, absolute=absolute)
+
+
+# The authors' guard against an empty pair set, added to each pair count.
+_OPL_EPS = 1e-6
+
+
+def _orthogonal_projection(pairs: _Pairs, *, gamma, absolute) -> torch.Tensor:
+    stats = pairs.row_stats(None, ORTHOGONAL_PROJECTION, SIMILARITY, (float(absolute),))
+    pos_sum, pos_count, neg_sum, neg_count = pairs.total(stats.sum(0)).unbind()
+    pos_mean = pos_sum / (pos_count.detach() + _OPL_EPS)
+    neg_mean = neg_sum / (neg_count.detach() + _OPL_EPS)
+    return (1 - pos_mean) + gamma * neg_mean
 
 
 # ---- the losses of a batch against a reference set: the table behind the public functions -----
@@ -535,8 +826,11 @@ class _PairLoss:
     op_name: str
 
     def defaults(self) -> dict:
+        """The keywords of the loss and of the call (normalize, backend), not those of the
+        process group, which belong to the caller (a memory bank takes its own)."""
         params = inspect.signature(self.function).parameters.values()
-        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        return {p.name: p.default for p in params
+                if p.kind is p.KEYWORD_ONLY and p.name not in _GROUP_OPTIONS}
 
 
 # The public functions run through this table (_batch_loss), and so does a memory bank
@@ -548,28 +842,33 @@ MEMORY_BANK_LOSSES = {
     "contrastive": _PairLoss(contrastive_loss, _check_contrastive, _contrastive, STATS.name),
     "batch_hard_triplet": _PairLoss(batch_hard_triplet_loss, _check_batch_hard_triplet,
                                     _batch_hard_triplet, EXTREMA.name),
+    "orthogonal_projection": _PairLoss(orthogonal_projection_loss, _check_orthogonal_projection,
+                                       _orthogonal_projection, STATS.name),
 }
 _CALL_OPTIONS = ("normalize", "backend")
+_GROUP_OPTIONS = ("group", "ddp_grad_scale")
 
 
 def _batch_loss(loss: str, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                **options) -> torch.Tensor:
+                group=None, ddp_grad_scale=True, **options) -> torch.Tensor:
     """The body of the public function of loss `loss` (a key of MEMORY_BANK_LOSSES), errors
-    named after it: its options checked, then the loss of the batch against the reference
-    set (the batch itself when None)."""
+    named after it: its options checked (on every rank, with a group), then the loss of the
+    batch against the reference set (the batch itself when None)."""
     spec = MEMORY_BANK_LOSSES[loss]
     fn = spec.function.__name__
-    spec.check(fn, **options)
+    across = _across(group, ddp_grad_scale, lambda: spec.check(fn, **options), loss,
+                     sorted(options.items()), normalize, ref_embeddings is None)
     return _loss_of_pairs(spec, fn, embeddings, labels, ref_embeddings, ref_labels, normalize,
-                          backend, options)
+                          backend, options, across=across)
 
 
 def _loss_of_pairs(spec: _PairLoss, fn: str, embeddings, labels, ref_embeddings, ref_labels,
-                   normalize, backend, options: dict, self_offset=None) -> torch.Tensor:
+                   normalize, backend, options: dict, self_offset=None,
+                   across: Optional[_Across] = None) -> torch.Tensor:
     """Loss `spec` with its (checked) options of the prepared pairs (see _prepare), in the
     dtype of `embeddings`."""
     pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
-                     spec.op_name, self_offset)
+                     spec.op_name, self_offset, across)
     return _finish(spec.compute(pairs, **options), embeddings)
 
 
@@ -592,14 +891,36 @@ def memory_bank_options(fn: str, loss: str, options: dict) -> dict:
 
 def memory_bank_loss(fn: str, loss: str, embeddings: torch.Tensor, labels: torch.Tensor,
                      bank: torch.Tensor, bank_labels: torch.Tensor, self_offset: int,
-                     options: dict) -> torch.Tensor:
+                     options: dict, group=None, ddp_grad_scale: bool = True) -> torch.Tensor:
     """Loss `loss` of the batch against a memory bank that holds it at rows
     (self_offset + i) mod M: the loss drops those pairs, mining keeps them, as PML's
     CrossBatchMemory does. `options`: every keyword of the loss, as memory_bank_options
-    returns them."""
+    returns them. With a group, the batch is this rank's rows of the global batch, and the
+    bank, the same on every rank, holds the global batch from slot self_offset."""
     loss_options = {k: v for k, v in options.items() if k not in _CALL_OPTIONS}
+    across = _across(group, ddp_grad_scale, lambda: None, loss, sorted(options.items()),
+                     self_offset, tuple(bank.shape))
     return _loss_of_pairs(MEMORY_BANK_LOSSES[loss], fn, embeddings, labels, bank, bank_labels,
-                          options["normalize"], options["backend"], loss_options, self_offset)
+                          options["normalize"], options["backend"], loss_options, self_offset,
+                          across)
+
+
+def gather_batch(fn: str, embeddings: torch.Tensor, labels: torch.Tensor, group,
+                 check: Callable[[], None]):
+    """(every rank's embeddings, every rank's labels), concatenated in rank order and
+    detached, after check() (this rank's inputs) and the agreement on errors on every rank
+    (D and the dtype the same everywhere): what a memory bank across ranks enqueues."""
+
+    def prepare():
+        check()
+        _checks.floating_tensor(fn, "embeddings", embeddings, ndim=2)
+        _labels_tensor(fn, "labels", labels, embeddings.shape[0], "embeddings")
+        return True
+
+    across = _Across(group, True, lambda: None, ())
+    with torch.no_grad():
+        _, ranks, _ = _agree(fn, across, prepare, embeddings, None)
+        return ranks.gather(embeddings.detach()), ranks.gather(labels.long())
 
 
 # ---- argument checks -----------------------------------------------------------------------------

@@ -36,6 +36,13 @@
 // #{neg: l > 0}), and dl/ds = tau [not l <= 0]: relu' as torch's, 0 at 0, and 1 at a NaN l
 // (torch's relu backward masks by l <= 0, so a NaN pair passes its gradient on).
 //
+// Kind 3, orthogonal projection (OPL), hyper (absolute: 0 or 1); the library uses distance 0.
+// Plain sums and counts: with f(s) = s, or |s| when absolute,
+//   stats = (sum_pos s, #pos, sum_neg f(s), #neg),
+//   dstat_0/ds = [pos],  dstat_2/ds = [neg] f'(s),  f'(s) = 1, or sgn(s) when absolute
+// (torch's abs backward: 0 at 0, NaN at NaN). The loss (1 - s_mean) + gamma d_mean is formed
+// from the sums of the four columns over the rows (python/fusedloss/pairs.py).
+//
 // Backward, all kinds: w_ij = sum_k g_ik dstat_ik/ds_ij with g = grad_stats (count entries
 // ignored) is dL/ds_ij. Distance 0: dL/dS = w, so grad_x = W r and grad_r = W^T x.
 // Distance 1: dd_ij/dx_i = (x_i - r_j) / d_ij, taken as 0 where d_ij = 0 (as torch.cdist's
@@ -87,17 +94,34 @@ namespace pairs {
 
 using std::sqrt;
 
-enum Kind : int64_t { kMultiSimilarity = 0, kSupCon = 1, kContrastive = 2 };
+enum Kind : int64_t {
+  kMultiSimilarity = 0,
+  kSupCon = 1,
+  kContrastive = 2,
+  kOrthogonalProjection = 3
+};
 enum Distance : int64_t { kSimilarity = 0, kEuclidean = 1 };
 
 // How many statistics a row of `kind` has (K of the contract); 0 for an unknown kind.
 FL_HOST_DEVICE int64_t num_stats(int64_t kind) {
-  return kind == kMultiSimilarity ? 2 : kind == kSupCon ? 3 : kind == kContrastive ? 4 : 0;
+  switch (kind) {
+    case kMultiSimilarity: return 2;
+    case kSupCon: return 3;
+    case kContrastive: return 4;
+    case kOrthogonalProjection: return 4;
+    default: return 0;
+  }
 }
 
 // How many hyperparameters `kind` takes; 0 for an unknown kind.
 FL_HOST_DEVICE int64_t num_hyper(int64_t kind) {
-  return kind == kMultiSimilarity ? 4 : kind == kSupCon ? 1 : kind == kContrastive ? 2 : 0;
+  switch (kind) {
+    case kMultiSimilarity: return 4;
+    case kSupCon: return 1;
+    case kContrastive: return 2;
+    case kOrthogonalProjection: return 1;
+    default: return 0;
+  }
 }
 
 // The column that is no pair of row i, or -1 (no self_offset, or no columns).
@@ -197,6 +221,23 @@ FL_HOST_DEVICE Contrastive<acc_t> make_contrastive(acc_t pos_margin, acc_t neg_m
                                                    int64_t distance) {
   return {pos_margin, neg_margin, distance == kEuclidean ? acc_t(1) : acc_t(-1)};
 }
+
+// ---- kind 3, orthogonal projection --------------------------------------------------
+// kAbsolute: f(s) = |s| for the negatives (the authors' CIFAR / ImageNet variant), else s.
+template <typename acc_t, bool kAbsolute>
+struct OrthogonalProjection {
+  FL_HOST_DEVICE static acc_t negative_term(acc_t s) {
+    if constexpr (kAbsolute) return s < acc_t(0) ? -s : s;
+    return s;
+  }
+  // f'(s): sgn(s) (s * 0 keeps 0 at 0 and NaN at NaN) or 1.
+  FL_HOST_DEVICE static acc_t negative_slope(acc_t s) {
+    if constexpr (kAbsolute) {
+      return s > acc_t(0) ? acc_t(1) : s < acc_t(0) ? acc_t(-1) : s * acc_t(0);
+    }
+    return acc_t(1);
+  }
+};
 
 }  // namespace pairs
 }  // namespace fusedloss

@@ -25,8 +25,8 @@ import torch
 from .._ops import accumulation_dtype
 
 # Kinds of pair_row_stats, and how many statistics each writes per row.
-MULTI_SIMILARITY, SUPCON, CONTRASTIVE = 0, 1, 2
-NUM_STATS = {MULTI_SIMILARITY: 2, SUPCON: 3, CONTRASTIVE: 4}
+MULTI_SIMILARITY, SUPCON, CONTRASTIVE, ORTHOGONAL_PROJECTION = 0, 1, 2, 3
+NUM_STATS = {MULTI_SIMILARITY: 2, SUPCON: 3, CONTRASTIVE: 4, ORTHOGONAL_PROJECTION: 4}
 SIMILARITY, EUCLIDEAN = 0, 1
 # kappa of pairs.h: below this fraction of |x|^2 + |r|^2, d^2 comes from the differences.
 NEAR_FRACTION = 2.0 ** -6
@@ -131,6 +131,12 @@ def _contrastive(score, pos, neg, distance, pos_margin, neg_margin):
                         neg_loss.sum(1), (neg_loss > 0).sum(1).to(score.dtype)], 1)
 
 
+def _orthogonal_projection(score, pos, neg, absolute):
+    negative = score.abs() if absolute else score
+    return torch.stack([torch.where(pos, score, 0.0).sum(1), pos.sum(1).to(score.dtype),
+                        torch.where(neg, negative, 0.0).sum(1), neg.sum(1).to(score.dtype)], 1)
+
+
 def pair_row_stats(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
                    ref_labels: torch.Tensor, thresholds: Optional[torch.Tensor], kind: int,
                    distance: int, hyper: Sequence[float], self_offset: int) -> torch.Tensor:
@@ -147,7 +153,10 @@ def pair_row_stats(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
       (sum of positive losses, how many are > 0, sum of negative losses, how many are > 0), the
       pair losses relu(d - pos_margin) / relu(neg_margin - d) with distance 1 and
       relu(pos_margin - S) / relu(S - neg_margin) with distance 0.
-    The library uses kinds 0 and 1 with distance 0 only; with distance 1 this oracle applies
+    kind 3, orthogonal projection, hyper = (absolute,) (0 or 1), K = 4:
+      (sum_{pos} S, number of positives, sum_{neg} f(S), number of negatives), f(S) = |S| when
+      absolute, else S.
+    The library uses kinds 0, 1 and 3 with distance 0 only; with distance 1 this oracle applies
     them to d in place of S.
     """
     score = scores(x, ref, distance)
@@ -158,4 +167,6 @@ def pair_row_stats(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
         return _supcon(score, pos, neg, *hyper)
     if kind == CONTRASTIVE:
         return _contrastive(score, pos, neg, distance, *hyper)
-    raise ValueError(f"pair_row_stats: unknown kind {kind}; expected 0, 1 or 2")
+    if kind == ORTHOGONAL_PROJECTION:
+        return _orthogonal_projection(score, pos, neg, *hyper)
+    raise ValueError(f"pair_row_stats: unknown kind {kind}; expected 0, 1, 2 or 3")

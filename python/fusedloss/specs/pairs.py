@@ -1,5 +1,6 @@
 """Specs of the pairs family: multi_similarity_loss, multi_similarity_miner, supcon_loss,
-info_nce_loss, contrastive_loss and batch_hard_triplet_loss, and the module CrossBatchMemory.
+info_nce_loss, contrastive_loss, batch_hard_triplet_loss and orthogonal_projection_loss, and
+the module CrossBatchMemory.
 
 Every function reduces S_ij = x_i . r_j (x the batch, r the reference set: the batch itself
 unless a memory bank is given) to per-row statistics with the ops pair_extrema (the hardest
@@ -606,6 +607,68 @@ def triplet_memcheck():
     return [Sample("67x40", _memcheck_batch(), {}, _NAMES)]
 
 
+# ---- orthogonal_projection_loss ----------------------------------------------------------------
+
+def opl_samples(device):
+    """The authors' defaults (gamma 0.5, signed mean) and the absolute variant, other gammas,
+    a memory bank, raw rows, a single class (no negative pair), every row its own class (no
+    positive pair), N = 1, duplicated rows, strided and column-major rows, every dtype."""
+    s = _pair_sample
+    return [
+        s("9x8, 3 classes", device, 9, 8, 3, {}),
+        s("absolute", device, 9, 8, 3, dict(absolute=True), seed=1),
+        s("gamma 1, absolute", device, 11, 6, 3, dict(gamma=1.0, absolute=True), seed=2),
+        s("gamma 0", device, 11, 6, 3, dict(gamma=0.0), seed=3),
+        s("bank 7 vs 13", device, 7, 8, 3, {}, bank=13, seed=4),
+        s("bank, absolute", device, 6, 5, 2, dict(absolute=True), bank=9, seed=5),
+        s("raw rows", device, 8, 6, 3, dict(normalize=False), scale=0.3, seed=6),
+        s("one class", device, 8, 6, 1, {}, seed=7),
+        s("no positives", device, 8, 6, 8, dict(absolute=True), seed=8),
+        s("N=1", device, 1, 4, 1, {}),
+        s("16x32, bank 31, duplicate", device, 16, 32, 4, {}, bank=31, duplicate=0.0, seed=9),
+        s("column-major", device, 10, 7, 3, {}, layout="column-major", seed=10),
+        s("row-strided, absolute", device, 10, 7, 3, dict(absolute=True), layout="row-strided",
+          seed=11),
+    ] + [s(f"{dtype}", device, 12, 16, 3, dict(absolute=True), dtype=dtype, seed=12)
+         for dtype in _LOW_PRECISION]
+
+
+def opl_op_samples(device):
+    """pair_row_stats of kind 3, signed on a reference set (block size 3) with its backward,
+    absolute on the batch itself (self column excluded) with its backward."""
+    x, labels, ref, ref_labels, _ = _op_inputs("cpu")
+    return (_stats_and_backward(device, (x, labels, ref, ref_labels, None, 3, 0, [0.0], -1, 3))
+            + _stats_and_backward(device, (x, labels, x, labels, None, 3, 0, [1.0], 0, 0)))
+
+
+def opl_compile_sample(device):
+    return _pair_sample("12x8, bank 9", device, 12, 8, 4, dict(absolute=True), bank=9, seed=12)
+
+
+opl_bad_inputs = _pair_bad_inputs("orthogonal_projection_loss", [
+    option("gamma<0", dict(gamma=-0.5), ValueError, "gamma must be >= 0.0, got -0.5"),
+    not_finite("gamma"),
+    not_finite("gamma", float("inf")),
+    option("absolute not a bool", dict(absolute=1), TypeError,
+           "absolute must be a bool, got int"),
+])
+
+
+def _opl_options(data):
+    return dict(gamma=_draw.pick(data, [0.5, 0.0, 2.0]), absolute=_draw.flag(data))
+
+
+def opl_stress(device):
+    x, _, labels = stress_inputs(device)
+    return [Sample("16x32, 4 classes", (x, labels), dict(absolute=True), _NAMES)]
+
+
+def opl_memcheck():
+    return [Sample("67x40", _memcheck_batch(), {}, _NAMES),
+            Sample("67x40, bank 131", _memcheck_batch(bank=True), dict(absolute=True),
+                   _BANK_NAMES)]
+
+
 _PAIR_OPS = ("pair_extrema", "pair_row_stats", "pair_row_stats_backward")
 _STATS_OPS = ("pair_row_stats", "pair_row_stats_backward")
 _BACKENDS = ("cpu", "triton")  # no CUDA kernel: on CUDA tensors "auto" runs Triton
@@ -645,6 +708,11 @@ SPECS = [
            compile_sample=triplet_compile_sample, bad_inputs=triplet_bad_inputs,
            fuzz=_pair_fuzz("batch_hard_triplet_loss", _triplet_options, duplicates=False),
            stress=triplet_stress, memcheck=triplet_memcheck),
+    OpSpec("orthogonal_projection_loss", "pairs", reference.pair_row_stats, ops=_STATS_OPS,
+           backends=_BACKENDS, samples=opl_samples, op_samples=opl_op_samples,
+           compile_sample=opl_compile_sample, bad_inputs=opl_bad_inputs,
+           fuzz=_pair_fuzz("orthogonal_projection_loss", _opl_options), stress=opl_stress,
+           memcheck=opl_memcheck),
 ]
 
 
