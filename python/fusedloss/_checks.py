@@ -98,17 +98,18 @@ def integer(fn: str, **values) -> None:
 
 
 def embeddings_and_weight(fn: str, embeddings, weight, target, weight_name: str = "weight",
-                          rows: str = "C") -> None:
-    """embeddings [N, D], weight [rows, D] of the same dtype, target [N], all on one device."""
-    floating_tensor(fn, "embeddings", embeddings, ndim=2)
+                          rows: str = "C", name: str = "embeddings") -> None:
+    """embeddings [N, D] (called `name`), weight [rows, D] of the same dtype, target [N], all
+    on one device."""
+    floating_tensor(fn, name, embeddings, ndim=2)
     floating_tensor(fn, weight_name, weight, ndim=2)
     target_tensor(fn, target, embeddings.shape[0])
-    same_device(fn, embeddings=embeddings, target=target, **{weight_name: weight})
+    same_device(fn, **{name: embeddings, "target": target, weight_name: weight})
     if weight.dtype != embeddings.dtype:
-        raise TypeError(f"{fn}: embeddings and {weight_name} must share a dtype, got "
+        raise TypeError(f"{fn}: {name} and {weight_name} must share a dtype, got "
                         f"{embeddings.dtype} and {weight.dtype}")
     if weight.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"{fn}: embeddings [N, D] and {weight_name} [{rows}, D] must share D, "
+        raise ValueError(f"{fn}: {name} [N, D] and {weight_name} [{rows}, D] must share D, "
                          f"got {tuple(embeddings.shape)} and {tuple(weight.shape)}")
 
 
