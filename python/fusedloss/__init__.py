@@ -15,7 +15,7 @@ from .margin import margin_cross_entropy
 from .margin_linear import linear_margin_cross_entropy
 from .pairs import (batch_hard_triplet_loss, contrastive_loss, info_nce_loss,
                     multi_similarity_loss, multi_similarity_miner, orthogonal_projection_loss,
-                    supcon_loss)
+                    supcon_loss, unpg_negatives)
 from .sharded import linear_sharded_margin_cross_entropy, sharded_margin_cross_entropy
 from .spherical import spherical_z_loss
 from .spherical_linear import linear_spherical_z_loss
@@ -27,4 +27,5 @@ __all__ = ["BackendStatus", "backends", "batch_hard_triplet_loss", "contrastive_
            "linear_sharded_margin_cross_entropy", "linear_spherical_z_loss",
            "margin_cross_entropy", "multi_similarity_loss", "multi_similarity_miner", "nn",
            "orthogonal_projection_loss",
-           "sharded_margin_cross_entropy", "spherical_z_loss", "supcon_loss", "__version__"]
+           "sharded_margin_cross_entropy", "spherical_z_loss", "supcon_loss", "unpg_negatives",
+           "__version__"]

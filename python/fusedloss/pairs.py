@@ -811,6 +811,139 @@ def _orthogonal_projection(pairs: _Pairs, *, gamma, absolute) -> torch.Tensor:
     return (1 - pos_mean) + gamma * neg_mean
 
 
+# ---- UNPG's negative pairs -----------------------------------------------------------------------
+
+_UNPG_BACKENDS = ("auto", "reference", "cpu", "cuda")
+
+
+def unpg_negatives(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    whisker: float = 1.5,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""The in-batch negative pairs of UNPG (Jung et al., "Unified Negative Pair Generation
+    toward Well-discriminative Feature Space for Face Recognition", 2022), filtered as the
+    authors do, to be joined to a margin softmax as shared extra columns
+    (``extra_negatives`` of :func:`fusedloss.margin_cross_entropy` and its linear, sharded
+    forms; ``unpg=True`` on :class:`fusedloss.nn.MarginSoftmaxHead` and ``nn.PartialFC``).
+
+    ``embeddings [N, D]`` (L2-normalised first when ``normalize``) and integer ``labels [N]``.
+    The cosines s_ij of the L pairs i < j with ``labels[i] != labels[j]``, sorted ascending,
+    give Tukey's fences: ``Q1 = s[floor(L / 4)]``, ``Q3 = s[floor(3 L / 4)]``,
+    ``IQR = Q3 - Q1``; the values in ``[Q1 - whisker IQR, Q3 + whisker IQR]`` are returned as a
+    1-D tensor, ascending, in the dtype of ``embeddings``. The quartiles are exact (a full sort
+    of the L values). Gradients flow to ``embeddings`` through the kept pairs, as in the
+    authors' code; the fences themselves are constants (order statistics). A NaN cosine (a
+    NaN embedding) is always kept, after the others, so that NaN reaches the loss. L = 0 (a
+    batch of one class, or N < 2) gives an empty tensor. ``whisker >= 0``.
+
+    Cost: the upper triangle of the pair cosines, made by blocks of rows against the rows
+    after them (matrix products) and reduced at once to the block's negative pairs; memory
+    O(L) for the values and their order, plus one block; no dense ``N x N`` matrix. The
+    backward makes the blocks again and scatters the gradient of the kept values into them
+    before two products. Backends: "auto", "cpu" and "cuda" run this blocked implementation
+    with torch ops (bound by its matrix products, so no hand-written kernel and no "triton"
+    backend; "cpu" / "cuda" only insist on the tensors' device); "reference" is the dense
+    oracle. The length of the result depends on the data, so it reads it on the host.
+    Double backward is not supported.
+    """
+    fn = "unpg_negatives"
+    _checks.at_least(fn, 0.0, whisker=whisker)
+    _check_batch(fn, embeddings, labels, None, None, normalize, None)
+    if backend == "triton":
+        raise ValueError(f"{fn}: no Triton kernel for unpg_negatives; its blocked implementation "
+                         "is matmul-bound and runs on any device (use backend='auto')")
+    _checks.choice(fn, "backend", backend, _UNPG_BACKENDS)
+    if backend in ("cpu", "cuda") and embeddings.device.type != backend:
+        raise ValueError(f"{fn}: backend {backend!r} runs on {backend} tensors, got tensors on "
+                         f"{embeddings.device}")
+    x = F.normalize(embeddings, dim=1) if normalize else embeddings
+    if backend == "reference":
+        values = reference.unpg_negatives(x, labels.long(), float(whisker))
+    else:
+        values = _UnpgNegatives.apply(x, labels.long(), float(whisker))
+    return _finish(values, embeddings)
+
+
+def _unpg_blocks(n: int):
+    """(first row, rows) of the row blocks of the upper triangle: each block meets the rows from
+    its first one on, about _MINER_BLOCK_ELEMENTS scores at a time."""
+    rows = max(1, _MINER_BLOCK_ELEMENTS // max(n, 1))
+    return [(i0, min(rows, n - i0)) for i0 in range(0, n, rows)]
+
+
+def _unpg_block_pairs(labels: torch.Tensor, i0: int, rows: int) -> torch.Tensor:
+    """[rows, N - i0] mask of the negative pairs i < j of rows i0 ... against columns i0 ...."""
+    upper = torch.ones(rows, labels.shape[0] - i0, dtype=torch.bool,
+                       device=labels.device).triu(1)
+    return upper & (labels[i0:i0 + rows, None] != labels[None, i0:])
+
+
+def _tukey_kept(ordered: torch.Tensor, whisker: float) -> torch.Tensor:
+    """Mask of the ascending values `ordered` [L >= 1] inside Tukey's fences, NaN included."""
+    count = ordered.numel()
+    q1, q3 = ordered[count // 4], ordered[(3 * count) // 4]
+    spread = q3 - q1
+    inside = (ordered >= q1 - whisker * spread) & (ordered <= q3 + whisker * spread)
+    return inside | ordered.isnan()
+
+
+class _UnpgNegatives(torch.autograd.Function):
+    """unpg_negatives on prepared rows x [N, D] (int64 labels): forward and backward by blocks
+    of rows (_unpg_blocks), the scores in fp32 (fp64 for fp64).
+
+    Forward: per block the scores S = x_blk x[i0:]^T and, in row-major order, the values of its
+    negative pairs; all L of them sorted (stable), the kept ones taken with `source`, their
+    positions in that row-major order. Backward: with g_l the gradient of the l-th pair value
+    (0 for those not kept), d s_ij / d x_i = x_j and d s_ij / d x_j = x_i, so per block
+    G [rows, N - i0] (g at the block's negative pairs, scattered back in the same order) gives
+        grad x[i0 : i0 + rows] += G x[i0:],    grad x[i0:] += G^T x[i0 : i0 + rows]."""
+
+    @staticmethod
+    def forward(ctx, x, labels, whisker):
+        acc = accumulation_dtype(x)
+        rows_acc = x.detach().to(acc)
+        blocks = _unpg_blocks(x.shape[0])
+        values = []
+        for i0, rows in blocks:
+            scores = rows_acc[i0:i0 + rows] @ rows_acc[i0:].T
+            values.append(scores[_unpg_block_pairs(labels, i0, rows)])
+        values = torch.cat(values) if values else rows_acc.new_empty(0)
+        ctx.num_pairs = values.numel()
+        if values.numel() == 0:
+            source = torch.empty(0, dtype=torch.long, device=x.device)
+            ctx.save_for_backward(x, labels, source)
+            return values
+        ordered, order = values.sort(stable=True)
+        kept = _tukey_kept(ordered, whisker)
+        source = order[kept]
+        ctx.save_for_backward(x, labels, source)
+        return ordered[kept]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, labels, source = ctx.saved_tensors
+        acc = accumulation_dtype(x)
+        rows_acc = x.to(acc)
+        pair_grad = rows_acc.new_zeros(ctx.num_pairs)
+        pair_grad[source] = grad.to(acc)
+        grad_x = torch.zeros_like(rows_acc)
+        start = 0
+        for i0, rows in _unpg_blocks(x.shape[0]):
+            pairs = _unpg_block_pairs(labels, i0, rows)
+            weights = rows_acc.new_zeros(pairs.shape)
+            count = int(pairs.sum())
+            weights[pairs] = pair_grad[start:start + count]
+            start += count
+            grad_x[i0:i0 + rows] += weights @ rows_acc[i0:]
+            grad_x[i0:] += weights.T @ rows_acc[i0:i0 + rows]
+        return grad_x.to(x.dtype), None, None
+
+
 # ---- the losses of a batch against a reference set: the table behind the public functions -----
 
 @dataclass(frozen=True)

@@ -170,3 +170,25 @@ def pair_row_stats(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
     if kind == ORTHOGONAL_PROJECTION:
         return _orthogonal_projection(score, pos, neg, *hyper)
     raise ValueError(f"pair_row_stats: unknown kind {kind}; expected 0, 1, 2 or 3")
+
+
+def unpg_negatives(x: torch.Tensor, labels: torch.Tensor, whisker: float) -> torch.Tensor:
+    """UNPG's negative pairs (Jung et al., 2022), dense, as the authors' procedure: the scores
+    S_ij = x_i . x_j (fp32, fp64 for fp64) of the pairs i < j with labels[i] != labels[j],
+    sorted ascending into s [L]; Q1 = s[floor(L / 4)], Q3 = s[floor(3 L / 4)], and the values
+    in [Q1 - whisker (Q3 - Q1), Q3 + whisker (Q3 - Q1)] kept, in ascending order, followed by
+    the NaN ones (a NaN embedding), which are always kept. L = 0 gives an empty tensor.
+    Differentiable in x through the kept pairs."""
+    score = scores(x, x, SIMILARITY)
+    n = labels.shape[0]
+    upper = torch.ones(n, n, dtype=torch.bool, device=labels.device).triu(1)
+    values = score[upper & (labels[:, None] != labels[None, :])]
+    if values.numel() == 0:
+        return values
+    ordered = values.sort().values
+    count = ordered.numel()
+    q1, q3 = ordered[count // 4].detach(), ordered[(3 * count) // 4].detach()
+    spread = q3 - q1
+    kept = ((ordered >= q1 - whisker * spread) & (ordered <= q3 + whisker * spread)
+            | ordered.isnan())
+    return ordered[kept]

@@ -1,6 +1,6 @@
 """Specs of the pairs family: multi_similarity_loss, multi_similarity_miner, supcon_loss,
-info_nce_loss, contrastive_loss, batch_hard_triplet_loss and orthogonal_projection_loss, and
-the module CrossBatchMemory.
+info_nce_loss, contrastive_loss, batch_hard_triplet_loss, orthogonal_projection_loss and
+unpg_negatives, and the module CrossBatchMemory.
 
 Every function reduces S_ij = x_i . r_j (x the batch, r the reference set: the batch itself
 unless a memory bank is given) to per-row statistics with the ops pair_extrema (the hardest
@@ -669,6 +669,72 @@ def opl_memcheck():
                    _BANK_NAMES)]
 
 
+# ---- unpg_negatives ----------------------------------------------------------------------------
+
+_UNPG_NAMES = ("negatives", "grad embeddings")
+
+
+def unpg_samples(device):
+    """The default whisker and others (0: the interquartile range only), raw rows, a batch of
+    one class (L = 0: empty), N = 1 and N = 2, strided and column-major rows, fp64 and bf16.
+    No duplicated rows: two copies of a row make tied cosines, whose order in the sorted
+    result (and so which pair each position's gradient reaches) rests on the last bit."""
+    def s(id_, n, d, classes, kwargs, **options):
+        sample = _pair_sample(id_, device, n, d, classes, kwargs, **options)
+        return Sample(sample.id, sample.inputs, sample.kwargs, _UNPG_NAMES)
+    return [
+        s("9x8, 3 classes", 9, 8, 3, {}),
+        s("whisker 0", 17, 8, 4, dict(whisker=0.0), seed=1),
+        s("whisker 0.25", 23, 6, 5, dict(whisker=0.25), seed=2),
+        s("raw rows", 12, 6, 3, dict(normalize=False, whisker=0.5), scale=0.5, seed=3),
+        s("one class", 6, 4, 1, {}, seed=4),
+        s("N=1", 1, 4, 1, {}),
+        s("N=2", 2, 4, 2, {}, seed=5),
+        s("column-major", 10, 7, 3, dict(whisker=0.5), layout="column-major", seed=6),
+        s("row-strided", 10, 7, 3, {}, layout="row-strided", seed=7),
+        s("fp64, 40x16", 40, 16, 6, dict(whisker=1.0), dtype=torch.float64, seed=8),
+        s("bf16", 12, 16, 3, {}, dtype=torch.bfloat16, seed=9),
+    ]
+
+
+def unpg_bad_inputs():
+    fn = lambda: fusedloss.unpg_negatives  # noqa: E731
+    return bad_inputs(fn, _batch, floating_matrix("embeddings", 0, (6, 5)) + [
+        ("labels not a tensor", at(1, lambda y: y.tolist()), {}, TypeError,
+         "labels must be a tensor, got list"),
+        ("float labels", at(1, lambda y: y.float()), {}, TypeError,
+         "labels must hold integer class labels, got torch.float32"),
+        ("label length", at(1, lambda y: y[:3]), {}, ValueError,
+         "labels has 3 entries but embeddings has 6 rows; they must match"),
+        device_mix(1, "embeddings"),
+        option("whisker<0", dict(whisker=-0.5), ValueError, "whisker must be >= 0.0, got -0.5"),
+        not_finite("whisker"),
+        option("normalize not a bool", dict(normalize=1), TypeError,
+               "normalize must be a bool, got int"),
+        unknown_keyword("gamma"),
+    ])
+
+
+def unpg_fuzz(data, device, triton):
+    """Small batches without duplicated rows (see unpg_samples) in fp64 or fp32, so that no two
+    cosines come within rounding of each other or of a fence."""
+    n = _draw.pick(data, [1, 2, 3, 5, 16, 17])
+    d = _draw.pick(data, [3, 16, 17])
+    dtype = _draw.pick(data, [torch.float64, torch.float32])
+    gen = _draw.generator(data)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    x = _draw.strided(x, _draw.flag(data)).to(device).requires_grad_()
+    labels = _draw.labels(data, n, data.draw(_draw.st().integers(1, 6))).to(device)
+    kw = dict(whisker=_draw.pick(data, [1.5, 0.0, 0.5]), normalize=_draw.flag(data))
+    return FuzzCase(lambda backend: fusedloss.unpg_negatives(x, labels, backend=backend, **kw),
+                    [x], dtype)
+
+
+def unpg_stress(device):
+    x, _, labels = stress_inputs(device)
+    return [Sample("16x32, 4 classes", (x, labels), {}, _UNPG_NAMES)]
+
+
 _PAIR_OPS = ("pair_extrema", "pair_row_stats", "pair_row_stats_backward")
 _STATS_OPS = ("pair_row_stats", "pair_row_stats_backward")
 _BACKENDS = ("cpu", "triton")  # no CUDA kernel: on CUDA tensors "auto" runs Triton
@@ -713,6 +779,13 @@ SPECS = [
            compile_sample=opl_compile_sample, bad_inputs=opl_bad_inputs,
            fuzz=_pair_fuzz("orthogonal_projection_loss", _opl_options), stress=opl_stress,
            memcheck=opl_memcheck),
+    # Blocked matrix products in torch ops (no kernel of its own): "cpu" and "cuda" run the same
+    # implementation on their devices.
+    OpSpec("unpg_negatives", "pairs", reference.unpg_negatives, ops=(),
+           backends=("cpu", "cuda"), samples=unpg_samples, op_samples=lambda device: [],
+           compile_sample=None, bad_inputs=unpg_bad_inputs, fuzz=unpg_fuzz, stress=unpg_stress,
+           no_compile="the length of the result depends on the data (the kept pairs)",
+           host_sync="the number of negative pairs and of kept ones depends on the data"),
 ]
 
 
