@@ -19,7 +19,7 @@ module.
 import contextlib
 import contextvars
 import zlib
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,6 +116,55 @@ def gather_table(local: Dict[str, int], group=None, device=None) -> List[Dict[st
     table[rank] = torch.tensor([int(local[k]) for k in keys], dtype=torch.int64)
     table = all_reduce(table, "max", group, kind=ERROR_AGREEMENT).tolist()
     return [dict(zip(keys, row)) for row in table]
+
+
+def prepared_everywhere(fn: str, group, device, prepare: Callable, row_of: Callable):
+    """(prepare(), the table of every rank's row_of(prepared)): this rank's checks and set-up,
+    then one gather_table before any real collective, so that bad input on any rank raises
+    on every rank and never hangs the group. A rank whose own checks failed (prepare raised
+    TypeError, ValueError or RuntimeError) raises its own error, the others a ValueError
+    that names the failed ranks; the caller then raises, identically everywhere, what the
+    table shows (values that must agree across ranks). row_of(prepared) is a dict of ints
+    with the same keys on every rank and in every call; a failed rank sends 0 for each."""
+    try:
+        prepared, error = prepare(), None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not initialized():
+            raise
+        prepared, error = None, exc
+    row = row_of(prepared) if error is None else dict.fromkeys(row_of(None), 0)
+    row["local_error"] = int(error is not None)
+    table = gather_table(row, group, device)
+    if error is not None:
+        raise error
+    failed = [rank for rank, r in enumerate(table) if r["local_error"]]
+    if failed:
+        raise ValueError(f"{fn}: the inputs of rank(s) {failed} are invalid (the reason is raised "
+                         "there); every rank stops here")
+    return prepared, table
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum over ranks of each rank's partial t. Backward: each rank differentiates its own
+    partial, whose gradient is that of the sum (the loss is the same function of the sums on
+    every rank), times grad_scale; no collective."""
+
+    @staticmethod
+    def forward(ctx, t, group, grad_scale):
+        ctx.grad_scale = grad_scale
+        return all_reduce(t, "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.grad_scale, None, None
+
+
+def sum_over_ranks(t: torch.Tensor, group=None, grad_scale: float = 1.0) -> torch.Tensor:
+    """sum_r t_r over the group (all_reduce, tagged COMBINING), autograd-aware: t's gradient
+    is the sum's gradient times grad_scale. A loss built from such sums has, on rank r, the
+    gradient of rank r's partials only; the gradients of inputs that several ranks share
+    (an all_gather_rows) are then summed onto their owners by that gather's backward."""
+    return _SumOverRanks.apply(t, group, float(grad_scale))
 
 
 def fingerprint(*values) -> int:
