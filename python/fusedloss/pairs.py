@@ -26,6 +26,31 @@ pairs of a needed sign; every such 0 has a zero gradient.
 NaN: a NaN in an embedding that takes part in the loss gives a NaN loss, on every backend.
 The hardest pick of a row with a NaN score is NaN (torch.min's rule, pair_extrema's contract),
 and the AvgNonZero means count NaN entries, where PML's `> 0` would drop them.
+
+Across ranks. Every loss (and the miner) takes ``group`` (a torch.distributed process group;
+None, the default: this process alone, no collective) and ``ddp_grad_scale`` (default True).
+With a group each rank passes its own N_r rows (sizes may differ, 0 included; the labels and
+a reference set, if any, are per rank too) and every rank gets the loss of the global batch,
+the rank-ordered concatenation, exactly as the function without a group on that batch. The
+design, per call:
+  1. agreement on errors: one all_reduce of about 10 int64 per rank (fdist.gather_table);
+     bad input on any rank raises on every rank; D, the dtype, whether a reference set is
+     given, whether the inputs need a gradient and the options must match across ranks;
+  2. one all-gather of the (normalised) rows, O(N D), and one of the labels (of the
+     reference sets too, when given);
+  3. the tiled kernels with this rank's rows as queries against the global references,
+     self_offset = the rank's first global row, so each rank's pass costs N_r x N_global
+     similarities tile by tile and no rank stores an N_r x N_global matrix;
+  4. the per-row statistics reduced to a few numbers per rank (sums, counts, the miner's
+     few-pairs rule) and summed over ranks (all_reduce of O(1) numbers, fdist.sum_over_ranks;
+     the miner's thresholds are per row, and each rank holds every reference of its rows);
+  5. backward: each rank differentiates its own partial sums; the references' gradient goes
+     to the rows' owners in one reduce-scatter (on gloo an all_to_all of W padded blocks),
+     O(N D) per rank, in the all-gather's backward.
+The local embeddings' gradient is the exact gradient of the global loss times W with
+``ddp_grad_scale=True``, so that DistributedDataParallel's average over the W ranks of the
+backbone's gradients is the exact gradient; ``False`` gives the exact gradient. Every rank
+must call backward (the reduce-scatter is a collective), as with DDP itself.
 """
 from dataclasses import dataclass
 import importlib.util
@@ -238,12 +263,18 @@ class _Ranks:
         return fdist.all_gather_rows(t, self.sizes if sizes is None else sizes, self.group)
 
 
-def _across(group, ddp_grad_scale, check: Callable[[], None], *shared) -> Optional[_Across]:
-    """None without a group: then `check` runs now, and the call is this process's alone."""
-    if group is None:
+def _across(fn, group, ddp_grad_scale, check: Callable[[], None], *shared) -> Optional[_Across]:
+    """None without a group: then `check` (and that of ddp_grad_scale) runs now, and the call
+    is this process's alone; with one, they run inside the agreement on errors."""
+
+    def checks():
+        _flag(fn, ddp_grad_scale=ddp_grad_scale)
         check()
+
+    if group is None:
+        checks()
         return None
-    return _Across(group, ddp_grad_scale, check, shared)
+    return _Across(group, ddp_grad_scale, checks, shared)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -293,7 +324,6 @@ def _prepare_across(fn, embeddings, labels, ref_embeddings, ref_labels, normaliz
     that holds the global batch at rows (self_offset + j) mod M."""
 
     def prepare():
-        _flag(fn, ddp_grad_scale=across.ddp_grad_scale)
         across.check()
         _check_batch(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, self_offset)
         return _resolve(fn, backend, embeddings.device, op_name)
@@ -414,6 +444,8 @@ def multi_similarity_loss(
 
     ``alpha > 0`` and ``beta > 0``. The loss has the dtype of ``embeddings``; statistics are
     accumulated in fp32 (fp64 for fp64). ``backend``: "auto", "reference", "cpu", "triton".
+    ``group`` and ``ddp_grad_scale``: the loss of the global batch of a process group, each
+    rank passing its own rows (see "Across ranks" in :mod:`fusedloss.pairs`).
     """
     return _batch_loss("multi_similarity", embeddings, labels, ref_embeddings, ref_labels,
                        normalize, backend, group, ddp_grad_scale, alpha=alpha, beta=beta,
@@ -476,7 +508,7 @@ def multi_similarity_miner(
     their pairs (two int64 indices per kept pair).
     """
     fn = "multi_similarity_miner"
-    across = _across(group, True, lambda: _checks.finite(fn, epsilon=epsilon), epsilon,
+    across = _across(fn, group, True, lambda: _checks.finite(fn, epsilon=epsilon), epsilon,
                      normalize, ref_embeddings is None)
     with torch.no_grad():
         pairs = _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, backend,
@@ -546,6 +578,8 @@ def supcon_loss(
     Rows without positives count as 0, and the loss is the mean over the rows with
     ``l_i > 0`` (PML's AvgNonZeroReducer). The loss is 0 with a zero gradient when the batch
     has no positive or no negative pair, or at most one of each, as in PML. ``temperature > 0``.
+    ``group`` and ``ddp_grad_scale``: the loss of the global batch of a process group, each
+    rank passing its own rows (see "Across ranks" in :mod:`fusedloss.pairs`).
     """
     return _batch_loss("supcon", embeddings, labels, ref_embeddings, ref_labels, normalize,
                        backend, group, ddp_grad_scale, temperature=temperature)
@@ -604,7 +638,7 @@ def info_nce_loss(
             raise ValueError(f"{fn}: query and key must have the same shape [N, D], got "
                              f"{tuple(query.shape)} and {tuple(key.shape)}")
 
-    across = _across(group, ddp_grad_scale, check, temperature, symmetric, normalize)
+    across = _across(fn, group, ddp_grad_scale, check, temperature, symmetric, normalize)
     directions = (_info_nce_pairs(fn, query, key, symmetric, normalize, backend) if across is None
                   else _info_nce_pairs_across(fn, query, key, symmetric, normalize, backend,
                                               across))
@@ -628,7 +662,6 @@ def _info_nce_pairs_across(fn, query, key, symmetric, normalize, backend, across
     otherwise."""
 
     def prepare():
-        _flag(fn, ddp_grad_scale=across.ddp_grad_scale)
         across.check()
         _checks.same_device(fn, query=query, key=key)
         return _resolve(fn, backend, query.device, STATS.name)
@@ -676,6 +709,8 @@ def contrastive_loss(
     positive pair losses that are > 0 plus the mean of the negative ones that are > 0 (PML's
     AvgNonZeroReducer on each; an empty set gives 0). Pairs and self exclusion are those of
     :func:`multi_similarity_loss`; at most one positive and one negative pair give 0.
+    ``group`` and ``ddp_grad_scale``: the loss of the global batch of a process group, each
+    rank passing its own rows (see "Across ranks" in :mod:`fusedloss.pairs`).
     """
     return _batch_loss("contrastive", embeddings, labels, ref_embeddings, ref_labels, normalize,
                        backend, group, ddp_grad_scale, pos_margin=pos_margin,
@@ -727,6 +762,8 @@ def batch_hard_triplet_loss(
     the anchors whose loss is > 0 (PML's AvgNonZeroReducer), 0 when there is none. The
     extrema come from the tiled kernel; the two distances per anchor are then recomputed in
     torch (O(N D)), and the gradient flows through them.
+    ``group`` and ``ddp_grad_scale``: the loss of the global batch of a process group, each
+    rank passing its own rows (see "Across ranks" in :mod:`fusedloss.pairs`).
     """
     return _batch_loss("batch_hard_triplet", embeddings, labels, ref_embeddings, ref_labels,
                        normalize, backend, group, ddp_grad_scale, margin=margin,
@@ -989,7 +1026,7 @@ def _batch_loss(loss: str, embeddings, labels, ref_embeddings, ref_labels, norma
     batch against the reference set (the batch itself when None)."""
     spec = MEMORY_BANK_LOSSES[loss]
     fn = spec.function.__name__
-    across = _across(group, ddp_grad_scale, lambda: spec.check(fn, **options), loss,
+    across = _across(fn, group, ddp_grad_scale, lambda: spec.check(fn, **options), loss,
                      sorted(options.items()), normalize, ref_embeddings is None)
     return _loss_of_pairs(spec, fn, embeddings, labels, ref_embeddings, ref_labels, normalize,
                           backend, options, across=across)
@@ -1031,7 +1068,7 @@ def memory_bank_loss(fn: str, loss: str, embeddings: torch.Tensor, labels: torch
     returns them. With a group, the batch is this rank's rows of the global batch, and the
     bank, the same on every rank, holds the global batch from slot self_offset."""
     loss_options = {k: v for k, v in options.items() if k not in _CALL_OPTIONS}
-    across = _across(group, ddp_grad_scale, lambda: None, loss, sorted(options.items()),
+    across = _across(fn, group, ddp_grad_scale, lambda: None, loss, sorted(options.items()),
                      self_offset, tuple(bank.shape))
     return _loss_of_pairs(MEMORY_BANK_LOSSES[loss], fn, embeddings, labels, bank, bank_labels,
                           options["normalize"], options["backend"], loss_options, self_offset,

@@ -118,12 +118,25 @@ def _batch_cases(unknown_kw):
         option("normalize not a bool", dict(normalize=1), TypeError,
                "normalize must be a bool, got int"),
         unknown_keyword(unknown_kw),
+        _GROUP_WITHOUT_DISTRIBUTED,
     ]
+
+
+# group= without torch.distributed initialised, and a gradient convention that is not a bool
+# (every pair function takes group; the losses take ddp_grad_scale, the miner does not).
+_GROUP_WITHOUT_DISTRIBUTED = option(
+    "group without torch.distributed", dict(group=object()), RuntimeError,
+    "a process group was given, but torch.distributed is not initialised")
+_DDP_GRAD_SCALE = option("ddp_grad_scale not a bool", dict(ddp_grad_scale=1), TypeError,
+                         "ddp_grad_scale must be a bool, got int")
 
 
 def _pair_bad_inputs(name, option_cases, unknown_kw="_self_offset"):
     """bad_inputs() of pair function `name` of (embeddings, labels, ref_embeddings,
-    ref_labels): the cases of its batch, then `option_cases`, its bad options."""
+    ref_labels): the cases of its batch, then `option_cases`, its bad options (and
+    ddp_grad_scale's, for the losses)."""
+    if name != "multi_similarity_miner":
+        option_cases = option_cases + [_DDP_GRAD_SCALE]
     return lambda: bad_inputs(lambda: getattr(fusedloss, name), _batch,
                               _batch_cases(unknown_kw) + option_cases)
 
@@ -467,6 +480,8 @@ def info_nce_bad_inputs():
                "temperature must be > 0, got -0.1"),
         option("symmetric not a bool", dict(symmetric=1), TypeError,
                "symmetric must be a bool, got int"),
+        _GROUP_WITHOUT_DISTRIBUTED,
+        _DDP_GRAD_SCALE,
         option("normalize not a bool", dict(normalize=None), TypeError,
                "normalize must be a bool, got NoneType"),
         unknown_keyword("labels"),
@@ -821,6 +836,11 @@ def memory_bad_inputs():
                    ValueError, "labels must have shape [6], got (3,)"),
         module_bad("float labels", lambda: nn.CrossBatchMemory(5, 8)(x, labels.float()),
                    TypeError, "labels must hold integer class labels, got torch.float32"),
+        module_bad("ddp_grad_scale not a bool", lambda: nn.CrossBatchMemory(5, 8, ddp_grad_scale=1),
+                   TypeError, "ddp_grad_scale must be a bool, got int"),
+        module_bad("group without torch.distributed",
+                   lambda: nn.CrossBatchMemory(5, 8, group=object())(x, labels), RuntimeError,
+                   "a process group was given, but torch.distributed is not initialised"),
     ]
 
 
