@@ -80,6 +80,20 @@ _define(
     "bool detach_margin, bool normalize, int class_start, int ignore_index, int block_size) "
     "-> (Tensor, Tensor)")
 
+# ---- multilabel (family "multilabel") ----------------------------------------------------------
+
+# Multi-label margin loss (MLCD) on normalised logits, per row (math: fusedloss/multilabel.h).
+# targets [N, K] int64, 1 <= K <= 64, holds each row's positive classes; entries equal to
+# ignore_index are padding and a class listed twice counts once. Row loss, with z_p the
+# margin logit of margin_cross_entropy:
+#   log(1 + sum_{j not a positive} exp(scale c_j)) + log(1 + sum_{positives p} exp(-z_p)),
+# 0 for a row without positives. Returns the per-row loss (fp32, fp64 for fp64 cos) and, when
+# compute_grad, d loss_i / d cos_ij in the dtype of cos (else an empty tensor).
+_define(
+    "multilabel_margin_cross_entropy(Tensor cos, Tensor targets, float scale, float m1, "
+    "float m2, float m3, bool detach_margin, int ignore_index, bool compute_grad) "
+    "-> (Tensor, Tensor)")
+
 # ---- pairs (family "pairs") ------------------------------------------------------------------
 
 # Pairwise similarity losses over S_ij = x_i . r_j, x [N, D] queries, r [M, D] references

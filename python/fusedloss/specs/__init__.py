@@ -44,7 +44,7 @@ import fusedloss
 import fusedloss.nn
 from fusedloss import _schemas
 
-FAMILIES = ("margin", "spherical", "pairs", "sharded", "ldr_kl")
+FAMILIES = ("margin", "spherical", "pairs", "sharded", "ldr_kl", "multilabel")
 BACKENDS = ("cpu", "cuda", "triton")
 
 # Public names that are not ops or modules, with the reason they have no spec.
