@@ -300,3 +300,88 @@ def pairs_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Famil
                   fused=fused, flops=_flops_pairs, notes=notes, mem_factor=16.0,
                   targets=targets, x_label="number of references M (= N without a bank)",
                   plot_along=("N",))
+
+
+# --------------------------------------------------------------------------------------
+# Orthogonal Projection Loss: its own family ("opl"), against the authors' dense formula
+# --------------------------------------------------------------------------------------
+
+def opl_authors_formula(features: torch.Tensor, labels: torch.Tensor, gamma: float,
+                        absolute: bool) -> torch.Tensor:
+    """OPL as the authors' loss.py computes it, dense: the N x N cosine matrix, a float mask of
+    the same-label pairs off the diagonal and one of the different-label pairs, each mean
+    over its mask (count + 1e-6), |S| on the negatives in the absolute variant."""
+    normed = torch.nn.functional.normalize(features, p=2, dim=1)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(same.shape[0], dtype=torch.bool, device=same.device)
+    positive = same.masked_fill(eye, False).to(normed.dtype)
+    negative = (~same).to(normed.dtype)
+    cosines = normed @ normed.t()
+    pos_mean = (positive * cosines).sum() / (positive.sum() + 1e-6)
+    negative_terms = negative * cosines
+    if absolute:
+        negative_terms = negative_terms.abs()
+    neg_mean = negative_terms.sum() / (negative.sum() + 1e-6)
+    return (1.0 - pos_mean) + gamma * neg_mean
+
+
+def _opl_contender(kind: str) -> Contender:
+    """"fusedloss" / "triton": orthogonal_projection_loss with backend auto / triton;
+    "eager" / "compile": the authors' formula."""
+
+    def build(case, inputs):
+        opts = dict(gamma=case["gamma"], absolute=case["absolute"])
+        if kind in ("fusedloss", "triton"):
+            backend = "auto" if kind == "fusedloss" else "triton"
+            kernel_check(backend, "pair_row_stats", inputs["args"][0].device)
+            fn = api("orthogonal_projection_loss")
+            return _step(lambda emb, labels: fn(emb, labels, backend=backend, **opts), inputs)
+        formula = compiled(opl_authors_formula) if kind == "compile" else opl_authors_formula
+        return _step(lambda emb, labels: formula(emb, labels, **opts), inputs)
+
+    return build
+
+
+@family("opl", default=False)
+def opl_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    dtypes = dtypes or ["float32"]
+    Ns = [4096] + ([16_384] if large or device == "cuda" else [])
+    cases = []
+    for dt in dtypes:
+        for n in Ns:
+            for absolute in (False, True):
+                cases.append(dict(N=n, C=n, D=128, dtype=dt, variant="opl", per_class=4,
+                                  gamma=0.5, absolute=absolute,
+                                  label=f"OPL{' |S|' if absolute else ''} {SHORT[dt]} D=128 "
+                                        f"N={n:,}"))
+    contenders = {
+        "fusedloss": _opl_contender("fusedloss"),
+        "baseline-eager": _opl_contender("eager"),
+        "baseline-compile": _opl_contender("compile"),
+    }
+    fused = ("fusedloss",)
+    if device == "cuda":
+        contenders["fusedloss-triton"] = _opl_contender("triton")
+        fused += ("fusedloss-triton",)
+    notes = [
+        "opl: `orthogonal_projection_loss(x, labels, gamma=0.5, absolute=...)` (backend "
+        "\"auto\": pair_row_stats kind 3, one tiled pass for the sums and pair counts, the "
+        "backward recomputing the tiles), forward + backward w.r.t. the embeddings; baseline = "
+        "the authors' dense formula (their loss.py: normalise, the N x N cosine matrix, float "
+        "masks of the positive pairs off the diagonal and of the negative pairs, the two "
+        "masked means, |S| on the negatives for absolute), eager and under "
+        "torch.compile(dynamic=False). Inputs as the pairs family's (4 samples per class, "
+        "class centre + noise). TFLOP/s (fusedloss) = 6·N²·D, as the pairs family counts.",
+        _auto_note(device),
+    ]
+    targets = [{"case": {"variant": "opl", "dtype": "float32", "N": 4096, "D": 128,
+                         "absolute": absolute},
+                "contender": "fusedloss", "time_vs_eager": 1 / 3, "memory_vs_eager": 0.2}
+               for absolute in (False, True)]
+    return Family(name="opl", cases=cases, make_inputs=pair_inputs, contenders=contenders,
+                  fused=fused, flops=_flops_pairs, notes=notes, mem_factor=8.0,
+                  targets=targets, x_label="batch size N (= M)")
+
+
+# The pair losses across the ranks of a process group: their own family, "pairs_ranks".
+from fusedloss.benchmarks import pairs_ranks  # noqa: E402,F401  (registers the family)

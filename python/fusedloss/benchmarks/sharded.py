@@ -414,9 +414,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_worker(rank: int, world: int, port: int, threads: int, timeout_s: float, conn) -> None:
-    """The loop of one spawned rank: ("setup", case) builds its RankBench, ("step", kwargs)
-    answers RankBench.step(**kwargs), ("close", None) ends; a failure answers ("error", text)."""
+def _rank_worker(rank: int, world: int, port: int, threads: int, timeout_s: float, conn,
+                 bench_class=None) -> None:
+    """The loop of one spawned rank: ("setup", case) builds its bench (bench_class(case,
+    device, counter), RankBench by default), ("step", kwargs) answers bench.step(**kwargs),
+    ("close", None) ends; a failure answers ("error", text)."""
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
@@ -436,7 +438,7 @@ def _rank_worker(rank: int, world: int, port: int, threads: int, timeout_s: floa
                 if what == "setup":
                     bench = None
                     gc.collect()
-                    bench = RankBench(arg, torch.device("cpu"), counter)
+                    bench = (bench_class or RankBench)(arg, torch.device("cpu"), counter)
                     conn.send(("ok", None))
                 else:
                     conn.send(("ok", bench.step(**arg)))
@@ -466,12 +468,14 @@ class RankPool:
     """W spawned processes, the ranks of a gloo group over 127.0.0.1 (a fresh port, the
     group made with a timeout), each with ``threads`` torch threads (default: this
     process's threads / W, at least 1), driven through pipes: ``setup(case)`` builds every
-    rank's RankBench, ``step()`` runs one step on every rank and returns their reports in
-    rank order. A rank that fails, dies or does not answer within the group's timeout (plus
-    a minute) raises here; ``close()`` (or garbage collection) ends the processes."""
+    rank's bench (``bench_class``, a module-level class with RankBench's constructor and
+    ``step``; default RankBench), ``step()`` runs one step on every rank and returns their
+    reports in rank order. A rank that fails, dies or does not answer within the group's
+    timeout (plus a minute) raises here; ``close()`` (or garbage collection) ends the
+    processes."""
 
     def __init__(self, world: int, threads: Optional[int] = None,
-                 timeout_s: float = GROUP_TIMEOUT_S):
+                 timeout_s: float = GROUP_TIMEOUT_S, bench_class=None):
         ctx = multiprocessing.get_context("spawn")
         threads = threads or max(1, torch.get_num_threads() // world)
         port, self.timeout_s = _free_port(), timeout_s
@@ -480,7 +484,7 @@ class RankPool:
         for rank in range(world):
             mine, theirs = ctx.Pipe()
             p = ctx.Process(target=_rank_worker, args=(rank, world, port, threads, timeout_s,
-                                                       theirs), daemon=True)
+                                                       theirs, bench_class), daemon=True)
             p.start()
             theirs.close()
             self.processes.append(p)
@@ -537,10 +541,11 @@ def _per_rank(values, unit) -> str:
     return " / ".join(f"{v / unit:,.0f}" for v in values)
 
 
-def _partialfc_record(first: List[dict], last: List[dict]) -> dict:
-    """The record of the PartialFC contender from the rank reports of the first step (the
-    memory: the first step of fresh processes, as the engine measures every contender) and
-    of the last one (the bytes by kind)."""
+def ranks_record(first: List[dict], last: List[dict]) -> dict:
+    """The record of a multi-rank contender (PartialFC here, the pair losses across ranks in
+    fusedloss.benchmarks.pairs_ranks) from the rank reports of the first step (the memory:
+    the first step of fresh processes, as the engine measures every contender) and of the
+    last one (the bytes by kind)."""
     extra = [r["memory"]["extra_bytes"] for r in first]
     peak = [r["memory"]["peak_bytes"] for r in first]
     sent, wire = sent_summary(last), sent_summary(last, "wire")
@@ -574,7 +579,7 @@ def _partialfc_contender(case, inputs):
     def step():
         ranks = pool.step()
         first[:] = first or ranks
-        inputs["report"][_PARTIALFC] = _partialfc_record(first, ranks)
+        inputs["report"][_PARTIALFC] = ranks_record(first, ranks)
         return torch.tensor(ranks[0]["loss"])
 
     return step
