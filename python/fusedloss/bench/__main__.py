@@ -12,7 +12,9 @@ default ones; ``--help`` lists the families.)
 Writes ``bench_<device>.md``, ``bench_<device>.json`` and ``bench_<device>.png`` to ``--out``
 (default ``bench/results``, relative to the working directory) and prints the markdown table.
 The md and json are also rewritten after every case, marked partial, so that a run cut short
-(a time limit) leaves its finished cases behind.
+(a time limit) leaves its finished cases behind. On a terminal, a progress bar (tqdm) shows
+case k of n, the time elapsed and an estimate of the time left, then the same for the memory
+runs; with stderr not a terminal (CI, a log file) only the per-case lines are printed.
 """
 from __future__ import annotations
 
@@ -42,9 +44,7 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
     names = list(args.family or default_families(device))
     names += [n for n in getattr(args, "also", None) or [] if n not in names]
     dtypes = [args.dtype] if args.dtype else None
-
-    def log(s):
-        print(s, file=sys.stderr, flush=True)
+    log = _log_writer()
 
     t_start = time.perf_counter()
     result = {"device": device, "repeats": args.repeats, "large": args.large,
@@ -58,8 +58,10 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
                                                    "along": list(fam.plot_along)}
         plan += [(fam, case) for case in fam.cases
                  if not getattr(args, "case", None) or any(t in case["label"] for t in args.case)]
+    bar = progress(len(plan), "case")
     for i, (fam, case) in enumerate(plan):
         log(f"[{i + 1}/{len(plan)}] {fam.name}: {case['label']}")
+        bar.set_description(case["label"])
         need = fam.mem_factor * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
         avail = mem_available() if device == "cpu" else None
         if avail is not None and need > 0.9 * avail:
@@ -76,22 +78,61 @@ def run(args, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
                                  + ("; memory not measured yet" if memory_later else ""))
             finish(result, plan[: i + 1], t_start)
             checkpoint(result)
+        bar.update()
+    bar.close()
     if device == "cpu" and not args.no_memory:
         log("memory: one fresh subprocess per (case, contender)")
-        for row in result["results"]:
+        todo = [row for row in result["results"]
+                if row["record"]["status"] == "ok" and "memory" not in row["record"]]
+        bar = progress(len(todo), "run")
+        for row in todo:
             rec = row["record"]
-            if rec["status"] == "ok" and "memory" not in rec:
-                rec["memory"] = measure_cpu(row["family"], args.large, row["case"],
-                                            row["contender"])
-                mem = rec["memory"]
-                log(f"  {row['case']['label']:<32} {row['contender']:<18} "
-                    + (f"{mem['extra_bytes'] / MiB:9.1f} MiB" if "extra_bytes" in mem
-                       else mem.get("error", "?")))
+            bar.set_description(f"memory: {row['contender']}")
+            rec["memory"] = measure_cpu(row["family"], args.large, row["case"], row["contender"])
+            mem = rec["memory"]
+            log(f"  {row['case']['label']:<32} {row['contender']:<18} "
+                + (f"{mem['extra_bytes'] / MiB:9.1f} MiB" if "extra_bytes" in mem
+                   else mem.get("error", "?")))
+            bar.update()
+        bar.close()
     if args.no_memory:
         result["notes"].append("memory not measured (--no-memory)")
     result.pop("partial", None)
     finish(result, plan, t_start)
     return result
+
+
+class _NoBar:
+    """What :func:`progress` gives where tqdm is not installed: a bar that shows nothing."""
+
+    def set_description(self, text):
+        pass
+
+    def update(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress(total: int, unit: str):
+    """A tqdm bar on stderr (k of n, elapsed, estimated time left) while stderr is a terminal,
+    silent when it is not (a log file, CI: tqdm's ``disable=None``) or where tqdm is not
+    installed (the bench extra installs it). The per-case log lines are printed either way."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def _log_writer():
+    """A line printer to stderr that keeps a live progress bar below the lines."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda text: print(text, file=sys.stderr, flush=True)
+    return lambda text: tqdm.write(text, file=sys.stderr)
 
 
 def _family_help() -> str:

@@ -289,12 +289,17 @@ def _linear_margin_contender(backend: str) -> Contender:
     return build
 
 
+# The plain linear cross-entropy variants (no normalisation, no margin): on CUDA at the
+# classification scale, and the language-model head on every device.
+PLAIN_LINEAR_CE = ("plain-linear-ce", "lm-head")
+
+
 def _linear_chain_contender(compile_it: bool) -> Contender:
     """The unfused chain of the case's variant, eager or compiled: `arcface_linear_baseline`,
     or for plain linear CE `linear_ce_baseline` (F.cross_entropy(e @ w.T, t))."""
 
     def build(case, inputs):
-        if case["variant"] == "plain-linear-ce":
+        if case["variant"] in PLAIN_LINEAR_CE:
             fn, kwargs = linear_ce_baseline, {}
         else:
             fn, kwargs = arcface_linear_baseline, {"scale": case["scale"], "m2": case["m2"]}
@@ -332,23 +337,80 @@ def _cce_linear_contender(case, inputs):
     return step
 
 
+def _torch_linear_ce_contender(case, inputs):
+    """PyTorch's own fused linear cross-entropy, `F.linear_cross_entropy(e, w, t,
+    options=LinearCrossEntropyOptions())`: the chunked path with its automatic choices
+    (torch >= 2.13)."""
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is None or not hasattr(F, "linear_cross_entropy"):
+        raise Unavailable("F.linear_cross_entropy with LinearCrossEntropyOptions needs "
+                          f"torch >= 2.13, not {torch.__version__}")
+    e, w, t = inputs["e"], inputs["w"], inputs["target"]
+    chunked = options()
+
+    def step():
+        loss = F.linear_cross_entropy(e, w, t, options=chunked)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def _liger_linear_contender(case, inputs):
+    """Liger-Kernel's LigerFusedLinearCrossEntropyLoss()(w, e, t) (weight first, its order):
+    plain CE of e @ w.T in chunks, Triton, CUDA only."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise NotInstalled("liger-kernel")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception as ex:  # noqa: BLE001 - installed but not importable here
+        raise Unavailable(f"liger-kernel not importable: {type(ex).__name__}: {ex}")
+    e, w, t = inputs["e"], inputs["w"], inputs["target"]
+    if e.device.type != "cuda":
+        raise Unavailable("Liger-Kernel needs CUDA")
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def step():
+        loss = loss_fn(w, e, t)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where a
+    bf16 case measures the kernels rather than an emulation."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def _flops_linear(case: dict) -> int:
     """Forward + backward of the classifier matmuls: 2·N·C·D for the logits, 2·N·C·D for the
     gradient of the embeddings, 2·N·C·D for that of the class centres."""
     return 6 * case["N"] * case["C"] * case["D"]
 
 
-def _margin_linear_view(fam: Family, case: dict) -> Family:
-    """The plain linear CE case adds Cut Cross-Entropy, which computes plain CE only."""
-    if case.get("variant") != "plain-linear-ce":
-        return fam
-    return dataclasses.replace(fam, contenders={**fam.contenders,
-                                                "cce (plain CE)": _cce_linear_contender})
+def _plain_linear_view(device: str) -> Callable[[Family, dict], Family]:
+    """The plain linear CE cases add the fused linear cross-entropies of others, which compute
+    plain CE only: torch's own, and on CUDA Liger-Kernel's and Cut Cross-Entropy's."""
+    others = {"torch linear_cross_entropy (chunked)": _torch_linear_ce_contender}
+    if device == "cuda":
+        others.update({"liger (fused linear CE)": _liger_linear_contender,
+                       "cce (plain CE)": _cce_linear_contender})
+
+    def view(fam: Family, case: dict) -> Family:
+        if case.get("variant") not in PLAIN_LINEAR_CE:
+            return fam
+        return dataclasses.replace(fam, contenders={**fam.contenders, **others})
+
+    return view
 
 
 @family("margin_linear")
 def margin_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
     D = 512
+    lm_head = _lm_head_cases(device, dtypes)
     if device == "cuda":
         dtypes = dtypes or ["bfloat16"]
         N, Cs = 8192, [1_000_000]
@@ -395,10 +457,39 @@ def margin_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) 
                      "loss; cut-cross-entropy "
                      + (installed["cut-cross-entropy"] if "cut-cross-entropy" in installed
                         else "not installed") + ".")
+    cases += lm_head
+    notes.append(LM_HEAD_NOTE)
     return Family(
         name="margin_linear", cases=cases, make_inputs=linear_inputs, contenders=contenders,
         fused=fused, flops=_flops_linear, notes=notes, mem_factor=8.0,
-        case_view=_margin_linear_view,
+        case_view=_plain_linear_view(device),
         targets=[{"case": {"variant": "arcface", "dtype": "float32", "N": 1024, "D": 512,
                            "C": 100_000},
-                  "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15}])
+                  "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15},
+                 {"case": {"variant": "lm-head", "dtype": "float32"}, "contender": "fusedloss",
+                  "baseline": "torch linear_cross_entropy (chunked)",
+                  "time_vs_eager": 1.0, "memory_vs_eager": 1.0}])
+
+
+LM_HEAD_NOTE = (
+    "margin_linear, LM head cases: the output layer of a language model, GPT-2's vocabulary "
+    "V = C = 50,257, N = 2,048 tokens, D = 512: `linear_margin_cross_entropy(x, w, t, "
+    "normalize=False, scale=1)` (plain CE, what fusedloss.integrations.transformers runs) "
+    "against `F.cross_entropy(x @ w.T, t)` eager and compiled, and torch's own "
+    "`F.linear_cross_entropy(x, w, t, options=LinearCrossEntropyOptions())` (chunked, its "
+    "automatic choices); on CUDA also Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` and "
+    "Cut Cross-Entropy when installed. bf16 on CPU only where it multiplies bf16 in hardware "
+    "(AVX512-BF16 or AMX).")
+
+
+def _lm_head_cases(device: str, dtypes: Optional[List[str]]) -> List[dict]:
+    """The LM head at N = 2,048, D = 512, V = 50,257: fp32 and, where the CPU has native
+    bf16 matmul, bf16 on CPU; bf16 on CUDA; or the dtypes asked for."""
+    if dtypes is None:
+        dtypes = (["bfloat16"] if device == "cuda"
+                  else ["float32"] + (["bfloat16"] if native_bf16_matmul() else []))
+    cases = grid([2048], [50_257], dtypes, D=512, variant="lm-head", normalize=False,
+                 scale=1.0, m2=0.0)
+    for c in cases:
+        c["label"] = f"LM head {SHORT[c['dtype']]} N=2,048 D=512 C=50,257"
+    return cases
