@@ -603,9 +603,56 @@ def check_errors(rank, world):
                  torch.float64, "loss after the errors")
 
 
+def _epilogue_case(fn, shard_inputs, full_inputs, target, start, count, c, backend, **kw):
+    """fn (a sharded form) on this rank's shard against the single-process oracle on the whole
+    problem, with the same extra negative columns and a weighted lse^2 term: loss, lse, the
+    gradient of every input (this shard's part of the weight or cosines) and of e."""
+    extra = torch.linspace(-0.8, 0.9, 6, dtype=torch.float64)
+    mine = [t.clone().requires_grad_() for t in (*shard_inputs, extra)]
+    full = [t.clone().requires_grad_() for t in (*full_inputs, extra)]
+    loss, lse = fn(*mine[:-1], target, class_start=start, num_classes=c, backend=backend,
+                   extra_negatives=mine[-1], return_lse=True, **kw)
+    oracle = (fusedloss.margin_cross_entropy if len(full_inputs) == 1
+              else fusedloss.linear_margin_cross_entropy)
+    want, want_lse = oracle(*full[:-1], target, backend="reference", extra_negatives=full[-1],
+                            return_lse=True, **kw)
+    for out, lse_out in ((loss, lse), (want, want_lse)):
+        (out.sum() + 0.01 * (lse_out * lse_out).sum()).backward()
+    close(loss, want, torch.float64, "loss")
+    close(lse, want_lse, torch.float64, "lse")
+    cols = slice(start, start + count)
+    expected = [full[0].grad[:, cols]] if len(full_inputs) == 1 else [full[0].grad,
+                                                                       full[1].grad[cols]]
+    for got, exp in zip([t.grad for t in mine], expected + [full[-1].grad]):
+        close(got, exp, torch.float64, "grad")
+
+
+def check_epilogues(rank, world):
+    """tau, extra_negatives (the same e on every rank, counted once) and return_lse across
+    ranks against the single-process oracle; e that differs across ranks is an error there."""
+    c = _num_classes(world)
+    start, count = fdist.shard_range(c, world, rank)
+    cos, target = make_problem(6, c)
+    x, w, _ = make_problem(6, c, d=5)
+    for backend in _dist_backends():
+        for kw in (dict(tau=1.7, m2=0.5, scale=16.0), dict(m3=0.35, label_smoothing=0.1,
+                                                           reduction="none"),
+                   dict(tau=0.0, scale=4.0, lse_square_scale=1e-3)):
+            _epilogue_case(fusedloss.sharded_margin_cross_entropy, (cos[:, start:start + count],),
+                           (cos,), target, start, count, c, backend, **kw)
+            _epilogue_case(fusedloss.linear_sharded_margin_cross_entropy,
+                           (x, w[start:start + count]), (x, w), target, start, count, c, backend,
+                           **kw)
+    if world > 1:
+        e = torch.linspace(-0.5, 0.5, 4, dtype=torch.float64) + (rank == 0)
+        _expect_error(lambda: fusedloss.sharded_margin_cross_entropy(
+            cos[:, start:start + count], target, class_start=start, num_classes=c,
+            extra_negatives=e), "extra_negatives (differs: rank 0 vs")
+
+
 _CHECKS = ["check_logit_level", "check_linear", "check_partial_fc",
            "check_partial_fc_backward_traffic", "check_reduce_scatter_rows", "check_sampling",
-           "check_errors"]
+           "check_errors", "check_epilogues"]
 
 
 @pytest.mark.dist

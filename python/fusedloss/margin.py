@@ -33,6 +33,9 @@ class MarginOptions:
     margin_grad: str = "exact"
     label_smoothing: float = 0.0
     lse_square_scale: float = 0.0
+    tau: float = 1.0
+    softcap: Optional[float] = None
+    interclass_filtering_threshold: float = 0.0
     ignore_index: int = -100
     reduction: str = "mean"
 
@@ -49,14 +52,42 @@ class MarginOptions:
         _checks.choice(fn, "reduction", self.reduction, _checks.REDUCTIONS)
         if self.elastic_plus and self.m2_std == 0 and self.m3_std == 0:
             raise ValueError(f"{fn}: elastic_plus=True needs m2_std > 0 or m3_std > 0")
+        _checks.finite(fn, tau=self.tau)
+        _checks.at_least(fn, 0.0, tau=self.tau)
+        if self.tau != 1.0 and self.label_smoothing != 0.0:
+            raise ValueError(f"{fn}: label_smoothing > 0 needs tau = 1 (the comp-sum loss of "
+                             f"smoothed targets is not defined), got tau={self.tau}")
+        if self.softcap is not None:
+            _checks.finite(fn, softcap=self.softcap)
+            _checks.positive(fn, softcap=self.softcap)
+            if self.has_margin:
+                raise ValueError(f"{fn}: softcap needs no margin (m1 = 1, m2 = m3 = 0, no "
+                                 "ElasticFace draws): a capped margin logit is not defined")
+        _checks.in_range(fn, 0.0, 1.0,
+                         interclass_filtering_threshold=self.interclass_filtering_threshold)
+
+    @property
+    def has_margin(self) -> bool:
+        return (self.m1 != 1.0 or self.m2 != 0.0 or self.m3 != 0.0 or self.m2_std != 0.0
+                or self.m3_std != 0.0)
+
+    @property
+    def needs_epilogue(self) -> bool:
+        """True when the row needs the stats engine of fusedloss.sharded (its epilogue in
+        Python, its logit transforms in the stats and grad kernels): every option that the
+        single-pass fused kernels do not implement."""
+        return (self.tau != 1.0 or self.softcap is not None
+                or self.interclass_filtering_threshold != 0.0)
 
     def reference_kwargs(self, row_m2, row_m3):
         """The keywords of the reference oracle, with the per-row margins where drawn."""
         return dict(scale=self.scale, m1=self.m1, m2=self.m2 if row_m2 is None else row_m2,
                     m3=self.m3 if row_m3 is None else row_m3, margin_grad=self.margin_grad,
                     label_smoothing=self.label_smoothing,
-                    lse_square_scale=self.lse_square_scale, ignore_index=self.ignore_index,
-                    reduction=self.reduction)
+                    lse_square_scale=self.lse_square_scale, tau=self.tau,
+                    softcap=self.softcap,
+                    interclass_filtering_threshold=self.interclass_filtering_threshold,
+                    ignore_index=self.ignore_index, reduction=self.reduction)
 
     def kernel_args(self):
         """scale, m1, m2, m3, detach_margin, label_smoothing, lse_square_scale, ignore_index,
@@ -93,9 +124,11 @@ def margin_cross_entropy(
     target: torch.Tensor,
     *,
     generator: Optional[torch.Generator] = None,
+    extra_negatives: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
     backend: str = "auto",
     **margin,
-) -> torch.Tensor:
+):
     r"""Softmax cross-entropy over margin-adjusted cosine logits.
 
     ``cos`` [N, C] holds cosines between normalised embeddings and class centres (fp32,
@@ -139,6 +172,40 @@ def margin_cross_entropy(
     cross-entropy, whereas this term is a regulariser added to it that depends on the
     absolute level of the logits.
 
+    ``tau`` (>= 0, default 1) selects a loss of the comp-sum family (Mao, Mohri and Zhong,
+    *Cross-Entropy Loss Functions: Theoretical Analysis and Applications*, 2023): with
+    ``p_y = softmax(z)_y`` the row's loss is ``(p_y^(tau - 1) - 1) / (1 - tau)``, computed in
+    log space as ``expm1((1 - tau) ce) / (1 - tau)`` with ``ce = -log p_y``; tau = 1 is the
+    cross-entropy (bit for bit), 0 the sum-exponential loss, 1 + q the generalised
+    cross-entropy with parameter q, 2 the mean absolute error ``1 - p_y``. For tau < 1 the
+    exact value can exceed fp32 (at scale 64): the loss is then inf, as the math says.
+    ``label_smoothing > 0`` with tau != 1 is refused (undefined); ``lse_square_scale`` adds.
+
+    ``softcap`` (None: off; > 0) caps every logit as Gemma 2 does, ``z -> softcap *
+    tanh(z / softcap)``, before the softmax; only without margins (m1 = 1, m2 = m3 = 0, no
+    ElasticFace draws), since a capped margin logit is not defined. Gradients are exact.
+
+    ``interclass_filtering_threshold`` (t in [0, 1], 0: off) is insightface's inter-class
+    filtering: in every row, a non-target cosine above t is set to 0 (so its logit is 0)
+    and gets no gradient.
+
+    ``extra_negatives`` (None or a 1-D tensor ``e [L]`` of the dtype and device of ``cos``)
+    appends the same L cosines to every row as extra negative columns ``scale * e`` (UNPG's
+    in-batch negative pairs, see :func:`fusedloss.unpg_negatives`): the result is that of
+    F.cross_entropy on ``[z | scale * e]`` with the same target, ``label_smoothing`` spread
+    over C + L columns, and tau, ``lse_square_scale``, ignore_index and the reduction as
+    above, without an N x L matrix: the columns add ``log sum_l exp(scale e_l)`` to every
+    row's partition function, and ``e`` gets its gradient in O(N + L).
+
+    ``return_lse=True`` returns ``(loss, lse)`` with ``lse [N]`` the log-sum-exp of every
+    row's logits (the extra columns included; 0 for ignored rows), in fp32 (fp64 for fp64),
+    differentiable: z-loss or distillation terms built on it get exact gradients.
+
+    tau != 1, softcap, interclass_filtering_threshold, extra_negatives and return_lse run
+    on the stats engine of the sharded family (a statistics pass over ``cos``, the epilogue
+    in O(N), a gradient pass in backward) on the cpu, triton and reference backends; it has
+    no CUDA C++ kernel, so "auto" takes triton for CUDA tensors and "cuda" is refused.
+
     The loss has the dtype of ``cos`` (fp32 under autocast, as cross_entropy); it is
     accumulated in fp32 (fp64 for fp64). An empty batch gives 0 for "sum" and NaN for
     "mean", like cross_entropy. ``backend``: "auto", "reference", "cpu", "cuda" or
@@ -148,16 +215,63 @@ def margin_cross_entropy(
     _check_inputs(cos, target)
     opts.check(_FN)
     check_generator(_FN, generator, cos.device)
-    backend = resolve_backend(backend, cos.device, OP.name)
+    engine = uses_engine(opts, extra_negatives, return_lse)
+    if engine:
+        from . import sharded
+        sharded.check_extra_negatives(_FN, extra_negatives, "cos", cos)
+    backend = resolve_engine_backend(_FN, backend, cos.device, OP.name, engine)
     _checks.target_values(_FN, target, cos.shape[1], opts.ignore_index)
     row_m2, row_m3 = elastic_margins(opts, target,
                                      lambda: target_cosines(cos, target, opts.ignore_index),
                                      accumulation_dtype(cos), generator)
     if backend == "reference":
-        return reference.margin_cross_entropy(
-            cos, target, **opts.reference_kwargs(row_m2, row_m3)).to(result_dtype(cos))
+        return reference_result(
+            reference.margin_cross_entropy(cos, target, **opts.reference_kwargs(row_m2, row_m3),
+                                           **engine_kwargs(extra_negatives, return_lse)),
+            result_dtype(cos))
+    if engine:
+        return sharded.local_margin_loss(cos, target.long(), row_m2, row_m3, opts, backend,
+                                         extra_negatives, return_lse)
     return row_grad_loss(OP, backend, cos, target.long(), (row_m2, row_m3, *opts.kernel_args()),
                          opts.ignore_index, opts.reduction)
+
+
+ENGINE_STATS_OP = "sharded_margin_stats"  # the stats kernel of the engine (fusedloss.sharded)
+
+
+def uses_engine(opts: MarginOptions, extra_negatives, return_lse: bool) -> bool:
+    """True when a single-process call runs on the stats engine of fusedloss.sharded."""
+    return opts.needs_epilogue or extra_negatives is not None or bool(return_lse)
+
+
+def resolve_engine_backend(fn, backend, device, op_name, engine, stats_op=ENGINE_STATS_OP):
+    """resolve_backend for op `op_name`, or, on the engine, for its stats op `stats_op`
+    (no CUDA C++ kernel: "cuda" is refused with the reason)."""
+    if engine and backend == "cuda":
+        raise RuntimeError(f"{fn}: tau != 1, softcap, interclass_filtering_threshold, "
+                           "extra_negatives and return_lse run on the stats kernels, which have "
+                           "cpu and triton backends but no CUDA C++ kernel; use backend='triton' "
+                           "or 'auto'")
+    return resolve_backend(backend, device, stats_op if engine else op_name)
+
+
+def engine_kwargs(extra_negatives, return_lse):
+    """The oracle's keywords of the engine-only options that are set."""
+    kw = {}
+    if extra_negatives is not None:
+        kw["extra_negatives"] = extra_negatives
+    if return_lse:
+        kw["return_lse"] = True
+    return kw
+
+
+def reference_result(out, dtype):
+    """The oracle's loss in the result dtype; with return_lse its lse in the accumulation
+    dtype, as the kernels give it."""
+    if isinstance(out, tuple):
+        loss, lse = out
+        return loss.to(dtype), lse.to(accumulation_dtype(lse))
+    return out.to(dtype)
 
 
 def _check_inputs(cos, target):

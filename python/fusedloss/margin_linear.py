@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from . import _checks
 from ._ops import (Op, accumulation_dtype, fused_grads, keep_fused_grads, reduce_rows,
                    resolve_backend, result_dtype, scale_fused)
-from .margin import check_generator, elastic_margins, margin_keywords, options_of
+from .margin import (check_generator, elastic_margins, engine_kwargs, margin_keywords,
+                     options_of, reference_result, resolve_engine_backend, uses_engine)
 from .reference import margin as reference
 
 _FN = "linear_margin_cross_entropy"
@@ -64,9 +65,11 @@ def linear_margin_cross_entropy(
     normalize: bool = True,
     block_size: Optional[int] = None,
     deterministic: bool = False,
+    extra_negatives: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
     backend: str = "auto",
     **margin,
-) -> torch.Tensor:
+):
     """:func:`fusedloss.margin_cross_entropy` of
     ``cos = normalize(embeddings) @ normalize(weight).T``, without storing the ``N x C`` matrix
     in forward or backward.
@@ -79,7 +82,13 @@ def linear_margin_cross_entropy(
     ``elastic_plus``, ``generator`` (ElasticFace; ElasticFace+ orders rows by their target
     cosine ``x_hat_i . w_hat_{y_i}``), ``margin_grad``, ``label_smoothing``,
     ``lse_square_scale`` (PaLM's auxiliary term ``lambda * logsumexp(z)^2`` per row, not
-    :func:`fusedloss.linear_spherical_z_loss`), ``ignore_index`` and ``reduction``.
+    :func:`fusedloss.linear_spherical_z_loss`), ``tau`` (the comp-sum family), ``softcap``
+    (Gemma 2's logit cap, without margins: with ``normalize=False, scale=1`` a capped LM
+    head), ``interclass_filtering_threshold``, ``ignore_index``, ``reduction``, and the call
+    keywords ``extra_negatives`` and ``return_lse``. tau != 1, softcap, the filtering,
+    extra_negatives and return_lse run on the stats engine of the sharded family (the fused
+    product in a statistics pass, recomputed in backward's gradient pass) on the cpu, triton
+    and reference backends; ``deterministic`` holds there too.
 
     Keywords of the fused product:
 
@@ -105,18 +114,27 @@ def linear_margin_cross_entropy(
     _check_inputs(embeddings, weight, target, block_size)
     opts.check(_FN)
     check_generator(_FN, generator, embeddings.device)
-    backend = resolve_backend(backend, embeddings.device, OP.name)
+    engine = uses_engine(opts, extra_negatives, return_lse)
+    if engine:
+        from . import sharded
+        sharded.check_extra_negatives(_FN, extra_negatives, "embeddings", embeddings)
+    backend = resolve_engine_backend(_FN, backend, embeddings.device, OP.name, engine,
+                                     "sharded_margin_linear_stats")
     _checks.target_values(_FN, target, weight.shape[0], opts.ignore_index)
     row_m2, row_m3 = elastic_margins(
         opts, target,
         lambda: _target_cosines(embeddings, weight, target, opts.ignore_index, normalize),
         accumulation_dtype(embeddings), generator)
     if backend == "reference":
-        return reference.linear_margin_cross_entropy(
+        return reference_result(reference.linear_margin_cross_entropy(
             embeddings, weight, target, normalize=normalize,
             **opts.reference_kwargs(row_m2, row_m3),
-        ).to(result_dtype(embeddings))
+            **engine_kwargs(extra_negatives, return_lse)), result_dtype(embeddings))
     target = target.long()
+    if engine:
+        return sharded.local_linear_margin_loss(
+            embeddings, weight, target, row_m2, row_m3, opts, backend, normalize,
+            kernel_block_size(block_size), extra_negatives, return_lse)
     compute_grad = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
     loss_rows, _, _ = OP.for_backend(backend)(
         embeddings, weight, target, row_m2, row_m3, None, *opts.kernel_args(), normalize,

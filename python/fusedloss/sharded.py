@@ -22,6 +22,31 @@ with 1 - p_y = exp(lse_o - lse) kept accurate this is the coefficient set
     coef = (lse, a, b, d),  a = r (1 + g),  b = r eps / C,
     d = r (eps - eps / C - exp(lse_o - lse) + g exp(z_y - lse)),
     grad_ij = s (a exp(s c_ij - lse) - b)  (j != y),  grad_iy = (d z_y / d c_y) d.
+
+The same combine is the epilogue engine of the single-process margin ops (margin_cross_entropy
+and its linear form run through it, on this process alone, for the options below; see
+`local_margin_loss`). Each option changes the combined row, the loss or the coefficients:
+
+* extra_negatives e [L] (UNPG's shared columns, appended as s e_l to every row): the columns
+  are the same in every row, so their whole share of the partition function is one number,
+  E = log sum_l exp(s e_l), and the row becomes
+      lse_o' = logaddexp(lse_o, E),  lse' = logaddexp(lse_o', z_y),
+      sum_z' = sum_z + s sum_l e_l,  C' = C + L,
+  after which the loss and coefficients above hold unchanged with (lse_o', lse', sum_z', C').
+  The gradient of column l summed over the rows is
+      dL/de_l = s sum_i (a_i exp(s e_l - lse'_i) - b_i)
+              = s (exp(s e_l - m) sum_i a_i exp(m - lse'_i) - sum_i b_i),  m = min_i lse'_i,
+  O(N + L) and free of overflow: s e_l <= E <= lse'_i, so neither exponential exceeds 1.
+* tau (the comp-sum family of Mao, Mohri and Zhong, 2023): with ce = -log p_y =
+  softplus(lse_o - z_y) the row's loss is (p_y^(tau - 1) - 1) / (1 - tau) =
+  expm1((1 - tau) ce) / (1 - tau) (ce itself at tau = 1, where the branch is skipped, so
+  tau = 1 is the plain loss bit for bit), and its gradient is w times that of ce,
+  w = exp((1 - tau) ce) = p_y^(tau - 1): a = r (w + g), d = r (-w exp(lse_o - lse) + g p_y)
+  (label smoothing is refused with tau != 1, so eps = 0 here). For tau < 1 the loss and w
+  overflow to inf where the exact value exceeds the accumulation dtype (as the math says).
+* return_lse: lse' is a second output of every row; its incoming gradient q_i adds
+  q_i dlse'/dz_j = q_i p_j: a += q, d += q exp(z_y - lse'), and q_i exp(s e_l - lse'_i) to
+  the extra columns (through a, since it only adds to a).
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -85,26 +110,66 @@ def combine_partials(stats: torch.Tensor, reduce_max: Callable,
     return torch.stack([lse_other, z_y, sum_z, torch.logaddexp(lse_other, z_y)], dim=1)
 
 
+def with_extra_columns(rows: torch.Tensor, extra: Optional[torch.Tensor], scale: float,
+                       num_classes: int):
+    """(rows, C) with the shared columns s e_l of `extra` [L] joined to every row (see the
+    module docstring): (lse_o', z_y, sum_z', lse') and C + L; the rows unchanged without."""
+    if extra is None:
+        return rows, num_columns_of(num_classes, None)
+    e = scale * extra.to(rows.dtype)
+    lse_other, z_y, sum_z, _ = rows.unbind(1)
+    lse_other = torch.logaddexp(lse_other, torch.logsumexp(e, dim=0))
+    rows = torch.stack([lse_other, z_y, sum_z + e.sum(), torch.logaddexp(lse_other, z_y)], dim=1)
+    return rows, num_columns_of(num_classes, extra)
+
+
+def num_columns_of(num_classes: int, extra: Optional[torch.Tensor]) -> int:
+    return num_classes + (0 if extra is None else extra.shape[0])
+
+
 def row_losses(rows: torch.Tensor, valid: torch.Tensor, opts: MarginOptions,
                num_classes: int) -> torch.Tensor:
     """Per-row loss [N] from the combined rows (0 for ignored rows)."""
     lse_other, z_y, sum_z, lse = rows.unbind(1)
     eps, lam = opts.label_smoothing, opts.lse_square_scale
-    loss = F.softplus(lse_other - z_y) + eps * (z_y - sum_z / num_classes) + lam * lse * lse
+    ce = F.softplus(lse_other - z_y)
+    if opts.tau != 1.0:
+        ce = torch.expm1((1.0 - opts.tau) * ce) / (1.0 - opts.tau)
+    loss = ce + eps * (z_y - sum_z / num_classes) + lam * lse * lse
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
 def grad_coefficients(rows: torch.Tensor, grad_rows: torch.Tensor, valid: torch.Tensor,
-                      opts: MarginOptions, num_classes: int) -> torch.Tensor:
-    """coef [N, 4] = (lse, a, b, d) of the grad ops (zeros for ignored rows)."""
+                      opts: MarginOptions, num_classes: int,
+                      grad_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """coef [N, 4] = (lse, a, b, d) of the grad ops (zeros for ignored rows); grad_lse: the
+    incoming gradient of the lse output (return_lse), None when there is none."""
     lse_other, z_y, _, lse = rows.unbind(1)
-    r = torch.where(valid, grad_rows.to(rows.dtype), torch.zeros_like(lse))
+    zero = torch.zeros_like(lse)
+    r = torch.where(valid, grad_rows.to(rows.dtype), zero)
     eps = opts.label_smoothing
     g = 2.0 * opts.lse_square_scale * lse
-    a = r * (1.0 + g)
+    w = 1.0 if opts.tau == 1.0 else torch.exp((1.0 - opts.tau) * F.softplus(lse_other - z_y))
+    a = r * (w + g)
     b = r * (eps / num_classes)
-    d = r * (eps - eps / num_classes - torch.exp(lse_other - lse) + g * torch.exp(z_y - lse))
-    return torch.stack([torch.where(valid, lse, torch.zeros_like(lse)), a, b, d], dim=1)
+    d = r * (eps - eps / num_classes - w * torch.exp(lse_other - lse) + g * torch.exp(z_y - lse))
+    if grad_lse is not None:
+        q = torch.where(valid, grad_lse.to(rows.dtype), zero)
+        a = a + q
+        d = d + q * torch.exp(z_y - lse)
+    return torch.stack([torch.where(valid, lse, zero), a, b, d], dim=1)
+
+
+def extra_columns_grad(coef: torch.Tensor, valid: torch.Tensor, extra: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """dL/de_l = s (exp(s e_l - m) sum_i a_i exp(m - lse'_i) - sum_i b_i), m = min_i lse'_i
+    over the rows that are not ignored (module docstring), in the dtype of `extra`."""
+    lse, a, b, _ = coef.unbind(1)
+    m = torch.where(valid, lse, torch.full_like(lse, float("inf"))).min()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    weight = torch.where(valid, a * torch.exp(m - lse), torch.zeros_like(a)).sum()
+    e = scale * extra.to(coef.dtype)
+    return (scale * (torch.exp(e - m) * weight - b.sum())).to(extra.dtype)
 
 
 def _reducers(group):
@@ -128,9 +193,13 @@ class Shard:
     normalize: bool = True
     block_size: int = 0  # as the op schemas take it: 0 means the backend chooses
     reduce_embedding_grad: bool = True  # False: the caller sums grad_embeddings itself
+    local: bool = False  # True: this process holds every class; no collective at all
 
     def margins(self):
         o = self.opts
+        if o.softcap is not None or o.interclass_filtering_threshold != 0.0:
+            raise NotImplementedError("softcap and interclass_filtering_threshold are not "
+                                      "implemented yet")
         return float(o.scale), float(o.m1), float(o.m2), float(o.m3)
 
     @property
@@ -145,46 +214,61 @@ def _empty_shard_stats(n, dtype, device):
     return stats
 
 
-def _combined_losses(ctx, stats, target, shard: Shard, *saved):
-    """Forward after this shard's stats: combine them across the ranks, keep what backward
-    needs, and return the per-row loss."""
-    rows = combine_partials(stats, *_reducers(shard.group))
+def _combined_losses(ctx, stats, target, extra, shard: Shard, *saved):
+    """Forward after this shard's stats: combine them across the ranks (not when local), join
+    the extra columns, keep what backward needs, and return (per-row loss, per-row lse')."""
+    reducers = (lambda t: t, lambda t: t) if shard.local else _reducers(shard.group)
+    rows = combine_partials(stats, *reducers)
+    rows, num_columns = with_extra_columns(rows, extra, float(shard.opts.scale),
+                                           shard.num_classes)
     ctx.shard = shard
-    ctx.save_for_backward(*saved, target, rows)
-    return row_losses(rows, target != shard.opts.ignore_index, shard.opts, shard.num_classes)
+    ctx.num_columns = num_columns
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*saved, target, rows, extra)
+    valid = target != shard.opts.ignore_index
+    lse = torch.where(valid, rows[:, 3], torch.zeros_like(rows[:, 3]))
+    return row_losses(rows, valid, shard.opts, num_columns), lse
 
 
-def _saved_coefficients(ctx, grad_rows):
-    """(the tensors forward saved before target, target, coef) in backward."""
-    *saved, target, rows = ctx.saved_tensors
+def _saved_coefficients(ctx, grad_rows, grad_lse):
+    """(the tensors forward saved before target, target, coef, the gradient of the extra
+    columns or None) in backward."""
+    *saved, target, rows, extra = ctx.saved_tensors
     shard = ctx.shard
-    coef = grad_coefficients(rows, grad_rows, target != shard.opts.ignore_index, shard.opts,
-                             shard.num_classes)
-    return saved, target, coef
+    valid = target != shard.opts.ignore_index
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(rows[:, 0])
+    coef = grad_coefficients(rows, grad_rows, valid, shard.opts, ctx.num_columns, grad_lse)
+    grad_extra = None
+    if extra is not None and ctx.needs_input_grad[ctx.extra_input]:
+        grad_extra = extra_columns_grad(coef, valid, extra, float(shard.opts.scale))
+    return saved, target, coef, grad_extra
 
 
 class _ShardedMarginLoss(torch.autograd.Function):
     """cos [N, C_local] -> per-row loss [N]: stats op, two all_reduces, the combined loss."""
 
     @staticmethod
-    def forward(ctx, cos, target, row_m2, row_m3, shard: Shard):
+    def forward(ctx, cos, target, row_m2, row_m3, extra, shard: Shard):
         if cos.shape[1] == 0:
             stats = _empty_shard_stats(cos.shape[0], accumulation_dtype(cos), cos.device)
         else:
             stats = kernel(STATS, shard.backend)(cos, target, row_m2, row_m3, *shard.margins(),
                                                  shard.class_start, shard.opts.ignore_index)
-        return _combined_losses(ctx, stats, target, shard, cos, row_m2, row_m3)
+        ctx.extra_input = 4
+        return _combined_losses(ctx, stats, target, extra, shard, cos, row_m2, row_m3)
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        (cos, row_m2, row_m3), target, coef = _saved_coefficients(ctx, grad_rows)
+    def backward(ctx, grad_rows, grad_lse):
+        (cos, row_m2, row_m3), target, coef, grad_extra = _saved_coefficients(ctx, grad_rows,
+                                                                              grad_lse)
         shard = ctx.shard
         if cos.shape[1] == 0:
-            return torch.zeros_like(cos), None, None, None, None
+            return torch.zeros_like(cos), None, None, None, grad_extra, None
         grad = kernel(GRAD, shard.backend)(cos, target, row_m2, row_m3, coef, *shard.margins(),
                                            shard.detach_margin, shard.class_start,
                                            shard.opts.ignore_index)
-        return grad, None, None, None, None
+        return grad, None, None, None, grad_extra, None
 
 
 class _LinearShardedMarginLoss(torch.autograd.Function):
@@ -192,18 +276,20 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
     N x C_local block; backward sums grad_embeddings over the ranks (unless the caller does)."""
 
     @staticmethod
-    def forward(ctx, x, w, target, row_m2, row_m3, shard: Shard):
+    def forward(ctx, x, w, target, row_m2, row_m3, extra, shard: Shard):
         if w.shape[0] == 0:
             stats = _empty_shard_stats(x.shape[0], accumulation_dtype(x), x.device)
         else:
             stats = kernel(LINEAR_STATS, shard.backend)(
                 x, w, target, row_m2, row_m3, *shard.margins(), shard.normalize,
                 shard.class_start, shard.opts.ignore_index, shard.block_size)
-        return _combined_losses(ctx, stats, target, shard, x, w, row_m2, row_m3)
+        ctx.extra_input = 5
+        return _combined_losses(ctx, stats, target, extra, shard, x, w, row_m2, row_m3)
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        (x, w, row_m2, row_m3), target, coef = _saved_coefficients(ctx, grad_rows)
+    def backward(ctx, grad_rows, grad_lse):
+        (x, w, row_m2, row_m3), target, coef, grad_extra = _saved_coefficients(ctx, grad_rows,
+                                                                               grad_lse)
         shard = ctx.shard
         if w.shape[0] == 0:
             grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(w)
@@ -214,7 +300,7 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
         if shard.reduce_embedding_grad:  # every rank, whatever needs_input_grad says there
             grad_x = fdist.all_reduce(grad_x, "sum", shard.group,
                                       kind=fdist.EMBEDDING_GRAD)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, grad_extra, None
 
 
 # --- the public functions ---------------------------------------------------------------------
@@ -235,7 +321,8 @@ def _check_class_range(fn, class_start, num_classes):
 # The table row of the agreement on errors: the same keys on every rank and in every call.
 _PER_RANK = ("class_start", "num_local", "num_classes", "bad_row", "bad_value", "local_error")
 _SHARED = ("options.digest", "embedding_dim") + tuple(
-    f"{name}.{part}" for name in ("target", "elastic_m2_draws", "elastic_m3_draws", "embeddings")
+    f"{name}.{part}" for name in ("target", "elastic_m2_draws", "elastic_m3_draws",
+                                  "extra_negatives", "embeddings")
     for part in ("size", "sum", "min", "max"))
 
 
@@ -251,43 +338,36 @@ class _Prepared:
     shared: dict
 
 
-def _shared_values(opts, extra, target, row_m2, row_m3, embeddings=None, embedding_dim=0):
-    """The values every rank must share: the options (with `extra` plain values), the target,
-    the elastic draws and, for the linear function, the embeddings."""
-    return {"options.digest": fdist.fingerprint(opts, *extra), "embedding_dim": embedding_dim,
+def _shared_values(opts, plain, target, row_m2, row_m3, embeddings=None, embedding_dim=0,
+                   extra=None):
+    """The values every rank must share: the options (with `plain` values), the target, the
+    elastic draws, the extra negative columns and, for the linear function, the embeddings."""
+    return {"options.digest": fdist.fingerprint(opts, *plain), "embedding_dim": embedding_dim,
             **fdist.tensor_summary("target", target),
             **fdist.tensor_summary("elastic_m2_draws", row_m2),
             **fdist.tensor_summary("elastic_m3_draws", row_m3),
+            **fdist.tensor_summary("extra_negatives", extra),
             **fdist.tensor_summary("embeddings", embeddings)}
 
 
 def _prepared_everywhere(fn, group, device, prepare) -> _Prepared:
     """prepare() (this rank's checks and set-up), then the one small collective before the
-    real ones, so that bad input on any rank raises on every rank and never hangs the group:
-    a rank whose own checks failed raises its own error, the others say which rank failed;
-    otherwise every rank raises the same error for the problems that only the table shows
-    (see fusedloss.distributed.raise_shard_errors)."""
-    try:
-        prepared, error = prepare(), None
-    except (TypeError, ValueError, RuntimeError) as exc:
-        if not fdist.initialized():
-            raise
-        prepared, error = None, exc
-    row = dict.fromkeys(_PER_RANK + _SHARED, 0)
-    if prepared is None:
-        row["local_error"] = 1
-    else:
-        shard = prepared.shard
-        row.update(class_start=shard.class_start, num_local=prepared.num_local,
-                   num_classes=shard.num_classes, **prepared.shared,
-                   **fdist.bad_target(prepared.target, shard.num_classes, shard.opts.ignore_index))
-    table = fdist.gather_table(row, group, device)
-    if error is not None:
-        raise error
-    failed = [rank for rank, r in enumerate(table) if r["local_error"]]
-    if failed:
-        raise ValueError(f"{fn}: the inputs of rank(s) {failed} are invalid (the reason is raised "
-                         "there); every rank stops here")
+    real ones (fusedloss.distributed.prepared_everywhere), so that bad input on any rank
+    raises on every rank and never hangs the group: a rank whose own checks failed raises its
+    own error, the others say which rank failed; otherwise every rank raises the same error
+    for the problems that only the table shows (see fusedloss.distributed.raise_shard_errors)."""
+
+    def row_of(prepared):
+        row = dict.fromkeys(_PER_RANK + _SHARED, 0)
+        if prepared is not None:
+            shard = prepared.shard
+            row.update(class_start=shard.class_start, num_local=prepared.num_local,
+                       num_classes=shard.num_classes, **prepared.shared,
+                       **fdist.bad_target(prepared.target, shard.num_classes,
+                                          shard.opts.ignore_index))
+        return row
+
+    prepared, table = fdist.prepared_everywhere(fn, group, device, prepare, row_of)
     fdist.raise_shard_errors(fn, table, _SHARED)
     return prepared
 
@@ -301,9 +381,11 @@ def sharded_margin_cross_entropy(
     num_classes: int,
     group=None,
     generator: Optional[torch.Generator] = None,
+    extra_negatives: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
     backend: str = "auto",
     **margin,
-) -> torch.Tensor:
+):
     """:func:`fusedloss.margin_cross_entropy` with the classes split across the ranks of
     ``group`` (None: the default group; without torch.distributed initialised, this process
     alone, with no collective).
@@ -317,7 +399,11 @@ def sharded_margin_cross_entropy(
 
     Margin keywords, with the defaults, meaning and checks of margin_cross_entropy:
     ``scale``, ``m1``, ``m2``, ``m3``, ``m2_std``, ``m3_std``, ``generator``, ``margin_grad``,
-    ``label_smoothing``, ``lse_square_scale``, ``ignore_index`` and ``reduction``.
+    ``label_smoothing``, ``lse_square_scale``, ``tau``, ``softcap``,
+    ``interclass_filtering_threshold``, ``ignore_index`` and ``reduction``; ``extra_negatives``
+    and ``return_lse`` as in margin_cross_entropy: every rank passes the same ``e`` (compared
+    by the agreement on errors), its columns count once in the combined partition function,
+    and every rank's ``e`` gets the full gradient.
     ElasticFace margins are drawn on every rank: give every rank a generator with the same
     seed (draws that differ are an error). ``elastic_plus=True`` is refused: it ranks every
     row's target cosine against all others before the loss. ``backend``: "auto",
@@ -344,17 +430,58 @@ def sharded_margin_cross_entropy(
         _checks.same_device(fn, local_cos=local_cos, target=target)
         _check_class_range(fn, class_start, num_classes)
         check_generator(fn, generator, local_cos.device)
+        check_extra_negatives(fn, extra_negatives, "local_cos", local_cos)
         chosen = resolve_backend(backend, local_cos.device, STATS.name)
         row_m2, row_m3 = elastic_margins(opts, target, None, accumulation_dtype(local_cos),
                                          generator)
-        shared = _shared_values(opts, (str(local_cos.dtype),), target, row_m2, row_m3)
+        shared = _shared_values(opts, (str(local_cos.dtype), bool(return_lse)), target, row_m2,
+                                row_m3, extra=extra_negatives)
         return _Prepared(Shard(opts, chosen, group, class_start, num_classes), target.long(),
                          row_m2, row_m3, local_cos.shape[1], shared)
 
     p = _prepared_everywhere(fn, group, _device_of(local_cos), prepare)
-    rows = _ShardedMarginLoss.apply(local_cos, p.target, p.row_m2, p.row_m3, p.shard)
-    return reduce_rows(rows, p.target != p.shard.opts.ignore_index, p.shard.opts.reduction,
-                       result_dtype(local_cos))
+    out = _ShardedMarginLoss.apply(local_cos, p.target, p.row_m2, p.row_m3, extra_negatives,
+                                   p.shard)
+    return reduced(out, p.target, p.shard.opts, result_dtype(local_cos), return_lse)
+
+
+def reduced(rows_and_lse, target, opts: MarginOptions, dtype, return_lse: bool):
+    """The reduced loss of the autograd functions' (per-row loss, per-row lse'), and with
+    return_lse the lse' rows too (accumulation dtype, 0 for ignored rows)."""
+    rows, lse = rows_and_lse
+    loss = reduce_rows(rows, target != opts.ignore_index, opts.reduction, dtype)
+    return (loss, lse) if return_lse else loss
+
+
+def check_extra_negatives(fn: str, extra, like_name: str, like: torch.Tensor) -> None:
+    """extra_negatives is None or a 1-D tensor of the dtype and device of `like`."""
+    if extra is None:
+        return
+    _checks.floating_tensor(fn, "extra_negatives", extra, ndim=1)
+    if extra.dtype != like.dtype:
+        raise TypeError(f"{fn}: extra_negatives must have the dtype of {like_name} "
+                        f"({like.dtype}), got {extra.dtype}")
+    _checks.same_device(fn, **{like_name: like, "extra_negatives": extra})
+
+
+def local_margin_loss(cos, target, row_m2, row_m3, opts: MarginOptions, backend: str,
+                      extra_negatives, return_lse: bool):
+    """margin_cross_entropy through the stats engine, on this process alone (no collective):
+    the stats op, the combine and epilogue above, the grad op in backward."""
+    shard = Shard(opts, backend, None, 0, cos.shape[1], local=True)
+    out = _ShardedMarginLoss.apply(cos, target, row_m2, row_m3, extra_negatives, shard)
+    return reduced(out, target, opts, result_dtype(cos), return_lse)
+
+
+def local_linear_margin_loss(x, w, target, row_m2, row_m3, opts: MarginOptions, backend: str,
+                             normalize: bool, block_size: int, extra_negatives,
+                             return_lse: bool):
+    """linear_margin_cross_entropy through the stats engine, on this process alone: the
+    linear stats op in forward, the linear grad op (the matmul recomputed) in backward."""
+    shard = Shard(opts, backend, None, 0, w.shape[0], bool(normalize), block_size,
+                  reduce_embedding_grad=False, local=True)
+    out = _LinearShardedMarginLoss.apply(x, w, target, row_m2, row_m3, extra_negatives, shard)
+    return reduced(out, target, opts, result_dtype(x), return_lse)
 
 
 def _device_of(x):
@@ -373,9 +500,11 @@ def linear_sharded_margin_cross_entropy(
     generator: Optional[torch.Generator] = None,
     normalize: bool = True,
     block_size: Optional[int] = None,
+    extra_negatives: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
     backend: str = "auto",
     **margin,
-) -> torch.Tensor:
+):
     """:func:`fusedloss.linear_margin_cross_entropy` with the classifier's rows split across
     the ranks of ``group``: ``weight_shard [C_local, D]`` holds the rows of classes
     ``[class_start, class_start + C_local)``, and no rank ever stores its ``N x C_local``
@@ -388,8 +517,9 @@ def linear_sharded_margin_cross_entropy(
 
     Keywords: ``class_start``, ``num_classes``, ``group``, the margin keywords (``scale``,
     ``m1``, ``m2``, ``m3``, ``m2_std``, ``m3_std``, ``elastic_plus``, ``generator``,
-    ``margin_grad``, ``label_smoothing``, ``lse_square_scale``, ``ignore_index``,
-    ``reduction``) and ``backend`` are those of :func:`sharded_margin_cross_entropy`, with its
+    ``margin_grad``, ``label_smoothing``, ``lse_square_scale``, ``tau``, ``softcap``,
+    ``interclass_filtering_threshold``, ``ignore_index``, ``reduction``), ``extra_negatives``,
+    ``return_lse`` and ``backend`` are those of :func:`sharded_margin_cross_entropy`, with its
     agreement on errors and its ElasticFace rule; ``normalize`` and ``block_size`` (a
     positive int; None: the backend chooses) are those of
     :func:`fusedloss.linear_margin_cross_entropy`.
@@ -406,12 +536,13 @@ def linear_sharded_margin_cross_entropy(
     return linear_sharded(fn, embeddings, weight_shard, target, opts, class_start=class_start,
                           num_classes=num_classes, group=group, normalize=normalize,
                           block_size=block_size, backend=backend, generator=generator,
-                          reduce_embedding_grad=True)
+                          reduce_embedding_grad=True, extra_negatives=extra_negatives,
+                          return_lse=return_lse)
 
 
 def linear_sharded(fn: str, embeddings, weight_shard, target, opts: MarginOptions, *,
                    class_start, num_classes, group, normalize, block_size, backend, generator,
-                   reduce_embedding_grad):
+                   reduce_embedding_grad, extra_negatives=None, return_lse=False):
     """linear_sharded_margin_cross_entropy with its options in `opts` and errors named after
     `fn` (also the entry point of fusedloss.nn.PartialFC). With reduce_embedding_grad=False
     every rank's embedding gradient is its shard's contribution alone: PartialFC sums it in
@@ -426,18 +557,19 @@ def linear_sharded(fn: str, embeddings, weight_shard, target, opts: MarginOption
         _check_class_range(fn, class_start, num_classes)
         check_block_size(fn, block_size)
         check_generator(fn, generator, embeddings.device)
+        check_extra_negatives(fn, extra_negatives, "embeddings", embeddings)
         chosen = resolve_backend(backend, embeddings.device, LINEAR_STATS.name)
         row_m2, row_m3 = elastic_margins(opts, target, None, accumulation_dtype(embeddings),
                                          generator)
-        shared = _shared_values(opts, (str(embeddings.dtype), bool(normalize)), target, row_m2,
-                                row_m3, embeddings if reduce_embedding_grad else None,
-                                embeddings.shape[1])
+        shared = _shared_values(opts, (str(embeddings.dtype), bool(normalize), bool(return_lse)),
+                                target, row_m2, row_m3,
+                                embeddings if reduce_embedding_grad else None,
+                                embeddings.shape[1], extra=extra_negatives)
         shard = Shard(opts, chosen, group, class_start, num_classes, bool(normalize),
                       kernel_block_size(block_size), reduce_embedding_grad)
         return _Prepared(shard, target.long(), row_m2, row_m3, weight_shard.shape[0], shared)
 
     p = _prepared_everywhere(fn, group, _device_of(embeddings), prepare)
-    rows = _LinearShardedMarginLoss.apply(embeddings, weight_shard, p.target, p.row_m2, p.row_m3,
-                                          p.shard)
-    return reduce_rows(rows, p.target != p.shard.opts.ignore_index, p.shard.opts.reduction,
-                       result_dtype(embeddings))
+    out = _LinearShardedMarginLoss.apply(embeddings, weight_shard, p.target, p.row_m2, p.row_m3,
+                                         extra_negatives, p.shard)
+    return reduced(out, p.target, p.shard.opts, result_dtype(embeddings), return_lse)

@@ -45,32 +45,52 @@ def target_logit(cos_y, *, scale, m1, m2, m3, margin_grad):
 
 
 def margin_cross_entropy(cos, target, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, margin_grad="exact",
-                         label_smoothing=0.0, lse_square_scale=0.0, ignore_index=-100,
-                         reduction="mean"):
+                         label_smoothing=0.0, lse_square_scale=0.0, tau=1.0, softcap=None,
+                         interclass_filtering_threshold=0.0, extra_negatives=None,
+                         return_lse=False, ignore_index=-100, reduction="mean"):
     """Margin softmax cross-entropy, computed in the precision of `cos` (pass fp64 for an oracle).
 
     m2 and m3 are floats or per-row tensors of shape [N] (ElasticFace draws, already
-    made by the caller). Every argument has the meaning of fusedloss.margin_cross_entropy.
+    made by the caller). Every argument has the meaning of fusedloss.margin_cross_entropy;
+    each option is written the plain way: the filtered cosines by torch.where, the softcap
+    on the logits, the extra negatives as literal columns [z | scale * e], tau on
+    F.cross_entropy's per-row loss.
     """
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
-    cos_y = cos.gather(1, safe_target[:, None]).squeeze(1)
-    z_y = target_logit(cos_y, scale=scale, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
     target_mask = F.one_hot(safe_target, cos.shape[1]).bool()
+    cos_y = cos.gather(1, safe_target[:, None]).squeeze(1)
+    if interclass_filtering_threshold > 0:
+        # insightface: a non-target cosine above the threshold becomes 0, with no gradient.
+        dirty = (cos > interclass_filtering_threshold) & ~target_mask
+        cos = torch.where(dirty, torch.zeros_like(cos), cos)
+    z_y = target_logit(cos_y, scale=scale, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
     logits = torch.where(target_mask, z_y[:, None], scale * cos)
-    if lse_square_scale == 0:
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if extra_negatives is not None:
+        shared = (scale * extra_negatives.to(logits.dtype))[None, :]
+        logits = torch.cat([logits, shared.expand(logits.shape[0], -1)], dim=1)
+    plain = (lse_square_scale == 0 and tau == 1.0 and not return_lse)
+    if plain:
         return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
-    # PaLM's auxiliary term lambda * logsumexp(z)^2 on the rows that are not ignored.
     rows = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
+    if tau != 1.0:  # comp-sum: (p_y^(tau - 1) - 1) / (1 - tau) with -log p_y = rows
+        rows = torch.expm1((1.0 - tau) * rows) / (1.0 - tau)
     lse = torch.logsumexp(logits, dim=1)
+    # PaLM's auxiliary term lambda * logsumexp(z)^2 on the rows that are not ignored.
     rows = rows + torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
     if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum()
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / valid.sum()
+    if return_lse:
+        return out, torch.where(valid, lse, torch.zeros_like(lse))
+    return out
 
 
 def linear_margin_cross_entropy(embeddings, weight, target, *, normalize=True, **kwargs):

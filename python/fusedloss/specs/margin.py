@@ -49,7 +49,7 @@ def margin_samples(device):
                dict(m2=0.5)),
         Sample("column-major", on(device, transposed(cosines(6, 31)), class_targets(6, 31)),
                dict(m3=0.35)),
-    ]
+    ] + epilogue_samples(lambda n, c: (cosines(n, c),), device)
     samples += [Sample(f"{dtype}",
                        on(device, cosines(5, 67, dtype), class_targets(5, 67, ignored=(0,))),
                        dict(m2=0.5))
@@ -94,6 +94,10 @@ def margin_option_cases():
                "unknown margin_grad 'approx'"),
         option("elastic_plus without std", dict(elastic_plus=True), ValueError,
                "elastic_plus=True needs m2_std > 0 or m3_std > 0"),
+        option("negative tau", dict(tau=-0.5), ValueError, "tau must be >= 0.0, got -0.5"),
+        not_finite("tau", float("inf")),
+        option("smoothing with tau", dict(tau=1.5, label_smoothing=0.1), ValueError,
+               "label_smoothing > 0 needs tau = 1"),
     ] + class_loss_option_cases("margin")
 
 
@@ -110,11 +114,12 @@ def margin_bad_inputs():
 
 
 def margin_fuzz_options(data):
+    tau = _draw.pick(data, [1.0, 1.0, 0.5, 1.7, 2.0])
     return dict(scale=_draw.pick(data, [1.0, 16.0, 64.0]), m1=_draw.pick(data, [1.0, 1.35, 2.0]),
                 m2=_draw.pick(data, [0.0, 0.3, 0.5]), m3=_draw.pick(data, [0.0, 0.2, 0.35]),
                 margin_grad=_draw.pick(data, ["exact", "detached"]),
-                label_smoothing=_draw.pick(data, [0.0, 0.1]),
-                lse_square_scale=_draw.pick(data, [0.0, 1e-4]),
+                label_smoothing=_draw.pick(data, [0.0, 0.1]) if tau == 1.0 else 0.0,
+                lse_square_scale=_draw.pick(data, [0.0, 1e-4]), tau=tau,
                 reduction=_draw.pick(data, ["mean", "sum", "none"]))
 
 
@@ -160,6 +165,22 @@ def margin_memcheck():
                              ("sphereface", dict(m1=1.35)))]
 
 
+def epilogue_samples(inputs, device, names=("loss", "grad"), extra=lambda c: {}):
+    """The options of the stats engine (tau, with margins, the z-term and ignored rows;
+    softcap; the inter-class filtering), on inputs(n, c), with the keywords extra(c)."""
+    def sample(id_, n, c, ignored, **kw):
+        return Sample(id_, on(device, *inputs(n, c), class_targets(n, c, ignored=ignored)),
+                      dict(kw, **extra(c)), names)
+    return [
+        sample("GCE tau=1.7, arcface", 7, 33, (2,), tau=1.7, m2=0.5, reduction="none"),
+        sample("sum-exp tau=0, scale 8", 5, 40, (), tau=0.0, scale=8.0, reduction="sum"),
+        sample("MAE tau=2, cosface, z-term", 6, 29, (1,), tau=2.0, m3=0.35,
+               lse_square_scale=1e-3),
+        sample("tau=0.5 detached", 4, 17, (), tau=0.5, scale=16.0, m2=0.3,
+               margin_grad="detached"),
+    ]
+
+
 # ---- linear_margin_cross_entropy ---------------------------------------------------------------
 
 def linear_inputs(n, c, d, dtype=torch.float32, seed=2):
@@ -194,7 +215,8 @@ def linear_samples(device):
                        on(device, *linear_inputs(5, 37, 16, dtype), class_targets(5, 37)),
                        dict(m2=0.5), _LINEAR_NAMES)
                 for dtype in (torch.float64, torch.bfloat16)]
-    return samples
+    return samples + epilogue_samples(lambda n, c: linear_inputs(n, c, 12), device,
+                                      _LINEAR_NAMES)
 
 
 def linear_op_samples(device):

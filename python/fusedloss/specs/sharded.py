@@ -18,9 +18,9 @@ from fusedloss import nn
 from ..reference import sharded as reference
 from ._build import bad_inputs, empty_batch, linear_cases, module_bad, option, scores_cases
 from . import FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on
-from .margin import (KERNEL_MARGIN, MARGINS, class_targets, cosines, fuzz_cosines, fuzz_linear,
-                     linear_inputs, margin_fuzz_options, margin_option_cases, stress_inputs,
-                     transposed)
+from .margin import (KERNEL_MARGIN, MARGINS, class_targets, cosines, epilogue_samples,
+                     fuzz_cosines, fuzz_linear, linear_inputs, margin_fuzz_options,
+                     margin_option_cases, stress_inputs, transposed)
 
 
 def _whole(c):
@@ -57,7 +57,7 @@ def sharded_samples(device):
     ]
     samples += [s(f"{dtype}", 5, 67, dict(m2=0.5, scale=16.0), dtype, ignored=(0,))
                 for dtype in (torch.float64, torch.float16, torch.bfloat16)]
-    return samples
+    return samples + epilogue_samples(lambda n, c: (cosines(n, c),), device, extra=_whole)
 
 
 def _shard_problem(n, c_local, d, dtype, seed):
@@ -184,7 +184,8 @@ def linear_samples(device):
     ]
     samples += [s(f"{dtype}", 5, 37, 16, dict(m2=0.5, scale=16.0), dtype, ignored=(2,))
                 for dtype in (torch.float64, torch.float16, torch.bfloat16)]
-    return samples
+    return samples + epilogue_samples(lambda n, c: linear_inputs(n, c, 12), device,
+                                      _LINEAR_NAMES, _whole)
 
 
 def linear_op_samples(device):
