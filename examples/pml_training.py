@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
-from fusedloss import pml as losses  # was: from pytorch_metric_learning import losses
-from fusedloss import pml as miners  # was: from pytorch_metric_learning import miners
+from fusedloss.pml import losses, miners  # was: from pytorch_metric_learning import losses, miners
 
 
 def parse_args():

@@ -209,6 +209,19 @@ def test_indices_from_other_tensors_are_not_fused():
     torch.testing.assert_close(loss, losses.MultiSimilarityLoss()(other, y, indices))
 
 
+def test_pml_modules_with_the_drop_ins():
+    """`from fusedloss.pml import losses, miners` replaces PML's import: ours where we have
+    one, PML's own class for every other name."""
+    from fusedloss.pml.losses import SupConLoss
+
+    assert SupConLoss is pml.SupConLoss and pml.losses.CrossBatchMemory is pml.CrossBatchMemory
+    assert pml.miners.BatchHardMiner is pml.BatchHardMiner
+    assert pml.losses.ArcFaceLoss is losses.ArcFaceLoss
+    assert pml.miners.TripletMarginMiner is miners.TripletMarginMiner
+    public = {k for k in vars(losses) if not k.startswith("_")}
+    assert public <= set(vars(pml.losses))
+
+
 def test_classes_are_pml_classes():
     assert isinstance(pml.MultiSimilarityLoss(), losses.MultiSimilarityLoss)
     assert isinstance(pml.CrossBatchMemory(pml.SupConLoss(), 8), losses.CrossBatchMemory)

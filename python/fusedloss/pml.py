@@ -1,9 +1,10 @@
 """Drop-ins for pytorch-metric-learning (PML): change the import, keep the script.
 
-    from fusedloss import pml as losses      # was: from pytorch_metric_learning import losses
-    from fusedloss import pml as miners      # was: from pytorch_metric_learning import miners
+    from fusedloss.pml import losses, miners  # was: from pytorch_metric_learning import losses, miners
 
-Each class subclasses PML's own class of the same name (so PML's trainers, wrappers and
+``fusedloss.pml.losses`` and ``fusedloss.pml.miners`` hold every public name of PML's
+modules of the same name, with the classes below in place of PML's (any other loss or miner
+is PML's own). Each class subclasses PML's own class of the same name (so PML's trainers, wrappers and
 ``isinstance`` checks take it), keeps its constructor and call signature, and adds one
 keyword-only argument, ``backend="auto"`` (that of the fusedloss functions). A call runs the
 tiled kernels of fusedloss.pairs when PML's result is exactly one of their losses:
@@ -33,6 +34,8 @@ an ``indices_tuple`` not mined here from the same tensors, ``TripletMarginLoss``
 reason: a call never returns a number PML would not. Checking NT-Xent's labels reads one
 integer on the host.
 """
+import sys
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -54,7 +57,7 @@ from .reference.pairs import EUCLIDEAN, SIMILARITY, SUPCON
 
 __all__ = ["BatchHardMiner", "ContrastiveLoss", "CrossBatchMemory", "MultiSimilarityLoss",
            "MultiSimilarityMiner", "NTXentLoss", "PMLFallbackWarning", "SupConLoss",
-           "TripletMarginLoss"]
+           "TripletMarginLoss", "losses", "miners"]
 
 
 class PMLFallbackWarning(UserWarning):
@@ -420,3 +423,23 @@ class CrossBatchMemory(_pml_losses.CrossBatchMemory):
         return _pairs.memory_bank_loss("CrossBatchMemory", loss, embeddings, labels,
                                        self.embedding_memory[:filled],
                                        self.label_memory[:filled], start, options)
+
+
+# ---- PML's modules with the drop-ins in place ----------------------------------------------------
+
+def _with_drop_ins(name: str, pml_module, drop_ins) -> types.ModuleType:
+    """A module `fusedloss.pml.<name>`: every public name of `pml_module`, the classes of
+    `drop_ins` replacing PML's of the same name; importable (`from fusedloss.pml.losses import
+    SupConLoss`)."""
+    module = types.ModuleType(f"{__name__}.{name}", f"pytorch_metric_learning.{name} with "
+                              f"fusedloss.pml's {', '.join(c.__name__ for c in drop_ins)}")
+    module.__dict__.update({k: v for k, v in vars(pml_module).items() if not k.startswith("_")})
+    module.__dict__.update({c.__name__: c for c in drop_ins})
+    sys.modules[module.__name__] = module
+    return module
+
+
+losses = _with_drop_ins("losses", _pml_losses, (MultiSimilarityLoss, SupConLoss, NTXentLoss,
+                                                ContrastiveLoss, TripletMarginLoss,
+                                                CrossBatchMemory))
+miners = _with_drop_ins("miners", _pml_miners, (MultiSimilarityMiner, BatchHardMiner))
