@@ -1,12 +1,16 @@
 """nn.Module wrappers of the margin family, with named margin presets:
 MarginCrossEntropy (on cosine logits, fusedloss.margin_cross_entropy) and MarginSoftmaxHead
 (the fused classifier, fusedloss.linear_margin_cross_entropy)."""
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from .. import _checks
 from .._ops import BACKENDS
 from ..margin import margin_cross_entropy, margin_options
 from ..margin_linear import check_block_size, linear_margin_cross_entropy
+from ..pairs import unpg_negatives
 
 # Margin presets: the defaults of the papers and of insightface's training configs. Any
 # keyword given to a module overrides its preset; margin_grad is "exact" unless given.
@@ -46,6 +50,35 @@ def split_keywords(owner: str, kwargs: dict, call_keywords: tuple) -> tuple:
     return opts, call
 
 
+@dataclass(frozen=True)
+class UnpgOptions:
+    """The ``unpg=True`` option of the heads: the batch's negative pairs as shared columns."""
+
+    whisker: float
+    ignore_index: int
+    normalize: bool
+
+    def negatives(self, embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """unpg_negatives of the rows whose target is not ignore_index; None for inputs that
+        the loss function's own checks, which follow, reject."""
+        if not (torch.is_tensor(embeddings) and torch.is_tensor(target)
+                and embeddings.is_floating_point() and embeddings.dim() == 2
+                and not target.is_floating_point() and target.dtype != torch.bool
+                and target.shape == embeddings.shape[:1] and target.device == embeddings.device):
+            return None
+        kept = target != self.ignore_index
+        return unpg_negatives(embeddings[kept], target[kept], whisker=self.whisker,
+                              normalize=self.normalize)
+
+
+def unpg_options(owner: str, unpg, whisker, ignore_index: int, normalize) -> Optional[UnpgOptions]:
+    """The checked UNPG options of a head, None when ``unpg`` is False."""
+    if not isinstance(unpg, bool):
+        raise TypeError(f"{owner}: unpg must be a bool, got {type(unpg).__name__}")
+    _checks.at_least(owner, 0.0, unpg_whisker=whisker)
+    return UnpgOptions(float(whisker), ignore_index, normalize) if unpg else None
+
+
 class MarginCrossEntropy(torch.nn.Module):
     """Margin softmax cross-entropy on cosine logits: ``forward(cos, target)``.
 
@@ -79,11 +112,18 @@ class MarginSoftmaxHead(torch.nn.Module):
     ``PRESETS``); keywords of :func:`fusedloss.linear_margin_cross_entropy` given here
     (``scale``, margins, ``normalize``, ``block_size``, ``deterministic``, ``generator``,
     ``backend``, ...) override it. Bad keywords raise here, as the function would raise them.
+
+    ``unpg=True`` (UNPG, Jung et al. 2022) adds the batch's own negative pairs to the softmax:
+    :func:`fusedloss.unpg_negatives` of the batch (rows whose target is ``ignore_index`` left
+    out; ``unpg_whisker`` its Tukey whisker, ``normalize`` as the head's) joined to every row
+    as shared extra columns, ``extra_negatives`` of the linear op: the authors' concatenation
+    ``[z_i | scale * e]`` without the ``N x (C + L)`` logits.
     """
 
     CALL_KEYWORDS = ("normalize", "block_size", "deterministic", "generator", "backend")
 
     def __init__(self, embedding_dim: int, num_classes: int, loss: str = "arcface", *,
+                 unpg: bool = False, unpg_whisker: float = 1.5,
                  device=None, dtype=None, **kwargs):
         super().__init__()
         if embedding_dim < 1 or num_classes < 1:
@@ -91,12 +131,18 @@ class MarginSoftmaxHead(torch.nn.Module):
                              f"got {embedding_dim} and {num_classes}")
         self.loss = loss
         self.kwargs = preset(loss, **kwargs)
-        split_keywords("MarginSoftmaxHead", self.kwargs, self.CALL_KEYWORDS)
+        opts, _ = split_keywords("MarginSoftmaxHead", self.kwargs, self.CALL_KEYWORDS)
+        self.unpg = unpg_options("MarginSoftmaxHead", unpg, unpg_whisker, opts.ignore_index,
+                                 self.kwargs.get("normalize", True))
         self.weight = torch.nn.Parameter(
             torch.empty(num_classes, embedding_dim, device=device, dtype=dtype).normal_(0, 0.01))
 
     def forward(self, embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return linear_margin_cross_entropy(embeddings, self.weight, target, **self.kwargs)
+        extra = {}
+        if self.unpg is not None:
+            extra["extra_negatives"] = self.unpg.negatives(embeddings, target)
+        return linear_margin_cross_entropy(embeddings, self.weight, target, **self.kwargs,
+                                           **extra)
 
     def extra_repr(self) -> str:
         c, d = self.weight.shape

@@ -5,7 +5,7 @@ import torch
 
 from .. import distributed as fdist
 from ..sharded import check_options, linear_sharded
-from .margin import preset, split_keywords
+from .margin import preset, split_keywords, unpg_options
 
 
 class PartialFC(torch.nn.Module):
@@ -58,13 +58,22 @@ class PartialFC(torch.nn.Module):
     rank: each rank samples among its own classes only, and every rank derives the layout
     of the sampled class space (each rank's count, and where each label lands) from the
     gathered labels alone, which are the same everywhere, whatever negatives were drawn.
+
+    ``unpg=True`` (UNPG, as :class:`fusedloss.nn.MarginSoftmaxHead`): every rank computes
+    :func:`fusedloss.unpg_negatives` of the gathered batch (``unpg_whisker``; rows whose label
+    is ``ignore_index`` left out), the same set on every rank from the same rows, and passes it
+    as ``extra_negatives``, counted once in the combined partition function. Each rank's
+    backward through it is the whole gradient of the pairs, so it enters the gathered
+    embeddings' gradient scaled by 1 / W, and the reduce-scatter's sum over the ranks brings
+    each rank's own rows exactly their gradient.
     """
 
     CALL_KEYWORDS = ("normalize", "block_size", "backend", "generator")
 
     def __init__(self, embedding_dim: int, num_classes: int, sample_rate: float = 1.0,
                  loss: str = "arcface", group=None, ddp_grad_scale: bool = True, *,
-                 sample_generator=None, device=None, dtype=None, **kwargs):
+                 sample_generator=None, unpg: bool = False, unpg_whisker: float = 1.5,
+                 device=None, dtype=None, **kwargs):
         super().__init__()
         if embedding_dim < 1 or num_classes < 1:
             raise ValueError(f"PartialFC: embedding_dim and num_classes must be >= 1, got "
@@ -79,6 +88,8 @@ class PartialFC(torch.nn.Module):
         self.kwargs = {k: v for k, v in keywords.items() if k not in call}  # the margin options
         self.call_kwargs = {"normalize": True, "block_size": None, "backend": "auto",
                             "generator": None, **call}
+        self.unpg = unpg_options("PartialFC", unpg, unpg_whisker, self.opts.ignore_index,
+                                 self.call_kwargs["normalize"])
         self.world_size, self.rank = fdist.world_and_rank(group)
         start, count = fdist.shard_range(num_classes, self.world_size, self.rank)
         self.weight = torch.nn.Parameter(
@@ -103,6 +114,12 @@ class PartialFC(torch.nn.Module):
         embeddings = fdist.all_gather_rows(local_embeddings, sizes, self.group, grad_scale=scale)
         labels = fdist.all_gather_rows(local_labels.long(), sizes, self.group)
         self._check_labels(labels, sizes)
+        extra = {}
+        if self.unpg is not None:
+            negatives = self.unpg.negatives(embeddings, labels)
+            # the same pairs on every rank: each backpropagates 1 / W of their gradient
+            extra["extra_negatives"] = (negatives.detach()
+                                        + (negatives - negatives.detach()) / self.world_size)
         if self.sample_rate < 1.0:
             weight, labels, class_start, num_classes = self._sample(labels)
         else:
@@ -110,7 +127,7 @@ class PartialFC(torch.nn.Module):
             self.sampled_classes = None
         return linear_sharded("PartialFC", embeddings, weight, labels, self.opts,
                               class_start=class_start, num_classes=num_classes, group=self.group,
-                              reduce_embedding_grad=False, **self.call_kwargs)
+                              reduce_embedding_grad=False, **self.call_kwargs, **extra)
 
     def _gather_sizes(self, x, labels):
         """Every rank's batch size, after every rank has checked every rank's inputs (one
