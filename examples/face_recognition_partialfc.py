@@ -147,10 +147,11 @@ def main():
                                 momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     if rank == 0:
+        backend = ("nccl" if cuda else "gloo") if distributed else "no process group"
+        first, last = head.class_start, head.class_start + head.weight.shape[0]
         print(f"{args.data}: {num_classes} training identities ({len(train_y)} samples), "
               f"{int(test_y.unique().numel())} held out ({len(test_y)} samples); world size "
-              f"{world} ({'nccl' if distributed and cuda else 'gloo' if distributed else 'no group'}),"
-              f" this rank's classes [{head.class_start}, {head.class_start + head.weight.shape[0]})")
+              f"{world} ({backend}), rank 0 holds classes [{first}, {last})")
 
     order = torch.Generator().manual_seed(args.seed)
     local = args.batch // world

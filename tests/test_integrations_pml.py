@@ -2,14 +2,14 @@
 and fp32), the same miner outputs, PML's own code (with one warning per reason) wherever the
 call is not one the kernels compute, PML's CrossBatchMemory over a wrapping ring, and a
 20-step PML trainer loop with both."""
-import copy
 import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("pytorch_metric_learning")
-from pytorch_metric_learning import distances, losses, miners, reducers, regularizers, trainers  # noqa: E402
+from pytorch_metric_learning import (distances, losses, miners, reducers,  # noqa: E402
+                                     regularizers, trainers)
 
 from fusedloss import pml  # noqa: E402
 
@@ -28,7 +28,9 @@ def _batch(n=24, d=8, classes=6, dtype=torch.float64, seed=0):
 
 def _loss_and_grads(loss, miner, x, y, ref=None, ref_y=None):
     """loss (and the miner's indices) on leaf copies of x (and ref): (loss, grads)."""
-    leaves = [x.clone().requires_grad_()] + ([ref.clone().requires_grad_()] if ref is not None else [])
+    leaves = [x.clone().requires_grad_()]
+    if ref is not None:
+        leaves.append(ref.clone().requires_grad_())
     ref_leaf = leaves[1] if ref is not None else None
     indices = None if miner is None else miner(leaves[0], y, ref_leaf, ref_y)
     value = loss(leaves[0], y, indices, ref_leaf, ref_y)
@@ -230,7 +232,8 @@ def test_classes_are_pml_classes():
 
 
 BANKS = [
-    ("multi_similarity_mined", lambda m: m.MultiSimilarityLoss(), lambda m: m.MultiSimilarityMiner()),
+    ("multi_similarity_mined", lambda m: m.MultiSimilarityLoss(),
+     lambda m: m.MultiSimilarityMiner()),
     ("multi_similarity", lambda m: m.MultiSimilarityLoss(), None),
     ("supcon", lambda m: m.SupConLoss(), None),
     ("contrastive", lambda m: m.ContrastiveLoss(), None),

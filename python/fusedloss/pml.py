@@ -1,11 +1,11 @@
 """Drop-ins for pytorch-metric-learning (PML): change the import, keep the script.
 
-    from fusedloss.pml import losses, miners  # was: from pytorch_metric_learning import losses, miners
+    from fusedloss.pml import losses, miners  # was: from pytorch_metric_learning import ...
 
 ``fusedloss.pml.losses`` and ``fusedloss.pml.miners`` hold every public name of PML's
 modules of the same name, with the classes below in place of PML's (any other loss or miner
-is PML's own). Each class subclasses PML's own class of the same name (so PML's trainers, wrappers and
-``isinstance`` checks take it), keeps its constructor and call signature, and adds one
+is PML's own). Each class subclasses PML's own class of the same name (so PML's trainers,
+wrappers and ``isinstance`` checks take it), keeps its constructor and call signature, and adds one
 keyword-only argument, ``backend="auto"`` (that of the fusedloss functions). A call runs the
 tiled kernels of fusedloss.pairs when PML's result is exactly one of their losses:
 
@@ -13,9 +13,10 @@ tiled kernels of fusedloss.pairs when PML's result is exactly one of their losse
     MultiSimilarityLoss()(emb, y, MultiSimilarityMiner(eps)(emb, y))
                                                         multi_similarity_loss(epsilon=eps)
     SupConLoss(t)(emb, y)                               supcon_loss(temperature=t)
-    NTXentLoss(t)(emb, y), every row with at most one positive (SimCLR's two views per label)
-                                                        the SupCon rows, averaged over positive pairs
-    ContrastiveLoss(pm, nm)(emb, y)                     contrastive_loss(pos_margin=pm, neg_margin=nm)
+    NTXentLoss(t)(emb, y), each row with at most one positive (SimCLR's two views a label)
+                                                        SupCon's rows, averaged over positive pairs
+    ContrastiveLoss(pm, nm)(emb, y)                     contrastive_loss(pos_margin=pm,
+                                                                         neg_margin=nm)
     TripletMarginLoss(m)(emb, y, BatchHardMiner()(emb, y))
                                                         batch_hard_triplet_loss(margin=m)
     CrossBatchMemory(loss, d, size, miner)(emb, y)      the bank loss of nn.CrossBatchMemory
