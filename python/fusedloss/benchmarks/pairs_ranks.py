@@ -18,6 +18,11 @@ Contenders, all forward + backward of one training step on every rank:
   same PML loss (``NTXentLoss`` with ``ref_emb`` both ways, labels = global row ids; or
   ``MultiSimilarityLoss`` on the pairs of ``DistributedMinerWrapper(MultiSimilarityMiner)``):
   every rank gathers the batch and runs the dense loss on the whole N x N matrix;
+- ``all-gather + dense logits (W gloo ranks)``, InfoNCE only: what open_clip's ClipLoss does
+  (``gather_with_grad=True, local_loss=True``): each rank gathers the normalised rows with
+  ``torch.distributed.nn.functional.all_gather`` (autograd-aware) and takes the cross-entropy
+  of its ``N_r x N`` logits both ways, the mean over its rows (the loss of the global batch
+  is the mean over the ranks, which DDP's averaging makes of the gradients);
 - ``fusedloss (1 process, global batch)``: the same fused function without a group on the
   whole batch, in the benchmark process (the "x vs eager" column: its time / the
   contender's).
@@ -37,7 +42,7 @@ import torch
 
 import fusedloss
 from fusedloss import distributed as fdist
-from fusedloss.bench import DTYPES, SHORT, Family, NotInstalled, family
+from fusedloss.bench import DTYPES, SHORT, Family, NotInstalled, Unavailable, family
 from fusedloss.benchmarks.sharded import RankPool, _peak_memory_of, ranks_record
 
 N, D, WORLDS = 4096, 128, (2, 4)
@@ -47,6 +52,7 @@ _SEED = 1616
 LOSSES = {"info_nce": "InfoNCE symmetric", "multi_similarity": "Multi-Similarity + miner"}
 FUSED = "fusedloss group= (W gloo ranks)"
 PML = "PML DistributedLossWrapper (W gloo ranks)"
+DENSE = "all-gather + dense logits (W gloo ranks)"
 SINGLE = "fusedloss (1 process, global batch)"
 
 
@@ -94,10 +100,23 @@ def pml_loss(case: dict):
     return lambda a, b, labels: loss(a, labels, miner(a, labels))
 
 
+def dense_info_nce(a, b, ids):
+    """open_clip's ClipLoss with gather_with_grad and local_loss: this rank's N_r x N logits
+    against the gathered rows, both ways; the mean over this rank's rows."""
+    import torch.distributed.nn.functional as dist_fn
+    import torch.nn.functional as F
+
+    q, k = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    every_q, every_k = (torch.cat(dist_fn.all_gather(t)) for t in (q, k))
+    return (F.cross_entropy(q @ every_k.T / TEMPERATURE, ids)
+            + F.cross_entropy(k @ every_q.T / TEMPERATURE, ids)) / 2
+
+
 class PairRankBench:
     """One rank's part of a case (RankPool's bench_class): its rows of the global batch (an
-    even split) and the loss of case["impl"], "fusedloss" or "pml". ``step()`` runs forward
-    + backward and reports as fusedloss.benchmarks.sharded.RankBench does."""
+    even split) and the loss of case["impl"], "fusedloss", "pml" or "dense" (InfoNCE).
+    ``step()`` runs forward + backward and reports as fusedloss.benchmarks.sharded.RankBench
+    does."""
 
     def __init__(self, case: dict, device: torch.device, counter):
         import torch.distributed as dist
@@ -109,12 +128,17 @@ class PairRankBench:
         rows = slice(start, start + count)
         self.a = a[rows].clone().requires_grad_(True)
         self.b = b[rows].clone().requires_grad_(True)
-        pml = case["impl"] == "pml"
-        if pml and case["loss"] == "info_nce":
+        impl = case["impl"]
+        if impl != "fusedloss" and case["loss"] == "info_nce":
             labels = torch.arange(case["N"])  # the positives: the same global row id
         self.labels = labels[rows].clone()
-        self.loss = pml_loss(case) if pml else fused_loss(case, dist.group.WORLD)
-        self.per_loss = world if pml else 1  # PML's wrapper returns W times the loss
+        self.loss = {"pml": pml_loss, "dense": lambda case: dense_info_nce,
+                     "fusedloss": lambda case: fused_loss(case, dist.group.WORLD)}[impl](case)
+        # the loss of the global batch from this rank's: PML's wrapper returns W times it,
+        # the dense form the mean over this rank's rows (the mean over ranks: an even split)
+        self.global_loss = {"pml": lambda loss: loss / world,
+                            "dense": lambda loss: fdist.all_reduce(loss, "sum") / world,
+                            "fusedloss": lambda loss: loss}[impl]
         del a, b, labels
         gc.collect()
 
@@ -130,12 +154,16 @@ class PairRankBench:
 
         (loss, seconds), memory = _peak_memory_of(forward_backward, self.device)
         sent, wire = self.counter.take()
-        return {"loss": float(f"{float(loss) / self.per_loss:.6g}"), "step_s": seconds,
-                "memory": memory, "sent": sent, "wire": wire}
+        loss = self.global_loss(loss)
+        self.counter.take()  # the dense form's all_reduce of its loss: not part of the step
+        return {"loss": float(f"{float(loss):.6g}"), "step_s": seconds, "memory": memory,
+                "sent": sent, "wire": wire}
 
 
 def _ranks_contender(impl: str, name: str):
     def contender(case, inputs):
+        if impl == "dense" and case["loss"] != "info_nce":
+            raise Unavailable("InfoNCE only")
         if impl == "pml":
             try:
                 import pytorch_metric_learning  # noqa: F401
@@ -188,7 +216,8 @@ def pairs_ranks_family(device: str, large: bool, dtypes: Optional[List[str]]) ->
     cases = ([rank_case(loss, w, dt) for dt in dtypes for loss in LOSSES for w in WORLDS]
              if device == "cpu" else [])  # W processes on this machine; the GPU machine has one
     contenders = {SINGLE: _single_contender, FUSED: _ranks_contender("fusedloss", FUSED),
-                  PML: _ranks_contender("pml", PML)}
+                  PML: _ranks_contender("pml", PML),
+                  DENSE: _ranks_contender("dense", DENSE)}
     notes = [
         f"pairs_ranks: InfoNCE (symmetric, temperature {TEMPERATURE}) and Multi-Similarity "
         f"with its miner on a global batch of N = {N} rows of D = {D}, split evenly over W "
@@ -197,7 +226,10 @@ def pairs_ranks_family(device: str, large: bool, dtypes: Optional[List[str]]) ->
         f"`{PML}` = pytorch-metric-learning's DistributedLossWrapper (and "
         "DistributedMinerWrapper) around NTXentLoss / MultiSimilarityLoss (+ "
         "MultiSimilarityMiner), which gathers the batch and runs the dense loss on all N x N "
-        f"pairs on every rank; `{SINGLE}` = the fused function without a group on the whole "
+        f"pairs on every rank; `{DENSE}` (InfoNCE) = open_clip's ClipLoss pattern "
+        "(gather_with_grad, local_loss): each rank's N / W x N logits against the rows "
+        "gathered by torch.distributed.nn.functional.all_gather, cross-entropy both ways; "
+        f"`{SINGLE}` = the fused function without a group on the whole "
         "batch in the benchmark process (\"x vs eager\" = its time / the contender's). Time: "
         "from the parent's command to the last rank's answer, forward + backward. Memory: "
         "each rank's first step in its fresh process (VmHWM after it, the high-water mark "

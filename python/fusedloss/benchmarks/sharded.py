@@ -274,7 +274,12 @@ _COLLECTIVES = {
     "reduce_scatter_tensor": (1, "input", lambda w: (w - 1) / w),
     "reduce_scatter_single": (1, "input", lambda w: (w - 1) / w),
     "all_to_all_single": (1, "input", lambda w: (w - 1) / w),
+    "all_to_all": (1, "input_tensor_list", lambda w: (w - 1) / w),  # a list: its W tensors
+    # the source's W tensors (torch.distributed.nn's all_to_all runs W of these on gloo)
+    "scatter": (1, "scatter_list", lambda w: (w - 1) / w),
 }
+# Rooted collectives: the (position, keyword) of the source rank; only the source sends.
+_SOURCE = {"broadcast": (1, "src"), "scatter": (2, "src")}
 # The kind of a collective issued outside any fusedloss.distributed.traffic tag.
 UNTAGGED = "bypassing fusedloss.distributed"
 KINDS = (*fdist.TRAFFIC_KINDS, UNTAGGED)
@@ -284,7 +289,8 @@ class CollectiveCounter:
     """While installed, every collective called through the ``torch.distributed`` namespace
     (as fusedloss.distributed calls them) adds the bytes of the tensor this rank contributes
     (all_reduce / reduce: the tensor; all_gather: this rank's input; reduce-scatter and
-    all_to_all: the whole input; broadcast: the tensor on the source rank) to
+    all_to_all: the whole input (of a list form: its tensors); broadcast and scatter: the
+    tensor or list on the source rank) to
     ``sent[kind] = [bytes, calls]``, kind = the tag fusedloss.distributed issued the call
     under (``fdist.current_traffic()``; UNTAGGED for a collective issued without one), and
     the bytes the collective's usual algorithm puts on this rank's wire (_COLLECTIVES) to
@@ -303,7 +309,7 @@ class CollectiveCounter:
             if hasattr(dist, name):  # reduce_scatter_single: torch 2.13 on
                 self._saved[name] = original = getattr(dist, name)
                 setattr(dist, name, self._counting(original, pos, key, per_byte,
-                                                   name == "broadcast"))
+                                                   _SOURCE.get(name)))
         return self
 
     def uninstall(self) -> None:
@@ -319,15 +325,16 @@ class CollectiveCounter:
         self.sent, self.wire = {}, {}
         return taken
 
-    def _counting(self, original, pos, key, per_byte, from_source):
+    def _counting(self, original, pos, key, per_byte, source):
         import torch.distributed as dist
 
         def collective(*args, **kwargs):
-            payload = args[pos] if len(args) > pos else kwargs[key]
-            nbytes = payload.numel() * payload.element_size()
-            if from_source:
-                src = args[1] if len(args) > 1 else kwargs["src"]
-                nbytes = nbytes if dist.get_rank() == src else 0
+            payload = args[pos] if len(args) > pos else kwargs.get(key)
+            if source is not None:  # a rooted collective: only its source sends
+                src = args[source[0]] if len(args) > source[0] else kwargs[source[1]]
+                payload = payload if dist.get_rank() == src else None
+            payloads = payload if isinstance(payload, (list, tuple)) else [payload]
+            nbytes = sum(t.numel() * t.element_size() for t in payloads if t is not None)
             kind = fdist.current_traffic() or UNTAGGED
             wire = round(nbytes * per_byte(dist.get_world_size(kwargs.get("group"))))
             for table, count in ((self.sent, nbytes), (self.wire, wire)):
