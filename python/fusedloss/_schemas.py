@@ -59,40 +59,54 @@ _define(
 # ignored rows (-inf, 0, 0). grad: with coef [N, 4] = (lse, a, b, d) per row,
 #   grad_ij = s (a_i exp(s c_ij - lse_i) - b_i)  for local j != y,
 #   grad_iy = (d z_y / d c_y) d_i                 when y is local,
-# zeros for ignored rows, in the dtype of cos. The linear forms take embeddings [N, D] and
+# zeros for ignored rows, in the dtype of cos. softcap h and filter_threshold t (0: off; h
+# only without margins, t in [0, 1]) transform the logits as margin.h's "Logit transforms"
+# say: z_j = h tanh(s c'_j / h), c'_j = 0 where j != y and c_j > t; the stats are those of
+# these z and the grad becomes dz_j/dc_j (a exp(z_j - lse) - b). The linear forms take embeddings [N, D] and
 # this rank's weight shard [C_local, D] as margin_linear_cross_entropy does, never store
 # the N x C_local block, and return (grad_embeddings: this shard's contribution,
 # grad_weight_shard).
 _define(
     "sharded_margin_stats(Tensor cos, Tensor target, Tensor? row_m2, Tensor? row_m3, "
-    "float scale, float m1, float m2, float m3, int class_start, int ignore_index) -> Tensor")
+    "float scale, float m1, float m2, float m3, int class_start, int ignore_index, "
+    "float softcap=0., float filter_threshold=0.) -> Tensor")
 _define(
     "sharded_margin_grad(Tensor cos, Tensor target, Tensor? row_m2, Tensor? row_m3, "
     "Tensor coef, float scale, float m1, float m2, float m3, bool detach_margin, "
-    "int class_start, int ignore_index) -> Tensor")
+    "int class_start, int ignore_index, float softcap=0., float filter_threshold=0.) -> Tensor")
 _define(
     "sharded_margin_linear_stats(Tensor embeddings, Tensor weight, Tensor target, "
     "Tensor? row_m2, Tensor? row_m3, float scale, float m1, float m2, float m3, "
-    "bool normalize, int class_start, int ignore_index, int block_size) -> Tensor")
+    "bool normalize, int class_start, int ignore_index, int block_size, float softcap=0., "
+    "float filter_threshold=0.) -> Tensor")
 _define(
     "sharded_margin_linear_grad(Tensor embeddings, Tensor weight, Tensor target, "
     "Tensor? row_m2, Tensor? row_m3, Tensor coef, float scale, float m1, float m2, float m3, "
-    "bool detach_margin, bool normalize, int class_start, int ignore_index, int block_size) "
-    "-> (Tensor, Tensor)")
+    "bool detach_margin, bool normalize, int class_start, int ignore_index, int block_size, "
+    "float softcap=0., float filter_threshold=0.) -> (Tensor, Tensor)")
 
 # ---- multilabel (family "multilabel") ----------------------------------------------------------
 
-# Multi-label margin loss (MLCD) on normalised logits, per row (math: fusedloss/multilabel.h).
-# targets [N, K] int64, 1 <= K <= 64, holds each row's positive classes; entries equal to
-# ignore_index are padding and a class listed twice counts once. Row loss, with z_p the
-# margin logit of margin_cross_entropy:
-#   log(1 + sum_{j not a positive} exp(scale c_j)) + log(1 + sum_{positives p} exp(-z_p)),
-# 0 for a row without positives. Returns the per-row loss (fp32, fp64 for fp64 cos) and, when
-# compute_grad, d loss_i / d cos_ij in the dtype of cos (else an empty tensor).
+# Multi-label margin loss (MLCD) on normalised logits (math: fusedloss/multilabel.h). cos
+# [N, C_local] holds the columns [class_start, class_start + C_local) of classes [0,
+# num_classes) (a whole row: class_start 0, num_classes C). targets [N, K] int64,
+# 1 <= K <= 64, lists each row's positive classes (global ids); entries equal to
+# ignore_index are padding, a class listed twice counts once, other shards' classes are
+# skipped. stats: per row (lse_neg, lse_pos) [N, 2] (fp32, fp64 for fp64 cos) over the local
+# columns: lse_neg = log sum_{j not positive} exp(scale c_j), lse_pos = log sum_{positives}
+# exp(-z_p) with z_p the margin logit of margin_cross_entropy, -inf for an empty sum. grad:
+# with coef [N, 4] = (a_neg, lse_neg, a_pos, lse_pos) per row (the accumulation dtype),
+#   grad_ij = a_neg scale exp(scale c_ij - lse_neg)      (j not positive)
+#   grad_ip = -a_pos (dz_p / dc_p) exp(-z_p - lse_pos)   (p positive),
+# a zero row where a_neg = a_pos = 0, in the dtype of cos, [N, C_local] contiguous.
 _define(
-    "multilabel_margin_cross_entropy(Tensor cos, Tensor targets, float scale, float m1, "
-    "float m2, float m3, bool detach_margin, int ignore_index, bool compute_grad) "
-    "-> (Tensor, Tensor)")
+    "multilabel_margin_stats(Tensor cos, Tensor targets, float scale, float m1, float m2, "
+    "float m3, bool detach_margin, int class_start, int num_classes, int ignore_index) "
+    "-> Tensor")
+_define(
+    "multilabel_margin_grad(Tensor cos, Tensor targets, Tensor coef, float scale, float m1, "
+    "float m2, float m3, bool detach_margin, int class_start, int num_classes, "
+    "int ignore_index) -> Tensor")
 
 # ---- pairs (family "pairs") ------------------------------------------------------------------
 

@@ -2,18 +2,61 @@
 normalised logits: each row has up to 64 positive classes, separated from the negatives by
 two log-sum-exps. The row math is derived in csrc/include/fusedloss/multilabel.h; the oracle
 is fusedloss.reference.multilabel. The authors' loss code is not public: this is the loss as
-formulated in the docstring below."""
+formulated in the docstring below.
+
+Two ops: forward reduces each row to (lse_neg, lse_pos) (multilabel_margin_stats, one read
+of cos), the loss softplus(lse_neg) + softplus(lse_pos) is formed here, and backward writes
+the gradient from the per-row weights dL/dlse (multilabel_margin_grad, one read of cos and
+one write). Unlike the margin ops, whose kernels write the gradient during forward and
+scale it in backward (five N x C passes), this moves three N x C arrays; both hold one
+N x C buffer, and the same two ops serve a shard of the classes (sharded_multilabel_...)."""
 import torch
 
 from . import _checks
-from ._ops import compiling, reduce_rows, resolve_backend, result_dtype, row_grad_op
+from ._ops import (Op, accumulation_dtype, compiling, reduce_rows, resolve_backend,
+                   result_dtype)
 from .reference import multilabel as reference
 
 MAX_POSITIVES = 64
 _FN = "multilabel_margin_cross_entropy"
-# fusedloss::multilabel_margin_cross_entropy(cos, targets, scale, m1, m2, m3, detach_margin,
-# ignore_index, compute_grad)
-OP = row_grad_op("multilabel", _FN, num_tensors=2)
+
+
+def _stats_fake(cos, targets, *hyper):
+    return cos.new_empty(cos.shape[0], 2, dtype=accumulation_dtype(cos))
+
+
+def _grad_fake(cos, targets, coef, *hyper):
+    return cos.new_empty(cos.shape)
+
+
+GRAD_OP = Op("multilabel", "multilabel_margin_grad", fake=_grad_fake)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    cos, targets, *hyper = inputs
+    ctx.hyper = tuple(hyper)
+    ctx.save_for_backward(cos, targets, output)
+
+
+def _stats_backward(ctx, grad_stats):
+    """d/dcos of sum_i (g_neg_i lse_neg_i + g_pos_i lse_pos_i): the grad op with coef =
+    (g_neg, lse_neg, g_pos, lse_pos), on the backend of the forward op."""
+    cos, targets, stats = ctx.saved_tensors
+    nones = (None,) * (1 + len(ctx.hyper))
+    if grad_stats is None:
+        return (None,) + nones
+    coef = torch.stack((grad_stats[:, 0], stats[:, 0], grad_stats[:, 1], stats[:, 1]), dim=1)
+    grad_op = GRAD_OP.triton if ctx.op is STATS_OP.__dict__.get("triton") else GRAD_OP.cpp
+    return (grad_op(cos, targets, coef.to(stats.dtype).contiguous(), *ctx.hyper),) + nones
+
+
+STATS_OP = Op("multilabel", "multilabel_margin_stats", fake=_stats_fake,
+              setup_context=_stats_setup_context, backward=_stats_backward)
+
+
+def softplus_rows(stats: torch.Tensor) -> torch.Tensor:
+    """softplus(lse_neg) + softplus(lse_pos) per row, log(1 + exp(x)) = logaddexp(x, 0)."""
+    return torch.logaddexp(stats, torch.zeros_like(stats)).sum(dim=1)
 
 
 def multilabel_margin_cross_entropy(
@@ -45,25 +88,26 @@ def multilabel_margin_cross_entropy(
     which would cancel catastrophically when the positives dominate (scale 64). A row whose
     targets are all padding is ignored (loss 0, left out of the mean). ``margin_grad``,
     ``reduction`` and empty batches as in margin_cross_entropy. The loss has the dtype of
-    ``cos``, accumulated in fp32 (fp64 for fp64). The kernels write the gradient during the
-    forward pass: forward plus backward hold one ``N x C`` buffer. ``backend``: "auto",
+    ``cos``, accumulated in fp32 (fp64 for fp64). Forward keeps two statistics per row and
+    backward writes the gradient from them: forward plus backward read ``cos`` twice, write
+    one ``N x C`` gradient and hold no other ``N x C`` buffer. ``backend``: "auto",
     "reference", "cpu" or "triton" (no CUDA C++ kernel; on CUDA tensors "auto" takes Triton).
     """
     check_inputs(_FN, "cos", cos, targets)
     check_options(_FN, scale, m1, m2, m3, margin_grad, ignore_index, reduction)
-    backend = resolve_backend(backend, cos.device, OP.name)
+    backend = resolve_backend(backend, cos.device, STATS_OP.name)
     target_values(_FN, targets, cos.shape[1], ignore_index)
     if backend == "reference":
         return reference.multilabel_margin_cross_entropy(
             cos, targets, scale=scale, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad,
             ignore_index=ignore_index, reduction=reduction).to(result_dtype(cos))
     targets = targets.long()
-    compute_grad = cos.requires_grad and torch.is_grad_enabled()
-    loss_rows, _ = OP.for_backend(backend)(
+    stats = STATS_OP.for_backend(backend)(
         cos, targets, float(scale), float(m1), float(m2), float(m3), margin_grad == "detached",
-        ignore_index, compute_grad)
-    return reduce_rows(loss_rows, has_positive(targets, ignore_index), reduction,
-                       result_dtype(cos))
+        0, cos.shape[1], ignore_index)
+    valid = has_positive(targets, ignore_index)
+    rows = torch.where(valid, softplus_rows(stats), stats.new_zeros(()))
+    return reduce_rows(rows, valid, reduction, result_dtype(cos))
 
 
 def has_positive(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -78,15 +78,23 @@ def samples(device):
 
 
 def op_samples(device):
-    """Arguments of fusedloss::multilabel_margin_cross_entropy covering its branches."""
+    """Arguments of fusedloss::multilabel_margin_stats and multilabel_margin_grad covering
+    their branches: every margin path, a shard of the classes, a row without positives."""
     out = []
-    for k, (dtype, grad, margins) in enumerate([
-            (torch.float32, True, (1.0, 0.5, 0.0)), (torch.float32, False, (1.0, 0.0, 0.35)),
-            (torch.float64, True, (1.35, 0.0, 0.0)), (torch.bfloat16, True, (1.0, 0.3, 0.2))]):
-        cos = cosines(5, 33, dtype, seed=10 + k).to(device).requires_grad_(grad)
-        targets = positives(5, 33, 3, seed=20 + k, padded=(1,), empty=(2,)).to(device)
-        out.append(("multilabel_margin_cross_entropy",
-                    (cos, targets, 32.0, *margins, k == 2, -100, grad)))
+    for k, (dtype, margins, detach, shard) in enumerate([
+            (torch.float32, (1.0, 0.5, 0.0), False, (0, 33)),
+            (torch.float32, (1.0, 0.0, 0.35), False, (10, 60)),
+            (torch.float64, (1.35, 0.0, 0.0), True, (0, 33)),
+            (torch.bfloat16, (1.0, 0.3, 0.2), False, (5, 40))]):
+        cos = cosines(5, 33, dtype, seed=10 + k).to(device).requires_grad_()
+        targets = positives(5, shard[1], 3, seed=20 + k, padded=(1,), empty=(2,)).to(device)
+        hyper = (32.0, *margins, detach, *shard, -100)
+        out.append(("multilabel_margin_stats", (cos, targets, *hyper)))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        coef = torch.rand(5, 4, generator=generator(30 + k), dtype=acc).to(device)
+        coef[2, 0] = coef[2, 2] = 0.0
+        coef[:, 1] += 4.0
+        out.append(("multilabel_margin_grad", (cos.detach(), targets, coef, *hyper)))
     return out
 
 
@@ -190,7 +198,7 @@ def empty_batch(backend, device, reduction):
 
 SPECS = [
     OpSpec("multilabel_margin_cross_entropy", "multilabel",
-           reference.multilabel_margin_cross_entropy, ops=("multilabel_margin_cross_entropy",),
+           reference.multilabel_margin_cross_entropy, ops=("multilabel_margin_stats", "multilabel_margin_grad"),
            backends=_BACKENDS, samples=samples, op_samples=op_samples,
            compile_sample=compile_sample, bad_inputs=bad, fuzz=fuzz, stress=stress,
            empty_batch=empty_batch, memcheck=memcheck),
@@ -202,20 +210,25 @@ MODULE_SPECS = []
 
 def kernel_arguments(op):
     """Valid arguments of this family's ops by schema name (None for another family's op)."""
-    if op == "multilabel_margin_cross_entropy":
-        return dict(cos=torch.rand(4, 6) * 2 - 1, targets=torch.tensor([[0, 1], [2, -100],
-                                                                      [5, 5], [3, 4]]),
-                    scale=16.0, m1=1.0, m2=0.5, m3=0.0, detach_margin=False, ignore_index=-100,
-                    compute_grad=True)
+    rows = dict(cos=torch.rand(4, 6) * 2 - 1,
+                targets=torch.tensor([[0, 1], [2, -100], [5, 5], [3, 4]]))
+    hyper = dict(scale=16.0, m1=1.0, m2=0.5, m3=0.0, detach_margin=False, class_start=0,
+                 num_classes=6, ignore_index=-100)
+    if op == "multilabel_margin_stats":
+        return dict(rows, **hyper)
+    if op == "multilabel_margin_grad":
+        return dict(rows, coef=torch.rand(4, 4), **hyper)
     return None
 
 
 def kernel_value_checks():
-    """Wrong values of multilabel_margin_cross_entropy's arguments."""
-    return [
-        KernelBadInput("multilabel_margin_cross_entropy", "K=65",
-                       lambda: dict(targets=torch.zeros(4, 65, dtype=torch.long)), ValueError,
-                       "1 to 64 columns"),
-        KernelBadInput("multilabel_margin_cross_entropy", "scale 0", lambda: dict(scale=0.0),
-                       ValueError, "scale must be > 0"),
-    ]
+    """Wrong values of the multilabel ops' arguments: K > 64, scale 0, a shard outside the
+    classes, a coef of the wrong shape."""
+    return [case for op in ("multilabel_margin_stats", "multilabel_margin_grad") for case in (
+        KernelBadInput(op, "K=65", lambda: dict(targets=torch.zeros(4, 65, dtype=torch.long)),
+                       ValueError, "1 to 64 columns"),
+        KernelBadInput(op, "scale 0", lambda: dict(scale=0.0), ValueError, "scale must be > 0"),
+        KernelBadInput(op, "shard past the classes", lambda: dict(class_start=3), ValueError,
+                       "must lie in"),
+    )] + [KernelBadInput("multilabel_margin_grad", "coef [4, 3]",
+                         lambda: dict(coef=torch.rand(4, 3)), ValueError, "coef must have shape")]
