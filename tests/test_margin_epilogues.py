@@ -62,6 +62,10 @@ EPILOGUES = {
     "mae z-term": dict(tau=2.0, m3=0.35, lse_square_scale=1e-3),
     "smoothing": dict(m2=0.5, label_smoothing=0.1),
     "plain": dict(scale=16.0),
+    "softcap": dict(scale=16.0, softcap=5.0, label_smoothing=0.1),
+    "filtering": dict(m2=0.5, interclass_filtering_threshold=0.3),
+    "softcap filtering gce": dict(scale=16.0, softcap=8.0, interclass_filtering_threshold=0.2,
+                                  tau=1.5),
 }
 
 
@@ -198,3 +202,27 @@ def test_modules_take_tau(module):
         want = ref.linear_margin_cross_entropy(x, m.weight.detach(), target, scale=64.0, m3=0.4,
                                                tau=1.7)
     assert_close(got.detach(), want, torch.float64, module)
+
+
+def test_softcap_is_gemma_capping_and_filtering_is_insightface_masking():
+    """The oracle's options against their sources' formulas: Gemma 2's
+    cap * tanh(logits / cap) before cross-entropy; insightface's CombinedMarginLoss mask
+    (non-target cosines above the threshold multiplied by 0, under no_grad)."""
+    cos, target, _ = _problem(ignored=())
+    z = 16.0 * cos
+    capped = F.cross_entropy(5.0 * torch.tanh(z / 5.0), target)
+    got = fusedloss.margin_cross_entropy(cos, target, scale=16.0, softcap=5.0, backend="cpu")
+    assert_close(got, capped, torch.float64, "softcap")
+    c = cos.clone().requires_grad_()
+    with torch.no_grad():
+        dirty = (c > 0.3).double()
+        dirty.scatter_(1, target[:, None], 0.0)
+    masked = (1 - dirty) * c
+    want = fusedloss.margin_cross_entropy(masked, target, m2=0.5, backend="reference")
+    want.backward()
+    mine = cos.clone().requires_grad_()
+    got = fusedloss.margin_cross_entropy(mine, target, m2=0.5, interclass_filtering_threshold=0.3,
+                                         backend="cpu")
+    got.backward()
+    assert_close(got.detach(), want.detach(), torch.float64, "filtered loss")
+    assert_close(mine.grad, c.grad, torch.float64, "filtered grad")

@@ -628,7 +628,8 @@ def _epilogue_case(fn, shard_inputs, full_inputs, target, start, count, c, backe
 
 
 def check_epilogues(rank, world):
-    """tau, extra_negatives (the same e on every rank, counted once) and return_lse across
+    """tau, softcap, the inter-class filtering, extra_negatives (the same e on every rank,
+    counted once) and return_lse across
     ranks against the single-process oracle; e that differs across ranks is an error there."""
     c = _num_classes(world)
     start, count = fdist.shard_range(c, world, rank)
@@ -637,7 +638,8 @@ def check_epilogues(rank, world):
     for backend in _dist_backends():
         for kw in (dict(tau=1.7, m2=0.5, scale=16.0), dict(m3=0.35, label_smoothing=0.1,
                                                            reduction="none"),
-                   dict(tau=0.0, scale=4.0, lse_square_scale=1e-3)):
+                   dict(tau=0.0, scale=4.0, lse_square_scale=1e-3),
+                   dict(scale=16.0, softcap=5.0, interclass_filtering_threshold=0.3)):
             _epilogue_case(fusedloss.sharded_margin_cross_entropy, (cos[:, start:start + count],),
                            (cos,), target, start, count, c, backend, **kw)
             _epilogue_case(fusedloss.linear_sharded_margin_cross_entropy,

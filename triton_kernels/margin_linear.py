@@ -197,13 +197,72 @@ def _target_kernel(
     tl.store(slope_ptr + rows, slope + tl.zeros([BLOCK_N], ACC), mask=row_ok)
 
 
+# Logit transforms of the sharded ops and the stats engine (margin.h, "Logit transforms").
+
+@triton.jit
+def _ratio(num: tl.constexpr, den: tl.constexpr, ACC: tl.constexpr):
+    """num / den rounded once in ACC (a float literal would be an fp32 constant)."""
+    return tl.full([], num, ACC) / den
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) in the dtype of x, without libdevice (which the interpreter cannot run): for
+    |x| >= 0.1, (1 - u) / (1 + u) with u = exp(-2 |x|) (1 - u >= 0.18, so no cancellation);
+    below, the odd Taylor series up to x^13 (the first omitted term is below 2e-17 of the
+    value). NaN stays NaN, +-inf gives +-1."""
+    ACC: tl.constexpr = x.dtype
+    ax = tl.abs(x)
+    u = tl.exp(-2.0 * ax)
+    large = (1.0 - u) / (1.0 + u)
+    x2 = ax * ax
+    p = _ratio(21844, 6081075, ACC)
+    p = p * x2 - _ratio(1382, 155925, ACC)
+    p = p * x2 + _ratio(62, 2835, ACC)
+    p = p * x2 - _ratio(17, 315, ACC)
+    p = p * x2 + _ratio(2, 15, ACC)
+    p = p * x2 - _ratio(1, 3, ACC)
+    small = ax + ax * (p * x2)
+    r = tl.where(ax < 0.1, small, large)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def transformed_logits(c, scale, softcap, threshold, SOFTCAP: tl.constexpr,
+                       FILTER: tl.constexpr):
+    """(z, dz/dc / s) of non-target cosines c under margin.h's logit transforms (softcap,
+    inter-class filtering): (s c, 1) without either; the factor is 0 where filtered and
+    1 - tanh^2 under the cap."""
+    z = scale * c
+    factor = tl.full(c.shape, 1.0, c.dtype)
+    if FILTER:
+        dirty = c > threshold
+        z = tl.where(dirty, 0.0, z)
+        factor = tl.where(dirty, 0.0, factor)
+    if SOFTCAP:
+        th = tanh(z / softcap)
+        z = softcap * th
+        factor = factor * (1.0 - th * th)
+    return z, factor
+
+
+@triton.jit
+def capped_target(z_y, slope, softcap, SOFTCAP: tl.constexpr):
+    """(h tanh(z_y / h), slope (1 - tanh^2)) with SOFTCAP, else (z_y, slope)."""
+    if SOFTCAP:
+        th = tanh(z_y / softcap)
+        return softcap * th, slope * (1.0 - th * th)
+    return z_y, slope
+
+
 @triton.jit
 def _lse_kernel(
     x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, part_ptr,
     N, C, D, x_stride, w_stride, blocks_per_split, num_splits, class_start,
-    scale_hi, scale_lo,
+    scale_hi, scale_lo, cap_hi, cap_lo, thr_hi, thr_lo,
     NORMALIZE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, FILTER: tl.constexpr = False,
 ):
     """Step 2: per-row online log-sum-exp over the classes j != y of one split, from cos tiles.
 
@@ -236,6 +295,9 @@ def _lse_kernel(
             z = z * row_factor[:, None] * rw[None, :]
         else:
             z = z * scale
+        if SOFTCAP or FILTER:  # from z = s cos back to cos, for the transforms
+            z, _ = transformed_logits(z / scale, scale, from_hi_lo(cap_hi, cap_lo, ACC),
+                                      from_hi_lo(thr_hi, thr_lo, ACC), SOFTCAP, FILTER)
         valid = (cols[None, :] < C) & (cols[None, :] != t32[:, None])
         if HAS_SMOOTHING:
             z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
@@ -251,10 +313,11 @@ def _lse_kernel(
 def _grad_kernel(
     out_ptr, in_ptr, r_out_ptr, r_in_ptr, norm_out_ptr, target_ptr, coef_ptr, part_ptr, proj_ptr,
     N_OUT, N_IN, N, D, out_stride, in_stride, blocks_per_split, class_start, ignore_index,
-    scale_hi, scale_lo,
+    scale_hi, scale_lo, cap_hi, cap_lo, thr_hi, thr_lo,
     OUTER_IS_X: tl.constexpr, NORMALIZE: tl.constexpr, FINAL: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, FILTER: tl.constexpr = False,
 ):
     """Step 4: sum over the inner rows of one split of G (w^ or x^), and of G * cos.
 
@@ -295,14 +358,22 @@ def _grad_kernel(
             cos = cos * r_o[:, None] * r_i[None, :]
         # G tile (rows of G along axis 0 when OUTER_IS_X, along axis 1 otherwise); tl.where,
         # not a product with 0, so that ignored rows and padding never bring in inf or NaN.
+        # z and dz/dcos / s under the logit transforms (s cos and 1 without them); the
+        # coefficients a, b carry s already.
+        if SOFTCAP or FILTER:
+            z, factor = transformed_logits(cos, scale, from_hi_lo(cap_hi, cap_lo, ACC),
+                                           from_hi_lo(thr_hi, thr_lo, ACC), SOFTCAP, FILTER)
+        else:
+            z = scale * cos
+            factor = 1.0
         if OUTER_IS_X:
-            g = a_o[:, None] * tl.exp(scale * cos - max_o[:, None]) - b_o[:, None]
+            g = factor * (a_o[:, None] * tl.exp(z - max_o[:, None]) - b_o[:, None])
             g = tl.where(i_idx[None, :] == t_o[:, None], gy_o[:, None], g)
             g = tl.where(live_o[:, None] & i_ok[None, :], g, 0.0)
         else:
             live_i, t_i, max_i, a_i, b_i, gy_i = _embedding_row_coefs(
                 i_rows, i_ok, target_ptr, coef_ptr, N, N_OUT, class_start, ignore_index)
-            g = a_i[None, :] * tl.exp(scale * cos - max_i[None, :]) - b_i[None, :]
+            g = factor * (a_i[None, :] * tl.exp(z - max_i[None, :]) - b_i[None, :])
             g = tl.where(o_idx[:, None] == t_i[None, :], gy_i[None, :], g)
             g = tl.where(o_ok[:, None] & live_i[None, :], g, 0.0)
         v = tl.load(in_ptr + i_rows[:, None] * in_stride + d_out[None, :],
@@ -431,9 +502,11 @@ def target_logits(p: Pipeline, row_m2: Optional[Tensor], row_m3: Optional[Tensor
     return z_y, slope
 
 
-def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool) -> Tensor:
+def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool,
+              softcap: float = 0.0, threshold: float = 0.0) -> Tensor:
     """Step 2: the partials [3, SPLIT, N] (max, S_o, sum z over j != y) of each split of the
-    classes; sum z only when with_sum (else the third row is 0)."""
+    classes; sum z only when with_sum (else the third row is 0); z under the logit transforms
+    when softcap or threshold is set (the sharded ops)."""
     (n, d), c = p.x.shape, p.w.shape[0]
     cfg = p.cfg
     row_blocks = triton.cdiv(n, cfg["fwd_n"])
@@ -441,8 +514,9 @@ def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool) -> Te
     part = torch.empty((3, splits, n), dtype=p.acc, device=p.x.device)
     launch(_lse_kernel, (row_blocks, splits),
         p.x, p.w, p.rx, p.rw, p.target, part, n, c, d, p.x.stride(0), p.w.stride(0), per_split,
-        splits, class_start, *hi_lo(scale),
-        NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum,
+        splits, class_start, *hi_lo(scale), *hi_lo(softcap), *hi_lo(threshold),
+        NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum, SOFTCAP=softcap != 0.0,
+        FILTER=threshold != 0.0,
         BLOCK_N=cfg["fwd_n"], BLOCK_C=cfg["fwd_c"], BLOCK_D=cfg["fwd_d"],
         PRECISION=p.precision, UPCAST=p.upcast, num_warps=cfg["fwd_warps"],
         num_stages=cfg["fwd_stages"],
@@ -451,12 +525,15 @@ def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool) -> Te
 
 
 def input_grads(p: Pipeline, coef: Tensor, scale: float, class_start: int,
-                ignore_index: int) -> tuple[Tensor, Tensor]:
+                ignore_index: int, softcap: float = 0.0,
+                threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """Step 4: the gradients with respect to embeddings and weight of sum_ij G_ij cos_ij, G
-    given per row by coef [4, N] (see _grad_kernel), in the dtypes of the inputs."""
+    given per row by coef [4, N] (see _grad_kernel), in the dtypes of the inputs; G of the
+    transformed logits when softcap or threshold is set (the sharded ops)."""
     (n, d), c = p.x.shape, p.w.shape[0]
     cfg, dev, acc, normalize = p.cfg, p.x.device, p.acc, p.normalize
-    scale_args = hi_lo(scale)
+    scale_args = (*hi_lo(scale), *hi_lo(softcap), *hi_lo(threshold))
+    transforms = dict(SOFTCAP=softcap != 0.0, FILTER=threshold != 0.0)
 
     def grad_pass(outer, inner, r_out, r_in, norm_out, n_out, n_in, outer_is_x, block_o, block_i):
         o_blocks, d_blocks = triton.cdiv(n_out, block_o), triton.cdiv(d, cfg["g_do"])
@@ -475,6 +552,7 @@ def input_grads(p: Pipeline, coef: Tensor, scale: float, class_start: int,
                 OUTER_IS_X=outer_is_x, NORMALIZE=normalize, FINAL=final, BLOCK_O=block_o,
                 BLOCK_I=block_i, BLOCK_D=cfg["g_d"], BLOCK_DO=cfg["g_do"], PRECISION=p.precision,
                 UPCAST=p.upcast, num_warps=cfg["g_warps"], num_stages=cfg["g_stages"],
+                **transforms,
             )
         if final:
             return g_part

@@ -13,6 +13,7 @@
 // linear_blocks.h on the cosine block x_hat w_hat^T: stats needs matmul 1 only, grad all
 // three matmuls (the coef already holds the row weight, so the epilogue's weight is 1).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -46,6 +47,7 @@ struct Shard {
   const acc_t* row_m2;  // nullable
   const acc_t* row_m3;  // nullable
   margin::Params<acc_t> params;
+  margin::Transform<acc_t> transform;  // softcap, inter-class filtering (margin.h)
   int64_t class_start;
   int64_t num_local;  // C_local
   int64_t ignore_index;
@@ -66,6 +68,40 @@ struct Shard {
   }
 };
 
+// accumulate_range under a logit transform (margin.h): the logits of a chunk one by one into
+// a buffer, then its maximum and sum of exponentials; st.sum_cos sums the logits z here.
+template <typename scalar_t, typename acc_t>
+void accumulate_transformed(const scalar_t* row, int64_t begin, int64_t end, acc_t scale,
+                            const margin::Transform<acc_t>& tr, RowStats<acc_t>& st) {
+  acc_t z[kChunk];
+  for (int64_t b = begin; b < end; b += kChunk) {
+    const int64_t n = std::min(kChunk, end - b);
+    acc_t chunk_max = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t slope;
+      z[j] = margin::transformed_logit(static_cast<acc_t>(row[b + j]), scale, tr, &slope);
+      chunk_max = z[j] > chunk_max ? z[j] : chunk_max;
+      st.sum_cos += z[j];
+    }
+    if (chunk_max > st.max) {
+      st.sum_other *= std::exp(st.max - chunk_max);
+      st.max = chunk_max;
+    }
+    for (int64_t j = 0; j < n; ++j) st.sum_other += std::exp(z[j] - st.max);
+  }
+}
+
+// The columns [begin, end) of a row into st, transformed or not.
+template <typename scalar_t, typename acc_t>
+void accumulate_columns(const Shard<acc_t>& shard, const scalar_t* row, int64_t begin,
+                        int64_t end, acc_t scale, RowStats<acc_t>& st) {
+  if (shard.transform.active()) {
+    accumulate_transformed(row, begin, end, scale, shard.transform, st);
+  } else {
+    accumulate_range(row, begin, end, scale, st);
+  }
+}
+
 // out[0..3) = (lse_other, z_y or 0, sum_z) of row i (cosines `row`), (-inf, 0, 0) when ignored.
 template <typename scalar_t, typename acc_t>
 void stats_row(const Shard<acc_t>& shard, const scalar_t* row, int64_t i, acc_t* out) {
@@ -82,15 +118,17 @@ void stats_row(const Shard<acc_t>& shard, const scalar_t* row, int64_t i, acc_t*
   RowStats<acc_t> st{-kInf, acc_t(0), acc_t(0)};
   acc_t z_y = acc_t(0);
   if (y >= 0) {
-    z_y = margin::target_logit(static_cast<acc_t>(row[y]), p).value;
-    accumulate_range(row, 0, y, p.scale, st);
-    accumulate_range(row, y + 1, C, p.scale, st);
+    acc_t unused_slope = acc_t(1);
+    z_y = margin::capped(margin::target_logit(static_cast<acc_t>(row[y]), p).value,
+                         shard.transform.softcap, &unused_slope);
+    accumulate_columns(shard, row, 0, y, p.scale, st);
+    accumulate_columns(shard, row, y + 1, C, p.scale, st);
   } else {
-    accumulate_range(row, 0, C, p.scale, st);
+    accumulate_columns(shard, row, 0, C, p.scale, st);
   }
   out[0] = st.max + std::log(st.sum_other);  // -inf + log 0 = -inf without other columns
   out[1] = z_y;
-  out[2] = p.scale * st.sum_cos + z_y;
+  out[2] = (shard.transform.active() ? st.sum_cos : p.scale * st.sum_cos) + z_y;
 }
 
 // grad_j = sharded_grad_other(flushed_softmax(x_j), scale, a, b) of margin.h (flushed_softmax:
@@ -102,6 +140,28 @@ FL_CPU_CLONES void write_coef_grad(const scalar_t* x, out_t* grad, int64_t n, ac
   for (int64_t j = 0; j < n; ++j) {
     const acc_t e = flushed_softmax(static_cast<acc_t>(x[j]), scale, lse);
     grad[j] = static_cast<out_t>(margin::sharded_grad_other(e, scale, a, b));
+  }
+}
+
+// grad_j = dz_j/dc_j (a exp(z_j - lse) - b) under a logit transform (margin.h).
+template <typename scalar_t, typename acc_t, typename out_t>
+void write_transformed_grad(const scalar_t* x, out_t* grad, int64_t n, acc_t scale,
+                            const margin::Transform<acc_t>& tr, acc_t lse, acc_t a, acc_t b) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t slope;
+    const acc_t z = margin::transformed_logit(static_cast<acc_t>(x[j]), scale, tr, &slope);
+    grad[j] = static_cast<out_t>(slope * (a * std::exp(z - lse) - b));
+  }
+}
+
+// The gradient of the columns [0, n) of a row other than the target, transformed or not.
+template <typename scalar_t, typename acc_t, typename out_t>
+void write_columns_grad(const Shard<acc_t>& shard, const scalar_t* x, out_t* grad, int64_t n,
+                        acc_t scale, acc_t lse, acc_t a, acc_t b) {
+  if (shard.transform.active()) {
+    write_transformed_grad(x, grad, n, scale, shard.transform, lse, a, b);
+  } else {
+    write_coef_grad(x, grad, n, scale, lse, a, b);
   }
 }
 
@@ -119,12 +179,14 @@ void grad_row(const Shard<acc_t>& shard, const scalar_t* row, out_t* grad, int64
   const margin::Params<acc_t> p = shard.row_params(i);
   const acc_t lse = coef[0], a = coef[1], b = coef[2], d = coef[3];
   if (y < 0) {
-    write_coef_grad(row, grad, C, p.scale, lse, a, b);
+    write_columns_grad(shard, row, grad, C, p.scale, lse, a, b);
     return;
   }
-  const acc_t slope = margin::target_logit(static_cast<acc_t>(row[y]), p).slope;
-  write_coef_grad(row, grad, y, p.scale, lse, a, b);
-  write_coef_grad(row + y + 1, grad + y + 1, C - y - 1, p.scale, lse, a, b);
+  const margin::TargetLogit<acc_t> t = margin::target_logit(static_cast<acc_t>(row[y]), p);
+  acc_t slope = t.slope;
+  margin::capped(t.value, shard.transform.softcap, &slope);
+  write_columns_grad(shard, row, grad, y, p.scale, lse, a, b);
+  write_columns_grad(shard, row + y + 1, grad + y + 1, C - y - 1, p.scale, lse, a, b);
   grad[y] = static_cast<out_t>(slope * d);
 }
 
@@ -168,6 +230,17 @@ void check_scale(double scale, const char* op) {
   TORCH_CHECK_VALUE(scale > 0, op, ": scale must be > 0, got ", scale);
 }
 
+// softcap >= 0 (0: none), and only without a margin; 0 <= threshold <= 1 (0: none).
+void check_transform(double softcap, double threshold, double m1, double m2, double m3,
+                     bool row_margins, const char* op) {
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op,
+                    ": softcap must be finite and >= 0 (0: none), got ", softcap);
+  TORCH_CHECK_VALUE(softcap == 0 || (m1 == 1 && m2 == 0 && m3 == 0 && !row_margins), op,
+                    ": softcap needs no margin (m1 = 1, m2 = m3 = 0, no row margins)");
+  TORCH_CHECK_VALUE(threshold >= 0 && threshold <= 1, op,
+                    ": filter_threshold must lie in [0, 1] (0: none), got ", threshold);
+}
+
 void check_coef(const at::Tensor& coef, int64_t N, at::ScalarType acc_type, const char* op) {
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == N && coef.size(1) == 4, op,
                     ": coef must have shape [", N, ", 4] (lse, a, b, d per row), got ", coef.sizes());
@@ -181,7 +254,7 @@ struct ShardInputs {
   at::ScalarType acc_type;  // of stats, coef and the row margins: fp64 for fp64 input, else fp32
   at::Tensor target;
   std::optional<at::Tensor> row_m2, row_m3;
-  double scale, m1, m2, m3;
+  double scale, m1, m2, m3, softcap, threshold;
   int64_t class_start, ignore_index;
 
   // The row kernels' view of a shard of num_local classes.
@@ -192,6 +265,7 @@ struct ShardInputs {
             optional_data<acc_t>(row_m2),
             optional_data<acc_t>(row_m3),
             {acc_t(scale), acc_t(m1), acc_t(m2), acc_t(m3), use_angle, detach_margin},
+            {acc_t(softcap), acc_t(threshold)},
             class_start,
             num_local,
             ignore_index};
@@ -203,17 +277,20 @@ struct ShardInputs {
 ShardInputs checked_shard_inputs(const at::Tensor& rows, const at::Tensor& target,
                                  const std::optional<at::Tensor>& row_m2,
                                  const std::optional<at::Tensor>& row_m3, const at::Tensor* coef,
-                                 double scale, double m1, double m2, double m3,
-                                 int64_t class_start, int64_t ignore_index, const char* op) {
+                                 double scale, double m1, double m2, double m3, double softcap,
+                                 double threshold, int64_t class_start, int64_t ignore_index,
+                                 const char* op) {
   const int64_t N = rows.size(0);
   const at::ScalarType acc_type = acc_type_of(rows);
   check_row_tensor(row_m2, "row_m2", N, acc_type, op);
   check_row_tensor(row_m3, "row_m3", N, acc_type, op);
   if (coef != nullptr) check_coef(*coef, N, acc_type, op);
   ShardInputs in{acc_type, target.contiguous(), contiguous_or_none(row_m2),
-                 contiguous_or_none(row_m3), scale, m1, m2, m3, class_start, ignore_index};
+                 contiguous_or_none(row_m3), scale, m1, m2, m3, softcap, threshold,
+                 class_start, ignore_index};
   check_shard(in.target, class_start, ignore_index, op);
   check_scale(scale, op);
+  check_transform(softcap, threshold, m1, m2, m3, row_m2.has_value() || row_m3.has_value(), op);
   return in;
 }
 
@@ -226,11 +303,12 @@ at::Tensor sharded_margin_stats(const at::Tensor& cos_in, const at::Tensor& targ
                                 const std::optional<at::Tensor>& row_m2,
                                 const std::optional<at::Tensor>& row_m3, double scale,
                                 double m1, double m2, double m3, int64_t class_start,
-                                int64_t ignore_index) {
+                                int64_t ignore_index, double softcap, double filter_threshold) {
   constexpr const char* kOp = "sharded_margin_stats";
   check_cos(cos_in, target, kOp);
-  const ShardInputs in = checked_shard_inputs(cos_in, target, row_m2, row_m3, nullptr, scale, m1,
-                                              m2, m3, class_start, ignore_index, kOp);
+  const ShardInputs in =
+      checked_shard_inputs(cos_in, target, row_m2, row_m3, nullptr, scale, m1, m2, m3, softcap,
+                           filter_threshold, class_start, ignore_index, kOp);
   const int64_t N = cos_in.size(0), C = cos_in.size(1);
   const at::Tensor cos = cos_in.stride(1) == 1 ? cos_in : cos_in.contiguous();
   at::Tensor stats = at::empty({N, 3}, cos.options().dtype(in.acc_type));
@@ -254,11 +332,12 @@ at::Tensor sharded_margin_grad(const at::Tensor& cos_in, const at::Tensor& targe
                                const std::optional<at::Tensor>& row_m3,
                                const at::Tensor& coef_in, double scale, double m1, double m2,
                                double m3, bool detach_margin, int64_t class_start,
-                               int64_t ignore_index) {
+                               int64_t ignore_index, double softcap, double filter_threshold) {
   constexpr const char* kOp = "sharded_margin_grad";
   check_cos(cos_in, target, kOp);
-  const ShardInputs in = checked_shard_inputs(cos_in, target, row_m2, row_m3, &coef_in, scale,
-                                              m1, m2, m3, class_start, ignore_index, kOp);
+  const ShardInputs in =
+      checked_shard_inputs(cos_in, target, row_m2, row_m3, &coef_in, scale, m1, m2, m3, softcap,
+                           filter_threshold, class_start, ignore_index, kOp);
   const int64_t N = cos_in.size(0), C = cos_in.size(1);
   const at::Tensor cos = cos_in.stride(1) == 1 ? cos_in : cos_in.contiguous();
   const at::Tensor coef = coef_in.contiguous();
@@ -307,11 +386,13 @@ at::Tensor sharded_margin_linear_stats(const at::Tensor& x_in, const at::Tensor&
                                        const std::optional<at::Tensor>& row_m3, double scale,
                                        double m1, double m2, double m3, bool normalize,
                                        int64_t class_start, int64_t ignore_index,
-                                       int64_t block_size) {
+                                       int64_t block_size, double softcap,
+                                       double filter_threshold) {
   constexpr const char* kOp = "sharded_margin_linear_stats";
   linear::check_inputs(x_in, w_in, target, block_size, kOp);
-  const ShardInputs in = checked_shard_inputs(x_in, target, row_m2, row_m3, nullptr, scale, m1,
-                                              m2, m3, class_start, ignore_index, kOp);
+  const ShardInputs in =
+      checked_shard_inputs(x_in, target, row_m2, row_m3, nullptr, scale, m1, m2, m3, softcap,
+                           filter_threshold, class_start, ignore_index, kOp);
   const int64_t N = x_in.size(0), C = w_in.size(0);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = w_in.contiguous();
@@ -333,11 +414,13 @@ std::tuple<at::Tensor, at::Tensor> sharded_margin_linear_grad(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& target,
     const std::optional<at::Tensor>& row_m2, const std::optional<at::Tensor>& row_m3,
     const at::Tensor& coef_in, double scale, double m1, double m2, double m3, bool detach_margin,
-    bool normalize, int64_t class_start, int64_t ignore_index, int64_t block_size) {
+    bool normalize, int64_t class_start, int64_t ignore_index, int64_t block_size, double softcap,
+    double filter_threshold) {
   constexpr const char* kOp = "sharded_margin_linear_grad";
   linear::check_inputs(x_in, w_in, target, block_size, kOp);
-  const ShardInputs in = checked_shard_inputs(x_in, target, row_m2, row_m3, &coef_in, scale, m1,
-                                              m2, m3, class_start, ignore_index, kOp);
+  const ShardInputs in =
+      checked_shard_inputs(x_in, target, row_m2, row_m3, &coef_in, scale, m1, m2, m3, softcap,
+                           filter_threshold, class_start, ignore_index, kOp);
   const int64_t N = x_in.size(0), C = w_in.size(0);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = w_in.contiguous();

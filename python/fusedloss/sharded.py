@@ -63,22 +63,24 @@ from .margin_linear import check_block_size, kernel_block_size
 from .reference import sharded as reference
 
 
-def _stats_fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, class_start, ignore_index):
+def _stats_fake(cos, target, row_m2, row_m3, scale, m1, m2, m3, class_start, ignore_index,
+                softcap=0.0, filter_threshold=0.0):
     return cos.new_empty(cos.shape[0], 3, dtype=accumulation_dtype(cos))
 
 
 def _grad_fake(cos, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_margin,
-               class_start, ignore_index):
+               class_start, ignore_index, softcap=0.0, filter_threshold=0.0):
     return cos.new_empty(cos.shape)
 
 
 def _linear_stats_fake(x, w, target, row_m2, row_m3, scale, m1, m2, m3, normalize, class_start,
-                       ignore_index, block_size):
+                       ignore_index, block_size, softcap=0.0, filter_threshold=0.0):
     return x.new_empty(x.shape[0], 3, dtype=accumulation_dtype(x))
 
 
 def _linear_grad_fake(x, w, target, row_m2, row_m3, coef, scale, m1, m2, m3, detach_margin,
-                      normalize, class_start, ignore_index, block_size):
+                      normalize, class_start, ignore_index, block_size, softcap=0.0,
+                      filter_threshold=0.0):
     return x.new_empty(x.shape), w.new_empty(w.shape)
 
 
@@ -197,10 +199,14 @@ class Shard:
 
     def margins(self):
         o = self.opts
-        if o.softcap is not None or o.interclass_filtering_threshold != 0.0:
-            raise NotImplementedError("softcap and interclass_filtering_threshold are not "
-                                      "implemented yet")
         return float(o.scale), float(o.m1), float(o.m2), float(o.m3)
+
+    def transform(self):
+        """softcap (0: none) and filter_threshold, the ops' last arguments (margin.h's logit
+        transforms)."""
+        o = self.opts
+        return (0.0 if o.softcap is None else float(o.softcap),
+                float(o.interclass_filtering_threshold))
 
     @property
     def detach_margin(self) -> bool:
@@ -254,7 +260,8 @@ class _ShardedMarginLoss(torch.autograd.Function):
             stats = _empty_shard_stats(cos.shape[0], accumulation_dtype(cos), cos.device)
         else:
             stats = kernel(STATS, shard.backend)(cos, target, row_m2, row_m3, *shard.margins(),
-                                                 shard.class_start, shard.opts.ignore_index)
+                                                 shard.class_start, shard.opts.ignore_index,
+                                                 *shard.transform())
         ctx.extra_input = 4
         return _combined_losses(ctx, stats, target, extra, shard, cos, row_m2, row_m3)
 
@@ -267,7 +274,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
             return torch.zeros_like(cos), None, None, None, grad_extra, None
         grad = kernel(GRAD, shard.backend)(cos, target, row_m2, row_m3, coef, *shard.margins(),
                                            shard.detach_margin, shard.class_start,
-                                           shard.opts.ignore_index)
+                                           shard.opts.ignore_index, *shard.transform())
         return grad, None, None, None, grad_extra, None
 
 
@@ -282,7 +289,7 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
         else:
             stats = kernel(LINEAR_STATS, shard.backend)(
                 x, w, target, row_m2, row_m3, *shard.margins(), shard.normalize,
-                shard.class_start, shard.opts.ignore_index, shard.block_size)
+                shard.class_start, shard.opts.ignore_index, shard.block_size, *shard.transform())
         ctx.extra_input = 5
         return _combined_losses(ctx, stats, target, extra, shard, x, w, row_m2, row_m3)
 
@@ -296,7 +303,8 @@ class _LinearShardedMarginLoss(torch.autograd.Function):
         else:
             grad_x, grad_w = kernel(LINEAR_GRAD, shard.backend)(
                 x, w, target, row_m2, row_m3, coef, *shard.margins(), shard.detach_margin,
-                shard.normalize, shard.class_start, shard.opts.ignore_index, shard.block_size)
+                shard.normalize, shard.class_start, shard.opts.ignore_index, shard.block_size,
+                *shard.transform())
         if shard.reduce_embedding_grad:  # every rank, whatever needs_input_grad says there
             grad_x = fdist.all_reduce(grad_x, "sum", shard.group,
                                       kind=fdist.EMBEDDING_GRAD)

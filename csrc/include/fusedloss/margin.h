@@ -83,6 +83,7 @@ using std::floor;
 using std::log;
 using std::sin;
 using std::sqrt;
+using std::tanh;
 
 // Half-width of the theta range excluded when evaluating the margin derivative.
 constexpr double kThetaEps = 0.01;
@@ -241,6 +242,47 @@ FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, const RowSums<acc_
 //
 // So after the combine every rank needs per row only coef = (lse, a, b, d), and computes
 // the gradient of its own columns with no further communication.
+//
+// Logit transforms of these rows (softcap, inter-class filtering; the single-process ops run
+// on the sharded kernels whenever one is set). With threshold t (0: off) and cap h (0: off),
+// a column j != y has
+//
+//   c'_j = 0 if t > 0 and c_j > t, else c_j        (insightface: no gradient through it)
+//   z_j  = h tanh(s c'_j / h)   (s c'_j without a cap)
+//   dz_j/dc_j = 0 if filtered, else s (1 - tanh^2(s c'_j / h))   (s without a cap)
+//
+// and the target, which is never filtered and carries no margin when capped, z_y =
+// h tanh(s c_y / h), dz_y/dc_y = s (1 - tanh^2(s c_y / h)). The partials and coefficients
+// above hold with these z (the sum_z of label smoothing is their sum), and the gradient of a
+// column is dz_j/dc_j (a exp(z_j - lse) - b), which is s (a exp(s c_j - lse) - b) untransformed.
+
+template <typename acc_t>
+struct Transform {
+  acc_t softcap;    // h; 0: no cap
+  acc_t threshold;  // t; 0: no filtering
+  FL_HOST_DEVICE bool active() const { return softcap != acc_t(0) || threshold != acc_t(0); }
+};
+
+// z = h tanh(z / h) and *slope *= dz'/dz = 1 - tanh^2(z / h); z unchanged without a cap.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t capped(acc_t z, acc_t softcap, acc_t* slope) {
+  if (softcap == acc_t(0)) return z;
+  const acc_t th = tanh(z / softcap);
+  *slope *= acc_t(1) - th * th;
+  return softcap * th;
+}
+
+// z_j of a non-target column and *slope = dz_j/dc_j, as above.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t transformed_logit(acc_t c, acc_t scale, const Transform<acc_t>& tr,
+                                       acc_t* slope) {
+  if (tr.threshold != acc_t(0) && c > tr.threshold) {
+    *slope = acc_t(0);
+    return acc_t(0);
+  }
+  *slope = scale;
+  return capped(scale * c, tr.softcap, slope);
+}
 
 // dL/dc_j = s (a e - b) of a non-target column, e = exp(s c_j - lse).
 template <typename acc_t>

@@ -98,6 +98,13 @@ def margin_option_cases():
         not_finite("tau", float("inf")),
         option("smoothing with tau", dict(tau=1.5, label_smoothing=0.1), ValueError,
                "label_smoothing > 0 needs tau = 1"),
+        option("softcap with a margin", dict(softcap=30.0, m2=0.5), ValueError,
+               "softcap needs no margin"),
+        option("softcap <= 0", dict(softcap=0.0), ValueError, "softcap must be > 0, got 0.0"),
+        option("threshold > 1", dict(interclass_filtering_threshold=1.5), ValueError,
+               "interclass_filtering_threshold must lie in [0.0, 1.0], got 1.5"),
+        option("negative threshold", dict(interclass_filtering_threshold=-0.1), ValueError,
+               "interclass_filtering_threshold must lie in [0.0, 1.0], got -0.1"),
     ] + class_loss_option_cases("margin")
 
 
@@ -178,6 +185,13 @@ def epilogue_samples(inputs, device, names=("loss", "grad"), extra=lambda c: {})
                lse_square_scale=1e-3),
         sample("tau=0.5 detached", 4, 17, (), tau=0.5, scale=16.0, m2=0.3,
                margin_grad="detached"),
+        sample("softcap 5, scale 16, smoothing", 6, 37, (3,), softcap=5.0, scale=16.0,
+               label_smoothing=0.1, reduction="none"),
+        sample("softcap 30, tau=1.5", 5, 21, (), softcap=30.0, tau=1.5),
+        sample("filtering 0.3, arcface", 7, 40, (1,), interclass_filtering_threshold=0.3,
+               m2=0.5, reduction="none"),
+        sample("filtering 0.2, softcap, z-term", 5, 33, (), interclass_filtering_threshold=0.2,
+               softcap=8.0, scale=16.0, lse_square_scale=1e-3),
     ]
 
 

@@ -102,6 +102,15 @@ def sharded_op_samples(device):
         cos.requires_grad_(k == 0)  # the ops are not differentiable: their outputs take none
         samples.append(("sharded_margin_stats", (cos, target, *m, *hyper, 4, -100)))
         samples.append(("sharded_margin_grad", (cos, target, *m, coef, *hyper, detach, 4, -100)))
+    # The logit transforms: softcap 5 without margins, inter-class filtering at 0.3.
+    cos, _, _, target, _ = _shard_problem(6, 13, 4, torch.float32, seed=34)
+    plain = (16.0, 1.0, 0.0, 0.0)
+    coef = _coefficients(reference.sharded_margin_stats(cos, target, None, None, *plain, 4, -100,
+                                                        5.0, 0.3), seed=44)
+    cos, target, coef = on(device, cos, target, coef)
+    samples.append(("sharded_margin_stats", (cos, target, None, None, *plain, 4, -100, 5.0, 0.3)))
+    samples.append(("sharded_margin_grad", (cos, target, None, None, coef, *plain, False, 4, -100,
+                                            5.0, 0.3)))
     return samples
 
 
@@ -210,6 +219,15 @@ def linear_op_samples(device):
                         (x, w, target, *m, *scale, normalize, 4, -100, block)))
         samples.append(("sharded_margin_linear_grad",
                         (x, w, target, *m, coef, *scale, k % 2 == 1, normalize, 4, -100, block)))
+    _, x, w, target, _ = _shard_problem(6, 13, 12, torch.float32, seed=54)
+    plain = (16.0, 1.0, 0.0, 0.0)
+    coef = _coefficients(reference.sharded_margin_linear_stats(
+        x, w, target, None, None, *plain, True, 4, -100, 0, 5.0, 0.3), seed=64)
+    x, w, target, coef = on(device, x, w, target, coef)
+    samples.append(("sharded_margin_linear_stats",
+                    (x, w, target, None, None, *plain, True, 4, -100, 0, 5.0, 0.3)))
+    samples.append(("sharded_margin_linear_grad",
+                    (x, w, target, None, None, coef, *plain, False, True, 4, -100, 0, 5.0, 0.3)))
     return samples
 
 
@@ -347,6 +365,13 @@ def kernel_value_checks():
     return [
         KernelBadInput(op, "coef [4, 3]", lambda: dict(coef=torch.zeros(4, 3)), ValueError, "coef")
         for op in ("sharded_margin_grad", "sharded_margin_linear_grad")
+    ] + [
+        KernelBadInput(op, f"{name}", lambda kw=kw: kw, ValueError, message)
+        for op in ("sharded_margin_stats", "sharded_margin_grad", "sharded_margin_linear_stats",
+                   "sharded_margin_linear_grad")
+        for name, kw, message in (("softcap with a margin", dict(softcap=5.0), "softcap needs no"),
+                                  ("negative softcap", dict(softcap=-1.0, m2=0.0), "softcap must"),
+                                  ("threshold 2", dict(filter_threshold=2.0), "filter_threshold"))
     ] + [
         KernelBadInput(op, "D mismatch", lambda: dict(weight=torch.randn(6, 7)), ValueError,
                        "share D")
