@@ -133,9 +133,12 @@ def _fusedloss_contender(backend: str, compile_it: bool = False) -> Contender:
     return build
 
 
-def pml_loss(case: dict) -> Callable:
-    """``loss_of(*inputs["args"])``: the case's loss as a PML user writes it."""
+def pml_loss(case: dict, drop_in: bool = False) -> Callable:
+    """``loss_of(*inputs["args"])``: the case's loss as a PML user writes it; with `drop_in`,
+    the same code on fusedloss.pml's losses and miners (the import changed)."""
     from pytorch_metric_learning import distances, losses, miners
+    if drop_in:
+        from fusedloss.pml import losses, miners  # noqa: F811
 
     v, h = case["variant"], _hyper(case)
     if v in ("ms", "ms-bank"):
@@ -183,14 +186,18 @@ def pml_loss(case: dict) -> Callable:
     return loss_of
 
 
-def _pml_contender(case, inputs):
+def _pml_contender(case, inputs, drop_in=False):
     if importlib.util.find_spec("pytorch_metric_learning") is None:
         raise NotInstalled(_PML)
     try:
         import pytorch_metric_learning.losses  # noqa: F401
     except Exception as ex:  # noqa: BLE001 - installed but not importable here
         raise Unavailable(f"{_PML} not importable: {type(ex).__name__}: {ex}")
-    return _step(pml_loss(case), inputs)
+    return _step(pml_loss(case, drop_in), inputs)
+
+
+def _pml_drop_in_contender(case, inputs):
+    return _pml_contender(case, inputs, drop_in=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,6 +267,7 @@ def pairs_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Famil
         "baseline-eager": _fusedloss_contender("reference"),
         "baseline-compile": _fusedloss_contender("reference", compile_it=True),
         "pml": _pml_contender,
+        "fusedloss.pml": _pml_drop_in_contender,
     }
     fused = ("fusedloss",)
     if device == "cuda":
@@ -277,7 +285,9 @@ def pairs_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Famil
         "ref_emb/ref_labels for the bank), `SupConLoss(temperature)`, `NTXentLoss(temperature)` "
         "with each row its own label and the keys as ref_emb, averaged over both directions "
         "(not run where its N x N(N-1) pair matrix would pass 2 GiB), `ContrastiveLoss(0, 1)`, "
-        "`BatchHardMiner` + `TripletMarginLoss(margin)`, euclidean distances (LpDistance).",
+        "`BatchHardMiner` + `TripletMarginLoss(margin)`, euclidean distances (LpDistance). "
+        "fusedloss.pml = the same PML code with `from fusedloss.pml import losses, miners` "
+        "(the drop-ins: PML's explicit miner indices, then the fused loss).",
         "pairs: hyperparameters MS alpha 2, beta 50, base 0.5, epsilon 0.1; SupCon temperature "
         "0.1; InfoNCE temperature 0.07; contrastive margins 0 / 1; triplet margin 0.05. "
         "Inputs: labels with 4 samples per class; embeddings = class centre + noise of the "
@@ -385,3 +395,104 @@ def opl_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
 
 # The pair losses across the ranks of a process group: their own family, "pairs_ranks".
 from fusedloss.benchmarks import pairs_ranks  # noqa: E402,F401  (registers the family)
+
+
+# --------------------------------------------------------------------------------------
+# The UNPG head: its own family ("unpg"), against the authors' formulation
+# --------------------------------------------------------------------------------------
+
+_UNPG_MARGIN = 0.4  # the cosface preset of fusedloss.nn.PRESETS (scale 64)
+_UNPG_SCALE = 64.0
+
+
+def unpg_authors_head(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      whisker: float) -> torch.Tensor:
+    """The UNPG CosFace head as the authors' code computes it: the cosine logits of the
+    normalised embeddings and class centres with the margin at the target, the negative-pair
+    cosines of the batch (the N x N cosine matrix, the upper-triangle pairs of different
+    labels, a full sort, Tukey's fences at the values of index int(L / 4) and int(3 L / 4))
+    appended as columns to every row, the scale, cross-entropy: an N x (C + L) matrix."""
+    normed = torch.nn.functional.normalize(embeddings)
+    cosine = normed @ torch.nn.functional.normalize(weight).t()
+    logits = cosine - _UNPG_MARGIN * torch.nn.functional.one_hot(labels, cosine.shape[1])
+    different = (labels[:, None] != labels[None, :]).triu(diagonal=1)
+    values = (normed @ normed.t())[different].sort()[0]
+    count = values.shape[0]
+    lower, upper = values[int(0.25 * count)], values[int(0.75 * count)]
+    spread = upper - lower
+    kept = values[(values >= lower - whisker * spread) & (values <= upper + whisker * spread)]
+    joined = torch.cat([logits, kept.expand(logits.shape[0], -1)], dim=1)
+    return torch.nn.functional.cross_entropy(_UNPG_SCALE * joined, labels)
+
+
+def unpg_inputs(case: dict, device: str) -> dict:
+    """Embeddings [N, D] and a MarginSoftmaxHead(D, C, "cosface", unpg=True) whose weight is
+    the other leaf; labels of 4 samples per class (N / 4 classes of the C), seeded."""
+    g = torch.Generator(device=device)
+    g.manual_seed(6161 + case["C"])
+    dt = DTYPES[case["dtype"]]
+    n, c, d = case["N"], case["C"], case["D"]
+    emb = torch.empty(n, d, dtype=dt, device=device).normal_(generator=g).requires_grad_(True)
+    head = api("nn").MarginSoftmaxHead(d, c, loss="cosface", unpg=True,
+                                       unpg_whisker=case["whisker"], device=device, dtype=dt)
+    with torch.no_grad():
+        head.weight.normal_(generator=g)
+    classes = torch.randperm(c, generator=g, device=device)[: n // 4]
+    labels = classes.repeat_interleave(4)
+    return {"args": (emb, labels), "head": head, "leaves": [emb, head.weight]}
+
+
+def _unpg_contender(kind: str) -> Contender:
+    """"fusedloss": the head's forward; "eager" / "compile": the authors' formulation on the
+    same embeddings and weight."""
+
+    def build(case, inputs):
+        emb, labels = inputs["args"]
+        head = inputs["head"]
+        if kind == "fusedloss":
+            kernel_check("auto", "margin_linear_cross_entropy", emb.device)
+            return _step(head, inputs)
+        formula = compiled(unpg_authors_head) if kind == "compile" else unpg_authors_head
+        return _step(lambda e, y: formula(e, head.weight, y, case["whisker"]), inputs)
+
+    return build
+
+
+def _flops_unpg(case: dict) -> int:
+    """The matmuls of one forward + backward as the dense formulation does them once: the
+    logits and their two gradients (6·N·C·D) and the pair cosines and their gradient
+    (4·N²·D)."""
+    n, c, d = case["N"], case["C"], case["D"]
+    return 6 * n * c * d + 4 * n * n * d
+
+
+@family("unpg", default=False)
+def unpg_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    dtypes = dtypes or ["float32"]
+    Cs = [100_000] + ([1_000_000] if large else [])
+    cases = [dict(N=512, C=c, D=512, dtype=dt, variant="unpg", whisker=1.5,
+                  label=f"UNPG CosFace head {SHORT[dt]} N=512 D=512 C={c:,}")
+             for dt in dtypes for c in Cs]
+    notes = [
+        "unpg: `nn.MarginSoftmaxHead(D, C, loss=\"cosface\", unpg=True)` (scale 64, m 0.4, "
+        "whisker 1.5), forward + backward w.r.t. the embeddings and the weight: "
+        "`unpg_negatives` of the batch (blocked upper-triangle cosines, an exact sort of the L "
+        "values) joined as shared columns (`extra_negatives`: one log-sum-exp term per row, "
+        "O(N + L)) to the fused linear margin loss, which never forms the N x C logits. "
+        "Baseline = the authors' formulation (their UNPG code): normalise, linear, the margin, "
+        "the N x N pair cosines with the Tukey-filtered negatives concatenated as columns to "
+        "every row, cross-entropy on the N x (C + L) matrix, eager and under "
+        "torch.compile(dynamic=False). Labels: 4 samples per class (L = 130,048 pairs at "
+        "N = 512). TFLOP/s (fusedloss) = 6·N·C·D + 4·N²·D.",
+    ]
+    contenders = {
+        "fusedloss": _unpg_contender("fusedloss"),
+        "baseline-eager": _unpg_contender("eager"),
+        "baseline-compile": _unpg_contender("compile"),
+    }
+    targets = [{"case": {"variant": "unpg", "dtype": "float32", "N": 512, "D": 512,
+                         "C": 100_000},
+                "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15}]
+    return Family(name="unpg", cases=cases, make_inputs=unpg_inputs, contenders=contenders,
+                  fused=("fusedloss",), flops=_flops_unpg, notes=notes, mem_factor=8.0,
+                  targets=targets, x_label="number of classes C")
