@@ -196,12 +196,111 @@ def empty_batch(backend, device, reduction):
         backend=backend, reduction=reduction)
 
 
+# ---- linear_multilabel_margin_cross_entropy -----------------------------------------------------
+
+_LINEAR_NAMES = ("loss", "grad embeddings", "grad weight")
+
+
+def linear_inputs(n, c, d, dtype=torch.float32, seed=2):
+    g = generator(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(c, d, generator=g, dtype=torch.float64).to(dtype))
+
+
+def linear_samples(device):
+    """Every margin variant with padding, repeats and an empty row; no normalisation; blocks
+    of 1 and 4 rows; N = 1, C = 1; column-major embeddings; every reduction and dtype."""
+    def s(id_, n, c, d, k, kw, dtype=torch.float32, **t):
+        return Sample(id_, on(device, *linear_inputs(n, c, d, dtype), positives(n, c, k, **t)),
+                      kw, _LINEAR_NAMES)
+    out = [s(f"{name} 7x33 D=17", 7, 33, 17, 4, dict(kw, reduction="none"), padded=(1,),
+             empty=(3,), repeated=(5,)) for name, kw in MARGINS.items()]
+    x, w = linear_inputs(6, 19, 12)
+    out += [
+        s("no normalisation", 6, 41, 24, 3, dict(normalize=False, scale=1.0)),
+        s("block 4, sum", 9, 70, 16, 5, dict(m3=0.35, block_size=4, reduction="sum")),
+        s("block 1, detached", 5, 30, 8, 2, dict(m2=0.5, block_size=1, margin_grad="detached")),
+        s("N=1 C=1", 1, 1, 8, 1, dict(m2=0.5)),
+        Sample("column-major embeddings", on(device, transposed(x), w, positives(6, 19, 3)),
+               dict(m2=0.5), _LINEAR_NAMES),
+        s("fp64", 5, 37, 16, 3, dict(m2=0.5), torch.float64),
+        s("bf16", 5, 37, 16, 3, dict(m2=0.5), torch.bfloat16),
+    ]
+    return out
+
+
+def linear_compile_sample(device):
+    return Sample("arcface", on(device, *linear_inputs(8, 40, 16), positives(8, 40, 3)),
+                  dict(m2=0.5), _LINEAR_NAMES)
+
+
+def _x_w_targets(device):
+    return on(device, *linear_inputs(4, 7, 5), torch.tensor([[0, 1], [1, -100], [2, 2], [3, 6]]))
+
+
+def linear_bad():
+    fn = lambda: fusedloss.linear_multilabel_margin_cross_entropy  # noqa: E731
+    return bad_inputs(fn, _x_w_targets, floating_matrix("embeddings", 0, (4, 5),
+                                                        ("not a tensor", "int", "1-D"))
+                      + floating_matrix("weight", 1, (7, 5), ("3-D",)) + [
+        ("D mismatch", at(1, lambda w: w[:, :4]), {}, ValueError,
+         "embeddings [N, D] and weight [C, D] must share D, got (4, 5) and (7, 4)"),
+        ("dtype mismatch", at(1, lambda w: w.double()), {}, TypeError,
+         "embeddings and weight must share a dtype, got torch.float32 and torch.float64"),
+        ("no classes", lambda x, w, t: (x, w[:0], t), {}, ValueError,
+         "weight must have at least one class (C >= 1)"),
+        option("negative block", dict(block_size=-1), ValueError,
+               "block_size must be a positive int or None, got -1"),
+    ] + target_cases(2, 4, 7, 2) + [device_mix(2, "embeddings")] + option_cases())
+
+
+def linear_fuzz(data, device, triton):
+    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
+    c = _draw.pick(data, _draw.SMALL_SIZES)
+    d = _draw.pick(data, [1, 3, 16, 17, 33])
+    dtype = _draw.pick(data, _draw.DTYPES)
+    gen = _draw.generator(data)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    x = _draw.strided(x, _draw.flag(data)).to(device).requires_grad_()
+    w = torch.randn(c, d, dtype=torch.float64, generator=gen).to(dtype).to(device)
+    w.requires_grad_()
+    targets = fuzz_targets(data, n, c).to(device)
+    kw = fuzz_options(data)
+    # As the margin family's fuzz: a 1-D row normalises to +-1, whose gradient is rounding
+    # noise, so normalisation only for D > 1; without it, scale 1.
+    kw["normalize"] = d > 1 and _draw.flag(data)
+    if not kw["normalize"]:
+        kw["scale"] = 1.0
+    kw["block_size"] = _draw.pick(data, [None, 1, 5])
+    return FuzzCase(lambda backend: fusedloss.linear_multilabel_margin_cross_entropy(
+        x, w, targets, backend=backend, **kw), [x, w], dtype)
+
+
+def linear_stress(device):
+    g = generator(5)
+    x, w = torch.randn(16, 32, generator=g), torch.randn(300, 32, generator=g)
+    return [Sample("arcface 16x300 D=32 K=8", on(device, x, w, positives(16, 300, 8)),
+                   dict(m2=0.5), _LINEAR_NAMES)]
+
+
+def linear_empty_batch(backend, device, reduction):
+    return fusedloss.linear_multilabel_margin_cross_entropy(
+        torch.rand(0, 5, device=device), torch.rand(7, 5, device=device),
+        torch.zeros(0, 3, dtype=torch.long, device=device), backend=backend, reduction=reduction)
+
+
 SPECS = [
     OpSpec("multilabel_margin_cross_entropy", "multilabel",
            reference.multilabel_margin_cross_entropy, ops=("multilabel_margin_stats", "multilabel_margin_grad"),
            backends=_BACKENDS, samples=samples, op_samples=op_samples,
            compile_sample=compile_sample, bad_inputs=bad, fuzz=fuzz, stress=stress,
            empty_batch=empty_batch, memcheck=memcheck),
+    OpSpec("linear_multilabel_margin_cross_entropy", "multilabel",
+           reference.linear_multilabel_margin_cross_entropy,
+           ops=("multilabel_margin_stats", "multilabel_margin_grad"), backends=_BACKENDS,
+           samples=linear_samples, op_samples=lambda device: [],
+           compile_sample=linear_compile_sample, bad_inputs=linear_bad, fuzz=linear_fuzz,
+           stress=linear_stress, empty_batch=linear_empty_batch),
 ]
 MODULE_SPECS = []
 

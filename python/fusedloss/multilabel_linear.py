@@ -1,0 +1,189 @@
+"""The multi-label margin loss (MLCD) fused with the classifier matmul: cos = normalize(x) @
+normalize(W)^T is made and consumed a block of rows at a time, never as an N x C matrix.
+
+Per block of rows R (about 32 MiB of cosines): cos_R = x_R W^T scaled by the inverse class
+norms, the per-row statistics of multilabel_margin_stats, and, when a gradient is wanted,
+G_R = d loss / d cos_R from multilabel_margin_grad with the row weights a = sigmoid(lse)
+(times the row's incoming weight), then, with G'_R = G_R diag(1 / |w_j|),
+
+    d loss / d x_R += G'_R W,        H += G'_R^T x_R,
+    d loss / d w_j  = H_j - (w_j . H_j) w_j / |w_j|^2          (the normalisation of w_j)
+
+so W is never copied to its normalised form, and the only C x D buffer is H, which becomes
+the weight's gradient (fp16 / bf16 inputs: the blocks run in fp32, from an fp32 copy of W). The embeddings are normalised with F.normalize (O(N D)) before. The
+gradients are made in forward, assuming the same incoming gradient on every row (reduction
+"mean" or "sum"), and scaled in backward; otherwise (reduction "none" with row weights) the
+blocks are recomputed in backward with the row weights: three matmuls in the first case,
+four in the second.
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._ops import accumulation_dtype, reduce_rows, resolve_backend, result_dtype
+from .multilabel import (GRAD_OP, STATS_OP, check_options, check_targets, has_positive,
+                         softplus_rows, target_values)
+from .reference import multilabel as reference
+
+_FN = "linear_multilabel_margin_cross_entropy"
+_BLOCK_BYTES = 32 << 20  # cosines per block of rows
+_NORM_EPS = 1e-12  # F.normalize's
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How the blocks run: the kernel backend, the ops' hyperparameters after (cos, targets),
+    the rows per block, whether W is normalised, the ignore_index."""
+
+    backend: str
+    hyper: tuple
+    rows: int
+    normalize: bool
+    ignore_index: int
+
+    def ops(self):
+        return STATS_OP.for_backend(self.backend), GRAD_OP.for_backend(self.backend)
+
+
+def linear_multilabel_margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    normalize: bool = True,
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    block_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`fusedloss.multilabel_margin_cross_entropy` of
+    ``cos = normalize(embeddings) @ normalize(weight).T`` (``normalize=False``: of
+    ``embeddings @ weight.T``), without an ``N x C`` matrix in forward or backward.
+
+    ``embeddings [N, D]`` and ``weight [C, D]`` share one floating dtype; ``targets [N, K]``
+    as in multilabel_margin_cross_entropy, with its keywords and their meaning.
+    ``block_size``: rows of cosines per block (None: about 32 MiB of them). The matmuls are
+    torch's; the row kernels those of ``backend`` ("auto", "reference", "cpu", "triton"). The
+    weight is not copied: its normalisation enters through the class norms (see
+    fusedloss/multilabel_linear.py).
+    """
+    _check_inputs(embeddings, weight, targets, block_size)
+    check_options(_FN, scale, m1, m2, m3, margin_grad, ignore_index, reduction)
+    backend = resolve_backend(backend, embeddings.device, STATS_OP.name)
+    target_values(_FN, targets, weight.shape[0], ignore_index)
+    if backend == "reference":
+        return reference.linear_multilabel_margin_cross_entropy(
+            embeddings, weight, targets, normalize=normalize, scale=scale, m1=m1, m2=m2, m3=m3,
+            margin_grad=margin_grad, ignore_index=ignore_index,
+            reduction=reduction).to(result_dtype(embeddings))
+    n, c = embeddings.shape[0], weight.shape[0]
+    rows = block_size or max(1, _BLOCK_BYTES // (c * embeddings.element_size()))
+    plan = _Plan(backend, (float(scale), float(m1), float(m2), float(m3),
+                           margin_grad == "detached", 0, c, ignore_index), min(rows, max(n, 1)),
+                 normalize, ignore_index)
+    x = F.normalize(embeddings) if normalize else embeddings
+    targets = targets.long()
+    loss_rows = _FusedRows.apply(x, weight, targets, plan)
+    return reduce_rows(loss_rows, has_positive(targets, ignore_index), reduction,
+                       result_dtype(embeddings))
+
+
+def _check_inputs(x, w, targets, block_size):
+    _checks.floating_tensor(_FN, "embeddings", x, ndim=2)
+    _checks.floating_tensor(_FN, "weight", w, ndim=2)
+    check_targets(_FN, targets, x.shape[0])
+    _checks.same_device(_FN, embeddings=x, weight=w, targets=targets)
+    if w.dtype != x.dtype:
+        raise TypeError(f"{_FN}: embeddings and weight must share a dtype, got {x.dtype} and "
+                        f"{w.dtype}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{_FN}: embeddings [N, D] and weight [C, D] must share D, got "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if w.shape[0] == 0:
+        raise ValueError(f"{_FN}: weight must have at least one class (C >= 1)")
+    if block_size is not None:
+        _checks.integer(_FN, block_size=block_size)
+        if block_size <= 0:
+            raise ValueError(f"{_FN}: block_size must be a positive int or None, got "
+                             f"{block_size}")
+
+
+class _FusedRows(torch.autograd.Function):
+    """x [N, D] (normalised or not), w [C, D], targets [N, K] -> the row losses [N]."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, plan):
+        valid = has_positive(targets, plan.ignore_index)
+        weights = valid.to(accumulation_dtype(x)) if any(ctx.needs_input_grad[:2]) else None
+        stats, gx, gw = _sweep(x, w, targets, plan, weights)
+        rows = torch.where(valid, softplus_rows(stats), stats.new_zeros(()))
+        ctx.plan = plan
+        saved = (x, w, targets, stats) + ((gx, gw) if weights is not None else ())
+        ctx.save_for_backward(*saved)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        x, w, targets, stats, *grads = ctx.saved_tensors
+        if grads and grad_rows.shape[0] > 0 and grad_rows.stride(0) == 0:
+            g = grad_rows[0]
+            gx, gw = grads[0] * g.to(grads[0].dtype), grads[1] * g.to(grads[1].dtype)
+        else:
+            valid = has_positive(targets, ctx.plan.ignore_index)
+            weights = torch.where(valid, grad_rows.to(stats.dtype), 0.0)
+            _, gx, gw = _sweep(x, w, targets, ctx.plan, weights, stats)
+        return gx, gw, None, None
+
+
+def _sweep(x, w, targets, plan, weights=None, stats=None):
+    """The blocks of rows: (stats [N, 2], and with row `weights` the gradients of
+    sum_i weights_i loss_i with respect to x and w, else None, None). `stats`, when given,
+    are those of forward (not recomputed)."""
+    stats_op, grad_op = plan.ops()
+    acc = accumulation_dtype(x)
+    # fp16 / bf16 inputs: the cosines in fp32 (scale 64 turns a bf16 rounding of a cosine
+    # into ~0.25 of logit), from an fp32 copy of W, O(C D).
+    wd = w.detach().to(acc)
+    inv = None
+    if plan.normalize:
+        norm = wd.norm(dim=1)
+        inv = 1.0 / norm.clamp(min=_NORM_EPS)
+    have = stats is not None
+    if not have:
+        stats = torch.empty(x.shape[0], 2, dtype=acc, device=x.device)
+    gx = torch.empty_like(x) if weights is not None else None
+    h = torch.zeros(w.shape, dtype=acc, device=w.device) if weights is not None else None
+    for start in range(0, x.shape[0], plan.rows):
+        r = slice(start, start + plan.rows)
+        xr = x[r].detach().to(acc)
+        cos = xr @ wd.t()
+        if inv is not None:
+            cos.mul_(inv)
+        if not have:
+            stats[r] = stats_op(cos, targets[r], *plan.hyper)
+        if weights is None:
+            continue
+        s = stats[r]
+        coef = torch.stack((weights[r] * torch.sigmoid(s[:, 0]), s[:, 0],
+                            weights[r] * torch.sigmoid(s[:, 1]), s[:, 1]), dim=1)
+        g = grad_op(cos, targets[r], coef.contiguous(), *plan.hyper)
+        del cos
+        if inv is not None:
+            g.mul_(inv)
+        gx[r] = g @ wd
+        h.addmm_(g.t(), xr)
+    if weights is None:
+        return stats, None, None
+    if inv is not None:
+        # d cos_ij / d w_j = x_i / |w_j| - (x_i . w_j) w_j / |w_j|^3 for |w_j| > eps.
+        along = torch.where(norm > _NORM_EPS, inv * inv * (wd * h).sum(dim=1), 0.0)
+        h.addcmul_(wd, along[:, None], value=-1.0)
+    return stats, gx, h.to(w.dtype)
