@@ -226,3 +226,64 @@ def test_softcap_is_gemma_capping_and_filtering_is_insightface_masking():
     got.backward()
     assert_close(got.detach(), want.detach(), torch.float64, "filtered loss")
     assert_close(mine.grad, c.grad, torch.float64, "filtered grad")
+
+
+# ---- inplace_backward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", device_backends())
+@pytest.mark.parametrize("kw", [dict(m2=0.5), dict(m3=0.35, label_smoothing=0.1, tau=1.0),
+                                dict(scale=16.0, tau=1.7, reduction="sum")],
+                         ids=["arcface", "cosface smoothing", "gce"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_inplace_backward_gives_the_gradient_in_cos_storage(backend, device, kw, sharded):
+    """The gradient equals the default path's; for a cos produced in the graph it is handed
+    to the producer in cos's own storage (a leaf's AccumulateGrad copies it, as for any
+    gradient that aliases a live tensor)."""
+    cos, target, _ = _problem(dtype=torch.float32, device=device)
+    fn = fusedloss.margin_cross_entropy
+    extra = {}
+    if sharded:
+        fn, extra = fusedloss.sharded_margin_cross_entropy, dict(class_start=0, num_classes=33)
+    plain = cos.clone().requires_grad_()
+    fn(plain, target, backend=backend, **extra, **kw).backward()
+    leaf = cos.clone().requires_grad_()
+    loss = fn(leaf, target, backend=backend, inplace_backward=True, **extra, **kw)
+    loss.backward()
+    assert_close(leaf.grad, plain.grad, torch.float32, "leaf")
+    base = cos.clone().requires_grad_()
+    produced = base * 1.0  # MulBackward saves the scalar only
+    storage = []
+    produced.register_hook(lambda g: storage.append(g.data_ptr()))
+    fn(produced, target, backend=backend, inplace_backward=True, **extra, **kw).backward()
+    assert storage == [produced.data_ptr()]
+    assert_close(base.grad, plain.grad, torch.float32, "through the producer")
+
+
+def test_inplace_backward_raises_when_cos_is_needed_elsewhere():
+    cos, target, _ = _problem(dtype=torch.float32)
+    base = cos.clone().requires_grad_()
+    produced = torch.tanh(base)  # TanhBackward saves its output: cos itself
+    loss = fusedloss.margin_cross_entropy(produced, target, scale=16.0, inplace_backward=True,
+                                          backend="cpu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_raises_on_a_second_backward():
+    cos, target, _ = _problem(dtype=torch.float32)
+    leaf = cos.clone().requires_grad_()
+    loss = fusedloss.margin_cross_entropy(leaf, target, m2=0.5, inplace_backward=True,
+                                          backend="cpu")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c, "needs cos that requires grad"),
+    (lambda c: c.t().contiguous().t().requires_grad_(), "needs a contiguous cos"),
+], ids=["no grad", "column-major"])
+def test_inplace_backward_bad_inputs(change, message):
+    cos, target, _ = _problem(dtype=torch.float32)
+    with pytest.raises(ValueError, match=message):
+        fusedloss.margin_cross_entropy(change(cos), target, inplace_backward=True, backend="cpu")

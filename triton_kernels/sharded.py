@@ -272,6 +272,34 @@ def sharded_margin_grad(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
     return grad
 
 
+def sharded_margin_grad_inplace(cos: Tensor, target: Tensor, row_m2: Optional[Tensor],
+                                row_m3: Optional[Tensor], coef: Tensor, scale: float, m1: float,
+                                m2: float, m3: float, detach_margin: bool, class_start: int,
+                                ignore_index: int, softcap: float = 0.0,
+                                filter_threshold: float = 0.0) -> None:
+    """fusedloss::sharded_margin_grad_inplace: sharded_margin_grad written into cos itself
+    (contiguous). Each program reads its columns before writing them; the slope's read of
+    c_y happens in the program that owns column y, before its write."""
+    check_args("sharded_margin_grad_inplace", cos=cos, target=target, row_m2=row_m2,
+               row_m3=row_m3, coef=coef, class_start=class_start, scale=scale)
+    check_transform("sharded_margin_grad_inplace", softcap, filter_threshold, m1, m2, m3,
+                    row_m2 is not None or row_m3 is not None)
+    if not cos.is_contiguous():
+        raise ValueError("sharded_margin_grad_inplace: cos must be contiguous (its storage "
+                         "becomes the gradient)")
+    n, c = cos.shape
+    if cos.numel() == 0:
+        return
+    coef = coef.contiguous()
+    pointers, scalars, constexprs = _margin_args(row_m2, row_m3, coef, scale, m1, m2, m3,
+                                                 coef.dtype, softcap, filter_threshold)
+    options = _launch_options(c, cos.device)
+    launch(_grad_kernel, (n, triton.cdiv(c, options["BLOCK_C"])),
+        cos, target.contiguous(), *pointers, coef, cos, c, cos.stride(0), class_start,
+        ignore_index, *scalars, DETACH_MARGIN=detach_margin, **constexprs, **options,
+    )
+
+
 def sharded_margin_linear_stats(embeddings: Tensor, weight: Tensor, target: Tensor,
                                 row_m2: Optional[Tensor], row_m3: Optional[Tensor], scale: float,
                                 m1: float, m2: float, m3: float, normalize: bool,

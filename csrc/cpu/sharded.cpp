@@ -360,6 +360,35 @@ at::Tensor sharded_margin_grad(const at::Tensor& cos_in, const at::Tensor& targe
   return grad;
 }
 
+// sharded_margin_grad written into cos itself (inplace_backward): grad_row reads every element
+// of a row before it writes it there.
+void sharded_margin_grad_inplace(const at::Tensor& cos, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& row_m2,
+                                 const std::optional<at::Tensor>& row_m3,
+                                 const at::Tensor& coef_in, double scale, double m1, double m2,
+                                 double m3, bool detach_margin, int64_t class_start,
+                                 int64_t ignore_index, double softcap, double filter_threshold) {
+  constexpr const char* kOp = "sharded_margin_grad_inplace";
+  check_cos(cos, target, kOp);
+  TORCH_CHECK_VALUE(cos.is_contiguous(), kOp, ": cos must be contiguous (its storage becomes "
+                    "the gradient)");
+  const ShardInputs in =
+      checked_shard_inputs(cos, target, row_m2, row_m3, &coef_in, scale, m1, m2, m3, softcap,
+                           filter_threshold, class_start, ignore_index, kOp);
+  const int64_t N = cos.size(0), C = cos.size(1);
+  const at::Tensor coef = coef_in.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(), kOp, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Shard<acc_t> shard = in.shard<acc_t>(detach_margin, C);
+    scalar_t* cp = cos.data_ptr<scalar_t>();
+    const acc_t* kp = coef.data_ptr<acc_t>();
+    at::parallel_for(0, N, rows_grain(C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) grad_row(shard, cp + i * C, cp + i * C, i, kp + 4 * i);
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // Linear forms: the row kernels above as epilogues of linear_blocks.h.
 
@@ -442,6 +471,7 @@ std::tuple<at::Tensor, at::Tensor> sharded_margin_linear_grad(
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("sharded_margin_stats", &sharded_margin_stats);
   m.impl("sharded_margin_grad", &sharded_margin_grad);
+  m.impl("sharded_margin_grad_inplace", &sharded_margin_grad_inplace);
   m.impl("sharded_margin_linear_stats", &sharded_margin_linear_stats);
   m.impl("sharded_margin_linear_grad", &sharded_margin_linear_grad);
 }

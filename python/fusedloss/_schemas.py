@@ -74,6 +74,13 @@ _define(
     "sharded_margin_grad(Tensor cos, Tensor target, Tensor? row_m2, Tensor? row_m3, "
     "Tensor coef, float scale, float m1, float m2, float m3, bool detach_margin, "
     "int class_start, int ignore_index, float softcap=0., float filter_threshold=0.) -> Tensor")
+# The grad op writing into cos's own storage (inplace_backward): cos is overwritten with
+# sharded_margin_grad's result; cos must be contiguous (every kernel reads an element before
+# it writes it, so the aliasing is safe).
+_define(
+    "sharded_margin_grad_inplace(Tensor(a!) cos, Tensor target, Tensor? row_m2, Tensor? row_m3, "
+    "Tensor coef, float scale, float m1, float m2, float m3, bool detach_margin, "
+    "int class_start, int ignore_index, float softcap=0., float filter_threshold=0.) -> ()")
 _define(
     "sharded_margin_linear_stats(Tensor embeddings, Tensor weight, Tensor target, "
     "Tensor? row_m2, Tensor? row_m3, float scale, float m1, float m2, float m3, "

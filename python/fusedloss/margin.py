@@ -126,6 +126,7 @@ def margin_cross_entropy(
     generator: Optional[torch.Generator] = None,
     extra_negatives: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    inplace_backward: bool = False,
     backend: str = "auto",
     **margin,
 ):
@@ -201,8 +202,16 @@ def margin_cross_entropy(
     row's logits (the extra columns included; 0 for ignored rows), in fp32 (fp64 for fp64),
     differentiable: z-loss or distillation terms built on it get exact gradients.
 
-    tau != 1, softcap, interclass_filtering_threshold, extra_negatives and return_lse run
-    on the stats engine of the sharded family (a statistics pass over ``cos``, the epilogue
+    ``inplace_backward=True`` writes the gradient into the storage of ``cos`` (which must be
+    contiguous and require grad), so that forward and backward together add no ``N x C``
+    buffer: the caller promises not to read ``cos`` after backward (as flash-attn's and
+    quack's option). If another node of the graph saved ``cos`` for its own backward, it
+    raises there (autograd's version counter: ``cos`` counts as modified in place), never
+    a gradient computed from overwritten values; a second backward through the graph raises
+    the same way. A leaf ``cos`` gets a ``.grad`` that shares its storage.
+
+    tau != 1, softcap, interclass_filtering_threshold, extra_negatives, return_lse and
+    inplace_backward run on the stats engine of the sharded family (a statistics pass over ``cos``, the epilogue
     in O(N), a gradient pass in backward) on the cpu, triton and reference backends; it has
     no CUDA C++ kernel, so "auto" takes triton for CUDA tensors and "cuda" is refused.
 
@@ -215,10 +224,11 @@ def margin_cross_entropy(
     _check_inputs(cos, target)
     opts.check(_FN)
     check_generator(_FN, generator, cos.device)
-    engine = uses_engine(opts, extra_negatives, return_lse)
+    engine = uses_engine(opts, extra_negatives, return_lse) or bool(inplace_backward)
     if engine:
         from . import sharded
         sharded.check_extra_negatives(_FN, extra_negatives, "cos", cos)
+        sharded.check_inplace(_FN, inplace_backward, cos)
     backend = resolve_engine_backend(_FN, backend, cos.device, OP.name, engine)
     _checks.target_values(_FN, target, cos.shape[1], opts.ignore_index)
     row_m2, row_m3 = elastic_margins(opts, target,
@@ -231,7 +241,7 @@ def margin_cross_entropy(
             result_dtype(cos))
     if engine:
         return sharded.local_margin_loss(cos, target.long(), row_m2, row_m3, opts, backend,
-                                         extra_negatives, return_lse)
+                                         extra_negatives, return_lse, bool(inplace_backward))
     return row_grad_loss(OP, backend, cos, target.long(), (row_m2, row_m3, *opts.kernel_args()),
                          opts.ignore_index, opts.reduction)
 
@@ -249,7 +259,8 @@ def resolve_engine_backend(fn, backend, device, op_name, engine, stats_op=ENGINE
     (no CUDA C++ kernel: "cuda" is refused with the reason)."""
     if engine and backend == "cuda":
         raise RuntimeError(f"{fn}: tau != 1, softcap, interclass_filtering_threshold, "
-                           "extra_negatives and return_lse run on the stats kernels, which have "
+                           "extra_negatives, return_lse and inplace_backward run on the stats "
+                           "kernels, which have "
                            "cpu and triton backends but no CUDA C++ kernel; use backend='triton' "
                            "or 'auto'")
     return resolve_backend(backend, device, stats_op if engine else op_name)

@@ -84,6 +84,10 @@ def _linear_grad_fake(x, w, target, row_m2, row_m3, coef, scale, m1, m2, m3, det
     return x.new_empty(x.shape), w.new_empty(w.shape)
 
 
+def _grad_inplace_fake(cos, *args):
+    return None
+
+
 # No op-level autograd: the autograd functions below differentiate through the collectives.
 STATS = Op("sharded", "sharded_margin_stats", fake=_stats_fake)
 GRAD = Op("sharded", "sharded_margin_grad", fake=_grad_fake)
@@ -91,9 +95,24 @@ LINEAR_STATS = Op("sharded", "sharded_margin_linear_stats", fake=_linear_stats_f
 LINEAR_GRAD = Op("sharded", "sharded_margin_linear_grad", fake=_linear_grad_fake)
 
 
+# The grad op that overwrites cos with its gradient (inplace_backward). It mutates its input,
+# so it has no Op (whose Triton twin and autograd are for functional ops): the CPU kernel
+# comes through the dispatcher, the Triton launcher is called as it is.
+GRAD_INPLACE = "sharded_margin_grad_inplace"
+torch.library.register_fake(f"fusedloss::{GRAD_INPLACE}")(_grad_inplace_fake)
+
+
 def kernel(op: Op, backend: str) -> Callable:
     """The implementation of `op` on `backend` (the dense oracle for "reference")."""
     return getattr(reference, op.name) if backend == "reference" else op.for_backend(backend)
+
+
+def grad_inplace(backend: str) -> Callable:
+    """The implementation of sharded_margin_grad_inplace on `backend` (cpu or triton)."""
+    if backend == "triton":
+        from fusedloss.triton_kernels.sharded import sharded_margin_grad_inplace
+        return sharded_margin_grad_inplace
+    return getattr(torch.ops.fusedloss, GRAD_INPLACE).default
 
 
 # --- combining the partials (shared by the collectives and the in-process simulation) -------
@@ -196,6 +215,7 @@ class Shard:
     block_size: int = 0  # as the op schemas take it: 0 means the backend chooses
     reduce_embedding_grad: bool = True  # False: the caller sums grad_embeddings itself
     local: bool = False  # True: this process holds every class; no collective at all
+    inplace: bool = False  # True: backward writes the gradient into cos's storage
 
     def margins(self):
         o = self.opts
@@ -272,9 +292,16 @@ class _ShardedMarginLoss(torch.autograd.Function):
         shard = ctx.shard
         if cos.shape[1] == 0:
             return torch.zeros_like(cos), None, None, None, grad_extra, None
-        grad = kernel(GRAD, shard.backend)(cos, target, row_m2, row_m3, coef, *shard.margins(),
-                                           shard.detach_margin, shard.class_start,
-                                           shard.opts.ignore_index, *shard.transform())
+        args = (target, row_m2, row_m3, coef, *shard.margins(), shard.detach_margin,
+                shard.class_start, shard.opts.ignore_index, *shard.transform())
+        if shard.inplace and shard.backend != "reference":
+            # cos was saved unmodified (saved_tensors checked its version); from here on its
+            # storage is the gradient, and its version moves on, so that any other node that
+            # saved cos raises when it unpacks it instead of reading a gradient as cosines.
+            grad_inplace(shard.backend)(cos, *args)
+            torch.autograd.graph.increment_version(cos)
+            return cos, None, None, None, grad_extra, None
+        grad = kernel(GRAD, shard.backend)(cos, *args)
         return grad, None, None, None, grad_extra, None
 
 
@@ -391,6 +418,7 @@ def sharded_margin_cross_entropy(
     generator: Optional[torch.Generator] = None,
     extra_negatives: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    inplace_backward: bool = False,
     backend: str = "auto",
     **margin,
 ):
@@ -411,7 +439,8 @@ def sharded_margin_cross_entropy(
     ``interclass_filtering_threshold``, ``ignore_index`` and ``reduction``; ``extra_negatives``
     and ``return_lse`` as in margin_cross_entropy: every rank passes the same ``e`` (compared
     by the agreement on errors), its columns count once in the combined partition function,
-    and every rank's ``e`` gets the full gradient.
+    and every rank's ``e`` gets the full gradient. ``inplace_backward`` as in
+    margin_cross_entropy: backward writes this shard's gradient into ``local_cos``.
     ElasticFace margins are drawn on every rank: give every rank a generator with the same
     seed (draws that differ are an error). ``elastic_plus=True`` is refused: it ranks every
     row's target cosine against all others before the loss. ``backend``: "auto",
@@ -439,12 +468,14 @@ def sharded_margin_cross_entropy(
         _check_class_range(fn, class_start, num_classes)
         check_generator(fn, generator, local_cos.device)
         check_extra_negatives(fn, extra_negatives, "local_cos", local_cos)
+        check_inplace(fn, inplace_backward, local_cos, "local_cos")
         chosen = resolve_backend(backend, local_cos.device, STATS.name)
         row_m2, row_m3 = elastic_margins(opts, target, None, accumulation_dtype(local_cos),
                                          generator)
         shared = _shared_values(opts, (str(local_cos.dtype), bool(return_lse)), target, row_m2,
                                 row_m3, extra=extra_negatives)
-        return _Prepared(Shard(opts, chosen, group, class_start, num_classes), target.long(),
+        return _Prepared(Shard(opts, chosen, group, class_start, num_classes,
+                               inplace=bool(inplace_backward)), target.long(),
                          row_m2, row_m3, local_cos.shape[1], shared)
 
     p = _prepared_everywhere(fn, group, _device_of(local_cos), prepare)
@@ -461,6 +492,19 @@ def reduced(rows_and_lse, target, opts: MarginOptions, dtype, return_lse: bool):
     return (loss, lse) if return_lse else loss
 
 
+def check_inplace(fn: str, inplace: bool, cos: torch.Tensor, name: str = "cos") -> None:
+    """inplace_backward needs a contiguous cos that requires grad (its storage becomes the
+    gradient); whether cos is needed elsewhere is checked by autograd's version counter."""
+    if not inplace:
+        return
+    if not cos.requires_grad:
+        raise ValueError(f"{fn}: inplace_backward=True needs {name} that requires grad (its "
+                         "storage becomes its gradient)")
+    if not cos.is_contiguous():
+        raise ValueError(f"{fn}: inplace_backward=True needs a contiguous {name} (its storage "
+                         "becomes its gradient)")
+
+
 def check_extra_negatives(fn: str, extra, like_name: str, like: torch.Tensor) -> None:
     """extra_negatives is None or a 1-D tensor of the dtype and device of `like`."""
     if extra is None:
@@ -473,10 +517,11 @@ def check_extra_negatives(fn: str, extra, like_name: str, like: torch.Tensor) ->
 
 
 def local_margin_loss(cos, target, row_m2, row_m3, opts: MarginOptions, backend: str,
-                      extra_negatives, return_lse: bool):
+                      extra_negatives, return_lse: bool, inplace: bool = False):
     """margin_cross_entropy through the stats engine, on this process alone (no collective):
-    the stats op, the combine and epilogue above, the grad op in backward."""
-    shard = Shard(opts, backend, None, 0, cos.shape[1], local=True)
+    the stats op, the combine and epilogue above, the grad op in backward (writing into cos
+    with inplace)."""
+    shard = Shard(opts, backend, None, 0, cos.shape[1], local=True, inplace=inplace)
     out = _ShardedMarginLoss.apply(cos, target, row_m2, row_m3, extra_negatives, shard)
     return reduced(out, target, opts, result_dtype(cos), return_lse)
 

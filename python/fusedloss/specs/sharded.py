@@ -111,6 +111,11 @@ def sharded_op_samples(device):
     samples.append(("sharded_margin_stats", (cos, target, None, None, *plain, 4, -100, 5.0, 0.3)))
     samples.append(("sharded_margin_grad", (cos, target, None, None, coef, *plain, False, 4, -100,
                                             5.0, 0.3)))
+    # inplace_backward's op overwrites its own copy of cos.
+    samples.append(("sharded_margin_grad_inplace", (cos.clone(), target, None, None, coef, *plain,
+                                                    False, 4, -100, 5.0, 0.3)))
+    samples.append(("sharded_margin_grad_inplace", (cos.clone(), target, None, None, coef,
+                                                    30.0, 1.0, 0.5, 0.1, True, 4, -100)))
     return samples
 
 
@@ -279,7 +284,8 @@ HOST_SYNC = ("the ranks agree on bad inputs before any collective (the targets a
 
 SPECS = [
     OpSpec("sharded_margin_cross_entropy", "sharded", reference.sharded_margin_stats,
-           ops=("sharded_margin_stats", "sharded_margin_grad"), backends=("cpu", "triton"),
+           ops=("sharded_margin_stats", "sharded_margin_grad", "sharded_margin_grad_inplace"),
+           backends=("cpu", "triton"),
            samples=sharded_samples, op_samples=sharded_op_samples,
            compile_sample=None, no_compile=NO_COMPILE, host_sync=HOST_SYNC,
            bad_inputs=sharded_bad_inputs,
@@ -346,7 +352,8 @@ MODULE_SPECS = [
 def kernel_arguments(op):
     """Valid arguments of this family's ops by schema name (None for another family's op):
     the whole class range [0, 6) on one shard."""
-    rows = dict(target=torch.arange(4), row_m2=None, row_m3=None, **KERNEL_MARGIN)
+    rows = dict(target=torch.arange(4), row_m2=None, row_m3=None, **KERNEL_MARGIN, softcap=0.0,
+                filter_threshold=0.0)
     linear = dict(embeddings=torch.randn(4, 8), weight=torch.randn(6, 8), **rows,
                   normalize=True, class_start=0, ignore_index=-100)
     cos = dict(cos=torch.rand(4, 6) * 2 - 1, **rows)
@@ -354,6 +361,9 @@ def kernel_arguments(op):
         "sharded_margin_stats": lambda: dict(cos, class_start=0, ignore_index=-100),
         "sharded_margin_grad": lambda: dict(cos, coef=torch.zeros(4, 4), detach_margin=False,
                                             class_start=0, ignore_index=-100),
+        "sharded_margin_grad_inplace": lambda: dict(cos, coef=torch.zeros(4, 4),
+                                                    detach_margin=False, class_start=0,
+                                                    ignore_index=-100),
         "sharded_margin_linear_stats": lambda: dict(linear, block_size=0),
         "sharded_margin_linear_grad": lambda: dict(linear, coef=torch.zeros(4, 4),
                                                    detach_margin=False, block_size=0),
@@ -367,10 +377,11 @@ def kernel_value_checks():
         for op in ("sharded_margin_grad", "sharded_margin_linear_grad")
     ] + [
         KernelBadInput(op, f"{name}", lambda kw=kw: kw, ValueError, message)
-        for op in ("sharded_margin_stats", "sharded_margin_grad", "sharded_margin_linear_stats",
-                   "sharded_margin_linear_grad")
+        for op in ("sharded_margin_stats", "sharded_margin_grad", "sharded_margin_grad_inplace",
+                   "sharded_margin_linear_stats", "sharded_margin_linear_grad")
         for name, kw, message in (("softcap with a margin", dict(softcap=5.0), "softcap needs no"),
-                                  ("negative softcap", dict(softcap=-1.0, m2=0.0), "softcap must"),
+                                  ("negative softcap", dict(softcap=-1.0, m2=0.0),
+                                   "softcap must"),
                                   ("threshold 2", dict(filter_threshold=2.0), "filter_threshold"))
     ] + [
         KernelBadInput(op, "D mismatch", lambda: dict(weight=torch.randn(6, 7)), ValueError,
