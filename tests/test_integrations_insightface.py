@@ -150,16 +150,23 @@ def test_sampled_classes_match_insightface_on_them():
     assert_close(loss, insightface_loss(x, w[sampled], remapped, 64.0, *ARCFACE), F64, "loss")
 
 
-def test_interclass_filtering_threshold():
+@pytest.mark.parametrize("margins", [ARCFACE, COSFACE], ids=["arcface", "cosface"])
+def test_interclass_filtering_threshold(margins):
+    """Non-target cosines above the threshold count as 0 and get no gradient."""
     x, w, y = _problem(12, 10)
-    head = _head(ARCFACE, 10, threshold=0.2)
+    head = _head(margins, 10, threshold=0.2)
     head.weight.data.copy_(w)
-    try:
-        loss = head(x, y)
-    except NotImplementedError as error:  # the sharded op's filtering has not landed yet
-        assert "interclass_filtering_threshold" in str(error)
-        return
-    assert_close(loss, insightface_loss(x, w, y, 64.0, *ARCFACE, threshold=0.2), F64, "loss")
+    mine, theirs, w_ref = (x.clone().requires_grad_(), x.clone().requires_grad_(),
+                           w.clone().requires_grad_())
+    loss = head(mine, y)
+    expected = insightface_loss(theirs, w_ref, y, 64.0, *margins, threshold=0.2)
+    loss.backward()
+    expected.backward()
+    cos = F.normalize(x) @ F.normalize(w).T
+    assert ((cos > 0.2) & ~F.one_hot(y, 10).bool()).any(), "the case must filter something"
+    assert_close(loss, expected.detach(), F64, "loss")
+    assert_close(mine.grad, theirs.grad, F64, "grad embeddings")
+    assert_close(head.weight.grad, w_ref.grad, F64, "grad weight")
 
 
 def test_checkpoint_round_trip():
@@ -174,7 +181,8 @@ def test_checkpoint_round_trip():
     fresh.load_state_dict(torch.load(buffer))
     assert torch.equal(fresh.weight, head.weight)
     x, _, y = _problem(6, 10)
-    assert_close(fresh(x, y), head(x, y), F64, "loss after loading")
+    with torch.no_grad():
+        assert_close(fresh(x, y), head(x, y), F64, "loss after loading")
     # an insightface checkpoint is the same dict; a shard of another size is refused
     fresh.load_state_dict({"weight": torch.zeros(10, 16, dtype=F64)})
     with pytest.raises(RuntimeError, match="size mismatch"):
@@ -185,8 +193,8 @@ def test_checkpoint_round_trip():
 
 def _check_world(rank, world):
     c, n_local = 9, 5  # uneven shards: 5 and 4 classes
-    for margins in (ARCFACE, COSFACE):
-        head = _head(margins, c)
+    for margins, threshold in ((ARCFACE, 0.0), (COSFACE, 0.0), (ARCFACE, 0.2)):
+        head = _head(margins, c, threshold=threshold)
         start = c // world * rank + min(rank, c % world)  # arcface_torch's class_start
         num_local = c // world + int(rank < c % world)
         assert (head.class_start, head.num_local) == (start, num_local)
@@ -198,16 +206,16 @@ def _check_world(rank, world):
         loss = head(mine, y[rows])
         loss.backward()
         theirs, w_ref = x.clone().requires_grad_(), w.clone().requires_grad_()
-        expected = insightface_loss(theirs, w_ref, y, 64.0, *margins)
+        expected = insightface_loss(theirs, w_ref, y, 64.0, *margins, threshold=threshold)
         expected.backward()
-        what = f"rank {rank} {margins}"
+        what = f"rank {rank} {margins} threshold {threshold}"
         assert_close(loss, expected.detach(), F64, f"{what} loss")
         assert_close(head.weight.grad, w_ref.grad[start:start + num_local], F64,
                      f"{what} grad weight shard")
         # insightface's AllGather backward: the exact gradient times the world size
         assert_close(mine.grad, world * theirs.grad[rows], F64, f"{what} grad embeddings")
         # this rank's checkpoint loads back into a fresh head of the same rank
-        fresh = _head(margins, c)
+        fresh = _head(margins, c, threshold=threshold)
         fresh.load_state_dict(head.state_dict())
         assert torch.equal(fresh.weight, head.weight)
 
