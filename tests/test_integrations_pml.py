@@ -262,15 +262,76 @@ def test_cross_batch_memory_equals_pml(name, make, make_miner):
     assert ours.has_been_filled
 
 
-def test_cross_batch_memory_falls_back_with_enqueue_mask():
-    x, y = _batch(n=12, classes=4)
-    mask = torch.arange(12) % 2 == 0
-    ours = pml.CrossBatchMemory(pml.SupConLoss(), 8, memory_size=32)
-    theirs = losses.CrossBatchMemory(losses.SupConLoss(), 8, memory_size=32)
+def _moco_batch(step, n=6):
+    """PML's MoCo recipe: queries then keys, two views of n samples, labels unique per batch
+    (offset by the step), the keys enqueued."""
+    x, _ = _batch(n=2 * n, seed=10 + step)
+    y = torch.arange(n).repeat(2) + n * step
+    return x, y, torch.arange(2 * n) >= n
+
+
+MASKED = BANKS + [("ntxent", lambda m: m.NTXentLoss(temperature=0.1), None)]
+
+
+@pytest.mark.parametrize("name,make,make_miner", MASKED, ids=[c[0] for c in MASKED])
+def test_cross_batch_memory_enqueue_mask_equals_pml(name, make, make_miner):
+    """Keys enqueued, queries against the bank: five steps through a memory of 16 (wraps)."""
+    ours = pml.CrossBatchMemory(make(pml), 8, memory_size=16,
+                                miner=make_miner(pml) if make_miner else None)
+    theirs = losses.CrossBatchMemory(make(losses), 8, memory_size=16,
+                                     miner=make_miner(miners) if make_miner else None)
+    for step in range(5):
+        x, y, mask = _moco_batch(step)
+        if name != "ntxent":
+            y = y % 3  # several positives a row in the bank
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pml.PMLFallbackWarning)
+            loss, grads = _loss_and_grads(lambda e, l, *_: ours(e, l, enqueue_mask=mask), None,
+                                          x, y)
+        expected, expected_grads = _loss_and_grads(
+            lambda e, l, *_: theirs(e, l, enqueue_mask=mask), None, x, y)
+        assert_close(loss, expected, torch.float64, f"{name} step {step} loss")
+        assert_close(grads[0], expected_grads[0], torch.float64, f"{name} step {step} grad")
+        assert (ours.queue_idx, ours.has_been_filled) == (theirs.queue_idx,
+                                                          theirs.has_been_filled)
+    assert float(expected) != 0.0 and ours.has_been_filled
+
+
+def test_cross_batch_memory_ntxent_two_views_in_the_bank():
+    """NT-Xent with the batch enqueued: each label twice in the bank, its own slot dropped."""
+    ours = pml.CrossBatchMemory(pml.NTXentLoss(0.1), 8, memory_size=20)
+    theirs = losses.CrossBatchMemory(losses.NTXentLoss(0.1), 8, memory_size=20)
+    for step in range(4):
+        x, y, _ = _moco_batch(step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pml.PMLFallbackWarning)
+            loss, grads = _loss_and_grads(lambda e, l, *_: ours(e, l), None, x, y)
+        expected, expected_grads = _loss_and_grads(lambda e, l, *_: theirs(e, l), None, x, y)
+        assert_close(loss, expected, torch.float64, f"step {step} loss")
+        assert_close(grads[0], expected_grads[0], torch.float64, f"step {step} grad")
+
+
+@pytest.mark.parametrize("case", ["labels_repeat", "enqueue_nothing", "indices_tuple",
+                                  "foreign_loss"])
+def test_cross_batch_memory_falls_back(case):
+    make = {"foreign_loss": lambda m: m.CircleLoss()}.get(case, lambda m: m.NTXentLoss(0.1))
+    ours = pml.CrossBatchMemory(make(pml.losses), 8, memory_size=32)
+    theirs = losses.CrossBatchMemory(make(losses), 8, memory_size=32)
+    x, y, mask = _moco_batch(0)
+    kwargs, reason = {}, "labels|loss"
+    if case == "labels_repeat":  # the same labels every batch: more than two of a label
+        ours(x, y), theirs(x, y)
+        reason = "several positives"
+    elif case == "enqueue_nothing":
+        kwargs, reason = dict(enqueue_mask=torch.zeros_like(mask)), "enqueue_mask"
+    elif case == "indices_tuple":
+        kwargs, reason = dict(indices_tuple=miners.MultiSimilarityMiner()(x, y)), "indices_tuple"
+    else:
+        reason = "CircleLoss"
     pml._WARNED.clear()
-    with pytest.warns(pml.PMLFallbackWarning, match="enqueue_mask"):
-        loss = ours(x, y, enqueue_mask=mask)
-    torch.testing.assert_close(loss, theirs(x, y, enqueue_mask=mask))
+    with pytest.warns(pml.PMLFallbackWarning, match=reason):
+        loss = ours(x, y, **kwargs)
+    torch.testing.assert_close(loss, theirs(x, y, **kwargs))
 
 
 class _Data(torch.utils.data.Dataset):

@@ -19,7 +19,8 @@ tiled kernels of fusedloss.pairs when PML's result is exactly one of their losse
                                                                          neg_margin=nm)
     TripletMarginLoss(m)(emb, y, BatchHardMiner()(emb, y))
                                                         batch_hard_triplet_loss(margin=m)
-    CrossBatchMemory(loss, d, size, miner)(emb, y)      the bank loss of nn.CrossBatchMemory
+    CrossBatchMemory(loss, d, size, miner)(emb, y[, enqueue_mask=m])
+                                                        the loss of the queries against the bank
 
 with ``ref_emb`` / ``ref_labels`` as the functions' reference set, PML's default distance
 (CosineSimilarity; LpDistance(p=2) for the contrastive and triplet losses), or
@@ -30,10 +31,10 @@ loss given it can run the fused miner + loss pipeline instead of PML's dense one
 
 Everything else (another distance or reducer, an embedding regulariser, ``collect_stats``,
 an ``indices_tuple`` not mined here from the same tensors, ``TripletMarginLoss`` without
-``BatchHardMiner``, ``swap`` or ``smooth_loss``, NT-Xent with several positives per row,
-``enqueue_mask``) runs PML's own code, with a :class:`PMLFallbackWarning` once per class and
-reason: a call never returns a number PML would not. Checking NT-Xent's labels reads one
-integer on the host.
+``BatchHardMiner``, ``swap`` or ``smooth_loss``, NT-Xent with several positives per row, an
+``enqueue_mask`` that enqueues nothing) runs PML's own code, with a
+:class:`PMLFallbackWarning` once per class and reason: a call never returns a number PML
+would not. Checking NT-Xent's labels reads one integer on the host.
 """
 import sys
 import types
@@ -186,8 +187,8 @@ class _FusedLoss:
                    f"power={self.distance.power})"
         return None
 
-    def plan(self, labels, mining: Union[None, str, _Mining],
-             ref_labels=None) -> Union[str, Plan]:
+    def plan(self, labels, mining: Union[None, str, _Mining], ref_labels=None,
+             ref_holds_batch: bool = False) -> Union[str, Plan]:
         """(loss, options) of the fused call, or the reason to run PML's code."""
         reason = self._common_reason(labels)
         if reason is None and isinstance(mining, str):
@@ -195,7 +196,7 @@ class _FusedLoss:
         if reason is not None:
             return reason
         distance, normalize = _distance(self.distance)
-        return self._plan(labels, mining, distance, normalize, ref_labels)
+        return self._plan(labels, mining, distance, normalize, ref_labels, ref_holds_batch)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None):
@@ -218,7 +219,7 @@ class MultiSimilarityLoss(_FusedLoss, _pml_losses.MultiSimilarityLoss):
     """PML's ``MultiSimilarityLoss(alpha=2, beta=50, base=0.5)``; fused alone (every pair) or
     after :class:`MultiSimilarityMiner` (its epsilon, mined on the same tensors)."""
 
-    def _plan(self, labels, mining, distance, normalize, ref_labels):
+    def _plan(self, labels, mining, distance, normalize, ref_labels, ref_holds_batch):
         options = dict(alpha=self.alpha, beta=self.beta, base=self.base, normalize=normalize)
         if mining is None:
             return "multi_similarity", dict(options, mining=False)
@@ -230,7 +231,7 @@ class MultiSimilarityLoss(_FusedLoss, _pml_losses.MultiSimilarityLoss):
 class SupConLoss(_FusedLoss, _pml_losses.SupConLoss):
     """PML's ``SupConLoss(temperature=0.1)``, fused without an indices_tuple."""
 
-    def _plan(self, labels, mining, distance, normalize, ref_labels):
+    def _plan(self, labels, mining, distance, normalize, ref_labels, ref_holds_batch):
         if mining is not None:
             return "an indices_tuple (SupCon over mined pairs)"
         return "supcon", dict(temperature=self.temperature, normalize=normalize)
@@ -243,22 +244,25 @@ class NTXentLoss(_FusedLoss, _pml_losses.NTXentLoss):
     ``lse_{j paired with i} S_ij/t - S_ip/t`` when p is i's only positive; PML averages the
     terms over the positive pairs (MeanReducer)."""
 
-    def _plan(self, labels, mining, distance, normalize, ref_labels):
+    def _plan(self, labels, mining, distance, normalize, ref_labels, ref_holds_batch):
         if mining is not None:
             return "an indices_tuple (NT-Xent over mined pairs)"
         # At most one positive per row: no label twice in the reference set, or at most twice
-        # in the batch that is its own reference.
+        # in a batch that is its own reference or in a bank that holds the batch (the row's
+        # own slot is not a pair).
         pool, limit = (labels, 2) if ref_labels is None else (ref_labels, 1)
+        limit = 2 if ref_holds_batch else limit
         if pool.numel() and int(torch.unique(pool, return_counts=True)[1].max()) > limit:
             return "rows with several positives (NT-Xent's per-pair terms are not SupCon's rows)"
         return "ntxent", dict(temperature=self.temperature, normalize=normalize)
 
 
-def _ntxent(embeddings, labels, ref_emb, ref_labels, *, temperature, normalize, backend):
+def _ntxent(embeddings, labels, ref_emb, ref_labels, *, temperature, normalize, backend,
+            self_offset=None):
     fn = "fusedloss.pml.NTXentLoss"
     _pairs._check_supcon(fn, temperature=temperature)
     pairs = _pairs._prepare(fn, embeddings, labels, ref_emb, ref_labels, normalize, backend,
-                            _pairs.STATS.name)
+                            _pairs.STATS.name, self_offset)
     stats = pairs.row_stats(None, SUPCON, SIMILARITY, (temperature,))
     has_pos = stats[:, 2].detach() == 1
     rows = torch.where(has_pos, stats[:, 0] - stats[:, 1], 0.0)
@@ -277,7 +281,7 @@ class ContrastiveLoss(_FusedLoss, _pml_losses.ContrastiveLoss):
 
     DISTANCES = ("cosine", "euclidean")
 
-    def _plan(self, labels, mining, distance, normalize, ref_labels):
+    def _plan(self, labels, mining, distance, normalize, ref_labels, ref_holds_batch):
         if mining is not None:
             return "an indices_tuple (contrastive over mined pairs)"
         return "contrastive", dict(pos_margin=float(self.pos_margin),
@@ -291,7 +295,7 @@ class TripletMarginLoss(_FusedLoss, _pml_losses.TripletMarginLoss):
 
     DISTANCES = ("cosine", "euclidean")
 
-    def _plan(self, labels, mining, distance, normalize, ref_labels):
+    def _plan(self, labels, mining, distance, normalize, ref_labels, ref_holds_batch):
         if self.swap or self.smooth_loss:
             return "swap or smooth_loss"
         if mining is None:
@@ -379,27 +383,48 @@ class CrossBatchMemory(_pml_losses.CrossBatchMemory):
     """PML's ``CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)``, with PML's
     own ring buffer and state. Fused when ``loss`` is one of this module's losses in a fused
     configuration, ``miner`` is None or its matching miner (MultiSimilarityMiner for
-    MultiSimilarityLoss, BatchHardMiner for TripletMarginLoss), and the call has neither
-    ``indices_tuple`` nor ``enqueue_mask``: the loss of the batch against the bank, pairs of a
-    row with its own slot dropped after mining, as PML does (fusedloss.pairs.memory_bank_loss).
-    NT-Xent in a bank runs PML's code."""
+    MultiSimilarityLoss, BatchHardMiner for TripletMarginLoss) and no ``indices_tuple`` is
+    given. As in PML, without ``enqueue_mask`` the batch is enqueued and then paired with the
+    whole bank, a row's pairs with its own slot dropped after mining
+    (fusedloss.pairs.memory_bank_loss); with it (MoCo: the keys enqueued, the queries not) the
+    rows of ``enqueue_mask`` are enqueued and the others paired with the whole bank. NT-Xent
+    needs at most one positive per row: a label at most twice in the bank (once with
+    ``enqueue_mask``), as in PML's MoCo recipe, whose labels are unique per batch."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
     def _plan(self, labels, indices_tuple, enqueue_mask) -> Union[str, Plan]:
-        if indices_tuple is not None or enqueue_mask is not None:
-            return "indices_tuple or enqueue_mask"
-        if not isinstance(self.loss, _FusedLoss) or isinstance(self.loss, NTXentLoss):
-            return f"loss {type(self.loss).__name__} (not a fused fusedloss.pml loss)"
+        if indices_tuple is not None:
+            return "an indices_tuple"
+        if not _integer_labels(labels):
+            return "labels that are not an integer tensor"
+        if enqueue_mask is not None and not (torch.is_tensor(enqueue_mask)
+                                             and enqueue_mask.dtype == torch.bool
+                                             and enqueue_mask.shape == labels.shape
+                                             and bool(enqueue_mask.any())):
+            return "an enqueue_mask that is not a bool mask of the batch enqueuing a row"
+        if not isinstance(self.loss, _FusedLoss):
+            return f"loss {type(self.loss).__name__} (not a fusedloss.pml loss)"
         if self.miner is None:
             mining = None
         elif isinstance(self.miner, _FusedMiner):
             mining = self.miner.mining()
         else:
             mining = f"miner {type(self.miner).__name__} (not a fusedloss.pml miner)"
-        return self.loss.plan(labels, mining, ref_labels=labels)
+        keys = labels if enqueue_mask is None else labels[enqueue_mask]
+        bank_labels = self._bank_labels_after(keys) if isinstance(self.loss, NTXentLoss) else keys
+        return self.loss.plan(labels, mining, ref_labels=bank_labels,
+                              ref_holds_batch=enqueue_mask is None)
+
+    def _bank_labels_after(self, keys):
+        """The labels of the filled bank once `keys` are enqueued (add_to_memory's ring)."""
+        size, k = len(self.label_memory), len(keys)
+        after = self.label_memory.to(keys.device, keys.dtype).clone()
+        after[(self.queue_idx + torch.arange(k, device=keys.device)) % size] = keys
+        filled = size if self.has_been_filled or self.queue_idx + k >= size else self.queue_idx + k
+        return after[:filled]
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         plan = self._plan(labels, indices_tuple, enqueue_mask)
@@ -408,22 +433,40 @@ class CrossBatchMemory(_pml_losses.CrossBatchMemory):
             with warnings.catch_warnings():  # the wrapped loss then runs PML's code too: once said
                 warnings.simplefilter("ignore", PMLFallbackWarning)
                 return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
-        if len(embeddings) > len(self.embedding_memory):
-            raise ValueError(f"CrossBatchMemory: a batch of {len(embeddings)} does not fit in a "
+        labels = labels.to(embeddings.device)
+        queries, query_labels, keys, key_labels = embeddings, labels, embeddings, labels
+        if enqueue_mask is not None:
+            mask = enqueue_mask.to(embeddings.device)
+            keys, key_labels = embeddings[mask], labels[mask]
+            queries, query_labels = embeddings[~mask], labels[~mask]
+        if len(keys) > len(self.embedding_memory):
+            raise ValueError(f"CrossBatchMemory: {len(keys)} rows to enqueue do not fit in a "
                              f"memory of {len(self.embedding_memory)}")
         self.reset_stats()
-        labels = labels.to(embeddings.device)
         self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
         self.label_memory = self.label_memory.to(embeddings.device, labels.dtype)
         start = self.queue_idx
-        self.add_to_memory(embeddings, labels, len(embeddings))
+        self.add_to_memory(keys, key_labels, len(keys))
         filled = len(self.embedding_memory) if self.has_been_filled else self.queue_idx
-        loss, options = plan
-        options = _pairs.memory_bank_options("CrossBatchMemory", loss,
-                                             dict(options, backend=self.loss.backend))
-        return _pairs.memory_bank_loss("CrossBatchMemory", loss, embeddings, labels,
-                                       self.embedding_memory[:filled],
-                                       self.label_memory[:filled], start, options)
+        bank, bank_labels = self.embedding_memory[:filled], self.label_memory[:filled]
+        self_offset = start if enqueue_mask is None else None
+        return _bank_loss(plan, queries, query_labels, bank, bank_labels, self_offset,
+                          self.loss.backend)
+
+
+def _bank_loss(plan: Plan, queries, labels, bank, bank_labels, self_offset, backend):
+    """The fused loss of `plan` of the queries against the bank, which holds the queries at
+    rows (self_offset + i) mod M (their pairs dropped after mining), or not (None)."""
+    loss, options = plan
+    if loss == "ntxent":
+        return _ntxent(queries, labels, bank, bank_labels, backend=backend,
+                       self_offset=self_offset, **options)
+    if self_offset is None:
+        function = _pairs.MEMORY_BANK_LOSSES[loss].function
+        return function(queries, labels, bank, bank_labels, backend=backend, **options)
+    options = _pairs.memory_bank_options("CrossBatchMemory", loss, dict(options, backend=backend))
+    return _pairs.memory_bank_loss("CrossBatchMemory", loss, queries, labels, bank, bank_labels,
+                                   self_offset, options)
 
 
 # ---- PML's modules with the drop-ins in place ----------------------------------------------------
