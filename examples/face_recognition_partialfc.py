@@ -12,6 +12,9 @@ head samples ``--sample-rate`` of its classes per step (every positive plus rand
 negatives), as insightface's PartialFC does; the backbone's gradients are averaged by DDP and
 the head's embedding gradient is scaled to match (``ddp_grad_scale=True``).
 
+``--head insightface`` builds the same CosFace head as an arcface_torch script does, with
+``fusedloss.insightface``'s ``CombinedMarginLoss`` and ``PartialFC_V2``.
+
 Data: ``synthetic`` (default) draws identities as random smooth 16 x 16 "faces" and samples
 as shifted, noisy, contrast-jittered views of them; ``digits`` uses scikit-learn's 8 x 8
 handwritten digits (pip install scikit-learn), identities being the ten digits. Either way a
@@ -29,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fusedloss
+from fusedloss.insightface import CombinedMarginLoss, PartialFC_V2
 
 
 def parse_args():
@@ -40,6 +44,9 @@ def parse_args():
     p.add_argument("--batch", type=int, default=128, help="global batch (all ranks)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
     p.add_argument("--sample-rate", type=float, default=0.5)
+    p.add_argument("--head", choices=("partialfc", "insightface"), default="partialfc",
+                   help="fusedloss.nn.PartialFC, or fusedloss.insightface.PartialFC_V2 as an "
+                        "arcface_torch script builds it (the same CosFace head)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
@@ -140,9 +147,15 @@ def main():
 
     net = backbone(args.dim, images.shape[-1]).to(device)
     model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
-    head = fusedloss.nn.PartialFC(args.dim, num_classes, sample_rate=args.sample_rate,
-                                  loss="cosface", scale=32.0, device=device,
-                                  sample_generator=torch.Generator(device).manual_seed(rank))
+    sampling = torch.Generator(device).manual_seed(rank)
+    if args.head == "insightface":  # arcface_torch's two lines; margin_list (1.0, 0.0, 0.4)
+        margin_loss = CombinedMarginLoss(32, 1.0, 0.0, 0.4)
+        head = PartialFC_V2(margin_loss, args.dim, num_classes, args.sample_rate,
+                            sample_generator=sampling, device=device)
+    else:
+        head = fusedloss.nn.PartialFC(args.dim, num_classes, sample_rate=args.sample_rate,
+                                      loss="cosface", scale=32.0, device=device,
+                                      sample_generator=sampling)
     optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=args.lr,
                                 momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
