@@ -493,3 +493,117 @@ def _lm_head_cases(device: str, dtypes: Optional[List[str]]) -> List[dict]:
     for c in cases:
         c["label"] = f"LM head {SHORT[c['dtype']]} N=2,048 D=512 C=50,257"
     return cases
+
+
+# --------------------------------------------------------------------------------------
+# Family: the comp-sum family on logits (fusedloss.margin_cross_entropy with tau), GCE
+# (tau = 1.7, q = 0.7) against the eager code users write and its torch.compile.
+# --------------------------------------------------------------------------------------
+
+GCE_Q = 0.7  # tau = 1 + q
+
+
+def gce_baseline(z, t, q=GCE_Q):
+    """Generalised cross-entropy (Zhang and Sabuncu, 2018) as users write it:
+    mean over rows of (1 - softmax(z)[y]^q) / q."""
+    p_y = torch.softmax(z, dim=1).gather(1, t[:, None]).squeeze(1)
+    return ((1.0 - p_y ** q) / q).mean()
+
+
+def _gce_contender(inplace: bool = False) -> Contender:
+    def build(case, inputs):
+        z, t = inputs["cos"], inputs["target"]
+
+        def step():
+            loss = fusedloss.margin_cross_entropy(z, t, scale=1.0, tau=1.0 + GCE_Q)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return build
+
+
+@family("gce", default=False)
+def gce_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    dtypes = dtypes or ["float32"]
+    N = 8192 if device == "cuda" else 1024
+    cases = grid([N], [100_000], dtypes, variant="gce")
+    for c in cases:
+        c["label"] = f"GCE tau=1.7 {SHORT[c['dtype']]} N={N:,} C=100,000"
+    contenders = {
+        "fusedloss": _gce_contender(),
+        "baseline-eager": _loss_contender(gce_baseline, compile_it=False),
+        "baseline-compile": _loss_contender(gce_baseline, compile_it=True),
+    }
+    return Family(
+        name="gce", cases=cases, make_inputs=cos_inputs, contenders=contenders,
+        fused=("fusedloss",), bytes_moved=_bytes_engine, mem_factor=5.0,
+        notes=["gce: the comp-sum loss at tau = 1.7 (generalised cross-entropy, q = 0.7) on "
+               "logits z [N, C] uniform in (-0.8, 0.8): `margin_cross_entropy(z, t, scale=1, "
+               "tau=1.7)` (the stats engine: a statistics pass in forward, a gradient pass "
+               "in backward) against `gce_baseline` ((1 - softmax(z)[y]^q) / q, mean), eager "
+               "and compiled. GB/s: forward reads z, backward reads z and writes the gradient: "
+               "3·N·C·itemsize bytes / time."],
+        targets=[{"case": {"variant": "gce"}, "contender": "fusedloss", "time_vs_eager": 0.2},
+                 {"case": {"variant": "gce"}, "contender": "fusedloss",
+                  "baseline": "baseline-compile", "time_vs_eager": 1 / 3}])
+
+
+def _bytes_engine(case: dict) -> int:
+    """The stats engine: forward reads cos, backward reads it and writes the gradient."""
+    return 3 * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
+
+
+# --------------------------------------------------------------------------------------
+# Family: inplace_backward (the gradient written into cos's storage) beside the default
+# margin_cross_entropy, ArcFace on cos.
+# --------------------------------------------------------------------------------------
+
+def _inplace_contender(case, inputs):
+    """A private copy of cos (made before the measured step), restored from the shared one at
+    the start of every step (one copy_ of N x C, timed; no allocation), since backward turns
+    its values into the gradient."""
+    shared, t = inputs["cos"], inputs["target"]
+    cos = shared.detach().clone().requires_grad_(True)
+    inputs.setdefault("leaves", []).append(cos)
+
+    def step():
+        with torch.no_grad():
+            cos.copy_(shared)
+        # cos enters through a view, as the output of its producer (the classifier matmul,
+        # whose backward takes the gradient as it is) would: a leaf's .grad would be a copy.
+        loss = fusedloss.margin_cross_entropy(cos.view_as(cos), t, scale=64.0, m2=0.5,
+                                              inplace_backward=True)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+@family("margin_inplace", default=False)
+def margin_inplace_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    dtypes = dtypes or ["float32"]
+    N = 8192 if device == "cuda" else 1024
+    cases = grid([N], [100_000], dtypes, variant="arcface-inplace")
+    for c in cases:
+        c.update(scale=64.0, m2=0.5,
+                 label=f"arcface inplace_backward {SHORT[c['dtype']]} N={N:,} C=100,000")
+    contenders = {
+        "fusedloss inplace_backward": _inplace_contender,
+        "fusedloss": _backend_contender("auto"),
+        "baseline-eager": _loss_contender(arcface_baseline, compile_it=False),
+        "baseline-compile": _loss_contender(arcface_baseline, compile_it=True),
+    }
+    return Family(
+        name="margin_inplace", cases=cases, make_inputs=cos_inputs, contenders=contenders,
+        fused=("fusedloss inplace_backward", "fusedloss"), bytes_moved=_bytes_engine,
+        mem_factor=5.0,
+        notes=["margin_inplace: ArcFace (scale 64, m2 0.5) with `inplace_backward=True` (the "
+               "stats engine; backward writes the gradient into cos, which enters through a "
+               "view as a producer's output would; each step first restores its private copy "
+               "of cos with one timed copy_) beside the default single-pass kernel and "
+               "`arcface_baseline`. Target: peak extra memory <= 0.1 N·C·itemsize."],
+        targets=[{"case": {"variant": "arcface-inplace"},
+                  "contender": "fusedloss inplace_backward", "baseline": "fusedloss",
+                  "memory_vs_eager": 0.1}])
