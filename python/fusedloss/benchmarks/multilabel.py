@@ -113,3 +113,48 @@ def multilabel_family(device: str, large: bool, dtypes: Optional[List[str]]) -> 
 # Issue 13's targets on the CPU, fp32: >= 5x eager, >= 3x compiled; the memory target (extra
 # memory <= 1.25 N x C buffers) is absolute, read off the table's peak column.
 _TARGET_CASE = {"dtype": "float32", "N": 1024, "C": 100_000}
+
+
+def _linear_contender(kind: str):
+    def build(case, inputs):
+        e, w, t = inputs["e"], inputs["w"], inputs["targets"]
+        if kind == "eager":
+            return _step(multilabel_linear_eager, e, w, t)
+        if kind == "compile":
+            return _step(compiled(multilabel_linear_eager), e, w, t)
+        kernel_check(kind, "multilabel_margin_stats", e.device)
+        return _step(lambda *a: fusedloss.linear_multilabel_margin_cross_entropy(
+            *a, scale=SCALE, backend=kind), e, w, t)
+    return build
+
+
+def _flops_linear(case: dict) -> int:
+    """The three classifier matmuls of forward + backward: 6·N·C·D."""
+    return 6 * case["N"] * case["C"] * case["D"]
+
+
+@family("multilabel_linear")
+def multilabel_linear_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
+    D = 512
+    dtypes = dtypes or (["bfloat16"] if device == "cuda" else ["float32"])
+    N, Cs = (8192, [1_000_000]) if device == "cuda" else (1024, [10_000, 100_000])
+    cases = grid([N], Cs, dtypes, D=D, K=K)
+    for c in cases:
+        c["label"] = f"linear multilabel K={K} {SHORT[c['dtype']]} N={c['N']} D={D} C={c['C']:,}"
+    contenders = {"fusedloss": _linear_contender("auto"),
+                  "baseline-eager": _linear_contender("eager"),
+                  "baseline-compile": _linear_contender("compile")}
+    fused = ("fusedloss",)
+    if device == "cuda":
+        contenders["fusedloss-triton"] = _linear_contender("triton")
+        fused += ("fusedloss-triton",)
+    return Family(
+        name="multilabel_linear", cases=cases, make_inputs=multilabel_linear_inputs,
+        contenders=contenders, fused=fused, flops=_flops_linear, mem_factor=8.0,
+        notes=["multilabel_linear: `linear_multilabel_margin_cross_entropy(x, w, targets, "
+               f"scale={SCALE:g})` (normalize=True) on x [N, D], w [C, D] normal / sqrt(D), "
+               f"both requiring grad, K = {K} positives per row; baseline = "
+               "`multilabel_linear_eager` (F.normalize both, F.linear, then "
+               "`multilabel_eager`), eager and compiled. TFLOP/s = 6·N·C·D / time."],
+        targets=[{"case": {"dtype": "float32", "N": 1024, "D": D, "C": 100_000},
+                  "contender": "fusedloss", "time_vs_eager": 0.6, "memory_vs_eager": 0.15}])
