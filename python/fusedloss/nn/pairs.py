@@ -20,9 +20,10 @@ class CrossBatchMemory(torch.nn.Module):
     slot drops out). The gradient reaches the batch as queries only; the bank is detached.
 
     ``loss``: "multi_similarity" (:func:`fusedloss.multi_similarity_loss`, mining on by
-    default), "supcon", "contrastive" or "batch_hard_triplet"; ``loss_args`` are that
-    function's keywords (``alpha``, ``epsilon``, ``mining``, ``temperature``, ``distance``,
-    ``normalize``, ``backend``, ...), checked here as that function checks them.
+    default), "supcon", "contrastive", "batch_hard_triplet" or "orthogonal_projection"
+    (:func:`fusedloss.orthogonal_projection_loss`); ``loss_args`` are that function's keywords
+    (``alpha``, ``epsilon``, ``mining``, ``temperature``, ``distance``, ``gamma``,
+    ``absolute``, ``normalize``, ``backend``, ...), checked here as that function checks them.
 
     ``group`` (a torch.distributed process group; None: this process alone): each rank passes
     its own rows, every rank enqueues the gathered global batch (rank order), so that every
