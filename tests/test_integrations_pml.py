@@ -1,5 +1,5 @@
-"""fusedloss.pml against pytorch-metric-learning itself: the same losses and gradients (fp64
-and fp32), the same miner outputs, PML's own code (with one warning per reason) wherever the
+"""fusedloss.pml against pytorch-metric-learning itself: the same losses and gradients (fp64,
+fp32 and bf16 against PML in fp64), the same miner outputs, PML's own code (with one warning per reason) wherever the
 call is not one the kernels compute, PML's CrossBatchMemory over a wrapping ring, and a
 20-step PML trainer loop with both."""
 import warnings
@@ -69,7 +69,7 @@ def _inputs(opts, dtype, seed=0):
     return x * opts.get("scale", 1.0), y
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name,make,make_miner,opts", FUSED, ids=[c[0] for c in FUSED])
 def test_fused_equals_pml(name, make, make_miner, opts, dtype):
     x, y = _inputs(opts, dtype)
