@@ -269,12 +269,15 @@ def _reference_head(weight, **kw):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_partial_fc_world_size_one(backend):
+@pytest.mark.parametrize("epilogue", [{}, dict(tau=1.7), dict(interclass_filtering_threshold=0.2)],
+                         ids=["plain", "tau", "filtering"])
+def test_partial_fc_world_size_one(backend, epilogue):
     x, w, target = make_problem(6, 9, d=5)
-    head = fusedloss.nn.PartialFC(5, 9, loss="combined", dtype=torch.float64, backend=backend)
+    head = fusedloss.nn.PartialFC(5, 9, loss="combined", dtype=torch.float64, backend=backend,
+                                  **epilogue)
     head.weight.data.copy_(w)
     mine, oracle = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref_head = _reference_head(w, loss="combined")
+    ref_head = _reference_head(w, loss="combined", **epilogue)
     loss, expected = head(mine, target), ref_head(oracle, target)
     loss.backward()
     expected.backward()
