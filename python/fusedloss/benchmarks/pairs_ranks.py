@@ -25,14 +25,15 @@ Contenders, all forward + backward of one training step on every rank:
   is the mean over the ranks, which DDP's averaging makes of the gradients);
 - ``fusedloss (1 process, global batch)``: the same fused function without a group on the
   whole batch, in the benchmark process (the "x vs eager" column: its time / the
-  contender's).
+  contender's), and the same with one torch thread during its step, as each rank has.
 
 Per rank: the peak resident memory of its first step beyond its inputs, its step time and
 the bytes it hands to each collective (fusedloss.benchmarks.sharded.CollectiveCounter, by
-fusedloss.distributed's traffic tags; PML's collectives bypass them). Both multi-rank
-contenders report W times the loss of the global batch (DDP's convention: PML multiplies its
-loss by W, fusedloss scales the gradient); the table shows the loss of the global batch
-(PML's divided by W), rounded to 6 digits so that ranks that sum in another order agree.
+fusedloss.distributed's traffic tags; PML's and torch.distributed.nn's collectives bypass
+them). The table shows the loss of the global batch on every contender: PML's wrapper
+returns W times it (DDP's convention; fusedloss scales the gradient instead), the dense form
+the mean over the rank's rows (averaged over the ranks for the report, outside the timed
+step); rounded to 6 digits, so that ranks that sum in another order agree.
 """
 import gc
 import time
@@ -54,6 +55,7 @@ FUSED = "fusedloss group= (W gloo ranks)"
 PML = "PML DistributedLossWrapper (W gloo ranks)"
 DENSE = "all-gather + dense logits (W gloo ranks)"
 SINGLE = "fusedloss (1 process, global batch)"
+SINGLE_1T = "fusedloss (1 process, 1 thread, global batch)"
 
 
 def rank_case(loss: str, world: int, dtype: str = "float32") -> dict:
@@ -184,15 +186,26 @@ def _ranks_contender(impl: str, name: str):
     return contender
 
 
-def _single_contender(case, inputs):
-    loss_of, a, b, labels = inputs["loss"], inputs["a"], inputs["b"], inputs["labels"]
+def _single_contender(threads: Optional[int] = None):
+    """The fused function on the global batch in this process, with `threads` torch threads
+    during the step (None: this process's)."""
 
-    def step():
-        loss = loss_of(a, b, labels)
-        loss.backward()
-        return loss.detach()
+    def contender(case, inputs):
+        loss_of, a, b, labels = inputs["loss"], inputs["a"], inputs["b"], inputs["labels"]
 
-    return step
+        def step():
+            saved = torch.get_num_threads()
+            torch.set_num_threads(threads or saved)
+            try:
+                loss = loss_of(a, b, labels)
+                loss.backward()
+            finally:
+                torch.set_num_threads(saved)
+            return loss.detach()
+
+        return step
+
+    return contender
 
 
 def rank_inputs(case: dict, device: str) -> dict:
@@ -215,8 +228,8 @@ def pairs_ranks_family(device: str, large: bool, dtypes: Optional[List[str]]) ->
     dtypes = dtypes or ["float32"]
     cases = ([rank_case(loss, w, dt) for dt in dtypes for loss in LOSSES for w in WORLDS]
              if device == "cpu" else [])  # W processes on this machine; the GPU machine has one
-    contenders = {SINGLE: _single_contender, FUSED: _ranks_contender("fusedloss", FUSED),
-                  PML: _ranks_contender("pml", PML),
+    contenders = {SINGLE: _single_contender(), SINGLE_1T: _single_contender(1),
+                  FUSED: _ranks_contender("fusedloss", FUSED), PML: _ranks_contender("pml", PML),
                   DENSE: _ranks_contender("dense", DENSE)}
     notes = [
         f"pairs_ranks: InfoNCE (symmetric, temperature {TEMPERATURE}) and Multi-Similarity "
@@ -230,7 +243,10 @@ def pairs_ranks_family(device: str, large: bool, dtypes: Optional[List[str]]) ->
         "(gather_with_grad, local_loss): each rank's N / W x N logits against the rows "
         "gathered by torch.distributed.nn.functional.all_gather, cross-entropy both ways; "
         f"`{SINGLE}` = the fused function without a group on the whole "
-        "batch in the benchmark process (\"x vs eager\" = its time / the contender's). Time: "
+        "batch in the benchmark process (\"x vs eager\" = its time / the contender's), "
+        f"`{SINGLE_1T}` the same with one torch thread during its step (as each rank has): "
+        "on a loaded machine the fused CPU kernels' parallel regions wait for a busy core, "
+        "which a single thread never does. Time: "
         "from the parent's command to the last rank's answer, forward + backward. Memory: "
         "each rank's first step in its fresh process (VmHWM after it, the high-water mark "
         "reset to the RSS before it; the column: the largest rank). Bytes: the payload each "
