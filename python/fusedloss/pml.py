@@ -207,6 +207,9 @@ class _FusedLoss:
             _fall_back(self, plan)
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.reset_stats()
+        labels = labels.to(embeddings.device)  # as PML moves them
+        if ref_labels is not None:
+            ref_labels = ref_labels.to(ref_emb.device)
         loss, options = plan
         if loss == "ntxent":
             return _ntxent(embeddings, labels, ref_emb, ref_labels, backend=self.backend,
@@ -335,7 +338,9 @@ class _FusedMiner:
             return super().forward(embeddings, labels, ref_emb, ref_labels)
         self.reset_stats()
         with torch.no_grad():
-            indices = self._mine(mining, embeddings.detach(), labels, ref_emb, ref_labels)
+            indices = self._mine(mining, embeddings.detach(), labels.to(embeddings.device),
+                                 ref_emb, None if ref_labels is None else
+                                 ref_labels.to(ref_emb.device))
         self.output_assertion(indices)
         return MinedTuple(indices, mining, embeddings, labels, ref_emb, ref_labels)
 
