@@ -138,14 +138,14 @@ class MinedTuple(tuple):
     ``(a, p, n)``), remembering (weakly) the tensors it was mined from, so that a loss given
     it for the same tensors runs the fused pipeline."""
 
-    def __new__(cls, indices, mining: _Mining, *tensors):
+    def __new__(cls, indices, mining: Optional[_Mining] = None, *tensors):
         self = super().__new__(cls, indices)
         self.mining = mining
         self._sources = tuple(None if t is None else weakref.ref(t) for t in tensors)
         return self
 
     def mined_from(self, *tensors) -> bool:
-        return len(tensors) == len(self._sources) and all(
+        return self.mining is not None and len(tensors) == len(self._sources) and all(
             (t is None and s is None) or (s is not None and s() is t)
             for t, s in zip(tensors, self._sources))
 
