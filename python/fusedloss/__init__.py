@@ -15,6 +15,8 @@ from .margin import margin_cross_entropy
 from .margin_linear import linear_margin_cross_entropy
 from .multilabel import multilabel_margin_cross_entropy
 from .multilabel_linear import linear_multilabel_margin_cross_entropy
+from .multilabel_sharded import (linear_sharded_multilabel_margin_cross_entropy,
+                                 sharded_multilabel_margin_cross_entropy)
 from .pairs import (batch_hard_triplet_loss, contrastive_loss, info_nce_loss,
                     multi_similarity_loss, multi_similarity_miner, orthogonal_projection_loss,
                     supcon_loss, unpg_negatives)
@@ -27,9 +29,11 @@ __all__ = ["BackendStatus", "backends", "batch_hard_triplet_loss", "contrastive_
            "distributed", "info_nce_loss", "ldr_kl_loss", "linear_ldr_kl_loss",
            "linear_margin_cross_entropy",
            "linear_multilabel_margin_cross_entropy",
-           "linear_sharded_margin_cross_entropy", "linear_spherical_z_loss",
+           "linear_sharded_margin_cross_entropy",
+           "linear_sharded_multilabel_margin_cross_entropy", "linear_spherical_z_loss",
            "margin_cross_entropy", "multi_similarity_loss", "multi_similarity_miner",
            "multilabel_margin_cross_entropy", "nn",
            "orthogonal_projection_loss",
-           "sharded_margin_cross_entropy", "spherical_z_loss", "supcon_loss", "unpg_negatives",
+           "sharded_margin_cross_entropy", "sharded_multilabel_margin_cross_entropy",
+           "spherical_z_loss", "supcon_loss", "unpg_negatives",
            "__version__"]

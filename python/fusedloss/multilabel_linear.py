@@ -126,16 +126,26 @@ class _FusedRows(torch.autograd.Function):
         stats, gx, gw = _sweep(x, w, targets, plan, weights)
         rows = torch.where(valid, softplus_rows(stats), stats.new_zeros(()))
         ctx.plan = plan
-        saved = (x, w, targets, stats) + ((gx, gw) if weights is not None else ())
-        ctx.save_for_backward(*saved)
+        # Eager: the gradients stay off save_for_backward, so that backward scales them in
+        # place (no second C x D buffer) and hands them out once; a second backward through
+        # the graph recomputes. Traced: ordinary saved tensors, scaled out of place.
+        ctx.in_place = weights is not None and not torch.compiler.is_compiling()
+        ctx.grads = (gx, gw) if ctx.in_place else None
+        traced = () if ctx.in_place or weights is None else (gx, gw)
+        ctx.save_for_backward(x, w, targets, stats, *traced)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
         x, w, targets, stats, *grads = ctx.saved_tensors
+        if ctx.in_place:
+            grads, ctx.grads = list(ctx.grads or ()), None
         if grads and grad_rows.shape[0] > 0 and grad_rows.stride(0) == 0:
             g = grad_rows[0]
-            gx, gw = grads[0] * g.to(grads[0].dtype), grads[1] * g.to(grads[1].dtype)
+            if ctx.in_place:
+                gx, gw = (t.mul_(g.to(t.dtype)) for t in grads)
+            else:
+                gx, gw = (t * g.to(t.dtype) for t in grads)
         else:
             valid = has_positive(targets, ctx.plan.ignore_index)
             weights = torch.where(valid, grad_rows.to(stats.dtype), 0.0)
@@ -143,10 +153,36 @@ class _FusedRows(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def _sweep(x, w, targets, plan, weights=None, stats=None):
-    """The blocks of rows: (stats [N, 2], and with row `weights` the gradients of
-    sum_i weights_i loss_i with respect to x and w, else None, None). `stats`, when given,
-    are those of forward (not recomputed)."""
+class FusedStats(torch.autograd.Function):
+    """x [N, D], w [C_local, D], targets [N, K] -> this block of classes' (lse_neg, lse_pos)
+    [N, 2] (the sharded linear form). Backward recomputes the blocks with the incoming
+    weights dL/dlse (four matmuls in all) and, with `group`, sums the embeddings' gradient
+    over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, plan, group):
+        stats, _, _ = _sweep(x, w, targets, plan)
+        ctx.plan, ctx.group = plan, group
+        ctx.save_for_backward(x, w, targets, stats)
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        from . import distributed as fdist
+
+        x, w, targets, stats = ctx.saved_tensors
+        coef = torch.stack((grad_stats[:, 0], stats[:, 0], grad_stats[:, 1], stats[:, 1]), dim=1)
+        _, gx, gw = _sweep(x, w, targets, ctx.plan, coef=coef.to(stats.dtype), stats=stats)
+        if ctx.group is not False:
+            gx = fdist.all_reduce(gx, "sum", ctx.group, kind=fdist.EMBEDDING_GRAD)
+        return gx, gw, None, None, None
+
+
+def _sweep(x, w, targets, plan, weights=None, stats=None, coef=None):
+    """The blocks of rows: (stats [N, 2], and the gradients with respect to x and w of
+    sum_i weights_i loss_i (row `weights`), or of sum_i (a_neg lse_neg + a_pos lse_pos)_i
+    (`coef` [N, 4] = (a_neg, lse_neg, a_pos, lse_pos)), else None, None). `stats`, when
+    given, are those of forward (not recomputed)."""
     stats_op, grad_op = plan.ops()
     acc = accumulation_dtype(x)
     # fp16 / bf16 inputs: the cosines in fp32 (scale 64 turns a bf16 rounding of a cosine
@@ -159,8 +195,9 @@ def _sweep(x, w, targets, plan, weights=None, stats=None):
     have = stats is not None
     if not have:
         stats = torch.empty(x.shape[0], 2, dtype=acc, device=x.device)
-    gx = torch.empty_like(x) if weights is not None else None
-    h = torch.zeros(w.shape, dtype=acc, device=w.device) if weights is not None else None
+    grads = weights is not None or coef is not None
+    gx = torch.empty_like(x) if grads else None
+    h = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
     for start in range(0, x.shape[0], plan.rows):
         r = slice(start, start + plan.rows)
         xr = x[r].detach().to(acc)
@@ -169,18 +206,21 @@ def _sweep(x, w, targets, plan, weights=None, stats=None):
             cos.mul_(inv)
         if not have:
             stats[r] = stats_op(cos, targets[r], *plan.hyper)
-        if weights is None:
+        if not grads:
             continue
-        s = stats[r]
-        coef = torch.stack((weights[r] * torch.sigmoid(s[:, 0]), s[:, 0],
-                            weights[r] * torch.sigmoid(s[:, 1]), s[:, 1]), dim=1)
-        g = grad_op(cos, targets[r], coef.contiguous(), *plan.hyper)
+        if coef is None:
+            s = stats[r]
+            block = torch.stack((weights[r] * torch.sigmoid(s[:, 0]), s[:, 0],
+                                 weights[r] * torch.sigmoid(s[:, 1]), s[:, 1]), dim=1)
+        else:
+            block = coef[r]
+        g = grad_op(cos, targets[r], block.contiguous(), *plan.hyper)
         del cos
         if inv is not None:
             g.mul_(inv)
         gx[r] = g @ wd
         h.addmm_(g.t(), xr)
-    if weights is None:
+    if not grads:
         return stats, None, None
     if inv is not None:
         # d cos_ij / d w_j = x_i / |w_j| - (x_i . w_j) w_j / |w_j|^3 for |w_j| > eps.

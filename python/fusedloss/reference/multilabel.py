@@ -55,3 +55,30 @@ def linear_multilabel_margin_cross_entropy(embeddings, weight, targets, *, norma
     if normalize:
         embeddings, weight = F.normalize(embeddings), F.normalize(weight)
     return multilabel_margin_cross_entropy(embeddings @ weight.t(), targets, **kwargs)
+
+
+def multilabel_margin_stats(cos, targets, scale, m1, m2, m3, detach_margin, class_start,
+                            num_classes, ignore_index):
+    """(lse_neg, lse_pos) [N, 2] of the shard [class_start, class_start + C_local) of the
+    classes, as fusedloss::multilabel_margin_stats: the log-sum-exps over the shard's
+    negatives and positives, -inf for an empty sum (with a zero gradient)."""
+    local = targets - class_start
+    inside = (targets != ignore_index) & (local >= 0) & (local < cos.shape[1])
+    pos = positive_mask(torch.where(inside, local, torch.full_like(local, -1)), cos.shape[1], -1)
+    out = torch.full_like(cos, -float("inf"))
+    z = target_logit(cos, scale=scale, m1=m1, m2=m2, m3=m3,
+                     margin_grad="detached" if detach_margin else "exact")
+    return torch.stack((_safe_lse(torch.where(pos, out, scale * cos)),
+                        _safe_lse(torch.where(pos, -z, out))), dim=1)
+
+
+def _safe_lse(x):
+    """logsumexp over dim 1; -inf with a zero gradient for a row of -inf (or no column)."""
+    if x.shape[1] == 0:
+        return x.new_full((x.shape[0],), -float("inf"))
+    top = x.detach().max(dim=1, keepdim=True).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(x - top).sum(dim=1)
+    some = total > 0
+    return torch.where(some, top.squeeze(1) + torch.log(torch.where(some, total, 1.0)),
+                       -float("inf"))

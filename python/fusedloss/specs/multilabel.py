@@ -289,6 +289,67 @@ def linear_empty_batch(backend, device, reduction):
         torch.zeros(0, 3, dtype=torch.long, device=device), backend=backend, reduction=reduction)
 
 
+# ---- the sharded forms ------------------------------------------------------------------------
+# Samples, fuzz and stress at world size 1 (torch.distributed not initialised: this rank holds
+# every class); several shards are tested over gloo in tests/test_multilabel_sharded.py.
+
+NO_COMPILE = ("the agreement on errors before the collectives is not traceable "
+              "(fusedloss.distributed.fingerprint, and a Python branch on the targets' values)")
+HOST_SYNC = ("the ranks agree on bad inputs before any collective (the targets are read on the "
+             "host), and the collectives themselves synchronise")
+
+
+def _whole(sample, c_index=0, rows=False):
+    """A sample of the single-process function as a call of a whole shard."""
+    c = sample.inputs[c_index].shape[0 if rows else 1]
+    return Sample(sample.id, sample.inputs, dict(sample.kwargs, class_start=0, num_classes=c),
+                  sample.names)
+
+
+def sharded_samples(device):
+    return [_whole(s) for s in samples(device)]
+
+
+def sharded_linear_samples(device):
+    return [_whole(s, 1, rows=True) for s in linear_samples(device)]
+
+
+def sharded_bad():
+    fn = lambda: fusedloss.sharded_multilabel_margin_cross_entropy  # noqa: E731
+    return bad_inputs(fn, _cos_and_targets, floating_matrix("local_cos", 0, (4, 7))
+                      + target_cases(1, 4, 7, 2)[:4] + option_cases() + [
+        ("shards leave classes out", lambda cos, t: (cos[:, :5], t.clamp(max=4)), {}, ValueError,
+         "classes [5, 7) belong to no rank"),
+        ("target out of range", at(1, lambda t: torch.full_like(t, 7)), {}, ValueError,
+         "on rank 0, target[0] = 7 is outside [0, 7)"),
+    ], class_start=0, num_classes=7)
+
+
+def sharded_linear_bad():
+    fn = lambda: fusedloss.linear_sharded_multilabel_margin_cross_entropy  # noqa: E731
+    return bad_inputs(fn, _x_w_targets, floating_matrix("embeddings", 0, (4, 5), ("int",)) + [
+        ("D mismatch", at(1, lambda w: w[:, :4]), {}, ValueError,
+         "embeddings [N, D] and weight_shard [C_local, D] must share D"),
+        ("dtype mismatch", at(1, lambda w: w.double()), {}, TypeError,
+         "embeddings and weight_shard must share a dtype"),
+        option("negative block", dict(block_size=-1), ValueError,
+               "block_size must be a positive int or None, got -1"),
+    ] + target_cases(2, 4, 7, 2)[:4] + option_cases(), class_start=0, num_classes=7)
+
+
+def sharded_empty_batch(backend, device, reduction):
+    return fusedloss.sharded_multilabel_margin_cross_entropy(
+        torch.rand(0, 7, device=device), torch.zeros(0, 3, dtype=torch.long, device=device),
+        class_start=0, num_classes=7, backend=backend, reduction=reduction)
+
+
+def sharded_linear_empty_batch(backend, device, reduction):
+    return fusedloss.linear_sharded_multilabel_margin_cross_entropy(
+        torch.rand(0, 5, device=device), torch.rand(7, 5, device=device),
+        torch.zeros(0, 3, dtype=torch.long, device=device), class_start=0, num_classes=7,
+        backend=backend, reduction=reduction)
+
+
 SPECS = [
     OpSpec("multilabel_margin_cross_entropy", "multilabel",
            reference.multilabel_margin_cross_entropy, ops=("multilabel_margin_stats", "multilabel_margin_grad"),
@@ -301,6 +362,22 @@ SPECS = [
            samples=linear_samples, op_samples=lambda device: [],
            compile_sample=linear_compile_sample, bad_inputs=linear_bad, fuzz=linear_fuzz,
            stress=linear_stress, empty_batch=linear_empty_batch),
+    OpSpec("sharded_multilabel_margin_cross_entropy", "multilabel",
+           reference.multilabel_margin_stats,
+           ops=("multilabel_margin_stats", "multilabel_margin_grad"), backends=_BACKENDS,
+           samples=sharded_samples, op_samples=lambda device: [], compile_sample=None,
+           no_compile=NO_COMPILE, host_sync=HOST_SYNC, bad_inputs=sharded_bad,
+           no_fuzz="the single-process fuzz covers the row ops; world size 1 adds only the "
+                   "combine, which the samples and tests/test_multilabel_sharded.py check",
+           empty_batch=sharded_empty_batch),
+    OpSpec("linear_sharded_multilabel_margin_cross_entropy", "multilabel",
+           reference.multilabel_margin_stats,
+           ops=("multilabel_margin_stats", "multilabel_margin_grad"), backends=_BACKENDS,
+           samples=sharded_linear_samples, op_samples=lambda device: [], compile_sample=None,
+           no_compile=NO_COMPILE, host_sync=HOST_SYNC, bad_inputs=sharded_linear_bad,
+           no_fuzz="the fuzz of the linear form covers its blocks; world size 1 adds only the "
+                   "combine, which the samples and tests/test_multilabel_sharded.py check",
+           empty_batch=sharded_linear_empty_batch),
 ]
 MODULE_SPECS = []
 
