@@ -198,6 +198,7 @@ def _check_world(rank, world):
         start = c // world * rank + min(rank, c % world)  # arcface_torch's class_start
         num_local = c // world + int(rank < c % world)
         assert (head.class_start, head.num_local) == (start, num_local)
+        assert (head.rank, head.world_size, head.num_sample) == (rank, world, num_local)
         assert head.weight.shape == (num_local, 16)
         x, w, y = _problem(world * n_local, c, seed=7)
         head.weight.data.copy_(w[start:start + num_local])

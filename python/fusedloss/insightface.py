@@ -123,7 +123,14 @@ class PartialFC_V2(PartialFC):
 
     @property
     def num_local(self) -> int:
+        """insightface's name: the classes of this rank's shard."""
         return int(self.class_range[1])
+
+    @property
+    def num_sample(self) -> int:
+        """insightface's name: the classes sampled per step on this rank, positives beyond
+        it aside."""
+        return int(self.sample_rate * self.num_local)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(local_labels) and local_labels.dim() == 2 and local_labels.shape[1] == 1:
