@@ -5,8 +5,10 @@
     python examples/hf_causal_lm.py --smoke           # short, for CI
 
 The model is built from a config here (random weights, no download) and fine-tuned with
-AdamW on a synthetic language whose next token follows from the current one by a fixed
-random permutation (with some noise), so that the loss visibly falls. The same run is made
+AdamW on a synthetic language of 512 of the vocabulary's tokens, in which the next token
+follows from the current one by a fixed random permutation (with some noise), so that the
+loss visibly falls (from about log V as the model learns which tokens occur, then towards
+the noise's entropy as it learns the permutation). The same run is made
 twice from the same initial weights and batches: with ``fusedloss.integrations.transformers
 .apply(model)`` (the loss from the final hidden states, no logits) and with the model as HF
 ships it. Both loss curves are printed, with the time per step and the peak memory of one
@@ -36,7 +38,7 @@ def parse_args():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -60,19 +62,21 @@ def config(args):
             }[args.model](**decoder)
 
 
-def batches(args):
-    """Token sequences of a synthetic language: token t is followed by perm[t], or by a random
-    token one time in ten. Labels are the inputs (the model shifts them); the first 8
-    positions of each sequence are a prompt that does not count (-100)."""
+def batches(args, words=512):
+    """Token sequences of a synthetic language over `words` tokens of the vocabulary: token t
+    is followed by perm[t], or by a random one of them one time in ten. Labels are the inputs
+    (the model shifts them); the first 8 positions of each sequence are a prompt that does
+    not count (-100)."""
     g = torch.Generator().manual_seed(args.seed)
-    perm = torch.randperm(args.vocab, generator=g)
+    words = min(words, args.vocab)
+    perm = torch.randperm(words, generator=g)
     out = []
     for _ in range(args.steps):
         ids = torch.empty(args.batch, args.seq, dtype=torch.long)
-        ids[:, 0] = torch.randint(0, args.vocab, (args.batch,), generator=g)
+        ids[:, 0] = torch.randint(0, words, (args.batch,), generator=g)
         for t in range(1, args.seq):
             noise = torch.rand(args.batch, generator=g) < 0.1
-            ids[:, t] = torch.where(noise, torch.randint(0, args.vocab, (args.batch,), generator=g),
+            ids[:, t] = torch.where(noise, torch.randint(0, words, (args.batch,), generator=g),
                                     perm[ids[:, t - 1]])
         labels = ids.clone()
         labels[:, :8] = -100
