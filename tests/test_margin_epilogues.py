@@ -287,3 +287,19 @@ def test_inplace_backward_bad_inputs(change, message):
     cos, target, _ = _problem(dtype=torch.float32)
     with pytest.raises(ValueError, match=message):
         fusedloss.margin_cross_entropy(change(cos), target, inplace_backward=True, backend="cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_on_the_engine_is_like_cross_entropy(reduction):
+    """N = 0 with tau and extra columns: NaN for "mean", 0 for "sum", empty for "none", as
+    F.cross_entropy; zero gradients for the extra columns."""
+    cos = torch.empty(0, 5, requires_grad=True)
+    target = torch.empty(0, dtype=torch.long)
+    extra = torch.rand(3, requires_grad=True)
+    loss = fusedloss.margin_cross_entropy(cos, target, tau=1.5, reduction=reduction,
+                                          extra_negatives=extra, backend="cpu")
+    want = F.cross_entropy(torch.empty(0, 5), target, reduction=reduction)
+    assert loss.shape == want.shape
+    assert torch.equal(loss.detach().isnan(), want.isnan())
+    loss.sum().backward()
+    assert torch.equal(extra.grad, torch.zeros(3))

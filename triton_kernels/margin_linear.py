@@ -198,6 +198,10 @@ def _target_kernel(
 
 
 # Logit transforms of the sharded ops and the stats engine (margin.h, "Logit transforms").
+# The fused linear kernels take softcap and the threshold as constexpr values (SOFTCAP,
+# FILTER; 0.0: off), so that their plain variants keep the signature and code they had; a
+# value is a compile-time constant, fp32 when it meets fp64 data (the threshold then sits
+# within 3e-9 of the asked one).
 
 @triton.jit
 def _ratio(num: tl.constexpr, den: tl.constexpr, ACC: tl.constexpr):
@@ -259,10 +263,10 @@ def capped_target(z_y, slope, softcap, SOFTCAP: tl.constexpr):
 def _lse_kernel(
     x_ptr, w_ptr, rx_ptr, rw_ptr, target_ptr, part_ptr,
     N, C, D, x_stride, w_stride, blocks_per_split, num_splits, class_start,
-    scale_hi, scale_lo, cap_hi, cap_lo, thr_hi, thr_lo,
+    scale_hi, scale_lo,
     NORMALIZE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SOFTCAP: tl.constexpr = False, FILTER: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = 0.0, FILTER: tl.constexpr = 0.0,
 ):
     """Step 2: per-row online log-sum-exp over the classes j != y of one split, from cos tiles.
 
@@ -295,9 +299,9 @@ def _lse_kernel(
             z = z * row_factor[:, None] * rw[None, :]
         else:
             z = z * scale
-        if SOFTCAP or FILTER:  # from z = s cos back to cos, for the transforms
-            z, _ = transformed_logits(z / scale, scale, from_hi_lo(cap_hi, cap_lo, ACC),
-                                      from_hi_lo(thr_hi, thr_lo, ACC), SOFTCAP, FILTER)
+        if SOFTCAP != 0.0 or FILTER != 0.0:  # from z = s cos back to cos, for the transforms
+            z, _ = transformed_logits(z / scale, scale, SOFTCAP, FILTER, SOFTCAP != 0.0,
+                                      FILTER != 0.0)
         valid = (cols[None, :] < C) & (cols[None, :] != t32[:, None])
         if HAS_SMOOTHING:
             z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
@@ -313,11 +317,11 @@ def _lse_kernel(
 def _grad_kernel(
     out_ptr, in_ptr, r_out_ptr, r_in_ptr, norm_out_ptr, target_ptr, coef_ptr, part_ptr, proj_ptr,
     N_OUT, N_IN, N, D, out_stride, in_stride, blocks_per_split, class_start, ignore_index,
-    scale_hi, scale_lo, cap_hi, cap_lo, thr_hi, thr_lo,
+    scale_hi, scale_lo,
     OUTER_IS_X: tl.constexpr, NORMALIZE: tl.constexpr, FINAL: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SOFTCAP: tl.constexpr = False, FILTER: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = 0.0, FILTER: tl.constexpr = 0.0,
 ):
     """Step 4: sum over the inner rows of one split of G (w^ or x^), and of G * cos.
 
@@ -360,9 +364,9 @@ def _grad_kernel(
         # not a product with 0, so that ignored rows and padding never bring in inf or NaN.
         # z and dz/dcos / s under the logit transforms (s cos and 1 without them); the
         # coefficients a, b carry s already.
-        if SOFTCAP or FILTER:
-            z, factor = transformed_logits(cos, scale, from_hi_lo(cap_hi, cap_lo, ACC),
-                                           from_hi_lo(thr_hi, thr_lo, ACC), SOFTCAP, FILTER)
+        if SOFTCAP != 0.0 or FILTER != 0.0:
+            z, factor = transformed_logits(cos, scale, SOFTCAP, FILTER, SOFTCAP != 0.0,
+                                           FILTER != 0.0)
         else:
             z = scale * cos
             factor = 1.0
@@ -514,9 +518,9 @@ def split_lse(p: Pipeline, scale: float, class_start: int, with_sum: bool,
     part = torch.empty((3, splits, n), dtype=p.acc, device=p.x.device)
     launch(_lse_kernel, (row_blocks, splits),
         p.x, p.w, p.rx, p.rw, p.target, part, n, c, d, p.x.stride(0), p.w.stride(0), per_split,
-        splits, class_start, *hi_lo(scale), *hi_lo(softcap), *hi_lo(threshold),
-        NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum, SOFTCAP=softcap != 0.0,
-        FILTER=threshold != 0.0,
+        splits, class_start, *hi_lo(scale),
+        NORMALIZE=p.normalize, HAS_SMOOTHING=with_sum, SOFTCAP=float(softcap),
+        FILTER=float(threshold),
         BLOCK_N=cfg["fwd_n"], BLOCK_C=cfg["fwd_c"], BLOCK_D=cfg["fwd_d"],
         PRECISION=p.precision, UPCAST=p.upcast, num_warps=cfg["fwd_warps"],
         num_stages=cfg["fwd_stages"],
@@ -532,8 +536,8 @@ def input_grads(p: Pipeline, coef: Tensor, scale: float, class_start: int,
     transformed logits when softcap or threshold is set (the sharded ops)."""
     (n, d), c = p.x.shape, p.w.shape[0]
     cfg, dev, acc, normalize = p.cfg, p.x.device, p.acc, p.normalize
-    scale_args = (*hi_lo(scale), *hi_lo(softcap), *hi_lo(threshold))
-    transforms = dict(SOFTCAP=softcap != 0.0, FILTER=threshold != 0.0)
+    scale_args = hi_lo(scale)
+    transforms = dict(SOFTCAP=float(softcap), FILTER=float(threshold))
 
     def grad_pass(outer, inner, r_out, r_in, norm_out, n_out, n_in, outer_is_x, block_o, block_i):
         o_blocks, d_blocks = triton.cdiv(n_out, block_o), triton.cdiv(d, cfg["g_do"])

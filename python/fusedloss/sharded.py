@@ -186,7 +186,8 @@ def extra_columns_grad(coef: torch.Tensor, valid: torch.Tensor, extra: torch.Ten
     """dL/de_l = s (exp(s e_l - m) sum_i a_i exp(m - lse'_i) - sum_i b_i), m = min_i lse'_i
     over the rows that are not ignored (module docstring), in the dtype of `extra`."""
     lse, a, b, _ = coef.unbind(1)
-    m = torch.where(valid, lse, torch.full_like(lse, float("inf"))).min()
+    inf = lse.new_full((1,), float("inf"))  # the min of an empty batch: +inf, then 0
+    m = torch.cat([torch.where(valid, lse, torch.full_like(lse, float("inf"))), inf]).amin()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     weight = torch.where(valid, a * torch.exp(m - lse), torch.zeros_like(a)).sum()
     e = scale * extra.to(coef.dtype)
