@@ -38,6 +38,9 @@ Per-row statistics and their derivatives dstat/dv_ij (zero outside the pairs nam
   KIND 3, orthogonal projection, hyper (absolute), f(v) = v, or |v| when absolute:
       stats (sum_pos v, #pos, sum_neg f(v), #neg),   dstat_0/dv = [pos],
       dstat_2/dv = [neg] f'(v), f'(v) = 1 or sgn(v) (0 at 0, NaN at NaN, as torch's abs').
+    The kernel folds the two sums; the counts depend on the labels alone and come from them
+    in the launcher (`_pair_counts`: a sort of ref_labels and two searchsorted), which keeps
+    the fp32 tile loop within 255 registers without spills.
 Every log-sum-exp is online and max-rescaled: per row a running max m (starting at -inf) and
 s = sum exp(z - m); a block with new max m' rescales s by exp(m - m'), with the shift taken as 0
 while m' is still -inf, so that -inf - -inf never appears.
@@ -113,7 +116,7 @@ largest size whose variants compile without register spills (_common.cap_block, 
 the table's sizes, 32 for fp64 and 64 otherwise; at 128, ptxas -v reports hundreds of bytes to
 tens of KB of spills per thread).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -314,8 +317,8 @@ def _row_stats_kernel(
 ):
     """Per row and split of the references, the running state part [SPLIT, N, 4] of loss KIND
     in one pass (module docstring): kind 0 (m_pos, s_pos, m_neg, s_neg), two log-sum-exps
-    without their "1 +" term; kind 1 (m, s, sum_pos v / t, count); kinds 2 and 3 the four
-    sums."""
+    without their "1 +" term; kind 1 (m, s, sum_pos v / t, count); kind 2 the four sums;
+    kind 3 (sum_pos v, 0, sum_neg f(v), 0), its counts made by the launcher."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     split, rows, row_ok, row_labels, skip = _row_block(labels_ptr, N, M, self_offset, BLOCK_Q)
     h0, h1, h2, h3 = _hyper(h0_hi, h0_lo, h1_hi, h1_lo, h2_hi, h2_lo, h3_hi, h3_lo, ACC)
@@ -340,11 +343,9 @@ def _row_stats_kernel(
             a0, a1 = online_lse_update(a0, a1, tl.where(pos | neg, z, float("-inf")), 1)
             a2 += tl.sum(tl.where(pos, z, 0.0), axis=1)
             a3 += tl.sum(pos.to(ACC), axis=1)
-        elif KIND == 3:  # hyper (absolute)
+        elif KIND == 3:  # hyper (absolute); the counts come from the labels (launcher)
             a0 += tl.sum(tl.where(pos, v, 0.0), axis=1)
-            a1 += tl.sum(pos.to(ACC), axis=1)
             a2 += tl.sum(tl.where(neg, _projection_term(v, h0), 0.0), axis=1)
-            a3 += tl.sum(neg.to(ACC), axis=1)
         else:  # hyper (m_pos, m_neg)
             sigma = 1.0 if DISTANCE == 1 else -1.0
             l_pos = tl.where(pos, nan_maximum(sigma * (v - h0), 0.0), 0.0)  # relu keeping NaN
@@ -686,8 +687,27 @@ def _combine_lse(m: Tensor, s: Tensor, plus_one: bool) -> Tensor:
     return shift + torch.log((s * torch.exp(m - shift)).sum(0))
 
 
-def _combine_stats(part: Tensor, kind: int) -> Tensor:
+def _pair_counts(labels: Tensor, ref_labels: Tensor, self_offset: int,
+                 dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(positive, negative) pairs of each row, from the labels alone: the references with the
+    row's label and the others, less the excluded column (self_offset >= 0)."""
+    m = ref_labels.shape[0]
+    ordered = ref_labels.sort().values
+    same = (torch.searchsorted(ordered, labels, right=True)
+            - torch.searchsorted(ordered, labels, right=False))
+    other = m - same
+    if self_offset >= 0 and m > 0:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        own = ref_labels[(self_offset + rows) % m] == labels
+        same, other = same - own.long(), other - (~own).long()
+    return same.to(dtype), other.to(dtype)
+
+
+def _combine_stats(part: Tensor, kind: int, run: "_Launch") -> Tensor:
     """The statistics [N, K] of `kind` from the per-split states part [SPLIT, N, 4]."""
+    if kind == 3:
+        pos, neg = _pair_counts(run.labels, run.ref_labels, run.self_offset, part.dtype)
+        return torch.stack([part[..., 0].sum(0), pos, part[..., 2].sum(0), neg], 1)
     if kind == 0:
         return torch.stack([_combine_lse(part[..., 0], part[..., 1], True),
                             _combine_lse(part[..., 2], part[..., 3], True)], 1)
@@ -713,7 +733,7 @@ def pair_row_stats(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor,
         launch(_row_stats_kernel, (run.row_blocks(), splits),
             *run.inputs(), thr, part, *run.shape_args(), per_split, *run.hyper,
             KIND=kind, HAS_THRESHOLDS=thresholds is not None, **run.meta)
-    return _combine_stats(part, kind)
+    return _combine_stats(part, kind, run)
 
 
 def pair_row_stats_backward(grad_stats: Tensor, stats: Tensor, x: Tensor, labels: Tensor,
