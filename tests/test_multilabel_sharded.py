@@ -135,8 +135,8 @@ def _shard(rank, world):
         cuts = [0, 3, 3, 7, 10]
         return cuts[rank], cuts[rank + 1] - cuts[rank], 10
     c = {1: 7, 2: 9, 3: 10}[world]
-    start, end = fdist.shard_range(c, world, rank)
-    return start, end - start, c
+    start, count = fdist.shard_range(c, world, rank)
+    return start, count, c
 
 
 def check_logits(rank, world):

@@ -18,10 +18,12 @@ from .margin import target_logit
 
 def positive_mask(targets, num_classes, ignore_index):
     """[N, C] bool: column j is a positive of row i."""
-    listed = targets != ignore_index
-    safe = torch.where(listed, targets, torch.zeros_like(targets)).long()
     hits = torch.zeros(targets.shape[0], num_classes, dtype=torch.float32,
                        device=targets.device)
+    if num_classes == 0:
+        return hits > 0
+    listed = targets != ignore_index
+    safe = torch.where(listed, targets, torch.zeros_like(targets)).long()
     return hits.scatter_reduce(1, safe, listed.float(), "amax") > 0
 
 
@@ -74,8 +76,8 @@ def multilabel_margin_stats(cos, targets, scale, m1, m2, m3, detach_margin, clas
 
 def _safe_lse(x):
     """logsumexp over dim 1; -inf with a zero gradient for a row of -inf (or no column)."""
-    if x.shape[1] == 0:
-        return x.new_full((x.shape[0],), -float("inf"))
+    if x.shape[1] == 0:  # -inf, still a function of x (an empty gradient)
+        return x.sum(dim=1) - float("inf")
     top = x.detach().max(dim=1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     total = torch.exp(x - top).sum(dim=1)
