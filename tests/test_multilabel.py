@@ -110,3 +110,33 @@ def test_k_64_distinct_positives():
     want = _loss_and_grad("reference", cos, targets, m3=0.2, reduction="none")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_head_multilabel_is_the_linear_function():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 25, (6, 3), generator=g)
+    head = fusedloss.nn.MarginSoftmaxHead(8, 25, "cosface", multilabel=True,
+                                          dtype=torch.float64)
+    want = fusedloss.linear_multilabel_margin_cross_entropy(x, head.weight, targets, scale=64.0,
+                                                            m3=0.4, backend="reference")
+    torch.testing.assert_close(head(x, targets), want)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: fusedloss.nn.MarginSoftmaxHead(8, 25, "elastic_arcface", multilabel=True),
+     "['m2_std'] do not apply with multilabel=True"),
+    (lambda: fusedloss.nn.MarginSoftmaxHead(8, 25, multilabel=True, label_smoothing=0.1),
+     "['label_smoothing'] do not apply with multilabel=True"),
+    (lambda: fusedloss.nn.MarginSoftmaxHead(8, 25, multilabel=True, unpg=True),
+     "unpg=True does not apply with multilabel=True"),
+    (lambda: fusedloss.nn.PartialFC(8, 25, multilabel=True, scale=0.0),
+     "scale must be > 0, got 0.0"),
+    (lambda: fusedloss.nn.PartialFC(8, 25, multilabel=True)(torch.randn(4, 8),
+                                                            torch.zeros(4, 65).long()),
+     "not integer tensors of shape [n, K] (1 <= K <= 64)"),
+])
+def test_module_multilabel_refuses_what_does_not_apply(make, message):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert message in str(info.value)

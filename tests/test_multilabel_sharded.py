@@ -186,7 +186,44 @@ def check_errors(rank, world):
                       "1 to 64 columns" if rank == 0 else "rank(s) [0] are invalid")
 
 
+def check_partial_fc(rank, world):
+    """PartialFC(multilabel=True) at sample_rate 1, uneven local batches, equals
+    MarginSoftmaxHead(multilabel=True) on the gathered batch: the loss, each rank's embedding
+    gradient (ddp_grad_scale=False: the exact one) and its weight shard's gradient. With
+    sample_rate 0.5 every positive class of the gathered batch is sampled on its shard."""
+    c, d = 11, 6
+    sizes = [4 + r % 2 for r in range(world)]
+    x, w, targets = problem(sum(sizes), c, d=d, seed=4)
+    first = sum(sizes[:rank])
+    rows = slice(first, first + sizes[rank])
+    for backend in _backends():
+        head = fusedloss.nn.MarginSoftmaxHead(d, c, multilabel=True, m2=0.3, backend=backend,
+                                              dtype=torch.float64)
+        part = fusedloss.nn.PartialFC(d, c, multilabel=True, m2=0.3, backend=backend,
+                                      ddp_grad_scale=False, dtype=torch.float64)
+        start, count = fdist.shard_range(c, world, rank)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            part.weight.copy_(w[start:start + count])
+        full = x.clone().requires_grad_()
+        want = head(full, targets)
+        want.backward()
+        local = x[rows].clone().requires_grad_()
+        got = part(local, targets[rows])
+        got.backward()
+        assert_close(got.detach(), want.detach(), torch.float64, f"{backend} loss")
+        assert_close(local.grad, full.grad[rows], torch.float64, f"{backend} grad embeddings")
+        assert_close(part.weight.grad, head.weight.grad[start:start + count], torch.float64,
+                     f"{backend} grad weight")
+    sampled = fusedloss.nn.PartialFC(d, c, 0.5, multilabel=True, dtype=torch.float64)
+    sampled(x[rows].clone(), targets[rows])
+    ids = set(sampled.sampled_classes.tolist())
+    start, count = fdist.shard_range(c, world, rank)
+    positives = {int(v) for v in targets.reshape(-1) if start <= v < start + count}
+    assert positives <= ids
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_process_group(world):
-    _spawn(world, ["check_logits", "check_linear", "check_errors"])
+    _spawn(world, ["check_logits", "check_linear", "check_errors", "check_partial_fc"])

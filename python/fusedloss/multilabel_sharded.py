@@ -153,7 +153,20 @@ def linear_sharded_multilabel_margin_cross_entropy(
     is summed over the ranks in backward (one all_reduce of N D floats). Keywords as in
     sharded_multilabel_margin_cross_entropy and linear_multilabel_margin_cross_entropy.
     """
-    fn = "linear_sharded_multilabel_margin_cross_entropy"
+    return linear_sharded("linear_sharded_multilabel_margin_cross_entropy", embeddings,
+                          weight_shard, targets, class_start=class_start,
+                          num_classes=num_classes, group=group, normalize=normalize,
+                          scale=scale, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad,
+                          ignore_index=ignore_index, reduction=reduction, block_size=block_size,
+                          backend=backend)
+
+
+def linear_sharded(fn, embeddings, weight_shard, targets, *, class_start, num_classes, group,
+                   normalize, scale, m1, m2, m3, margin_grad, ignore_index, reduction,
+                   block_size, backend, reduce_embedding_grad=True):
+    """linear_sharded_multilabel_margin_cross_entropy, named `fn` in errors; with
+    reduce_embedding_grad=False the embeddings' gradient is this shard's only (nn.PartialFC
+    sums it over the ranks in its all-gather's backward)."""
 
     def prepare():
         hyper = _options(fn, scale, m1, m2, m3, margin_grad, ignore_index, reduction)
@@ -186,16 +199,19 @@ def linear_sharded_multilabel_margin_cross_entropy(
     chosen, t, start, c_local, total, _, _, hyper = _prepared(fn, group,
                                                               _device_of(embeddings), prepare)
     x = F.normalize(embeddings) if normalize else embeddings
+    reduce_over = group if reduce_embedding_grad and fdist.initialized() else False
     if chosen == "reference":  # the dense oracle: the N x C_local cosines, then the stats
         w = F.normalize(weight_shard) if normalize else weight_shard
-        stats = reference.multilabel_margin_stats(_GradSummedOverRanks.apply(x, group) @ w.t(),
-                                                  t, *hyper, start, total, ignore_index)
+        if reduce_over is not False:
+            x = _GradSummedOverRanks.apply(x, reduce_over)
+        stats = reference.multilabel_margin_stats(x @ w.t(), t, *hyper, start, total,
+                                                  ignore_index)
         return _loss(combine(stats, group), t, ignore_index, reduction,
                      result_dtype(embeddings))
     rows = block_size or max(1, _BLOCK_BYTES // (max(c_local, 1) * 4))
     plan = _Plan(chosen, hyper + (start, total, ignore_index), min(rows, max(t.shape[0], 1)),
                  bool(normalize), ignore_index)
-    stats = FusedStats.apply(x, weight_shard, t, plan, group if fdist.initialized() else False)
+    stats = FusedStats.apply(x, weight_shard, t, plan, reduce_over)
     return _loss(combine(stats, group), t, ignore_index, reduction, result_dtype(embeddings))
 
 

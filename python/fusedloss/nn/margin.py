@@ -10,6 +10,8 @@ from .. import _checks
 from .._ops import BACKENDS
 from ..margin import margin_cross_entropy, margin_options
 from ..margin_linear import check_block_size, linear_margin_cross_entropy
+from ..multilabel import check_options as check_multilabel_options
+from ..multilabel_linear import linear_multilabel_margin_cross_entropy
 from ..pairs import unpg_negatives
 
 # Margin presets: the defaults of the papers and of insightface's training configs. Any
@@ -79,6 +81,33 @@ def unpg_options(owner: str, unpg, whisker, ignore_index: int, normalize) -> Opt
     return UnpgOptions(float(whisker), ignore_index, normalize) if unpg else None
 
 
+# The margin options that the multi-label loss takes (multilabel=True on the heads).
+MULTILABEL_OPTIONS = ("scale", "m1", "m2", "m3", "margin_grad", "ignore_index", "reduction")
+
+
+def multilabel_keywords(owner: str, multilabel, kwargs: dict, call_keywords: tuple,
+                        unpg: bool) -> bool:
+    """Whether a head runs the multi-label loss (MLCD; labels [N, K]); with multilabel=True
+    every keyword must be one it takes (the margin options MULTILABEL_OPTIONS at values it
+    accepts, and `call_keywords`), and unpg must be off."""
+    if not isinstance(multilabel, bool):
+        raise TypeError(f"{owner}: multilabel must be a bool, got {type(multilabel).__name__}")
+    if not multilabel:
+        return False
+    other = sorted(k for k in kwargs if k not in MULTILABEL_OPTIONS + call_keywords)
+    if other:
+        raise ValueError(f"{owner}: {other} do not apply with multilabel=True (it takes "
+                         f"{MULTILABEL_OPTIONS + call_keywords})")
+    if unpg:
+        raise ValueError(f"{owner}: unpg=True does not apply with multilabel=True")
+    o = {k: kwargs.get(k, d) for k, d in (("scale", 64.0), ("m1", 1.0), ("m2", 0.0),
+                                            ("m3", 0.0), ("margin_grad", "exact"),
+                                            ("ignore_index", -100), ("reduction", "mean"))}
+    check_multilabel_options(owner, o["scale"], o["m1"], o["m2"], o["m3"], o["margin_grad"],
+                             o["ignore_index"], o["reduction"])
+    return True
+
+
 class MarginCrossEntropy(torch.nn.Module):
     """Margin softmax cross-entropy on cosine logits: ``forward(cos, target)``.
 
@@ -118,12 +147,19 @@ class MarginSoftmaxHead(torch.nn.Module):
     out; ``unpg_whisker`` its Tukey whisker, ``normalize`` as the head's) joined to every row
     as shared extra columns, ``extra_negatives`` of the linear op: the authors' concatenation
     ``[z_i | scale * e]`` without the ``N x (C + L)`` logits.
+
+    ``multilabel=True`` (MLCD): ``forward(embeddings, labels)`` with ``labels [N, K]`` (the
+    positive classes of each row, padded with ``ignore_index``) returns
+    :func:`fusedloss.linear_multilabel_margin_cross_entropy`; the preset's and the given
+    margin keywords apply (``scale``, ``m1``, ``m2``, ``m3``, ``margin_grad``, ``ignore_index``,
+    ``reduction``, ``normalize``, ``block_size``, ``backend``), any other keyword and
+    ``unpg`` raise here.
     """
 
     CALL_KEYWORDS = ("normalize", "block_size", "deterministic", "generator", "backend")
 
     def __init__(self, embedding_dim: int, num_classes: int, loss: str = "arcface", *,
-                 unpg: bool = False, unpg_whisker: float = 1.5,
+                 unpg: bool = False, unpg_whisker: float = 1.5, multilabel: bool = False,
                  device=None, dtype=None, **kwargs):
         super().__init__()
         if embedding_dim < 1 or num_classes < 1:
@@ -131,6 +167,8 @@ class MarginSoftmaxHead(torch.nn.Module):
                              f"got {embedding_dim} and {num_classes}")
         self.loss = loss
         self.kwargs = preset(loss, **kwargs)
+        self.multilabel = multilabel_keywords("MarginSoftmaxHead", multilabel, self.kwargs,
+                                              ("normalize", "block_size", "backend"), unpg)
         opts, _ = split_keywords("MarginSoftmaxHead", self.kwargs, self.CALL_KEYWORDS)
         self.unpg = unpg_options("MarginSoftmaxHead", unpg, unpg_whisker, opts.ignore_index,
                                  self.kwargs.get("normalize", True))
@@ -138,6 +176,9 @@ class MarginSoftmaxHead(torch.nn.Module):
             torch.empty(num_classes, embedding_dim, device=device, dtype=dtype).normal_(0, 0.01))
 
     def forward(self, embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return linear_multilabel_margin_cross_entropy(embeddings, self.weight, target,
+                                                          **self.kwargs)
         extra = {}
         if self.unpg is not None:
             extra["extra_negatives"] = self.unpg.negatives(embeddings, target)

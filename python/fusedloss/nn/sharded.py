@@ -4,8 +4,10 @@ fusedloss.linear_sharded_margin_cross_entropy's entry point."""
 import torch
 
 from .. import distributed as fdist
+from ..multilabel import MAX_POSITIVES
+from ..multilabel_sharded import linear_sharded as linear_sharded_multilabel
 from ..sharded import check_options, linear_sharded
-from .margin import preset, split_keywords, unpg_options
+from .margin import multilabel_keywords, preset, split_keywords, unpg_options
 
 
 class PartialFC(torch.nn.Module):
@@ -66,6 +68,14 @@ class PartialFC(torch.nn.Module):
     backward through it is the whole gradient of the pairs, so it enters the gathered
     embeddings' gradient scaled by 1 / W, and the reduce-scatter's sum over the ranks brings
     each rank's own rows exactly their gradient.
+
+    ``multilabel=True`` (MLCD): ``local_labels [n, K]`` list each row's positive classes
+    (``ignore_index`` pads; K the same on every rank, at most 64), and the loss is
+    :func:`fusedloss.linear_sharded_multilabel_margin_cross_entropy` of the gathered batch,
+    with the margin keywords that it takes (others, the elastic presets and ``unpg`` raise
+    here). Sampling keeps every positive class of the gathered batch on its shard and draws
+    negatives as above; at ``sample_rate=1`` the loss is that of
+    ``MarginSoftmaxHead(multilabel=True)`` on the gathered batch.
     """
 
     CALL_KEYWORDS = ("normalize", "block_size", "backend", "generator")
@@ -73,7 +83,7 @@ class PartialFC(torch.nn.Module):
     def __init__(self, embedding_dim: int, num_classes: int, sample_rate: float = 1.0,
                  loss: str = "arcface", group=None, ddp_grad_scale: bool = True, *,
                  sample_generator=None, unpg: bool = False, unpg_whisker: float = 1.5,
-                 device=None, dtype=None, **kwargs):
+                 multilabel: bool = False, device=None, dtype=None, **kwargs):
         super().__init__()
         if embedding_dim < 1 or num_classes < 1:
             raise ValueError(f"PartialFC: embedding_dim and num_classes must be >= 1, got "
@@ -83,6 +93,8 @@ class PartialFC(torch.nn.Module):
         self.loss, self.group, self.sample_rate = loss, group, float(sample_rate)
         self.ddp_grad_scale, self.sample_generator = bool(ddp_grad_scale), sample_generator
         keywords = preset(loss, **kwargs)
+        self.multilabel = multilabel_keywords("PartialFC", multilabel, keywords,
+                                              ("normalize", "block_size", "backend"), unpg)
         self.opts, call = split_keywords("PartialFC", keywords, self.CALL_KEYWORDS)
         check_options("PartialFC", self.opts)
         self.kwargs = {k: v for k, v in keywords.items() if k not in call}  # the margin options
@@ -125,6 +137,13 @@ class PartialFC(torch.nn.Module):
         else:
             weight, class_start, num_classes = self.weight, self.class_start, self.num_classes
             self.sampled_classes = None
+        if self.multilabel:
+            return linear_sharded_multilabel(
+                "PartialFC", embeddings, weight, labels, class_start=class_start,
+                num_classes=num_classes, group=self.group, reduce_embedding_grad=False,
+                **{k: getattr(self.opts, k) for k in ("scale", "m1", "m2", "m3", "margin_grad",
+                                                      "ignore_index", "reduction")},
+                **{k: v for k, v in self.call_kwargs.items() if k != "generator"})
         return linear_sharded("PartialFC", embeddings, weight, labels, self.opts,
                               class_start=class_start, num_classes=num_classes, group=self.group,
                               reduce_embedding_grad=False, **self.call_kwargs, **extra)
@@ -135,20 +154,28 @@ class PartialFC(torch.nn.Module):
         dim = self.weight.shape[1]
         ok_x = (torch.is_tensor(x) and x.dim() == 2 and x.dtype == self.weight.dtype
                 and x.shape[1] == dim)
-        ok_y = (ok_x and torch.is_tensor(labels) and labels.dim() == 1
-                and not labels.dtype.is_floating_point and labels.shape[0] == x.shape[0])
+        rank = 2 if self.multilabel else 1
+        ok_y = (ok_x and torch.is_tensor(labels) and labels.dim() == rank
+                and not labels.dtype.is_floating_point and labels.dtype != torch.bool
+                and labels.shape[0] == x.shape[0]
+                and (rank == 1 or 1 <= labels.shape[1] <= MAX_POSITIVES))
         n = x.shape[0] if ok_x else 0
+        k = labels.shape[1] if ok_y and rank == 2 else 0
         device = x.device if torch.is_tensor(x) else self.weight.device
-        table = fdist.gather_counts([n, int(ok_x), int(ok_y)], self.group, device).tolist()
+        table = fdist.gather_counts([n, int(ok_x), int(ok_y), k], self.group, device).tolist()
         bad_x = [r for r, row in enumerate(table) if not row[1]]
         bad_y = [r for r, row in enumerate(table) if row[1] and not row[2]]
+        if not bad_x and not bad_y and len({row[3] for row in table}) > 1:
+            raise ValueError("PartialFC: local_labels must have the same K on every rank, got "
+                             + ", ".join(f"rank {r}: {row[3]}" for r, row in enumerate(table)))
         problems = []
         if bad_x:
             problems.append(f"local_embeddings on rank(s) {bad_x} are not [n, {dim}] tensors of "
                             f"dtype {self.weight.dtype}")
         if bad_y:
-            problems.append(f"local_labels on rank(s) {bad_y} are not integer tensors of shape [n] "
-                            "matching local_embeddings")
+            shape = f"[n, K] (1 <= K <= {MAX_POSITIVES})" if self.multilabel else "[n]"
+            problems.append(f"local_labels on rank(s) {bad_y} are not integer tensors of shape "
+                            f"{shape} matching local_embeddings")
         if problems:
             raise ValueError("PartialFC: " + "; ".join(problems))
         return [row[0] for row in table]
@@ -156,9 +183,11 @@ class PartialFC(torch.nn.Module):
     def _check_labels(self, labels, sizes):
         """A gathered label outside [0, C) that is not ignore_index raises on every rank (they
         all hold the same gathered labels), naming the rank and row it came from."""
-        bad = fdist.bad_target(labels, self.num_classes, self.opts.ignore_index)
+        bad = fdist.bad_target(labels.reshape(-1), self.num_classes, self.opts.ignore_index)
         if bad["bad_row"] < 0:
             return
+        if labels.dim() == 2:  # a flat index of [N, K] labels: its row
+            bad["bad_row"] //= labels.shape[1]
         row, rank = bad["bad_row"], 0
         while row >= sizes[rank]:
             row, rank = row - sizes[rank], rank + 1
