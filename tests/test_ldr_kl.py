@@ -104,3 +104,17 @@ def test_linear_form_with_bias_and_row_lam_matches_logits(backend, device):
     for a, e in zip(torch.autograd.grad(fused, leaves), torch.autograd.grad(logits, leaves)):
         torch.testing.assert_close(a, e)
     torch.testing.assert_close(fused, logits)
+
+
+def test_modules_are_the_functions_with_their_keywords():
+    z, t = _inputs(dtype=torch.float32)
+    lam = torch.linspace(0.5, 2.0, 6)
+    loss = fusedloss.nn.LDRKLLoss(lam=0.5, margin=1.0)
+    torch.testing.assert_close(loss(z, t), fusedloss.ldr_kl_loss(z, t, lam=0.5, margin=1.0))
+    torch.testing.assert_close(loss(z, t, lam=lam),
+                               fusedloss.ldr_kl_loss(z, t, lam=lam, margin=1.0))
+    layer = fusedloss.nn.LDRKLLinear(5, 11, lam=2.0)
+    h = torch.randn(6, 5)
+    torch.testing.assert_close(layer(h, t), fusedloss.ldr_kl_loss(
+        torch.nn.functional.linear(h, layer.weight, layer.bias), t, lam=2.0, backend="reference"),
+        rtol=1e-5, atol=1e-5)

@@ -146,8 +146,9 @@ def linear_ldr_kl_loss(
 
 def check_options(fn: str, lam, margin, ignore_index, reduction, rows: torch.Tensor) -> None:
     """lam a positive float or a floating tensor [N] of positive values on the device of
-    `rows`; margin finite; ignore_index an int; reduction known."""
-    if torch.is_tensor(lam):
+    `rows` (None: a module's construction, where lam is a float); margin finite; ignore_index
+    an int; reduction known."""
+    if torch.is_tensor(lam) and rows is not None:
         n = rows.shape[0]
         if not lam.dtype.is_floating_point:
             raise TypeError(f"{fn}: a lam tensor must be floating, got {lam.dtype}")

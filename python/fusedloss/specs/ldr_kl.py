@@ -8,11 +8,12 @@ with the oracle."""
 import torch
 
 import fusedloss
+from fusedloss import nn
 from ..reference import ldr_kl as reference
 from . import _draw
 from ._build import (at, bad_inputs, class_loss_option_cases, empty_batch, linear_cases,
-                     not_finite, option, scores_cases)
-from . import FuzzCase, OpSpec, Sample, generator, on, with_ignored
+                     module_bad, not_finite, option, scores_cases)
+from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
 
 _LOGITS_BACKENDS = ("cpu", "cuda", "triton")
 _LINEAR_BACKENDS = ("cpu", "triton")
@@ -219,7 +220,32 @@ SPECS = [
            fuzz=linear_fuzz, stress=linear_stress,
            empty_batch=empty_batch(lambda: fusedloss.linear_ldr_kl_loss, (0, 5), (7, 5))),
 ]
-MODULE_SPECS = []
+def loss_module_bad_inputs():
+    z, t = _logits_and_target("cpu")
+    return [
+        module_bad("lam<=0 at construction", lambda: nn.LDRKLLoss(lam=0.0), ValueError,
+                   "lam must be > 0, got 0.0"),
+        module_bad("tensor lam at construction", lambda: nn.LDRKLLoss(lam=torch.ones(4)),
+                   TypeError, "lam must be a float here"),
+        module_bad("lam tensor [3] in forward", lambda: nn.LDRKLLoss()(z, t, lam=torch.ones(3)),
+                   ValueError, "a lam tensor must have shape [4] (one per row), got (3,)"),
+    ]
+
+
+def linear_module_bad_inputs():
+    h, w, t, b = _h_w_target_bias("cpu")
+    return [
+        module_bad("in_features 0", lambda: nn.LDRKLLinear(0, 7), ValueError,
+                   "in_features and num_classes must be >= 1, got 0 and 7"),
+        module_bad("nan margin", lambda: nn.LDRKLLinear(5, 7, margin=float("nan")), ValueError,
+                   "margin must be a finite number"),
+        module_bad("wrong D", lambda: nn.LDRKLLinear(4, 7)(h, t), ValueError,
+                   "hidden [N, D] and weight [C, D] must share D, got (4, 5) and (7, 4)"),
+    ]
+
+
+MODULE_SPECS = [ModuleSpec("LDRKLLoss", "ldr_kl", loss_module_bad_inputs),
+                ModuleSpec("LDRKLLinear", "ldr_kl", linear_module_bad_inputs)]
 
 
 def kernel_arguments(op):
