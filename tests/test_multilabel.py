@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fusedloss
-from fusedloss.reference import multilabel as reference
 
 from conftest import assert_close, cpu_and_gpu_backends
 

@@ -9,7 +9,7 @@ of cos), the loss softplus(lse_neg) + softplus(lse_pos) is formed here, and back
 the gradient from the per-row weights dL/dlse (multilabel_margin_grad, one read of cos and
 one write). Unlike the margin ops, whose kernels write the gradient during forward and
 scale it in backward (five N x C passes), this moves three N x C arrays; both hold one
-N x C buffer, and the same two ops serve a shard of the classes (sharded_multilabel_...)."""
+N x C buffer, and the same two ops serve a shard of the classes (fusedloss.multilabel_sharded)."""
 import torch
 
 from . import _checks

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from . import distributed as fdist
-from ._ops import accumulation_dtype, reduce_rows, resolve_backend, result_dtype
+from ._ops import reduce_rows, resolve_backend, result_dtype
 from .multilabel import STATS_OP, check_options, check_targets, has_positive, softplus_rows
 from .multilabel_linear import _BLOCK_BYTES, FusedStats, _Plan
 from .reference import multilabel as reference
