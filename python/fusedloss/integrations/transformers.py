@@ -77,13 +77,6 @@ def apply(model: nn.Module) -> nn.Module:
         raise ValueError(f"fusedloss.integrations.transformers.apply: {type(model).__name__}."
                          "lm_head must be a torch.nn.Linear without bias, got "
                          f"{head!r}")
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None and "softcap" not in inspect.signature(
-            linear_margin_cross_entropy).parameters:
-        raise NotImplementedError(
-            f"fusedloss.integrations.transformers.apply: {type(model).__name__} has "
-            f"final_logit_softcapping={cap}, which needs the softcap keyword of "
-            "fusedloss.linear_margin_cross_entropy, not in this build")
     original = model.forward
     signature = inspect.signature(original)
 
@@ -120,11 +113,10 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     inputs), the mean over the kept tokens or the sum divided by `num_items_in_batch`."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    extra = {} if softcap is None else {"softcap": softcap}
     loss = linear_margin_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels.reshape(-1).to(hidden.device),
-        normalize=False, scale=1.0, ignore_index=ignore_index,
-        reduction="mean" if num_items_in_batch is None else "sum", **extra)
+        normalize=False, scale=1.0, softcap=softcap, ignore_index=ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum")
     loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
     if num_items_in_batch is None:
         return loss
