@@ -23,6 +23,7 @@ from fusedloss import pairs as fpairs
 from conftest import assert_close
 from test_sharded import (GROUP_TIMEOUT_S, SPAWN_DEADLINE_S, _dist_backends, _expect_error,
                           _free_port, recorded_collectives)
+from test_sharded import nccl_group  # noqa: F401  (the fixture of the NCCL test below)
 
 DIM = 5
 
@@ -87,10 +88,11 @@ if "group" in (getattr(getattr(fpairs, "orthogonal_projection_loss", None), "__k
     LOSSES.append(("orthogonal_projection_loss", dict(gamma=0.5)))
 
 
-def _compare(what, expected, loss, pairs_of_grads):
-    assert_close(loss.detach(), expected.detach(), torch.float64, f"loss {what}")
+def _compare(what, expected, loss, pairs_of_grads, dtype=torch.float64):
+    """The loss and each (name, gradient, oracle's gradient), within `dtype`'s tolerance."""
+    assert_close(loss.detach(), expected.detach(), dtype, f"loss {what}")
     for name, mine, oracle in pairs_of_grads:
-        assert_close(mine, oracle, torch.float64, f"grad {name} {what}")
+        assert_close(mine, oracle, dtype, f"grad {name} {what}")
 
 
 def check_losses(rank, world):
@@ -299,3 +301,24 @@ def test_without_process_group():
                  fusedloss.supcon_loss(x, labels, backend="reference"), torch.float64, "loss")
     with pytest.raises(RuntimeError, match="not initialised"):
         fusedloss.supcon_loss(x, labels, group=object())
+
+
+# --- over NCCL, one GPU -------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.dist
+@pytest.mark.parametrize("name, kw", LOSSES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LOSSES)])
+def test_pair_losses_over_a_one_rank_nccl_group(nccl_group, name, kw):
+    """Each loss on fp32 CUDA tensors over a 1-rank NCCL group (the backend "auto" picks on
+    the GPU) against the fp64 oracle without a group: the loss and the gradient (W = 1, so
+    ddp_grad_scale changes nothing)."""
+    x, labels = _global(3)
+    mine = x.float().to(nccl_group).requires_grad_()
+    function = getattr(fpairs, name)
+    loss = function(mine, labels.to(nccl_group), **kw, group=dist.group.WORLD)
+    loss.backward()
+    oracle = x.clone().requires_grad_()
+    expected = function(oracle, labels, **kw, backend="reference")
+    expected.backward()
+    _compare(f"{name} {kw} over a 1-rank NCCL group", expected, loss.double().cpu(),
+             [("x", mine.grad.double().cpu(), oracle.grad)], torch.float32)

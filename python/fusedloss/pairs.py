@@ -33,9 +33,11 @@ With a group each rank passes its own N_r rows (sizes may differ, 0 included; th
 a reference set, if any, are per rank too) and every rank gets the loss of the global batch,
 the rank-ordered concatenation, exactly as the function without a group on that batch. The
 design, per call:
-  1. agreement on errors: one all_reduce of about 10 int64 per rank (fdist.gather_table);
+  1. agreement on errors: one all_reduce of 8 W int64 (fdist.prepared_everywhere);
      bad input on any rank raises on every rank; D, the dtype, whether a reference set is
-     given, whether the inputs need a gradient and the options must match across ranks;
+     given, whether the inputs need a gradient and the options must match across ranks
+     (the table, and the batch sizes in it, are read on the host: one sync per call, as in
+     the sharded functions; without a group there is none);
   2. one all-gather of the (normalised) rows, O(N D), and one of the labels (of the
      reference sets too, when given);
   3. the tiled kernels with this rank's rows as queries against the global references,
@@ -224,7 +226,7 @@ def _prepare(fn, embeddings, labels, ref_embeddings, ref_labels, normalize, back
     return _Pairs(x, labels.long(), ref, ref_labels.long(), backend, -1, bank_offset)
 
 
-# ---- the global batch of a process group -----------------------------------------------------------
+# ---- the global batch of a process group ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Across:
