@@ -5,7 +5,6 @@ their losses checked against the single-process fused op on the global batch, an
 of the fused contender counted per kind: every collective through fusedloss.distributed's
 tags. The full-size cases (4,096 x 128, W = 2 and 4) are the family's."""
 import pytest
-import torch
 
 pytest.importorskip("fusedloss")
 pytest.importorskip("pytorch_metric_learning")
