@@ -216,6 +216,20 @@ def test_labels_outside_the_vocabulary_raise():
         model(ids, labels=labels)
 
 
+def test_bf16_model_gives_fp32_loss_within_bf16_tolerance():
+    """A bf16 model: the op reads bf16 hidden states and head and accumulates in fp32, the
+    loss is fp32 as HF's (which casts its bf16 logits to fp32)."""
+    reference = tiny_model("llama")
+    ids, labels = batch()
+    oracle = loss_and_grads(reference, lambda m: hf_loss_fp64(m(ids).logits, labels))
+    patched = apply(copy.deepcopy(reference).to(torch.bfloat16))
+    fused = loss_and_grads(patched, lambda m: m(ids, labels=labels).loss)
+    assert fused[0].dtype == torch.float32
+    assert_close(fused[0], oracle[0], torch.bfloat16, "bf16 loss vs fp64 oracle")
+    assert_close(fused[1]["lm_head.weight"], oracle[1]["lm_head.weight"], torch.bfloat16,
+                 "bf16 head gradient vs fp64 oracle")
+
+
 # --------------------------------------------------------------------------------------
 # Memory of a training step at a vocabulary of 32k
 # --------------------------------------------------------------------------------------
@@ -285,3 +299,4 @@ def test_training_step_at_vocab_32k_peak_memory():
 def test_supported_classes_exist_in_transformers():
     for name in SUPPORTED:
         assert hasattr(transformers, name), name
+
