@@ -139,3 +139,30 @@ def test_module_multilabel_refuses_what_does_not_apply(make, message):
     with pytest.raises(ValueError) as info:
         make()
     assert message in str(info.value)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_triton_ops_equal_the_cpu_ops_on_a_shard(dtype):
+    """multilabel_margin_stats and multilabel_margin_grad of the Triton launchers (under the
+    interpreter) against the CPU kernels, on the shard [10, 43) of 60 classes, with targets
+    inside and outside it, padding, a repeat, a row without positives and a zero-weight row."""
+    from fusedloss.triton_kernels import multilabel as triton_ops
+    g = torch.Generator().manual_seed(11)
+    cos = (torch.rand(6, 33, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    targets = torch.randint(0, 60, (6, 5), generator=g)
+    targets[0, :2] = torch.tensor([12, 12])
+    targets[1] = -100
+    targets[2, 4] = -100
+    hyper = (16.0, 1.0, 0.3, 0.1, False, 10, 60, -100)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want = torch.ops.fusedloss.multilabel_margin_stats(cos, targets, *hyper)
+    got = triton_ops.multilabel_margin_stats(cos, targets, *hyper)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    coef = torch.rand(6, 4, generator=g, dtype=acc)
+    coef[:, 1], coef[:, 3] = want[:, 0], torch.where(torch.isfinite(want[:, 1]), want[:, 1], 0.0)
+    coef[3, 0] = coef[3, 2] = 0.0
+    want_grad = torch.ops.fusedloss.multilabel_margin_grad(cos, targets, coef, *hyper)
+    got_grad = triton_ops.multilabel_margin_grad(cos, targets, coef, *hyper)
+    assert_close(got_grad, want_grad.double(), dtype, "grad")
+    assert torch.all(got_grad[3] == 0)
