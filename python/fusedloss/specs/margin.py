@@ -108,6 +108,19 @@ def margin_option_cases():
     ] + class_loss_option_cases("margin")
 
 
+def extra_negative_cases():
+    """Bad extra_negatives, refused alike by the four margin entry points: not 1-D, not
+    floating, not the dtype of the inputs (fp32 here)."""
+    return [
+        option("extra_negatives 2-D", dict(extra_negatives=torch.zeros(1, 3)), ValueError,
+               "extra_negatives must be 1-D"),
+        option("extra_negatives int64", dict(extra_negatives=torch.zeros(3, dtype=torch.long)),
+               TypeError, "extra_negatives must be float16, bfloat16, float32 or float64"),
+        option("extra_negatives fp64", dict(extra_negatives=torch.zeros(3, dtype=torch.float64)),
+               TypeError, "extra_negatives must have the dtype of"),
+    ]
+
+
 def _cos_and_target(device):
     return on(device, cosines(4, 7), torch.tensor([0, 1, 2, 3]))
 
@@ -117,7 +130,9 @@ def margin_bad_inputs():
     return bad_inputs(fn, _cos_and_target, scores_cases("cos") + margin_option_cases() + [
         ("no classes", lambda cos, t: (cos[:, :0], t), {}, ValueError,
          "cos must have at least one class (C >= 1)"),
-    ])
+        option("inplace_backward without grad", dict(inplace_backward=True), ValueError,
+               "inplace_backward=True needs cos that requires grad"),
+    ] + extra_negative_cases())
 
 
 def margin_fuzz_options(data):
@@ -268,7 +283,7 @@ def linear_bad_inputs():
          "weight must have at least one class (C >= 1)"),
         option("negative block", dict(block_size=-1), ValueError,
                "block_size must be a positive int or None, got -1"),
-    ] + margin_option_cases())
+    ] + margin_option_cases() + extra_negative_cases())
 
 
 def fuzz_linear(data, device):

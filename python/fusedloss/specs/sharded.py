@@ -19,8 +19,8 @@ from ..reference import sharded as reference
 from ._build import bad_inputs, empty_batch, linear_cases, module_bad, option, scores_cases
 from . import FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on
 from .margin import (KERNEL_MARGIN, MARGINS, class_targets, cosines, epilogue_samples,
-                     fuzz_cosines, fuzz_linear, linear_inputs, margin_fuzz_options,
-                     margin_option_cases, stress_inputs, transposed)
+                     extra_negative_cases, fuzz_cosines, fuzz_linear, linear_inputs,
+                     margin_fuzz_options, margin_option_cases, stress_inputs, transposed)
 
 
 def _whole(c):
@@ -146,7 +146,10 @@ _RANK_0 = "on rank 0, "
 def sharded_bad_inputs():
     fn = lambda: fusedloss.sharded_margin_cross_entropy  # noqa: E731
     return bad_inputs(fn, _cos_and_target, scores_cases("local_cos", _RANK_0)
-                      + _class_range_cases() + margin_option_cases(), **_whole(7))
+                      + _class_range_cases() + margin_option_cases() + extra_negative_cases()
+                      + [option("inplace_backward without grad", dict(inplace_backward=True),
+                                ValueError, "inplace_backward=True needs local_cos that "
+                                "requires grad")], **_whole(7))
 
 
 def sharded_fuzz(data, device, triton):
@@ -247,7 +250,7 @@ def linear_bad_inputs():
                                                     where=_RANK_0) + _class_range_cases() + [
         option("negative block", dict(block_size=-1), ValueError,
                "block_size must be a positive int or None, got -1"),
-    ] + margin_option_cases(), **_whole(7))
+    ] + margin_option_cases() + extra_negative_cases(), **_whole(7))
 
 
 def linear_fuzz(data, device, triton):
