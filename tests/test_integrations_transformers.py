@@ -173,6 +173,18 @@ def test_tuple_output_and_positional_labels():
     assert torch.equal(positional, expected)
 
 
+def test_logits_to_keep_with_shift_labels_as_hf():
+    """With labels, logits_to_keep selects the positions whose loss counts (HF slices the
+    hidden states before its head); shift_labels give their targets."""
+    ids, labels = batch()
+    shift = F.pad(labels, (0, 1), value=-100)[..., 1:][:, -4:].contiguous()
+    call = dict(labels=labels, shift_labels=shift, logits_to_keep=4)
+    hf = loss_and_grads(tiny_model("qwen2"), lambda m: m(ids, **call).loss)
+    fused = loss_and_grads(apply(tiny_model("qwen2")), lambda m: m(ids, **call).loss)
+    assert_close(fused[0], hf[0].double(), torch.float32, "loss vs unpatched HF")
+    assert_grads_close(fused[1], hf[1], torch.float32, "vs unpatched HF")
+
+
 def test_every_label_ignored_gives_nan_as_hf():
     model = apply(tiny_model("llama"))
     ids, _ = batch()

@@ -163,7 +163,7 @@ def _forward_with_fused_loss(model, original, stack, labels, call):
                        logits_to_keep=torch.empty(0, dtype=torch.long, device=weight.device))
     finally:
         hook.remove()
-    hidden = seen[-1].last_hidden_state
+    hidden = seen[-1][0]  # last_hidden_state, of a ModelOutput or a tuple
     if not (isinstance(keep, int) and keep == 0):
         hidden = _kept_positions(hidden, keep)
     loss = causal_lm_loss(hidden, weight, labels,
@@ -177,6 +177,8 @@ def _forward_with_fused_loss(model, original, stack, labels, call):
 
 def _kept_positions(hidden: torch.Tensor, keep) -> torch.Tensor:
     """The positions `logits_to_keep` selects, as the model's own forward selects them."""
-    from transformers.modeling_utils import slice_logits_to_keep
-
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # transformers 5.0: the last `keep` positions, or an index of them
+        return hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
     return slice_logits_to_keep(hidden, keep)
