@@ -116,6 +116,22 @@ def test_loss_and_every_gradient_match_hf(family, dtype, mode):
     assert_grads_close(fused[1], hf[1], torch.float32, "vs unpatched HF")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_cuda_loss_and_every_gradient_match_the_oracle(family):
+    """On CUDA the patch takes linear_margin_cross_entropy's triton path (fp32, with torch's
+    default of no TF32 matmuls)."""
+    reference = tiny_model(family)
+    ids, labels = batch()
+    oracle = loss_and_grads(reference, lambda m: hf_loss_fp64(m(ids).logits, labels))
+    patched = apply(copy.deepcopy(reference).to(device="cuda", dtype=torch.float32))
+    ids_cuda, labels_cuda = ids.cuda(), labels.cuda()
+    fused = loss_and_grads(patched, lambda m: m(ids_cuda, labels=labels_cuda).loss)
+    assert_close(fused[0].cpu(), oracle[0], torch.float32, "loss vs fp64 oracle")
+    assert_grads_close({n: g.cpu() for n, g in fused[1].items()}, oracle[1], torch.float32,
+                       "vs fp64 oracle")
+
+
 def test_tied_head_gets_both_gradients():
     """GPT-2 ties lm_head.weight to the input embedding: one parameter, whose gradient sums the
     embedding lookup's and the head's."""
