@@ -224,6 +224,7 @@ def _sweep(x, w, targets, plan, weights=None, stats=None, coef=None):
         return stats, None, None
     if inv is not None:
         # d cos_ij / d w_j = x_i / |w_j| - (x_i . w_j) w_j / |w_j|^3 for |w_j| > eps.
-        along = torch.where(norm > _NORM_EPS, inv * inv * (wd * h).sum(dim=1), 0.0)
+        dots = torch.bmm(wd.unsqueeze(1), h.unsqueeze(2)).view(-1)  # w_j . H_j, no C x D temporary
+        along = torch.where(norm > _NORM_EPS, inv * inv * dots, 0.0)
         h.addcmul_(wd, along[:, None], value=-1.0)
     return stats, gx, h.to(w.dtype)
