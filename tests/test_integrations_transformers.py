@@ -220,6 +220,25 @@ def test_apply_twice_and_revert():
     assert revert(model) is model
 
 
+def test_copies_stay_patched_on_their_own_weights():
+    """deepcopy and pickle give patched models that run their own weights, and the patched
+    forward shows the model's own signature (HF's Trainer reads it)."""
+    import inspect
+    import pickle
+
+    model = apply(tiny_model("llama"))
+    assert "labels" in inspect.signature(model.forward).parameters
+    ids, labels = batch()
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            copied.lm_head.weight.mul_(2.0)
+            out = copied(ids, labels=labels)
+            expected = hf_loss_fp64(revert(copy.deepcopy(copied))(ids).logits, labels)
+            assert out.logits is None
+            assert_close(out.loss, expected, torch.float64, "copy's loss")
+            assert not torch.equal(out.loss, model(ids, labels=labels).loss)
+
+
 def test_unsupported_models_raise_naming_the_class():
     with pytest.raises(TypeError, match="OPTForCausalLM is not supported"):
         apply(transformers.OPTForCausalLM(transformers.OPTConfig(

@@ -59,17 +59,15 @@ SUPPORTED: Dict[str, str] = {
     "GPT2LMHeadModel": "transformer",
 }
 
-_ORIGINAL = "_fusedloss_original_forward"
-
-
 def apply(model: nn.Module) -> nn.Module:
     """Make ``model(..., labels=...)`` compute HF's causal-LM loss with the fused linear
     cross-entropy, without logits (see the module docstring); returns `model`, patched in
-    place. Applying twice is a no-op; :func:`revert` undoes it.
+    place (copies made with ``copy.deepcopy`` or pickling stay patched, each calling its own
+    weights). Applying twice is a no-op; :func:`revert` undoes it.
 
     Raises TypeError for a model class not in :data:`SUPPORTED` (naming the class), and
     ValueError for an ``lm_head`` that is not a bias-free ``nn.Linear``."""
-    if _ORIGINAL in vars(model):
+    if isinstance(vars(model).get("forward"), _FusedLossForward):
         return model
     stack = _stack_attribute(model)
     head = getattr(model, "lm_head", None)
@@ -77,29 +75,49 @@ def apply(model: nn.Module) -> nn.Module:
         raise ValueError(f"fusedloss.integrations.transformers.apply: {type(model).__name__}."
                          "lm_head must be a torch.nn.Linear without bias, got "
                          f"{head!r}")
-    original = model.forward
-    signature = inspect.signature(original)
-
-    def forward(*args, **kwargs):
-        call = _as_keywords(signature, args, kwargs)
-        labels = call.pop("labels", None)
-        if labels is None:
-            return original(*args, **kwargs)
-        return _forward_with_fused_loss(model, original, getattr(model, stack), labels, call)
-
-    forward.__signature__ = signature
-    forward.__doc__ = original.__doc__
-    setattr(model, _ORIGINAL, original)
-    model.forward = forward
+    model.forward = _FusedLossForward(model, stack)
     return model
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`apply` on `model` (no-op where it was not applied); returns `model`."""
-    if _ORIGINAL in vars(model):
+    patched = vars(model).get("forward")
+    if isinstance(patched, _FusedLossForward):
         del model.forward
-        delattr(model, _ORIGINAL)
+        if patched.replaced is not None:
+            model.forward = patched.replaced
     return model
+
+
+class _FusedLossForward:
+    """The forward that :func:`apply` sets on a model instance. It holds the model (so that a
+    deep copy of the model holds its copy) and shows the model's own signature (which HF's
+    Trainer reads to choose the dataset columns and to pass ``num_items_in_batch``)."""
+
+    def __init__(self, model: nn.Module, stack: str):
+        self.model, self.stack = model, stack
+        # A forward set on the instance before (a wrapper of another library); None: the
+        # class's forward.
+        self.replaced = vars(model).get("forward")
+
+    def original(self):
+        """The forward that this one replaced, bound to the model."""
+        if self.replaced is not None:
+            return self.replaced
+        return type(self.model).forward.__get__(self.model)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.original())
+
+    def __call__(self, *args, **kwargs):
+        original = self.original()
+        call = _as_keywords(inspect.signature(original), args, kwargs)
+        labels = call.pop("labels", None)
+        if labels is None:
+            return original(*args, **kwargs)
+        return _forward_with_fused_loss(self.model, original, getattr(self.model, self.stack),
+                                        labels, call)
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
