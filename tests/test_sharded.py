@@ -648,6 +648,17 @@ def check_epilogues(rank, world):
             _epilogue_case(fusedloss.linear_sharded_margin_cross_entropy,
                            (x, w[start:start + count]), (x, w), target, start, count, c, backend,
                            **kw)
+    for backend in _dist_backends():  # inplace_backward: this shard's gradient in local_cos
+        mine = cos[:, start:start + count].clone().requires_grad_()
+        loss = fusedloss.sharded_margin_cross_entropy(mine * 1.0, target, class_start=start,
+                                                      num_classes=c, backend=backend, m2=0.5,
+                                                      tau=1.5, inplace_backward=True)
+        full = cos.clone().requires_grad_()
+        want = fusedloss.margin_cross_entropy(full, target, backend="reference", m2=0.5, tau=1.5)
+        loss.backward()
+        want.backward()
+        close(loss, want, torch.float64, "inplace loss")
+        close(mine.grad, full.grad[:, start:start + count], torch.float64, "inplace grad")
     if world > 1:
         e = torch.linspace(-0.5, 0.5, 4, dtype=torch.float64) + (rank == 0)
         _expect_error(lambda: fusedloss.sharded_margin_cross_entropy(
