@@ -243,6 +243,10 @@ FL_HOST_DEVICE acc_t grad_target(const TargetLogit<acc_t>& t, const RowSums<acc_
 // So after the combine every rank needs per row only coef = (lse, a, b, d), and computes
 // the gradient of its own columns with no further communication.
 //
+// The epilogues that act on the combined row alone (the comp-sum loss of tau, the shared
+// extra columns of extra_negatives, the lse output) change only the loss and (lse, a, b, d);
+// they are derived where they are computed, in the docstring of python/fusedloss/sharded.py.
+//
 // Logit transforms of these rows (softcap, inter-class filtering; the single-process ops run
 // on the sharded kernels whenever one is set). With threshold t (0: off) and cap h (0: off),
 // a column j != y has
