@@ -108,6 +108,10 @@ def multilabel_keywords(owner: str, multilabel, kwargs: dict, call_keywords: tup
     return True
 
 
+def unpg_repr(unpg: Optional[UnpgOptions]) -> str:
+    return "" if unpg is None else f", unpg=True, unpg_whisker={unpg.whisker}"
+
+
 class MarginCrossEntropy(torch.nn.Module):
     """Margin softmax cross-entropy on cosine logits: ``forward(cos, target)``.
 
@@ -187,5 +191,5 @@ class MarginSoftmaxHead(torch.nn.Module):
 
     def extra_repr(self) -> str:
         c, d = self.weight.shape
-        return f"embedding_dim={d}, num_classes={c}, loss={self.loss!r}"
+        return f"embedding_dim={d}, num_classes={c}, loss={self.loss!r}" + unpg_repr(self.unpg)
 

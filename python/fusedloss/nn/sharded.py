@@ -7,7 +7,7 @@ from .. import distributed as fdist
 from ..multilabel import MAX_POSITIVES
 from ..multilabel_sharded import linear_sharded as linear_sharded_multilabel
 from ..sharded import check_options, linear_sharded
-from .margin import multilabel_keywords, preset, split_keywords, unpg_options
+from .margin import multilabel_keywords, preset, split_keywords, unpg_options, unpg_repr
 
 
 class PartialFC(torch.nn.Module):
@@ -252,4 +252,4 @@ class PartialFC(torch.nn.Module):
         start, count, total = self.class_range.tolist()
         return (f"embedding_dim={self.weight.shape[1]}, num_classes={total}, "
                 f"classes=[{start}, {start + count}), sample_rate={self.sample_rate}, "
-                f"loss={self.loss!r}")
+                f"loss={self.loss!r}" + unpg_repr(self.unpg))
