@@ -135,14 +135,22 @@ def margin_bad_inputs():
     ] + extra_negative_cases())
 
 
-def margin_fuzz_options(data):
-    tau = _draw.pick(data, [1.0, 1.0, 0.5, 1.7, 2.0])
-    return dict(scale=_draw.pick(data, [1.0, 16.0, 64.0]), m1=_draw.pick(data, [1.0, 1.35, 2.0]),
-                m2=_draw.pick(data, [0.0, 0.3, 0.5]), m3=_draw.pick(data, [0.0, 0.2, 0.35]),
-                margin_grad=_draw.pick(data, ["exact", "detached"]),
-                label_smoothing=_draw.pick(data, [0.0, 0.1]) if tau == 1.0 else 0.0,
-                lse_square_scale=_draw.pick(data, [0.0, 1e-4]), tau=tau,
-                reduction=_draw.pick(data, ["mean", "sum", "none"]))
+def margin_fuzz_options(data, dtype):
+    """The margin keywords of a drawn call on inputs of `dtype`. tau < 1 only for 32- and
+    64-bit inputs: its gradient, w = p_y^(tau - 1) times the cross-entropy's, reaches 1e8 at
+    scale 16, beyond fp16 (the gradient's dtype), where inf is the right answer."""
+    wide = dtype in (torch.float32, torch.float64)
+    tau = _draw.pick(data, [1.0, 1.0, 0.5, 1.7, 2.0] if wide else [1.0, 1.0, 1.7, 2.0])
+    kw = dict(scale=_draw.pick(data, [1.0, 16.0, 64.0]), m1=_draw.pick(data, [1.0, 1.35, 2.0]),
+              m2=_draw.pick(data, [0.0, 0.3, 0.5]), m3=_draw.pick(data, [0.0, 0.2, 0.35]),
+              margin_grad=_draw.pick(data, ["exact", "detached"]),
+              label_smoothing=_draw.pick(data, [0.0, 0.1]) if tau == 1.0 else 0.0,
+              lse_square_scale=_draw.pick(data, [0.0, 1e-4]), tau=tau,
+              interclass_filtering_threshold=_draw.pick(data, [0.0, 0.0, 0.3]),
+              reduction=_draw.pick(data, ["mean", "sum", "none"]))
+    if kw["m1"] == 1.0 and kw["m2"] == 0.0 and kw["m3"] == 0.0:
+        kw["softcap"] = _draw.pick(data, [None, 5.0])  # a cap only without margins
+    return kw
 
 
 def fuzz_cosines(data, device, triton):
@@ -158,7 +166,7 @@ def fuzz_cosines(data, device, triton):
 
 def margin_fuzz(data, device, triton):
     cos, target = fuzz_cosines(data, device, triton)
-    kw = margin_fuzz_options(data)
+    kw = margin_fuzz_options(data, cos.dtype)
     return FuzzCase(lambda backend: fusedloss.margin_cross_entropy(cos, target, backend=backend,
                                                                    **kw),
                     [cos], cos.dtype)
@@ -298,7 +306,7 @@ def fuzz_linear(data, device):
     w = torch.randn(c, d, dtype=torch.float64, generator=gen).to(dtype)
     x, w = x.to(device).requires_grad_(), w.to(device).requires_grad_()
     target = _draw.targets(data, n, c).to(device)
-    kw = margin_fuzz_options(data)
+    kw = margin_fuzz_options(data, dtype)
     # Normalisation only for D > 1: a 1-D row normalises to +-1 whatever its value, so the
     # gradient through F.normalize is 0 in exact arithmetic and rounding noise of size
     # eps |g| / |x| in fp32, which no comparison with the fp64 oracle can judge.

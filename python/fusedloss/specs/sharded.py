@@ -155,7 +155,7 @@ def sharded_bad_inputs():
 def sharded_fuzz(data, device, triton):
     """The margin family's cosines and options at world size 1."""
     cos, target = fuzz_cosines(data, device, triton)
-    kw = dict(margin_fuzz_options(data), **_whole(cos.shape[1]))
+    kw = dict(margin_fuzz_options(data, cos.dtype), **_whole(cos.shape[1]))
     return FuzzCase(lambda backend: fusedloss.sharded_margin_cross_entropy(cos, target,
                                                                        backend=backend, **kw),
                     [cos], cos.dtype)
