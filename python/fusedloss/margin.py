@@ -208,11 +208,14 @@ def margin_cross_entropy(
     quack's option). If another node of the graph saved ``cos`` for its own backward, it
     raises there (autograd's version counter: ``cos`` counts as modified in place), never
     a gradient computed from overwritten values; a second backward through the graph raises
-    the same way. A leaf ``cos`` gets a ``.grad`` that shares its storage.
+    the same way. The saving is for a ``cos`` produced in the graph (the classifier's
+    output): for a leaf ``cos`` autograd copies the gradient into ``.grad``, as it does for
+    any gradient that aliases a live tensor.
 
     tau != 1, softcap, interclass_filtering_threshold, extra_negatives, return_lse and
-    inplace_backward run on the stats engine of the sharded family (a statistics pass over ``cos``, the epilogue
-    in O(N), a gradient pass in backward) on the cpu, triton and reference backends; it has
+    inplace_backward run on the stats engine of the sharded family (a statistics pass over
+    ``cos``, the epilogue in O(N), a gradient pass in backward) on the cpu, triton and
+    reference backends; it has
     no CUDA C++ kernel, so "auto" takes triton for CUDA tensors and "cuda" is refused.
 
     The loss has the dtype of ``cos`` (fp32 under autocast, as cross_entropy); it is

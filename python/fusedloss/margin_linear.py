@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from ._ops import (Op, accumulation_dtype, fused_grads, keep_fused_grads, reduce_rows,
-                   resolve_backend, result_dtype, scale_fused)
+                   result_dtype, scale_fused)
 from .margin import (check_generator, elastic_margins, engine_kwargs, margin_keywords,
                      options_of, reference_result, resolve_engine_backend, uses_engine)
 from .reference import margin as reference
