@@ -20,7 +20,8 @@ per chunk), and are left out: the negatives' sum is never all columns minus the 
 which cancels when the positives dominate. The grad kernel writes the chunk with 0 at the
 positive columns, then, after a barrier, the positives' entries over those zeros (each at
 its first listing). Targets are not range-checked here (the public functions check them).
-BLOCK_C and num_warps as the margin row kernel (_common.row_block_c, row_num_warps).
+BLOCK_C as the margin row kernel's (_common.row_block_c) capped at 2048, num_warps =
+BLOCK_C / 256 (_common.row_num_warps).
 """
 import torch
 import triton
@@ -137,6 +138,12 @@ def _multilabel_grad_kernel(
     tl.store(grad_row + tl.where(first, col, 0), g_p.to(OUT), mask=first)
 
 
+# The row chunk: at BLOCK_C = 4096 (the margin row kernel's) the fp64 kernels and the fp16 /
+# bf16 gradient kernel spill 4 to 16 B a thread on sm_90 (ptxas -v, tests/test_triton_aot.py);
+# at 2048, with 8 warps, none does.
+_MAX_BLOCK_C = 2048
+
+
 def _check(op, cos, targets, scale, class_start, num_classes, coef=None):
     """The checks of csrc/cpu/multilabel.cpp check_rows, without reading target values."""
     check_args(op, cos=cos, scale=scale)
@@ -168,7 +175,7 @@ def _check(op, cos, targets, scale, class_start, num_classes, coef=None):
 def _launch(kernel, cos, targets, out_args, scale, m1, m2, m3, detach_margin, class_start,
             ignore_index):
     n, c = cos.shape
-    block_c = row_block_c(c, cos.device)
+    block_c = min(row_block_c(c, cos.device), _MAX_BLOCK_C)
     acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
     if n > 0:
         launch(kernel, (n,), cos, targets, *out_args, c, targets.shape[1], cos.stride(0),
@@ -176,7 +183,7 @@ def _launch(kernel, cos, targets, out_args, scale, m1, m2, m3, detach_margin, cl
                USE_ANGLE=uses_angle(None, m1, m2), DETACH_MARGIN=detach_margin,
                BLOCK_C=block_c, BLOCK_K=max(triton.next_power_of_2(targets.shape[1]), 2),
                ASIN_TERMS=asin_terms(acc),
-               num_warps=min(row_num_warps(block_c), 8 if acc == torch.float64 else 16))
+               num_warps=row_num_warps(block_c))
 
 
 def multilabel_margin_stats(cos: Tensor, targets: Tensor, scale: float, m1: float, m2: float,
