@@ -118,6 +118,11 @@ def _multilabel_grad_kernel(
     a_pos = tl.load(coef_ptr + 4 * row + 2)
     lse_pos = tl.load(coef_ptr + 4 * row + 3)
     idle = (a_neg == 0.0) & (a_pos == 0.0)  # a row without positives: zeros, nothing read
+    col, first, z_p, slope = _local_positives(
+        cos_row, targets_row, K, C, ignore_index, class_start, scale,
+        from_hi_lo(m1_hi, m1_lo, ACC), from_hi_lo(m2_hi, m2_lo, ACC),
+        from_hi_lo(m3_hi, m3_lo, ACC), USE_ANGLE, DETACH_MARGIN, BLOCK_K, ASIN_TERMS)
+    g_p = tl.where(idle, 0.0, -a_pos * slope * tl.exp(-z_p - lse_pos))
 
     offs = tl.arange(0, BLOCK_C)
     c_end = tl.where(idle, 0, C)
@@ -130,11 +135,6 @@ def _multilabel_grad_kernel(
         g = tl.where(idle, 0.0, g)
         tl.store(grad_row + cols, g.to(OUT), mask=cols < C)
     tl.debug_barrier()
-    col, first, z_p, slope = _local_positives(
-        cos_row, targets_row, K, C, ignore_index, class_start, scale,
-        from_hi_lo(m1_hi, m1_lo, ACC), from_hi_lo(m2_hi, m2_lo, ACC),
-        from_hi_lo(m3_hi, m3_lo, ACC), USE_ANGLE, DETACH_MARGIN, BLOCK_K, ASIN_TERMS)
-    g_p = tl.where(idle, 0.0, -a_pos * slope * tl.exp(-z_p - lse_pos))
     tl.store(grad_row + tl.where(first, col, 0), g_p.to(OUT), mask=first)
 
 
