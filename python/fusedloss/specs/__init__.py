@@ -1,8 +1,8 @@
 """The op registry: one `OpSpec` per public function and one `ModuleSpec` per public module.
 
 Everything the shared tests and the benchmark engine need to know about an op lives in its
-spec, written by its family in `fusedloss/specs/<family>.py` (margin, spherical, pairs,
-sharded). The shared tests (tests/test_specs.py, test_compile.py, test_bad_input.py,
+spec, written by its family in `fusedloss/specs/<family>.py` (FAMILIES: margin, spherical,
+pairs, sharded, ldr_kl, multilabel). The shared tests (tests/test_specs.py, test_compile.py, test_bad_input.py,
 test_fuzz.py, test_robustness.py, test_memcheck_subset.py) iterate `registry()`; none keeps a
 list of ops of its own. `python -m fusedloss.bench` finds its families through the specs'
 `family`. A public name of `fusedloss` or `fusedloss.nn` with neither a spec nor an entry in
@@ -119,7 +119,7 @@ class FuzzCase:
 class OpSpec:
     """Everything the shared tests and the benchmark engine know of one public function.
 
-    name: the public name, `fusedloss.<name>`. family: margin, spherical, pairs or sharded
+    name: the public name, `fusedloss.<name>`. family: one of FAMILIES
     (its modules in every folder, and its benchmark module `fusedloss.benchmarks.<family>`).
     oracle: the reference function that `backend="reference"` runs. ops: the
     `torch.ops.fusedloss` ops the compiled backends dispatch to. backends: the compiled
