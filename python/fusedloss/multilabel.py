@@ -130,12 +130,45 @@ def check_targets(fn: str, targets, n: int) -> None:
 
 
 def check_inputs(fn: str, name: str, cos, targets) -> None:
-    _checks.floating_tensor(fn, name, cos, ndim=2)
-    check_targets(fn, targets, cos.shape[0])
-    _checks.same_device(fn, **{name: cos, "targets": targets})
+    """check_cos_targets, and cos has at least one class."""
+    check_cos_targets(fn, name, cos, targets)
     if cos.shape[1] == 0:
         raise ValueError(f"{fn}: {name} must have at least one class (C >= 1), got shape "
                          f"{tuple(cos.shape)}")
+
+
+def check_cos_targets(fn: str, name: str, cos, targets) -> None:
+    """cos [N, C] floating (called `name` in errors; C may be 0, as in an empty shard) and
+    targets [N, K] (check_targets), on one device."""
+    _checks.floating_tensor(fn, name, cos, ndim=2)
+    check_targets(fn, targets, cos.shape[0])
+    _checks.same_device(fn, **{name: cos, "targets": targets})
+
+
+def check_linear_inputs(fn: str, embeddings, weight_name: str, weight, classes: str,
+                        targets) -> None:
+    """embeddings [N, D] and weight [classes, D] (called `weight_name` in errors) floating, of
+    one dtype and one D; targets [N, K] (check_targets); all on one device."""
+    _checks.floating_tensor(fn, "embeddings", embeddings, ndim=2)
+    _checks.floating_tensor(fn, weight_name, weight, ndim=2)
+    check_targets(fn, targets, embeddings.shape[0])
+    _checks.same_device(fn, **{"embeddings": embeddings, weight_name: weight,
+                               "targets": targets})
+    if weight.dtype != embeddings.dtype:
+        raise TypeError(f"{fn}: embeddings and {weight_name} must share a dtype, got "
+                        f"{embeddings.dtype} and {weight.dtype}")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{fn}: embeddings [N, D] and {weight_name} [{classes}, D] must share "
+                         f"D, got {tuple(embeddings.shape)} and {tuple(weight.shape)}")
+
+
+def check_block_size(fn: str, block_size) -> None:
+    """block_size is None or a positive int (rows of cosines per block)."""
+    if block_size is not None:
+        _checks.integer(fn, block_size=block_size)
+        if block_size <= 0:
+            raise ValueError(f"{fn}: block_size must be a positive int or None, got "
+                             f"{block_size}")
 
 
 def check_options(fn, scale, m1, m2, m3, margin_grad, ignore_index, reduction) -> None:

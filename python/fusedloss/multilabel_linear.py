@@ -22,10 +22,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks
 from ._ops import accumulation_dtype, reduce_rows, resolve_backend, result_dtype
-from .multilabel import (GRAD_OP, STATS_OP, check_options, check_targets, has_positive,
-                         softplus_rows, target_values)
+from .multilabel import (GRAD_OP, STATS_OP, check_block_size, check_linear_inputs,
+                         check_options, has_positive, softplus_rows, target_values)
 from .reference import multilabel as reference
 
 _FN = "linear_multilabel_margin_cross_entropy"
@@ -97,23 +96,10 @@ def linear_multilabel_margin_cross_entropy(
 
 
 def _check_inputs(x, w, targets, block_size):
-    _checks.floating_tensor(_FN, "embeddings", x, ndim=2)
-    _checks.floating_tensor(_FN, "weight", w, ndim=2)
-    check_targets(_FN, targets, x.shape[0])
-    _checks.same_device(_FN, embeddings=x, weight=w, targets=targets)
-    if w.dtype != x.dtype:
-        raise TypeError(f"{_FN}: embeddings and weight must share a dtype, got {x.dtype} and "
-                        f"{w.dtype}")
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(f"{_FN}: embeddings [N, D] and weight [C, D] must share D, got "
-                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+    check_linear_inputs(_FN, x, "weight", w, "C", targets)
     if w.shape[0] == 0:
         raise ValueError(f"{_FN}: weight must have at least one class (C >= 1)")
-    if block_size is not None:
-        _checks.integer(_FN, block_size=block_size)
-        if block_size <= 0:
-            raise ValueError(f"{_FN}: block_size must be a positive int or None, got "
-                             f"{block_size}")
+    check_block_size(_FN, block_size)
 
 
 class _FusedRows(torch.autograd.Function):

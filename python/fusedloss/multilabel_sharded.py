@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from . import _checks
 from . import distributed as fdist
 from ._ops import reduce_rows, resolve_backend, result_dtype
-from .multilabel import STATS_OP, check_options, check_targets, has_positive, softplus_rows
+from .multilabel import (STATS_OP, check_block_size, check_cos_targets, check_linear_inputs,
+                         check_options, has_positive, softplus_rows)
 from .multilabel_linear import _BLOCK_BYTES, FusedStats, _Plan
 from .reference import multilabel as reference
 
@@ -107,9 +108,7 @@ def sharded_multilabel_margin_cross_entropy(
 
     def prepare():
         hyper = _options(fn, scale, m1, m2, m3, margin_grad, ignore_index, reduction)
-        _checks.floating_tensor(fn, "local_cos", local_cos, ndim=2)
-        check_targets(fn, targets, local_cos.shape[0])
-        _checks.same_device(fn, local_cos=local_cos, targets=targets)
+        check_cos_targets(fn, "local_cos", local_cos, targets)
         _checks.integer(fn, class_start=class_start, num_classes=num_classes)
         chosen = resolve_backend(backend, local_cos.device, STATS_OP.name)
         shared = {"options.digest": fdist.fingerprint(hyper, str(local_cos.dtype), reduction,
@@ -170,23 +169,9 @@ def linear_sharded(fn, embeddings, weight_shard, targets, *, class_start, num_cl
 
     def prepare():
         hyper = _options(fn, scale, m1, m2, m3, margin_grad, ignore_index, reduction)
-        _checks.floating_tensor(fn, "embeddings", embeddings, ndim=2)
-        _checks.floating_tensor(fn, "weight_shard", weight_shard, ndim=2)
-        check_targets(fn, targets, embeddings.shape[0])
-        _checks.same_device(fn, embeddings=embeddings, weight_shard=weight_shard,
-                            targets=targets)
-        if weight_shard.dtype != embeddings.dtype:
-            raise TypeError(f"{fn}: embeddings and weight_shard must share a dtype, got "
-                            f"{embeddings.dtype} and {weight_shard.dtype}")
-        if weight_shard.shape[1] != embeddings.shape[1]:
-            raise ValueError(f"{fn}: embeddings [N, D] and weight_shard [C_local, D] must share "
-                             f"D, got {tuple(embeddings.shape)} and {tuple(weight_shard.shape)}")
+        check_linear_inputs(fn, embeddings, "weight_shard", weight_shard, "C_local", targets)
         _checks.integer(fn, class_start=class_start, num_classes=num_classes)
-        if block_size is not None:
-            _checks.integer(fn, block_size=block_size)
-            if block_size <= 0:
-                raise ValueError(f"{fn}: block_size must be a positive int or None, got "
-                                 f"{block_size}")
+        check_block_size(fn, block_size)
         chosen = resolve_backend(backend, embeddings.device, STATS_OP.name)
         shared = {"options.digest": fdist.fingerprint(hyper, str(embeddings.dtype), reduction,
                                                       ignore_index, bool(normalize)),
