@@ -11,7 +11,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 
 import fusedloss
-from . import BACKENDS, BadInput, OpSpec, on
+from . import BACKENDS, BadInput, OpSpec, _draw, on
 
 
 def empty_batch(function: Callable[[], Callable], *shapes: Tuple[int, ...], **fixed) -> Callable:
@@ -163,3 +163,18 @@ def linear_cases(x_name: str, w_name: str, rows: str = "C", dim: str = "D",
                  f"{x_name} and {w_name} must share a dtype, got torch.float32 and "
                  "torch.float64"),
             ] + class_target(2, 4, 7, where) + [device_mix(2, x_name)])
+
+
+
+def fuzz_linear_draw(data):
+    """The draws that open the fuzz of a loss of x [N, D] @ w [C, D].T: N and C among the
+    small sizes around the tiles, D among 1, 3, 16, 17, 33, one floating dtype, a seeded
+    generator, and x [N, D] of normal entries in that dtype on the CPU, perhaps strided.
+    Returns (n, c, d, dtype, gen, x); the caller draws w from gen next."""
+    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
+    c = _draw.pick(data, _draw.SMALL_SIZES)
+    d = _draw.pick(data, [1, 3, 16, 17, 33])
+    dtype = _draw.pick(data, _draw.DTYPES)
+    gen = _draw.generator(data)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
+    return n, c, d, dtype, gen, _draw.strided(x, _draw.flag(data))

@@ -11,8 +11,8 @@ import fusedloss
 from fusedloss import nn
 from ..reference import ldr_kl as reference
 from . import _draw
-from ._build import (at, bad_inputs, class_loss_option_cases, empty_batch, linear_cases,
-                     module_bad, not_finite, option, scores_cases)
+from ._build import (at, bad_inputs, class_loss_option_cases, empty_batch, fuzz_linear_draw,
+                     linear_cases, module_bad, not_finite, option, scores_cases)
 from . import FuzzCase, ModuleSpec, OpSpec, Sample, generator, on, with_ignored
 
 _LOGITS_BACKENDS = ("cpu", "cuda", "triton")
@@ -181,13 +181,8 @@ def linear_bad_inputs():
 
 
 def linear_fuzz(data, device, triton):
-    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
-    c = _draw.pick(data, _draw.SMALL_SIZES)
-    d = _draw.pick(data, [1, 3, 16, 17, 33])
-    dtype = _draw.pick(data, _draw.DTYPES)
-    gen = _draw.generator(data)
-    h = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
-    h = _draw.strided(h, _draw.flag(data)).to(device).requires_grad_()
+    n, c, d, dtype, gen, h = fuzz_linear_draw(data)
+    h = h.to(device).requires_grad_()
     w = (2 * torch.randn(c, d, dtype=torch.float64, generator=gen) / d ** 0.5).to(dtype)
     w = w.to(device).requires_grad_()
     b = None

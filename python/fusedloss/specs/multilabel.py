@@ -7,8 +7,8 @@ import torch
 import fusedloss
 from ..reference import multilabel as reference
 from . import _draw
-from ._build import (at, bad_inputs, floating_matrix, device_mix, not_finite, option,
-                     class_loss_option_cases)
+from ._build import (at, bad_inputs, floating_matrix, device_mix, fuzz_linear_draw, not_finite,
+                     option, class_loss_option_cases)
 from . import FuzzCase, KernelBadInput, OpSpec, Sample, generator, on
 
 _BACKENDS = ("cpu", "triton")
@@ -255,13 +255,8 @@ def linear_bad():
 
 
 def linear_fuzz(data, device, triton):
-    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
-    c = _draw.pick(data, _draw.SMALL_SIZES)
-    d = _draw.pick(data, [1, 3, 16, 17, 33])
-    dtype = _draw.pick(data, _draw.DTYPES)
-    gen = _draw.generator(data)
-    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
-    x = _draw.strided(x, _draw.flag(data)).to(device).requires_grad_()
+    n, c, d, dtype, gen, x = fuzz_linear_draw(data)
+    x = x.to(device).requires_grad_()
     w = torch.randn(c, d, dtype=torch.float64, generator=gen).to(dtype).to(device)
     w.requires_grad_()
     targets = fuzz_targets(data, n, c).to(device)
