@@ -6,8 +6,8 @@ import fusedloss
 from fusedloss import nn
 from ..reference import margin as reference
 from . import _draw
-from ._build import (bad_inputs, class_loss_option_cases, empty_batch, linear_cases, module_bad,
-                     not_finite, option, row_op_spec, scores_cases)
+from ._build import (bad_inputs, class_loss_option_cases, empty_batch, fuzz_linear_draw,
+                     linear_cases, module_bad, not_finite, option, row_op_spec, scores_cases)
 from . import (FuzzCase, KernelBadInput, ModuleSpec, OpSpec, Sample, generator, on,
                with_ignored)
 
@@ -296,13 +296,7 @@ def linear_bad_inputs():
 
 def fuzz_linear(data, device):
     """(x, w, target, options) of the fused linear margin ops: shapes around the tiles."""
-    n = _draw.pick(data, _draw.SMALL_SIZES[:12])
-    c = _draw.pick(data, _draw.SMALL_SIZES)
-    d = _draw.pick(data, [1, 3, 16, 17, 33])
-    dtype = _draw.pick(data, _draw.DTYPES)
-    gen = _draw.generator(data)
-    x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dtype)
-    x = _draw.strided(x, _draw.flag(data))
+    n, c, d, dtype, gen, x = fuzz_linear_draw(data)
     w = torch.randn(c, d, dtype=torch.float64, generator=gen).to(dtype)
     x, w = x.to(device).requires_grad_(), w.to(device).requires_grad_()
     target = _draw.targets(data, n, c).to(device)
