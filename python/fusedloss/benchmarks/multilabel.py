@@ -82,6 +82,19 @@ def _bytes_row_op(case: dict) -> int:
     return 4 * case["N"] * case["C"] * DTYPES[case["dtype"]].itemsize
 
 
+def _contenders(contender, device: str):
+    """(contenders, fused) of a family whose `contender(kind)` builds each: fusedloss on the
+    "auto" backend, the eager and compiled baselines, and on CUDA fusedloss on Triton too;
+    fused names the fusedloss ones."""
+    contenders = {"fusedloss": contender("auto"), "baseline-eager": contender("eager"),
+                  "baseline-compile": contender("compile")}
+    fused = ("fusedloss",)
+    if device == "cuda":
+        contenders["fusedloss-triton"] = contender("triton")
+        fused += ("fusedloss-triton",)
+    return contenders, fused
+
+
 @family("multilabel")
 def multilabel_family(device: str, large: bool, dtypes: Optional[List[str]]) -> Family:
     dtypes = dtypes or (["bfloat16", "float32"] if device == "cuda" else ["float32"])
@@ -89,13 +102,7 @@ def multilabel_family(device: str, large: bool, dtypes: Optional[List[str]]) -> 
     cases = grid([N], [10_000, 100_000] + ([300_000] if large else []), dtypes, K=K)
     for c in cases:
         c["label"] = f"multilabel K={K} {SHORT[c['dtype']]} N={c['N']} C={c['C']:,}"
-    contenders = {"fusedloss": _logits_contender("auto"),
-                  "baseline-eager": _logits_contender("eager"),
-                  "baseline-compile": _logits_contender("compile")}
-    fused = ("fusedloss",)
-    if device == "cuda":
-        contenders["fusedloss-triton"] = _logits_contender("triton")
-        fused += ("fusedloss-triton",)
+    contenders, fused = _contenders(_logits_contender, device)
     return Family(
         name="multilabel", cases=cases, make_inputs=multilabel_inputs, contenders=contenders,
         fused=fused, bytes_moved=_bytes_row_op, mem_factor=6.0,
@@ -141,13 +148,7 @@ def multilabel_linear_family(device: str, large: bool, dtypes: Optional[List[str
     cases = grid([N], Cs, dtypes, D=D, K=K)
     for c in cases:
         c["label"] = f"linear multilabel K={K} {SHORT[c['dtype']]} N={c['N']} D={D} C={c['C']:,}"
-    contenders = {"fusedloss": _linear_contender("auto"),
-                  "baseline-eager": _linear_contender("eager"),
-                  "baseline-compile": _linear_contender("compile")}
-    fused = ("fusedloss",)
-    if device == "cuda":
-        contenders["fusedloss-triton"] = _linear_contender("triton")
-        fused += ("fusedloss-triton",)
+    contenders, fused = _contenders(_linear_contender, device)
     return Family(
         name="multilabel_linear", cases=cases, make_inputs=multilabel_linear_inputs,
         contenders=contenders, fused=fused, flops=_flops_linear, mem_factor=8.0,
