@@ -7,21 +7,17 @@ or the CosFace margin; cross-entropy over the global batch), on one process with
 The drop-in must give that loss, the gradient of each rank's weight shard, and insightface's
 embedding gradient (the exact one times the world size), at world sizes 1 and 2 over gloo;
 its checkpoints must hold `weight` only and load back."""
-import datetime
 import io
 import math
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedloss
 from fusedloss.insightface import CombinedMarginLoss, PartialFC_V2
 
+import gloo
 from conftest import assert_close
 
 F64 = torch.float64
@@ -221,29 +217,7 @@ def _check_world(rank, world):
         assert torch.equal(fresh.weight, head.weight)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        _check_world(rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [1, 2])
 def test_process_group(world):
-    context = mp.spawn(_entry, args=(world, _free_port()), nprocs=world, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: the processes did not finish in 120 s")
+    gloo.spawn(world, __name__, ["_check_world"], deadline_s=120)

@@ -241,19 +241,32 @@ BANKS = [
 ]
 
 
+def _both_memories(make, make_miner, memory_size):
+    """(ours, theirs): CrossBatchMemory of embedding size 8 from fusedloss's pml and from PML,
+    around the loss make(module) and the miner make_miner(module) (None: no miner)."""
+    ours = pml.CrossBatchMemory(make(pml), 8, memory_size=memory_size,
+                                miner=make_miner(pml) if make_miner else None)
+    theirs = losses.CrossBatchMemory(make(losses), 8, memory_size=memory_size,
+                                     miner=make_miner(miners) if make_miner else None)
+    return ours, theirs
+
+
+def _step_both(ours, theirs, x, y, **kw):
+    """One step of both memories on (x, y) with keywords kw: ((loss, grads) of ours,
+    (loss, grads) of PML's); ours raises if it falls back to PML."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pml.PMLFallbackWarning)
+        got = _loss_and_grads(lambda e, l, *_: ours(e, l, **kw), None, x, y)
+    return got, _loss_and_grads(lambda e, l, *_: theirs(e, l, **kw), None, x, y)
+
+
 @pytest.mark.parametrize("name,make,make_miner", BANKS, ids=[c[0] for c in BANKS])
 def test_cross_batch_memory_equals_pml(name, make, make_miner):
     """Five batches of 12 through a memory of 32: filling, wrapping, the state after."""
-    ours = pml.CrossBatchMemory(make(pml), 8, memory_size=32,
-                                miner=make_miner(pml) if make_miner else None)
-    theirs = losses.CrossBatchMemory(make(losses), 8, memory_size=32,
-                                     miner=make_miner(miners) if make_miner else None)
+    ours, theirs = _both_memories(make, make_miner, memory_size=32)
     for step in range(5):
         x, y = _batch(n=12, classes=4, seed=step)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pml.PMLFallbackWarning)
-            loss, grads = _loss_and_grads(lambda e, l, *_: ours(e, l), None, x, y)
-        expected, expected_grads = _loss_and_grads(lambda e, l, *_: theirs(e, l), None, x, y)
+        (loss, grads), (expected, expected_grads) = _step_both(ours, theirs, x, y)
         assert_close(loss, expected, torch.float64, f"{name} step {step} loss")
         assert_close(grads[0], expected_grads[0], torch.float64, f"{name} step {step} grad")
         assert ours.queue_idx == theirs.queue_idx
@@ -276,20 +289,13 @@ MASKED = BANKS + [("ntxent", lambda m: m.NTXentLoss(temperature=0.1), None)]
 @pytest.mark.parametrize("name,make,make_miner", MASKED, ids=[c[0] for c in MASKED])
 def test_cross_batch_memory_enqueue_mask_equals_pml(name, make, make_miner):
     """Keys enqueued, queries against the bank: five steps through a memory of 16 (wraps)."""
-    ours = pml.CrossBatchMemory(make(pml), 8, memory_size=16,
-                                miner=make_miner(pml) if make_miner else None)
-    theirs = losses.CrossBatchMemory(make(losses), 8, memory_size=16,
-                                     miner=make_miner(miners) if make_miner else None)
+    ours, theirs = _both_memories(make, make_miner, memory_size=16)
     for step in range(5):
         x, y, mask = _moco_batch(step)
         if name != "ntxent":
             y = y % 3  # several positives a row in the bank
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pml.PMLFallbackWarning)
-            loss, grads = _loss_and_grads(lambda e, l, *_: ours(e, l, enqueue_mask=mask), None,
-                                          x, y)
-        expected, expected_grads = _loss_and_grads(
-            lambda e, l, *_: theirs(e, l, enqueue_mask=mask), None, x, y)
+        (loss, grads), (expected, expected_grads) = _step_both(ours, theirs, x, y,
+                                                               enqueue_mask=mask)
         assert_close(loss, expected, torch.float64, f"{name} step {step} loss")
         assert_close(grads[0], expected_grads[0], torch.float64, f"{name} step {step} grad")
         assert (ours.queue_idx, ours.has_been_filled) == (theirs.queue_idx,

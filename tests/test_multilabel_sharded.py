@@ -3,22 +3,18 @@ linear form): equal to the single-process loss on the gathered classes. Without 
 groups: world size 1. With process groups (marker `dist`): gloo on 127.0.0.1 at world sizes
 1 to 4, uneven shards (and an empty one at 4), every backend with kernels, the loss and each
 shard's gradient against the fp64 oracle; bad input on one rank raises on every rank."""
-import datetime
-import socket
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedloss
 from fusedloss import distributed as fdist
 
+import gloo
 from conftest import assert_close
+from gloo import GROUP_TIMEOUT_S
 
-GROUP_TIMEOUT_S = 60.0
-SPAWN_DEADLINE_S = 170.0
 VARIANTS = [dict(), dict(m2=0.5), dict(m1=1.35, m3=0.1, margin_grad="detached"),
             dict(m3=0.2, reduction="none")]
 
@@ -100,34 +96,6 @@ def test_bad_input_without_process_group():
 
 
 # --- with process groups ----------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, checks):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    try:
-        for name in checks:
-            globals()[name](rank, world)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, checks):
-    context = mp.spawn(_entry, args=(world, _free_port(), checks), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: the processes did not finish in {SPAWN_DEADLINE_S} s")
-
 
 def _shard(rank, world):
     """(class_start, count, C): uneven shards from world size 2 on, an empty one at 4."""
@@ -226,4 +194,5 @@ def check_partial_fc(rank, world):
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_process_group(world):
-    _spawn(world, ["check_logits", "check_linear", "check_errors", "check_partial_fc"])
+    gloo.spawn(world, __name__,
+               ["check_logits", "check_linear", "check_errors", "check_partial_fc"])

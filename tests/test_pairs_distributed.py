@@ -8,46 +8,21 @@ oracle (backend "reference", no group) on the global batch, under both gradient 
 the miner's pairs must be the same tensors; bad input must raise on every rank, well before
 the group's timeout.
 """
-import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedloss
 from fusedloss import distributed as fdist
 from fusedloss import pairs as fpairs
 
+import gloo
 from conftest import assert_close
-from test_sharded import (GROUP_TIMEOUT_S, SPAWN_DEADLINE_S, _dist_backends, _expect_error,
-                          _free_port, recorded_collectives)
+from test_sharded import _dist_backends, _expect_error, recorded_collectives
 from test_sharded import nccl_group  # noqa: F401  (the fixture of the NCCL test below)
 
 DIM = 5
-
-
-def _entry(rank, world, port, checks):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    try:
-        for name in checks:
-            globals()[name](rank, world)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, checks):
-    context = mp.spawn(_entry, args=(world, _free_port(), checks), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: the processes did not finish in {SPAWN_DEADLINE_S} s")
 
 
 def _sizes(world, first=2):
@@ -291,7 +266,7 @@ _CHECKS = ["check_losses", "check_reference_sets", "check_info_nce", "check_mine
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_process_group(world):
-    _spawn(world, _CHECKS)
+    gloo.spawn(world, __name__, _CHECKS)
 
 
 def test_without_process_group():

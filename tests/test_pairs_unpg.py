@@ -7,18 +7,15 @@ tests compare it with the oracle fusedloss.reference.pairs.unpg_negatives.
 The heads with unpg=True (nn.MarginSoftmaxHead, and nn.PartialFC over gloo at world sizes 1 to
 4) against the authors' concatenation in fp64: the margin logits with the kept pair cosines
 appended as columns to every row, scaled, then F.cross_entropy."""
-import datetime
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedloss
 from fusedloss import pairs
+
+import gloo
 
 BACKENDS = ["reference", "cpu"]
 
@@ -213,28 +210,6 @@ def test_head_with_a_single_class_batch_is_plain_cross_entropy():
 
 # ---- nn.PartialFC(unpg=True) over gloo ----------------------------------------------------------
 
-_GROUP_TIMEOUT_S = 60.0
-_SPAWN_DEADLINE_S = 170.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world,
-                            timeout=datetime.timedelta(seconds=_GROUP_TIMEOUT_S))
-    try:
-        check_partial_fc_unpg(rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def check_partial_fc_unpg(rank, world):
     """Uneven local batches (rank r holds 5 + r rows; one ignored row), the classes split over
     the ranks; each rank's loss, its rows' gradient and its weight shard's gradient against the
@@ -271,11 +246,4 @@ def check_partial_fc_unpg(rank, world):
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_partial_fc_unpg_over_gloo(world):
-    context = mp.spawn(_entry, args=(world, _free_port()), nprocs=world, join=False)
-    deadline = time.monotonic() + _SPAWN_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: the processes did not finish in "
-                        f"{_SPAWN_DEADLINE_S} s")
+    gloo.spawn(world, __name__, ["check_partial_fc_unpg"])

@@ -10,13 +10,11 @@ import contextlib
 import datetime
 import importlib
 import importlib.util
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedloss
 from fusedloss import distributed as fdist
@@ -24,12 +22,12 @@ from fusedloss import sharded
 from fusedloss._ops import _KERNELS
 from fusedloss.margin import MarginOptions
 
+import gloo
 from conftest import MARGIN_VARIANTS, assert_close
+from gloo import GROUP_TIMEOUT_S
 
 OPS = ("sharded_margin_stats", "sharded_margin_grad", "sharded_margin_linear_stats",
        "sharded_margin_linear_grad")
-GROUP_TIMEOUT_S = 60.0
-SPAWN_DEADLINE_S = 170.0
 
 # The shared margin variants, a combined one with a SphereFace factor, and the sharded cases.
 VARIANTS = {
@@ -288,34 +286,6 @@ def test_partial_fc_world_size_one(backend, epilogue):
 
 
 # --- with process groups ----------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, checks):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    try:
-        for name in checks:
-            globals()[name](rank, world)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, checks):
-    context = mp.spawn(_entry, args=(world, _free_port(), checks), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: the processes did not finish in {SPAWN_DEADLINE_S} s")
-
 
 def _dist_backends():
     return ["reference"] + (["cpu"] if _has_cpu_kernels() else [])
@@ -675,7 +645,7 @@ _CHECKS = ["check_logit_level", "check_linear", "check_partial_fc",
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_process_group(world):
     extra = {3: ["check_reshard_two_to_three"], 4: ["check_empty_shards"]}.get(world, [])
-    _spawn(world, _CHECKS + extra)
+    gloo.spawn(world, __name__, _CHECKS + extra)
 
 
 # --- over NCCL, one GPU -------------------------------------------------------------------------
